@@ -1,0 +1,175 @@
+"""One TOML file, typed and strict.
+
+Each TOML table is a frozen msgspec struct that forbids unknown fields, so a typo is an
+error rather than a silently ignored key. Every error names the file, the key and what
+was expected; `load_config` raises `ConfigError` before anything starts.
+
+The defaults below are the daemon's embedded defaults; the shipped ``config.toml``
+documents each key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+from .errors import ConfigError
+
+DEFAULT_RANDOMUSER_URL = "https://randomuser.me/api/1.4/"
+DEFAULT_PORT = 8765
+DEFAULT_PASSWORD_ENV = "USERSTREAMD_DB_PASSWORD"
+# fmt: off
+NATIONALITIES = frozenset((
+    "AU", "BR", "CA", "CH", "DE", "DK", "ES", "FI", "FR", "GB", "IE",
+    "IN", "IR", "MX", "NL", "NO", "NZ", "RS", "TR", "UA", "US",
+))
+# fmt: on
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class _Table(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    pass
+
+
+class DaemonConfig(_Table):
+    state_dir: str = "state"
+    log_level: LogLevel = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    stats_interval_s: Positive = 60.0
+
+
+class ProducerConfig(_Table):
+    source: Literal["randomuser", "synthetic"] = "randomuser"
+    rate_per_s: Annotated[float, msgspec.Meta(gt=0, le=100_000)] = 1.0
+    fallback: Literal["synthetic", "none"] = "synthetic"
+    seed: str = ""
+    nat: list[str] = msgspec.field(default_factory=list)
+    keep_credentials: bool = False
+    log_each_user_below_per_s: NonNegative = 5.0
+
+
+class RandomUserConfig(_Table):
+    url: str = DEFAULT_RANDOMUSER_URL
+    timeout_s: Positive = 10.0
+    page_size: Annotated[int, msgspec.Meta(ge=0, le=5000)] = 0
+    failures_before_fallback: Annotated[int, msgspec.Meta(ge=1)] = 3
+    probe_interval_s: Positive = 30.0
+    retry_max_s: Positive = 30.0
+
+
+class BroadcasterConfig(_Table):
+    host: str = "127.0.0.1"
+    port: Port = DEFAULT_PORT
+    client_queue: Annotated[int, msgspec.Meta(ge=1)] = 10_000
+
+
+class ConsumersConfig(_Table):
+    count: Annotated[int, msgspec.Meta(ge=0, le=64)] = 2
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=50_000)] = 500
+    batch_interval_s: Positive = 0.25
+    reconnect_min_s: Positive = 0.1
+    reconnect_max_s: Positive = 5.0
+
+
+class DatabaseConfig(_Table):
+    dsn: str = ""
+    password_env: str = DEFAULT_PASSWORD_ENV
+    milestone_every: Annotated[int, msgspec.Meta(ge=1)] = 1000
+
+
+class SupervisorConfig(_Table):
+    restart_delay_s: Positive = 1.0
+    drain_timeout_s: Positive = 10.0
+    stop_timeout_s: Positive = 10.0
+
+
+class Config(_Table):
+    daemon: DaemonConfig = msgspec.field(default_factory=DaemonConfig)
+    producer: ProducerConfig = msgspec.field(default_factory=ProducerConfig)
+    randomuser: RandomUserConfig = msgspec.field(default_factory=RandomUserConfig)
+    broadcaster: BroadcasterConfig = msgspec.field(default_factory=BroadcasterConfig)
+    consumers: ConsumersConfig = msgspec.field(default_factory=ConsumersConfig)
+    database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
+    supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
+    # Where the file was read from: relative paths in it are relative to its folder.
+    path: str = ""
+
+    @property
+    def state_path(self) -> Path:
+        base = Path(self.path).parent if self.path else Path.cwd()
+        return (base / self.daemon.state_dir).resolve()
+
+    def db_password(self) -> str | None:
+        """The DB password from the environment, when the config names a variable for it."""
+        if not self.database.password_env:
+            return None
+        return os.environ.get(self.database.password_env) or None
+
+
+_AT = re.compile(r"^(?P<what>.*?) - at `\$\.?(?P<key>[^`]*)`$")
+
+
+def _explain(path: Path, exc: msgspec.MsgspecError) -> ConfigError:
+    message = str(exc)
+    match = _AT.match(message)
+    if match is None:
+        return ConfigError(f"{path}: {message}")
+    key, what = match["key"] or "(top level)", match["what"]
+    unknown = re.match(r"Object contains unknown field `(.*)`", what)
+    if unknown:
+        key = f"{key}.{unknown[1]}" if match["key"] else unknown[1]
+        return ConfigError(f"{path}: {key}: unknown key (check the spelling; see config.toml)")
+    return ConfigError(f"{path}: {key}: {what[0].lower()}{what[1:]}")
+
+
+def _check(path: Path, config: Config) -> None:
+    """Rules a type cannot express."""
+    bad_nats = [n for n in config.producer.nat if n.upper() not in NATIONALITIES]
+    if bad_nats:
+        raise ConfigError(
+            f"{path}: producer.nat: unknown nationality {bad_nats[0]!r}, "
+            f"expected codes from {' '.join(sorted(NATIONALITIES))}"
+        )
+    url = config.randomuser.url
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{path}: randomuser.url: expected an http(s) URL, got {url!r}")
+    c = config.consumers
+    if c.reconnect_max_s < c.reconnect_min_s:
+        raise ConfigError(
+            f"{path}: consumers.reconnect_max_s: expected >= reconnect_min_s "
+            f"({c.reconnect_min_s}), got {c.reconnect_max_s}"
+        )
+
+
+def parse_config(text: bytes, path: Path) -> Config:
+    try:
+        config = msgspec.toml.decode(text, type=Config)
+    except msgspec.ValidationError as exc:
+        raise _explain(path, exc) from None
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    if config.path:
+        raise ConfigError(f"{path}: path: unknown key (check the spelling; see config.toml)")
+    config = msgspec.structs.replace(config, path=str(path.resolve()))
+    _check(path, config)
+    return config
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate the config file; raise ConfigError naming file and key."""
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    return parse_config(text, path)

@@ -1,0 +1,246 @@
+"""A WebSocket client that writes the stream into PostgreSQL.
+
+Two tasks per consumer: the *receiver* keeps a connection to the broadcaster (reconnecting
+with exponential backoff and jitter) and turns frames into rows; the *writer* takes rows
+in batches (``batch_size`` or ``batch_interval_s``, whichever comes first), inserts each
+batch in one statement and one transaction, then acknowledges the batch's highest seq.
+A failed insert keeps its batch and retries it: rows are never dropped for a DB outage.
+The writer outlives connections, so a reconnect does not lose rows already received.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
+
+from .errors import InvalidRecord, ProtocolError, StoreError
+from .logs import bind, get_logger
+from .messages import Ack, UserMessage, Welcome, decode_server, encode
+from .records import parse_user
+from .store.postgres import Envelope, PostgresStore, row_values
+
+Row = tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class ConsumerStatistics:
+    worker: int
+    connected: bool
+    received: int
+    inserted: int
+    duplicates: int
+    batches: int
+    invalid: int
+    db_errors: int
+    reconnects: int
+    last_seq: int
+    acked_seq: int
+
+
+class Milestones:
+    """Logs ``consumer.milestone`` each time the rows inserted cross a multiple of `every`."""
+
+    def __init__(self, every: int) -> None:
+        self.every, self.total = every, 0
+
+    def add(self, inserted: int) -> None:
+        before, self.total = self.total, self.total + inserted
+        if before // self.every != self.total // self.every:
+            get_logger().info(
+                "consumer.milestone", rows_inserted=self.total // self.every * self.every
+            )
+
+
+class Consumer:
+    def __init__(
+        self,
+        url: str,
+        store: PostgresStore,
+        *,
+        worker: int = 1,
+        batch_size: int = 500,
+        batch_interval_s: float = 0.25,
+        reconnect_min_s: float = 0.1,
+        reconnect_max_s: float = 5.0,
+        milestones: Milestones | None = None,
+    ) -> None:
+        self.url = url
+        self.store = store
+        self.worker = worker
+        self.batch_size = batch_size
+        self.batch_interval_s = batch_interval_s
+        self.reconnect_min_s, self.reconnect_max_s = reconnect_min_s, reconnect_max_s
+        self.milestones = milestones or Milestones(1000)
+        self.received = self.inserted = self.duplicates = self.batches = 0
+        self.invalid = self.db_errors = self.reconnects = 0
+        self.last_seq = self.acked_seq = 0
+        self._ws: WebSocketConnection | None = None
+        self._limiter = trio.CapacityLimiter(1)
+
+    def statistics(self) -> ConsumerStatistics:
+        return ConsumerStatistics(
+            self.worker,
+            self._ws is not None,
+            self.received,
+            self.inserted,
+            self.duplicates,
+            self.batches,
+            self.invalid,
+            self.db_errors,
+            self.reconnects,
+            self.last_seq,
+            self.acked_seq,
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        bind(component="consumer", worker=self.worker)
+        send, receive = trio.open_memory_channel[tuple[int, Row]](self.batch_size * 4)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_batches, receive)
+                await self._receive_forever(send, task_status)
+        finally:
+            await trio.to_thread.run_sync(self.store.close)
+
+    # -- receiver ------------------------------------------------------------------------
+
+    async def _receive_forever(
+        self, send: trio.MemorySendChannel[tuple[int, Row]], task_status: trio.TaskStatus[None]
+    ) -> None:
+        log = get_logger()
+        delay = self.reconnect_min_s
+        started = False
+        while True:
+            try:
+                async with open_websocket_url(
+                    self.url, message_queue_size=64, receive_buffer_size=65536, connect_timeout=5
+                ) as ws:
+                    delay = self.reconnect_min_s
+                    self._ws = ws
+                    if not started:
+                        task_status.started()
+                        started = True
+                    await self._receive(ws, send)
+            except (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError) as exc:
+                going_away = isinstance(exc, ConnectionClosed) and exc.reason.code == 1001
+                (log.info if going_away else log.warning)(
+                    "consumer.disconnected",
+                    url=self.url,
+                    error=_describe(exc),
+                    retry_in_s=round(delay, 3),
+                )
+            finally:
+                self._ws = None
+            self.reconnects += 1
+            await trio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(self.reconnect_max_s, delay * 2)
+
+    async def _receive(
+        self, ws: WebSocketConnection, send: trio.MemorySendChannel[tuple[int, Row]]
+    ) -> None:
+        log = get_logger()
+        while True:
+            frame = await ws.get_message()
+            try:
+                message = decode_server(frame)
+            except ProtocolError as exc:
+                log.warning("consumer.bad_frame", error=str(exc))
+                continue
+            if isinstance(message, Welcome):
+                log.info(
+                    "consumer.connected",
+                    epoch=message.epoch,
+                    seq=message.seq,
+                    clients=message.clients,
+                )
+                # Nothing before the welcome is ours to commit: marks us as an acking client.
+                await ws.send_message(encode(Ack(seq=message.seq)))
+                continue
+            row = self._to_row(message)
+            if row is not None:
+                await send.send((message.seq, row))
+
+    def _to_row(self, message: UserMessage) -> Row | None:
+        self.received += 1
+        self.last_seq = message.seq
+        try:
+            user = parse_user(message.user)
+        except InvalidRecord as exc:
+            self.invalid += 1
+            get_logger().warning("consumer.invalid_record", seq=message.seq, error=str(exc))
+            return None
+        env = Envelope(
+            message.seq, message.epoch, message.source, message.produced_at, datetime.now(UTC)
+        )
+        return row_values(user, message.user, env)
+
+    # -- writer --------------------------------------------------------------------------
+
+    async def _write_batches(self, receive: trio.MemoryReceiveChannel[tuple[int, Row]]) -> None:
+        batch: list[tuple[int, Row]] = []
+        try:
+            while True:
+                batch.append(await receive.receive())
+                with trio.move_on_after(self.batch_interval_s):
+                    while len(batch) < self.batch_size:
+                        batch.append(await receive.receive())
+                await self._write(batch)
+                batch = []
+        finally:
+            # Shutdown: commit what was received (bounded), so a stop loses nothing in hand.
+            with trio.move_on_after(10, shield=True):
+                while True:
+                    try:
+                        batch.append(receive.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                if batch:
+                    await self._write(batch)
+
+    async def _write(self, batch: list[tuple[int, Row]]) -> None:
+        log = get_logger()
+        rows = [row for _, row in batch]
+        delay = 0.1
+        while True:
+            try:
+                inserted = await trio.to_thread.run_sync(
+                    self.store.insert_users, rows, limiter=self._limiter
+                )
+                break
+            except StoreError as exc:
+                self.db_errors += 1
+                log.warning(
+                    "consumer.insert_failed", rows=len(rows), error=str(exc), retry_in_s=delay
+                )
+                await trio.sleep(delay)
+                delay = min(5.0, delay * 2)
+        top = max(seq for seq, _ in batch)
+        self.inserted += inserted
+        self.duplicates += len(rows) - inserted
+        self.batches += 1
+        log.info(
+            "consumer.batch_inserted",
+            rows=len(rows),
+            inserted=inserted,
+            duplicates=len(rows) - inserted,
+            seq=top,
+        )
+        self.milestones.add(inserted)
+        self.acked_seq = max(self.acked_seq, top)
+        ws = self._ws
+        if ws is not None:
+            # On a closed connection the broadcaster learns our position from the next ack.
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send_message(encode(Ack(seq=top)))
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionClosed):
+        return f"closed {exc.reason.code} {exc.reason.reason or ''}".strip()
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,247 @@
+"""The pipeline, assembled: database -> broadcaster -> consumers -> producer.
+
+`run_daemon` starts the components in that order under one `Supervisor`, each reporting
+readiness, and on SIGINT/SIGTERM stops them in reverse: the producer first, then waits
+(bounded) until every consumer has committed and acknowledged the last published user,
+then the consumers, the broadcaster and the database. A second signal exits at once.
+SIGHUP re-reads the config file and applies the log level and the producer rate.
+"""
+
+from __future__ import annotations
+
+import signal
+import uuid
+from functools import partial
+from typing import Any
+
+import httpx
+import trio
+
+from . import __version__
+from .broadcaster import run_broadcaster
+from .config import Config, load_config
+from .consumer import Consumer, Milestones
+from .errors import ConfigError
+from .hub import Hub
+from .logs import bind, configure_logging, get_logger
+from .producer import Producer, Source, page_size_for
+from .sources.randomuser import RandomUserSource
+from .sources.synthetic import SyntheticSource
+from .store.embedded import EmbeddedPostgres
+from .store.postgres import PostgresStore
+from .supervisor import Supervisor
+
+
+async def run_database(config: Config, *, task_status: trio.TaskStatus[str]) -> None:
+    """Provide a migrated database: the configured DSN, or an embedded server we own."""
+    bind(component="database")
+    log = get_logger()
+    dsn = config.database.dsn
+    embedded = None if dsn else EmbeddedPostgres(config.state_path / "postgres")
+    proc = None
+    try:
+        if embedded is not None:
+            if await trio.to_thread.run_sync(embedded.prepare):
+                log.info("database.initialised", data_dir=str(embedded.data_dir))
+            proc = await trio.to_thread.run_sync(embedded.start)
+            await trio.to_thread.run_sync(embedded.wait_ready, proc)
+            dsn = embedded.dsn
+            log.info("database.embedded_started", pid=proc.pid, data_dir=str(embedded.data_dir))
+        store = PostgresStore(
+            dsn, password=config.db_password(), application_name="userstreamd-migrate"
+        )
+        try:
+            applied = await trio.to_thread.run_sync(store.migrate)
+        finally:
+            store.close()
+        log.info("database.ready", migrations_applied=applied, embedded=embedded is not None)
+        task_status.started(dsn)
+        if proc is None:
+            await trio.sleep_forever()
+        code = await trio.to_thread.run_sync(proc.wait, abandon_on_cancel=True)
+        raise RuntimeError(f"embedded postgres exited with code {code}")
+    finally:
+        if embedded is not None and proc is not None:
+            with trio.CancelScope(shield=True):
+                code = await trio.to_thread.run_sync(embedded.stop, proc)
+                log.info("database.embedded_stopped", exit_code=code)
+
+
+def _client_host(host: str) -> str:
+    return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
+def _make_producer(config: Config, hub: Hub, http: httpx.AsyncClient, seed: str) -> Producer:
+    p, ru = config.producer, config.randomuser
+    synthetic = SyntheticSource(seed=seed, nats=p.nat)
+    page_size = ru.page_size or page_size_for(p.rate_per_s)
+    primary: Source = synthetic
+    fallback: Source | None = None
+    if p.source == "randomuser":
+        primary = RandomUserSource(http, ru.url, seed=seed, page_size=page_size, nats=p.nat)
+        fallback = synthetic if p.fallback == "synthetic" else None
+    return Producer(
+        hub,
+        primary,
+        rate_per_s=p.rate_per_s,
+        page_size=page_size,
+        fallback=fallback,
+        failures_before_fallback=ru.failures_before_fallback,
+        probe_interval_s=ru.probe_interval_s,
+        retry_max_s=ru.retry_max_s,
+        keep_credentials=p.keep_credentials,
+        log_each_user_below_per_s=p.log_each_user_below_per_s,
+    )
+
+
+class Daemon:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.epoch = uuid.uuid4().hex[:16]
+        self.hub = Hub(self.epoch, client_queue=config.broadcaster.client_queue)
+        self.consumers: list[Consumer] = []
+        self.producer: Producer | None = None
+        self._stop = trio.Event()
+        self._startup = trio.CancelScope()
+
+    async def run(self) -> int:
+        c = self.config
+        bind(component="daemon")
+        log = get_logger()
+        seed = c.producer.seed or self.epoch
+        timeout = httpx.Timeout(c.randomuser.timeout_s, connect=min(5.0, c.randomuser.timeout_s))
+        async with (
+            httpx.AsyncClient(
+                timeout=timeout,
+                follow_redirects=True,
+                headers={"user-agent": f"userstreamd/{__version__}"},
+            ) as http,
+            trio.open_nursery() as root,
+        ):
+            sup = Supervisor(
+                root,
+                restart_delay_s=c.supervisor.restart_delay_s,
+                stop_timeout_s=c.supervisor.stop_timeout_s,
+            )
+            root.start_soon(self._watch_signals, root.cancel_scope)
+            log.info(
+                "daemon.starting",
+                version=__version__,
+                config=c.path,
+                epoch=self.epoch,
+                seed=seed,
+                source=c.producer.source,
+                rate_per_s=c.producer.rate_per_s,
+            )
+            with self._startup:
+                dsn = await sup.start("database", partial(run_database, c))
+                port = await sup.start(
+                    "broadcaster",
+                    partial(run_broadcaster, self.hub, c.broadcaster.host, c.broadcaster.port),
+                )
+                url = f"ws://{_client_host(c.broadcaster.host)}:{port}/"
+                milestones = Milestones(c.database.milestone_every)
+                for worker in range(1, c.consumers.count + 1):
+                    store = PostgresStore(
+                        dsn,
+                        password=c.db_password(),
+                        application_name=f"userstreamd-consumer-{worker}",
+                    )
+                    consumer = Consumer(
+                        url,
+                        store,
+                        worker=worker,
+                        batch_size=c.consumers.batch_size,
+                        batch_interval_s=c.consumers.batch_interval_s,
+                        reconnect_min_s=c.consumers.reconnect_min_s,
+                        reconnect_max_s=c.consumers.reconnect_max_s,
+                        milestones=milestones,
+                    )
+                    self.consumers.append(consumer)
+                    await sup.start(f"consumer-{worker}", consumer.run)
+                self.producer = _make_producer(c, self.hub, http, seed)
+                await sup.start("producer", self.producer.run)
+                log.info("daemon.ready", url=url, consumers=c.consumers.count)
+                root.start_soon(self._log_stats)
+            await self._stop.wait()
+            await self._shutdown(sup)
+            root.cancel_scope.cancel()
+        return 0
+
+    async def _shutdown(self, sup: Supervisor) -> None:
+        log = get_logger()
+        log.info("daemon.stopping")
+        if self.producer is not None:
+            await sup.stop("producer")
+        with trio.move_on_after(self.config.supervisor.drain_timeout_s) as drain:
+            await self.hub.wait_drained()
+        log.info(
+            "daemon.drained" if not drain.cancelled_caught else "daemon.drain_timeout",
+            last_seq=self.hub.last_seq,
+            acked_through=self.hub.acked_through(),
+        )
+        self.hub.close()
+        await sup.stop_all()
+        log.info("daemon.stopped", **self._totals())
+
+    def _totals(self) -> dict[str, Any]:
+        producer = self.producer.statistics() if self.producer else None
+        return {
+            "published": producer.published if producer else 0,
+            "invalid": producer.invalid if producer else 0,
+            "last_seq": self.hub.last_seq,
+            "rows_inserted": sum(c.inserted for c in self.consumers),
+        }
+
+    async def _watch_signals(self, root: trio.CancelScope) -> None:
+        log = get_logger()
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if signum == signal.SIGHUP:
+                    self._reload()
+                elif not self._stop.is_set():
+                    log.info("daemon.signal", signal=name, action="graceful stop")
+                    self._stop.set()
+                    self._startup.cancel()
+                else:
+                    log.warning("daemon.signal", signal=name, action="immediate exit")
+                    root.cancel()
+
+    def _reload(self) -> None:
+        log = get_logger()
+        try:
+            new = load_config(self.config.path)
+        except ConfigError as exc:
+            log.error("daemon.reload_rejected", error=str(exc))
+            return
+        configure_logging(new.daemon.log_level, new.daemon.log_format)
+        if self.producer is not None:
+            self.producer.set_rate(new.producer.rate_per_s)
+        self.config = new
+        log.info(
+            "daemon.reloaded", log_level=new.daemon.log_level, rate_per_s=new.producer.rate_per_s
+        )
+
+    async def _log_stats(self) -> None:
+        log = get_logger().bind(component="daemon")
+        interval = self.config.daemon.stats_interval_s
+        last_seq, last_time = self.hub.last_seq, trio.current_time()
+        while True:
+            await trio.sleep(interval)
+            now = trio.current_time()
+            rate = (self.hub.last_seq - last_seq) / (now - last_time)
+            last_seq, last_time = self.hub.last_seq, now
+            source = self.producer.statistics().active_source if self.producer else None
+            log.info(
+                "daemon.stats",
+                users_streamed=self.hub.last_seq,
+                rate_per_s=round(rate, 2),
+                active_clients=self.hub.clients,
+                source=source,
+                **self._totals(),
+            )
+
+
+async def run_daemon(config: Config) -> int:
+    return await Daemon(config).run()

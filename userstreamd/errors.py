@@ -1,0 +1,57 @@
+"""The errors userstreamd raises, as one tree.
+
+    UserstreamdError
+     +-- ConfigError            the config file is missing, unreadable or invalid
+     +-- SourceError            a source could not deliver users
+     |    +-- SourceUnavailable     transport failure, timeout, HTTP 5xx/429
+     |    +-- BadResponse           HTTP 200 that carries no usable users
+     +-- InvalidRecord          one record failed validation (the rest of its batch lives on)
+     +-- StoreError             PostgreSQL failed (connection lost, server down)
+     +-- EmbeddedPostgresError  the embedded PostgreSQL server could not be set up or started
+     +-- ProtocolError          a WebSocket frame that does not follow the wire format
+
+Library exceptions (httpx, psycopg, wsproto) are mapped to these at the component
+boundary with ``raise ... from exc`` so callers handle one vocabulary.
+"""
+
+from __future__ import annotations
+
+
+class UserstreamdError(Exception):
+    """Base of every error userstreamd raises on purpose."""
+
+
+class ConfigError(UserstreamdError):
+    """The config file is missing, unreadable or invalid; the message names file and key."""
+
+
+class SourceError(UserstreamdError):
+    """A source could not deliver users."""
+
+
+class SourceUnavailable(SourceError):
+    """The source could not be reached or refused to answer (timeout, 5xx, 429)."""
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class BadResponse(SourceError):
+    """The source answered, but not with users (empty results, HTML, truncated JSON, error)."""
+
+
+class InvalidRecord(UserstreamdError):
+    """A record does not have the shape a row needs."""
+
+
+class StoreError(UserstreamdError):
+    """PostgreSQL failed; the batch in hand is kept and retried."""
+
+
+class EmbeddedPostgresError(UserstreamdError):
+    """The embedded PostgreSQL server could not be initialised or started."""
+
+
+class ProtocolError(UserstreamdError):
+    """A WebSocket frame that does not follow the wire format."""

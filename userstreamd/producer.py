@@ -1,0 +1,227 @@
+"""Rate control: drive a source into the hub at a steady number of users per second.
+
+Two tasks: the *fetcher* pulls whole pages from the active source one page ahead (a
+zero-capacity channel is the prefetch window), the *pacer* hands users to the hub
+smoothly - as many as are due at each wake-up, never a whole page at once.
+
+When the primary source fails ``failures_before_fallback`` times in a row and a fallback
+is configured, the fetcher switches to it (``producer.fallback_on``) and probes the
+primary every ``probe_interval_s``; the first good answer switches back
+(``producer.fallback_off``). Records that fail validation are counted and never
+published.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
+
+from .errors import InvalidRecord, SourceError, SourceUnavailable
+from .hub import Hub
+from .logs import bind, get_logger
+from .records import parse_user, scrub
+
+
+class Source(Protocol):
+    name: str
+
+    async def fetch(self, start: int, count: int) -> list[dict[str, Any]]: ...
+
+
+@dataclass(frozen=True)
+class ProducerStatistics:
+    published: int
+    invalid: int
+    fetch_failures: int
+    active_source: str
+    fallback_active: bool
+    rate_per_s: float
+    position: int
+
+
+@dataclass(frozen=True)
+class Page:
+    source: str
+    start: int
+    users: Sequence[dict[str, Any]]
+
+
+def page_size_for(rate_per_s: float) -> int:
+    """Users per request: about five seconds' worth, 1..5000 (the API's valid range)."""
+    return max(1, min(5000, math.ceil(rate_per_s * 5)))
+
+
+class Producer:
+    def __init__(
+        self,
+        hub: Hub,
+        primary: Source,
+        *,
+        rate_per_s: float,
+        page_size: int,
+        fallback: Source | None = None,
+        failures_before_fallback: int = 3,
+        probe_interval_s: float = 30.0,
+        retry_max_s: float = 30.0,
+        keep_credentials: bool = False,
+        log_each_user_below_per_s: float = 5.0,
+        start_position: int = 1,
+    ) -> None:
+        self.hub = hub
+        self.primary, self.fallback = primary, fallback
+        self.rate_per_s = rate_per_s
+        self.page_size = page_size
+        self.failures_before_fallback = failures_before_fallback
+        self.probe_interval_s = probe_interval_s
+        self.retry_max_s = retry_max_s
+        self.keep_credentials = keep_credentials
+        self.log_each_user_below_per_s = log_each_user_below_per_s
+        self.position = start_position  # next position the fetcher asks for
+        self.published = self.invalid = self.fetch_failures = 0
+        self.fallback_active = False
+        self._rate_changed = trio.Event()
+
+    def statistics(self) -> ProducerStatistics:
+        active = self.fallback if self.fallback_active and self.fallback else self.primary
+        return ProducerStatistics(
+            self.published,
+            self.invalid,
+            self.fetch_failures,
+            active.name,
+            self.fallback_active,
+            self.rate_per_s,
+            self.position,
+        )
+
+    def set_rate(self, rate_per_s: float) -> None:
+        if rate_per_s != self.rate_per_s:
+            get_logger().info("producer.rate_changed", old=self.rate_per_s, new=rate_per_s)
+            self.rate_per_s = rate_per_s
+            self._rate_changed.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        bind(component="producer")
+        send, receive = trio.open_memory_channel[Page](0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._fetch_pages, send)
+            get_logger().info(
+                "producer.started",
+                source=self.primary.name,
+                rate_per_s=self.rate_per_s,
+                page_size=self.page_size,
+            )
+            task_status.started()
+            await self._pace(receive)
+
+    # -- fetcher -------------------------------------------------------------------------
+
+    async def _fetch_pages(self, send: trio.MemorySendChannel[Page]) -> None:
+        log = get_logger()
+        failures, delay = 0, 0.0
+        next_probe = 0.0
+        async with send:
+            while True:
+                source = self.primary
+                if self.fallback_active and self.fallback is not None:
+                    source = self.fallback
+                    if trio.current_time() >= next_probe:
+                        source = self.primary  # probe
+                try:
+                    users = await source.fetch(self.position, self.page_size)
+                except SourceError as exc:
+                    self.fetch_failures += 1
+                    failures += 1
+                    if self.fallback_active:
+                        next_probe = trio.current_time() + self.probe_interval_s
+                        log.info(
+                            "producer.probe_failed",
+                            error=str(exc),
+                            next_probe_in_s=self.probe_interval_s,
+                        )
+                        continue
+                    delay = min(self.retry_max_s, max(0.1, delay * 2))
+                    retry_after = exc.retry_after_s if isinstance(exc, SourceUnavailable) else None
+                    wait = (
+                        retry_after if retry_after is not None else delay * random.uniform(0.5, 1)
+                    )
+                    log.warning(
+                        "producer.fetch_failed",
+                        source=source.name,
+                        error=str(exc),
+                        error_class=type(exc).__name__,
+                        consecutive=failures,
+                        retry_in_s=round(wait, 3),
+                    )
+                    if self.fallback is not None and failures >= self.failures_before_fallback:
+                        self.fallback_active = True
+                        next_probe = trio.current_time() + self.probe_interval_s
+                        log.warning(
+                            "producer.fallback_on",
+                            primary=self.primary.name,
+                            fallback=self.fallback.name,
+                            after_failures=failures,
+                        )
+                        continue
+                    await trio.sleep(wait)
+                    continue
+                if source is self.primary and self.fallback_active:
+                    self.fallback_active = False
+                    log.warning("producer.fallback_off", primary=self.primary.name)
+                failures, delay = 0, 0.0
+                await send.send(Page(source.name, self.position, users))
+                self.position += len(users)
+
+    # -- pacer ---------------------------------------------------------------------------
+
+    async def _pace(self, receive: trio.MemoryReceiveChannel[Page]) -> None:
+        """Publish users as they fall due: ``rate_per_s`` on average, no bursts."""
+        t0, sent = trio.current_time(), 0
+        async with receive:
+            async for page in receive:
+                # Time spent waiting for a page is not a backlog to make up in a burst.
+                if trio.current_time() - t0 - sent / self.rate_per_s > 1.0:
+                    t0, sent = trio.current_time(), 0
+                index = 0
+                while index < len(page.users):
+                    if self._rate_changed.is_set():
+                        self._rate_changed = trio.Event()
+                        t0, sent = trio.current_time(), 0
+                    due = int((trio.current_time() - t0) * self.rate_per_s) - sent
+                    if due <= 0:
+                        with trio.move_on_at(t0 + (sent + 1) / self.rate_per_s):
+                            await self._rate_changed.wait()
+                        continue
+                    batch = page.users[index : index + due]
+                    for offset, raw in enumerate(batch):
+                        self._publish(raw, page.source, page.start + index + offset)
+                    index += len(batch)
+                    sent += len(batch)
+                    await trio.lowlevel.checkpoint()
+
+    def _publish(self, raw: dict[str, Any], source: str, position: int) -> None:
+        try:
+            user = parse_user(raw)
+        except InvalidRecord as exc:
+            self.invalid += 1
+            get_logger().warning(
+                "producer.invalid_record", source=source, position=position, error=str(exc)
+            )
+            return
+        message = self.hub.publish(raw if self.keep_credentials else scrub(raw), source)
+        self.published += 1
+        log = get_logger()
+        emit = log.info if self.rate_per_s <= self.log_each_user_below_per_s else log.debug
+        name = user.name
+        emit(
+            "producer.published",
+            seq=message.seq,
+            uuid=str(user.login.uuid),
+            name=f"{name.first} {name.last}" if name else None,
+            country=user.location.country if user.location else None,
+            clients=self.hub.clients,
+        )

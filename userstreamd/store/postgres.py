@@ -1,0 +1,219 @@
+"""The PostgreSQL side: versioned migrations and the idempotent batch writer.
+
+psycopg's async API is asyncio-only, so this module is plain blocking code; callers run
+it with ``trio.to_thread.run_sync`` on one connection per worker. psycopg errors become
+`StoreError` here.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import msgspec
+import psycopg
+
+from ..errors import StoreError
+from ..records import User
+
+_MIGRATION_LOCK = 0x75_73_72_64  # "usrd": serialises concurrent migrators
+
+# (column, PostgreSQL array type): the one list the insert statement is built from.
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("uuid", "uuid"),
+    ("seq", "bigint"),
+    ("epoch", "text"),
+    ("source", "text"),
+    ("gender", "text"),
+    ("title", "text"),
+    ("first_name", "text"),
+    ("last_name", "text"),
+    ("email", "text"),
+    ("username", "text"),
+    ("phone", "text"),
+    ("cell", "text"),
+    ("street_number", "integer"),
+    ("street_name", "text"),
+    ("city", "text"),
+    ("state", "text"),
+    ("country", "text"),
+    ("postcode", "text"),
+    ("latitude", "double precision"),
+    ("longitude", "double precision"),
+    ("timezone_offset", "text"),
+    ("dob", "timestamptz"),
+    ("age", "integer"),
+    ("registered", "timestamptz"),
+    ("id_name", "text"),
+    ("id_value", "text"),
+    ("nat", "text"),
+    ("picture_large", "text"),
+    ("picture_medium", "text"),
+    ("picture_thumb", "text"),
+    ("produced_at", "timestamptz"),
+    ("received_at", "timestamptz"),
+    ("raw", "jsonb"),
+)
+
+_INSERT = "INSERT INTO incoming_users ({cols}) SELECT {casts} FROM unnest({arrays}) AS t({cols}) ON CONFLICT (uuid) DO NOTHING".format(  # noqa: E501
+    cols=", ".join(c for c, _ in COLUMNS),
+    # jsonb travels as text[] (psycopg cannot send a jsonb[] of dicts cheaply) and is cast per row.
+    casts=", ".join(f"{c}::jsonb" if t == "jsonb" else c for c, t in COLUMNS),
+    arrays=", ".join(f"%s::{'text' if t == 'jsonb' else t}[]" for _, t in COLUMNS),
+)
+
+_json = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """Where a user came from: the stream position and the two clocks."""
+
+    seq: int
+    epoch: str
+    source: str
+    produced_at: datetime
+    received_at: datetime
+
+
+def row_values(user: User, raw: dict[str, Any], env: Envelope) -> tuple[Any, ...]:
+    """The values of one row, in COLUMNS order."""
+    name, loc, street = user.name, user.location, user.location and user.location.street
+    pic, doc = user.picture, user.id
+    postcode = None if loc is None or loc.postcode is None else str(loc.postcode)
+    return (
+        user.login.uuid,
+        env.seq,
+        env.epoch,
+        env.source,
+        user.gender,
+        name and name.title,
+        name and name.first,
+        name and name.last,
+        user.email,
+        user.login.username,
+        user.phone,
+        user.cell,
+        street and street.number,
+        street and street.name,
+        loc and loc.city,
+        loc and loc.state,
+        loc and loc.country,
+        postcode,
+        user.latitude,
+        user.longitude,
+        loc and loc.timezone and loc.timezone.offset,
+        user.dob and user.dob.date,
+        user.dob and user.dob.age,
+        user.registered and user.registered.date,
+        doc and doc.name,
+        doc and doc.value,
+        user.nat,
+        pic and pic.large,
+        pic and pic.medium,
+        pic and pic.thumbnail,
+        env.produced_at,
+        env.received_at,
+        _json.encode(raw).decode(),
+    )
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) of every shipped migration, in order."""
+    found = []
+    for entry in importlib.resources.files(__package__).joinpath("migrations").iterdir():
+        match = re.fullmatch(r"(\d+)_(\w+)\.sql", entry.name)
+        if match:
+            found.append((int(match[1]), match[2], entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+@contextmanager
+def _mapped(action: str) -> Iterator[None]:
+    try:
+        yield
+    except psycopg.Error as exc:
+        raise StoreError(f"{action}: {type(exc).__name__}: {str(exc).strip()}") from exc
+
+
+class PostgresStore:
+    """One connection; reconnects lazily after a failure."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        password: str | None = None,
+        application_name: str = "userstreamd",
+        connect_timeout_s: float = 5.0,
+    ) -> None:
+        self._dsn = dsn
+        self._kwargs: dict[str, Any] = {
+            "application_name": application_name,
+            "connect_timeout": max(1, round(connect_timeout_s)),
+        }
+        if password:
+            self._kwargs["password"] = password
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            with _mapped("connect"):
+                self._conn = psycopg.connect(self._dsn, **self._kwargs)
+        return self._conn
+
+    def _run(self, action: str, work: Any) -> Any:
+        conn = self._connection()
+        try:
+            with _mapped(action), conn.transaction():
+                return work(conn)
+        except StoreError:
+            if conn.broken or conn.closed:
+                self.close()
+            raise
+
+    def migrate(self) -> list[int]:
+        """Apply the migrations this database has not seen; return their versions."""
+
+        def work(conn: psycopg.Connection[Any]) -> list[int]:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+            conn.execute("""CREATE TABLE IF NOT EXISTS schema_migrations (
+                version integer PRIMARY KEY, name text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now())""")
+            done = {v for (v,) in conn.execute("SELECT version FROM schema_migrations")}
+            applied = []
+            for version, name, sql in migrations():
+                if version not in done:
+                    conn.execute(sql.encode())
+                    conn.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                        (version, name),
+                    )
+                    applied.append(version)
+            return applied
+
+        return self._run("migrate", work)
+
+    def insert_users(self, rows: Sequence[tuple[Any, ...]]) -> int:
+        """Insert a batch in one statement and one transaction; return rows actually new."""
+        if not rows:
+            return 0
+        columns = [list(col) for col in zip(*rows, strict=True)]
+
+        def work(conn: psycopg.Connection[Any]) -> int:
+            return conn.execute(_INSERT, columns).rowcount
+
+        return self._run("insert", work)
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self._run("query", lambda conn: conn.execute(sql, params).fetchall())
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
