@@ -30,6 +30,7 @@ import json
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -137,7 +138,8 @@ class FakeRandomUserAPI:
         self.rate_limit_window_s = rate_limit_window_s
         self.requests: list[RecordedRequest] = []
         self.users_served = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)  # notified on every fault/request
         self._faults: list[Fault] = []
         self._corruptions: list[tuple[int, str]] = []
         self._window_start = 0.0
@@ -223,8 +225,15 @@ class FakeRandomUserAPI:
 
     @property
     def pending_faults(self) -> int:
+        """Pushed faults not yet taken by a request."""
         with self._lock:
             return len(self._faults)
+
+    def wait_until(self, predicate: Callable[[], bool], timeout_s: float) -> bool:
+        """Block until predicate() is true (re-checked whenever a request arrives or is
+        recorded); False on timeout. From trio: ``await trio.to_thread.run_sync(...)``."""
+        with self._changed:
+            return self._changed.wait_for(predicate, timeout_s)
 
     # -- request handling (runs in handler threads) ----------------------------------------------
 
@@ -232,17 +241,19 @@ class FakeRandomUserAPI:
         at = time.monotonic()
         split = urlsplit(raw_path)
         params = dict(parse_qsl(split.query, keep_blank_values=True))
-        with self._lock:
+        with self._changed:
             fault = self._faults.pop(0) if self._faults else None
+            self._changed.notify_all()
         if fault is not None and fault.kind == "hang":
             if self._stopping.wait(fault.seconds):
                 return None  # stop(): drop the connection unanswered
             fault = None
         reply = self._reply(split.path, params, fault)
         record = RecordedRequest(at, split.path, params, reply.status, reply.users)
-        with self._lock:
+        with self._changed:
             self.requests.append(record)
             self.users_served += reply.users
+            self._changed.notify_all()
         return reply, record
 
     def _reply(self, path: str, params: dict[str, str], fault: Fault | None) -> _Reply:

@@ -56,7 +56,7 @@ async def _serve_client(hub: Hub, request: WebSocketRequest) -> None:
         reason = ws.closed
         log.info(
             "broadcaster.client_closed",
-            code=reason and reason.code,
+            code=reason and int(reason.code),
             reason=reason and reason.reason,
         )
     finally:

@@ -114,20 +114,18 @@ class Config(_Table):
         return os.environ.get(self.database.password_env) or None
 
 
-_AT = re.compile(r"^(?P<what>.*?) - at `\$\.?(?P<key>[^`]*)`$")
+_AT = re.compile(r"^(?P<what>.*?)(?: - at `\$\.?(?P<key>[^`]*)`)?$")
 
 
-def _explain(path: Path, exc: msgspec.MsgspecError) -> ConfigError:
-    message = str(exc)
-    match = _AT.match(message)
-    if match is None:
-        return ConfigError(f"{path}: {message}")
-    key, what = match["key"] or "(top level)", match["what"]
+def _explain(path: Path, exc: msgspec.ValidationError) -> ConfigError:
+    match = _AT.match(str(exc))
+    assert match is not None  # the pattern matches any string
+    key, what = match["key"] or "", match["what"]
     unknown = re.match(r"Object contains unknown field `(.*)`", what)
     if unknown:
-        key = f"{key}.{unknown[1]}" if match["key"] else unknown[1]
+        key = f"{key}.{unknown[1]}" if key else unknown[1]
         return ConfigError(f"{path}: {key}: unknown key (check the spelling; see config.toml)")
-    return ConfigError(f"{path}: {key}: {what[0].lower()}{what[1:]}")
+    return ConfigError(f"{path}: {key or '(top level)'}: {what[0].lower()}{what[1:]}")
 
 
 def _check(path: Path, config: Config) -> None:

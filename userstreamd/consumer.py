@@ -17,13 +17,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection, open_websocket_url
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 
 from .errors import InvalidRecord, ProtocolError, StoreError
 from .logs import bind, get_logger
 from .messages import Ack, UserMessage, Welcome, decode_server, encode
 from .records import parse_user
 from .store.postgres import Envelope, PostgresStore, row_values
+from .wsclient import open_ws
 
 Row = tuple[Any, ...]
 
@@ -118,9 +119,7 @@ class Consumer:
         started = False
         while True:
             try:
-                async with open_websocket_url(
-                    self.url, message_queue_size=64, receive_buffer_size=65536, connect_timeout=5
-                ) as ws:
+                async with open_ws(self.url) as ws:
                     delay = self.reconnect_min_s
                     self._ws = ws
                     if not started:

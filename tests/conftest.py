@@ -1,0 +1,154 @@
+"""Shared fixtures: a real PostgreSQL server, one fresh database per test, the daemon as
+a child process, and the fake Random User API.
+
+PostgreSQL is the embedded server (the same code the daemon uses) started once per test
+session, unless ``USERSTREAMD_TEST_DSN`` names an external server; either way each test
+that asks for ``dsn`` gets a database of its own, dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.conninfo import make_conninfo
+
+from userstreamd.store.embedded import EmbeddedPostgres
+
+from .fakeapi import FakeRandomUserAPI
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """DSN of a PostgreSQL server the tests may create databases on."""
+    external = os.environ.get("USERSTREAMD_TEST_DSN")
+    if external:
+        yield external
+        return
+    root = Path(tempfile.mkdtemp(prefix="usd-pg-"))
+    server = EmbeddedPostgres(root / "data")
+    server.prepare()
+    proc = server.start()
+    try:
+        server.wait_ready(proc)
+        yield make_conninfo(server.dsn, dbname="postgres")
+    finally:
+        server.stop(proc)
+
+
+@pytest.fixture
+def dsn(pg_server: str) -> Iterator[str]:
+    """A fresh, empty database for this test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield make_conninfo(pg_server, dbname=name)
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def query(dsn: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+@pytest.fixture
+def fake_api() -> Iterator[FakeRandomUserAPI]:
+    with FakeRandomUserAPI() as api:
+        yield api
+
+
+def toml_text(tables: dict[str, dict[str, Any]]) -> str:
+    """A config file from {table: {key: value}} (JSON literals are valid TOML values)."""
+    lines = []
+    for table, keys in tables.items():
+        lines.append(f"[{table}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in keys.items()]
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class DaemonProcess:
+    """`userstreamd --config FILE` as a real child process, its JSON log collected."""
+
+    config_path: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes] = field(init=False)
+
+    def start(self) -> DaemonProcess:
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "userstreamd", "--config", str(self.config_path)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        return self
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        found = []
+        for line in self.log_path.read_text(encoding="utf-8").splitlines():
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if name is None or event.get("event") == name:
+                found.append(event)
+        return found
+
+    def wait_for(self, name: str, timeout_s: float = 60.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if events := self.events(name):
+                return events[0]
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"daemon exited ({self.proc.returncode}) before {name}:\n"
+                    + self.log_path.read_text()[-4000:]
+                )
+            time.sleep(0.05)
+        raise AssertionError(
+            f"no {name} within {timeout_s}s:\n" + self.log_path.read_text()[-4000:]
+        )
+
+    def stop(self, sig: int = signal.SIGINT, timeout_s: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout_s)
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Any]:
+    started: list[DaemonProcess] = []
+
+    def make(tables: dict[str, dict[str, Any]], name: str = "daemon") -> DaemonProcess:
+        config = tmp_path / f"{name}.toml"
+        config.write_text(toml_text(tables))
+        daemon = DaemonProcess(config, tmp_path / f"{name}.log").start()
+        started.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in started:
+        daemon.kill()
