@@ -221,6 +221,7 @@ class Producer:
             "producer.published",
             seq=message.seq,
             uuid=str(user.login.uuid),
+            source=source,
             name=f"{name.first} {name.last}" if name else None,
             country=user.location.country if user.location else None,
             clients=self.hub.clients,
