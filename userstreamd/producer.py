@@ -191,7 +191,8 @@ class Producer:
                     if self._rate_changed.is_set():
                         self._rate_changed = trio.Event()
                         t0, sent = trio.current_time(), 0
-                    due = int((trio.current_time() - t0) * self.rate_per_s) - sent
+                    # (+1e-6: a wake-up at the exact due time must not round down to "not yet")
+                    due = int((trio.current_time() - t0) * self.rate_per_s + 1e-6) - sent
                     if due <= 0:
                         with trio.move_on_at(t0 + (sent + 1) / self.rate_per_s):
                             await self._rate_changed.wait()

@@ -1,0 +1,168 @@
+"""Pacing, retries and fallback of the producer, on trio's autojump clock.
+
+The sources here are in-memory fakes (the clock can only jump when no real I/O is
+pending); the real HTTP paths are in test_randomuser.py and test_e2e.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+import trio
+import trio.testing
+
+from userstreamd.errors import BadResponse, SourceUnavailable
+from userstreamd.hub import Hub
+from userstreamd.producer import Producer, page_size_for
+from userstreamd.sources.synthetic import SyntheticSource, synthetic_user
+
+
+class ScriptedSource:
+    """Fails as scripted (one entry per call: an exception, or None to succeed)."""
+
+    name = "randomuser"
+
+    def __init__(self, script: list[BaseException | None]) -> None:
+        self.script = script
+        self.calls: list[float] = []
+
+    async def fetch(self, start: int, count: int) -> list[dict[str, Any]]:
+        self.calls.append(trio.current_time())
+        await trio.lowlevel.checkpoint()
+        outcome = self.script.pop(0) if self.script else None
+        if outcome is not None:
+            raise outcome
+        return [synthetic_user("scripted", p) for p in range(start, start + count)]
+
+
+async def _collect(hub: Hub, into: list[tuple[float, dict[str, Any]]]) -> None:
+    sub = hub.subscribe("test")
+    async for frame in sub.receive:
+        into.append((trio.current_time(), json.loads(frame)))
+
+
+async def _run_for(producer: Producer, seconds: float) -> list[tuple[float, dict[str, Any]]]:
+    got: list[tuple[float, dict[str, Any]]] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_collect, producer.hub, got)
+        await trio.testing.wait_all_tasks_blocked()
+        await nursery.start(producer.run)
+        await trio.sleep(seconds)
+        nursery.cancel_scope.cancel()
+    return got
+
+
+def test_page_size_is_five_seconds_of_users_within_the_api_range() -> None:
+    assert page_size_for(1) == 5
+    assert page_size_for(0.1) == 1
+    assert page_size_for(50) == 250
+    assert page_size_for(10_000) == 5000
+
+
+async def test_users_are_paced_evenly_not_in_bursts(autojump_clock: trio.abc.Clock) -> None:
+    hub = Hub("e")
+    producer = Producer(hub, SyntheticSource("pace"), rate_per_s=10, page_size=50)
+    got = await _run_for(producer, 10.05)
+    assert len(got) == 100
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(got)]
+    assert all(abs(gap - 0.1) < 1e-6 for gap in gaps), gaps[:5]
+    assert [m["seq"] for _, m in got] == list(range(1, 101))
+    assert {m["source"] for _, m in got} == {"synthetic"}
+    # Stream position p is the source's user p: replayable.
+    assert [m["user"]["login"]["uuid"] for _, m in got[:3]] == [
+        synthetic_user("pace", p)["login"]["uuid"] for p in (1, 2, 3)
+    ]
+
+
+async def test_rate_change_takes_effect_at_once(autojump_clock: trio.abc.Clock) -> None:
+    hub = Hub("e")
+    producer = Producer(hub, SyntheticSource("rate"), rate_per_s=2, page_size=100)
+    got: list[tuple[float, dict[str, Any]]] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_collect, hub, got)
+        await trio.testing.wait_all_tasks_blocked()
+        await nursery.start(producer.run)
+        await trio.sleep(5.01)
+        producer.set_rate(20)
+        await trio.sleep(5)
+        nursery.cancel_scope.cancel()
+    before = [t for t, _ in got if t <= 5.01]
+    after = [t for t, _ in got if t > 5.01]
+    assert len(before) == 10
+    assert 95 <= len(after) <= 101
+
+
+async def test_credentials_dropped_unless_kept(autojump_clock: trio.abc.Clock) -> None:
+    for keep, expected in [(False, {"uuid", "username"}), (True, None)]:
+        hub = Hub("e")
+        producer = Producer(
+            hub, SyntheticSource("c"), rate_per_s=10, page_size=5, keep_credentials=keep
+        )
+        got = await _run_for(producer, 0.5)
+        login = got[0][1]["user"]["login"]
+        assert set(login) == expected if expected else "password" in login
+
+
+async def test_retry_delays_grow_and_retry_after_is_honoured(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    source = ScriptedSource(
+        [
+            SourceUnavailable("HTTP 503"),
+            SourceUnavailable("HTTP 502"),
+            SourceUnavailable("timeout"),
+            SourceUnavailable("HTTP 504"),
+            SourceUnavailable("HTTP 429", retry_after_s=7.0),
+            None,
+        ]
+    )
+    producer = Producer(Hub("e"), source, rate_per_s=1, page_size=5, retry_max_s=30)
+    got = await _run_for(producer, 12)
+    gaps = [b - a for a, b in zip(source.calls, source.calls[1:], strict=False)]
+    # 0.1, 0.2, 0.4, 0.8 with jitter in [50%, 100%], then Retry-After exactly.
+    for gap, base in zip(gaps[:4], [0.1, 0.2, 0.4, 0.8], strict=True):
+        assert base * 0.5 <= gap <= base + 1e-9
+    assert abs(gaps[4] - 7.0) < 1e-9
+    assert producer.fetch_failures == 5
+    assert got, "the stream resumed after the failures"
+    assert got[0][0] >= source.calls[5]
+
+
+async def test_fallback_takes_over_then_hands_back(autojump_clock: trio.abc.Clock) -> None:
+    failures: list[BaseException | None] = [BadResponse("no users in results")] * 3
+    primary = ScriptedSource([*failures, SourceUnavailable("HTTP 503"), None])
+    producer = Producer(
+        Hub("e"),
+        primary,
+        rate_per_s=10,
+        page_size=10,
+        fallback=SyntheticSource("fb"),
+        failures_before_fallback=3,
+        probe_interval_s=5,
+    )
+    got = await _run_for(producer, 14)
+    sources = [m["source"] for _, m in got]
+    first_synthetic = sources.index("synthetic")
+    assert got[first_synthetic][0] < 1.0, "fallback users flow within a second"
+    # Probe at ~5 s fails (503), probe at ~10 s succeeds: the API is used again, once the
+    # page already fetched from the fallback (one page ahead, 1 s here) has been sent.
+    probes = primary.calls[3:]
+    assert len(probes) >= 2 and 4.5 < probes[0] < 7 and 9.5 < probes[1] < 12.5
+    assert sources[-1] == "randomuser"
+    back = len(sources) - sources[::-1].index("synthetic")
+    assert probes[1] < got[back][0] < probes[1] + 2.5
+    assert not producer.statistics().fallback_active
+    seqs = [m["seq"] for _, m in got]
+    assert seqs == list(range(1, len(seqs) + 1)), "no gap in the stream across switches"
+
+
+async def test_no_fallback_means_retrying_without_inventing_users(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    primary = ScriptedSource([BadResponse("no users in results")] * 50)
+    producer = Producer(Hub("e"), primary, rate_per_s=10, page_size=10)
+    got = await _run_for(producer, 20)
+    assert got == []
+    assert producer.fetch_failures == len(primary.calls) >= 5
