@@ -107,7 +107,8 @@ class Consumer:
                 nursery.start_soon(self._write_batches, receive)
                 await self._receive_forever(send, task_status)
         finally:
-            await trio.to_thread.run_sync(self.store.close)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.store.close)
 
     # -- receiver ------------------------------------------------------------------------
 

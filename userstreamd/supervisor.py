@@ -35,6 +35,13 @@ class ComponentState:
     last_exit: str | None
 
 
+def describe(exc: BaseException) -> str:
+    """``Type: message`` of the exception, or of each leaf of an exception group."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(describe(e) for e in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"
+
+
 class _Component:
     def __init__(self, name: str, fn: ComponentFn) -> None:
         self.name, self.fn = name, fn
@@ -87,7 +94,7 @@ class Supervisor:
                     c.last_exit = "returned"
                     log.warning("supervisor.component_exited", restart_in_s=self.restart_delay_s)
                 except Exception as exc:
-                    c.last_exit = f"{type(exc).__name__}: {exc}"
+                    c.last_exit = describe(exc)
                     log.error(
                         "supervisor.component_crashed",
                         error=c.last_exit,

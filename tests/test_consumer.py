@@ -1,0 +1,98 @@
+"""Consumers against a real broadcaster and a real PostgreSQL, outages included."""
+
+from __future__ import annotations
+
+import psycopg
+import trio
+
+from userstreamd.broadcaster import run_broadcaster
+from userstreamd.consumer import Consumer
+from userstreamd.hub import Hub
+from userstreamd.sources.synthetic import synthetic_user
+from userstreamd.store.postgres import PostgresStore
+
+from .conftest import query
+
+
+def _block_connections(admin_dsn: str, dbname: str, blocked: bool) -> None:
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(
+            f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS {"false" if blocked else "true"}'
+        )
+        if blocked:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (dbname,),
+            )
+
+
+def _migrate(dsn: str) -> None:
+    store = PostgresStore(dsn)
+    store.migrate()
+    store.close()
+
+
+async def _wait_rows(dsn: str, count: int) -> None:
+    sql = "SELECT count(*) FROM incoming_users"
+    while (await trio.to_thread.run_sync(query, dsn, sql))[0][0] < count:  # noqa: ASYNC110
+        await trio.sleep(0.05)
+
+
+async def test_database_outage_loses_nothing(dsn: str, pg_server: str) -> None:
+    _migrate(dsn)
+    dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    hub = Hub("e")
+    consumer = Consumer("", PostgresStore(dsn), batch_size=20, batch_interval_s=0.05)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(run_broadcaster, hub, "127.0.0.1", 0)
+            consumer.url = f"ws://127.0.0.1:{port}/"
+            await nursery.start(consumer.run)
+            for p in range(1, 51):
+                hub.publish(synthetic_user("outage", p), "synthetic")
+            await _wait_rows(dsn, 50)
+            await trio.to_thread.run_sync(_block_connections, pg_server, dbname, True)
+            for p in range(51, 151):
+                hub.publish(synthetic_user("outage", p), "synthetic")
+            while consumer.db_errors < 2:  # noqa: ASYNC110 (bounded by fail_after)
+                await trio.sleep(0.05)
+            await trio.to_thread.run_sync(_block_connections, pg_server, dbname, False)
+            await _wait_rows(dsn, 150)
+            await hub.wait_drained()
+            nursery.cancel_scope.cancel()
+    uuids = {r[0] for r in query(dsn, "SELECT uuid::text FROM incoming_users")}
+    assert uuids == {synthetic_user("outage", p)["login"]["uuid"] for p in range(1, 151)}
+    assert consumer.statistics().acked_seq == 150
+
+
+async def test_consumer_reconnects_after_the_broadcaster_restarts(dsn: str) -> None:
+    _migrate(dsn)
+    hub = Hub("e")
+    consumer = Consumer(
+        "", PostgresStore(dsn), batch_interval_s=0.05, reconnect_min_s=0.05, reconnect_max_s=0.2
+    )
+
+    async def broadcaster(
+        scope: trio.CancelScope, port: int, task_status: trio.TaskStatus[int]
+    ) -> None:
+        with scope:
+            await run_broadcaster(hub, "127.0.0.1", port, task_status=task_status)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            first = trio.CancelScope()
+            port = await nursery.start(broadcaster, first, 0)
+            consumer.url = f"ws://127.0.0.1:{port}/"
+            await nursery.start(consumer.run)
+            hub.publish(synthetic_user("re", 1), "synthetic")
+            await _wait_rows(dsn, 1)
+            first.cancel()
+            while consumer.statistics().connected:  # noqa: ASYNC110 (bounded by fail_after)
+                await trio.sleep(0.01)
+            await nursery.start(broadcaster, trio.CancelScope(), port)
+            while not consumer.statistics().connected:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+            hub.publish(synthetic_user("re", 2), "synthetic")
+            await _wait_rows(dsn, 2)
+            nursery.cancel_scope.cancel()
+    assert consumer.statistics().reconnects >= 1
