@@ -115,3 +115,11 @@ def test_password_comes_from_the_environment(
     assert config.db_password() is None
     monkeypatch.setenv("MY_PG_SECRET", "s3cret")
     assert config.db_password() == "s3cret"
+
+
+def test_relative_state_dir_goes_under_systemds_state_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "c.toml").write_text('[daemon]\nstate_dir = "st"\n')
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/userstreamd:/var/lib/other")
+    assert load_config(tmp_path / "c.toml").state_path == Path("/var/lib/userstreamd/st")

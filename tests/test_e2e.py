@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from userstreamd.records import SECRET_LOGIN_FIELDS
+from userstreamd.sources.synthetic import synthetic_user
 from userstreamd.store.embedded import EmbeddedPostgres
 
 from .conftest import query
@@ -151,3 +152,37 @@ def test_randomuser_source_end_to_end(
     assert any(not (r["name"]["first"] + r["name"]["last"]).isascii() for r in raws)
     null_ids = query(dsn, "SELECT count(*) FROM incoming_users WHERE id_value IS NULL")[0][0]
     assert null_ids == sum(r["id"]["value"] is None for r in raws)
+
+
+def test_invalid_records_go_to_dead_letters_and_the_rest_is_stored(
+    tmp_path: Any, dsn: str, daemon_factory: Any, fake_api: FakeRandomUserAPI
+) -> None:
+    fake_api.corrupt(1, "missing_uuid")
+    fake_api.corrupt(3, "bad_date")  # the first record is broken twice, two more once
+    tables = _base(tmp_path, dsn)
+    tables["producer"] = {
+        "source": "randomuser",
+        "rate_per_s": 50,
+        "seed": "dl",
+        "fallback": "none",
+    }
+    tables["randomuser"] = {"url": fake_api.url, "page_size": 100}
+    daemon = daemon_factory(tables)
+    published = _run(daemon)
+
+    letters = query(dsn, "SELECT source, position, error, raw FROM dead_letters ORDER BY position")
+    assert [(s, p) for s, p, _, _ in letters] == [
+        ("randomuser", 1),
+        ("randomuser", 2),
+        ("randomuser", 3),
+    ]
+    assert "uuid" in letters[0][2] and "dob.date" in letters[1][2]
+    assert letters[1][3]["dob"]["date"] == "not-a-date"  # the raw payload, as received
+    assert [e["position"] for e in daemon.events("producer.invalid_record")] == [1, 2, 3]
+    assert daemon.events("daemon.stopped")[0]["invalid"] == 3
+    # The rest of the batch (positions 4..100, then on) is in the table, in order.
+    _assert_rows_match(dsn, published)
+    assert (
+        published[0]["seq"] == 1
+        and published[0]["uuid"] == synthetic_user("dl", 4)["login"]["uuid"]
+    )

@@ -27,6 +27,10 @@ NATIONALITIES = frozenset((
     "AU", "BR", "CA", "CH", "DE", "DK", "ES", "FI", "FR", "GB", "IE",
     "IN", "IR", "MX", "NL", "NO", "NZ", "RS", "TR", "UA", "US",
 ))
+FIELDS = frozenset((
+    "gender", "name", "location", "email", "login", "registered",
+    "dob", "phone", "cell", "id", "picture", "nat",
+))
 # fmt: on
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
@@ -63,6 +67,10 @@ class RandomUserConfig(_Table):
     failures_before_fallback: Annotated[int, msgspec.Meta(ge=1)] = 3
     probe_interval_s: Positive = 30.0
     retry_max_s: Positive = 30.0
+    inc: list[str] = msgspec.field(default_factory=list)
+    exc: list[str] = msgspec.field(default_factory=list)
+    budget_users: Annotated[int, msgspec.Meta(ge=1)] = 20_000
+    budget_window_s: Positive = 300.0
 
 
 class BroadcasterConfig(_Table):
@@ -104,7 +112,10 @@ class Config(_Table):
 
     @property
     def state_path(self) -> Path:
-        base = Path(self.path).parent if self.path else Path.cwd()
+        """Relative state_dir: under systemd's $STATE_DIRECTORY when set, else next to the
+        config file."""
+        systemd_state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+        base = Path(systemd_state or (Path(self.path).parent if self.path else Path.cwd()))
         return (base / self.daemon.state_dir).resolve()
 
     def db_password(self) -> str | None:
@@ -136,9 +147,29 @@ def _check(path: Path, config: Config) -> None:
             f"{path}: producer.nat: unknown nationality {bad_nats[0]!r}, "
             f"expected codes from {' '.join(sorted(NATIONALITIES))}"
         )
-    url = config.randomuser.url
-    if not url.startswith(("http://", "https://")):
-        raise ConfigError(f"{path}: randomuser.url: expected an http(s) URL, got {url!r}")
+    ru = config.randomuser
+    if not ru.url.startswith(("http://", "https://")):
+        raise ConfigError(f"{path}: randomuser.url: expected an http(s) URL, got {ru.url!r}")
+    if not ru.url.rstrip("/").endswith("/api/1.4"):
+        raise ConfigError(
+            f"{path}: randomuser.url: expected the version-pinned path /api/1.4/, got {ru.url!r}"
+        )
+    for key, fields in (("inc", ru.inc), ("exc", ru.exc)):
+        unknown = sorted(set(fields) - FIELDS)
+        if unknown:
+            raise ConfigError(
+                f"{path}: randomuser.{key}: unknown field {unknown[0]!r}, "
+                f"expected names from {' '.join(sorted(FIELDS))}"
+            )
+    if "login" in ru.exc:
+        raise ConfigError(
+            f"{path}: randomuser.exc: login cannot be excluded (login.uuid is the row key)"
+        )
+    if ru.page_size > ru.budget_users:
+        raise ConfigError(
+            f"{path}: randomuser.page_size: expected <= budget_users ({ru.budget_users}), "
+            f"got {ru.page_size}"
+        )
     c = config.consumers
     if c.reconnect_max_s < c.reconnect_min_s:
         raise ConfigError(

@@ -21,11 +21,12 @@ from . import __version__
 from .broadcaster import run_broadcaster
 from .config import Config, load_config
 from .consumer import Consumer, Milestones
+from .deadletters import DeadLetters
 from .errors import ConfigError
 from .hub import Hub
 from .logs import bind, configure_logging, get_logger
 from .producer import Producer, Source, page_size_for
-from .sources.randomuser import RandomUserSource
+from .sources.randomuser import RandomUserSource, UserBudget
 from .sources.synthetic import SyntheticSource
 from .store.embedded import EmbeddedPostgres
 from .store.postgres import PostgresStore
@@ -71,15 +72,29 @@ def _client_host(host: str) -> str:
     return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
 
 
-def _make_producer(config: Config, hub: Hub, http: httpx.AsyncClient, seed: str) -> Producer:
+def _make_producer(
+    config: Config, hub: Hub, http: httpx.AsyncClient, seed: str, dsn: str
+) -> Producer:
     p, ru = config.producer, config.randomuser
     synthetic = SyntheticSource(seed=seed, nats=p.nat)
-    page_size = ru.page_size or page_size_for(p.rate_per_s)
+    page_size = ru.page_size or min(page_size_for(p.rate_per_s), ru.budget_users)
     primary: Source = synthetic
     fallback: Source | None = None
     if p.source == "randomuser":
-        primary = RandomUserSource(http, ru.url, seed=seed, page_size=page_size, nats=p.nat)
+        primary = RandomUserSource(
+            http,
+            ru.url,
+            seed=seed,
+            page_size=page_size,
+            nats=p.nat,
+            inc=ru.inc,
+            exc=ru.exc,
+            budget=UserBudget(ru.budget_users, ru.budget_window_s),
+        )
         fallback = synthetic if p.fallback == "synthetic" else None
+    store = PostgresStore(
+        dsn, password=config.db_password(), application_name="userstreamd-dead-letters"
+    )
     return Producer(
         hub,
         primary,
@@ -91,6 +106,7 @@ def _make_producer(config: Config, hub: Hub, http: httpx.AsyncClient, seed: str)
         retry_max_s=ru.retry_max_s,
         keep_credentials=p.keep_credentials,
         log_each_user_below_per_s=p.log_each_user_below_per_s,
+        dead_letters=DeadLetters(store),
     )
 
 
@@ -159,7 +175,7 @@ class Daemon:
                     )
                     self.consumers.append(consumer)
                     await sup.start(f"consumer-{worker}", consumer.run)
-                self.producer = _make_producer(c, self.hub, http, seed)
+                self.producer = _make_producer(c, self.hub, http, seed, dsn)
                 await sup.start("producer", self.producer.run)
                 log.info("daemon.ready", url=url, consumers=c.consumers.count)
                 root.start_soon(self._log_stats)
@@ -189,6 +205,7 @@ class Daemon:
         return {
             "published": producer.published if producer else 0,
             "invalid": producer.invalid if producer else 0,
+            "fetch_failures": dict(producer.failures_by_kind) if producer else {},
             "last_seq": self.hub.last_seq,
             "rows_inserted": sum(c.inserted for c in self.consumers),
         }

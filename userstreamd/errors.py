@@ -26,15 +26,20 @@ class ConfigError(UserstreamdError):
 
 
 class SourceError(UserstreamdError):
-    """A source could not deliver users."""
+    """A source could not deliver users. `kind` names the failure class for logs and
+    counters (``timeout``, ``connect``, ``http_429``, ``http_5xx``, ``empty_results``, ...);
+    `retry_after_s` is the server's ``Retry-After`` when it sent one."""
+
+    def __init__(
+        self, message: str, *, kind: str = "other", retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.retry_after_s = retry_after_s
 
 
 class SourceUnavailable(SourceError):
     """The source could not be reached or refused to answer (timeout, 5xx, 429)."""
-
-    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
 
 
 class BadResponse(SourceError):

@@ -4,10 +4,13 @@ Two tasks: the *fetcher* pulls whole pages from the active source one page ahead
 zero-capacity channel is the prefetch window), the *pacer* hands users to the hub
 smoothly - as many as are due at each wake-up, never a whole page at once.
 
-When the primary source fails ``failures_before_fallback`` times in a row and a fallback
-is configured, the fetcher switches to it (``producer.fallback_on``) and probes the
-primary every ``probe_interval_s``; the first good answer switches back
-(``producer.fallback_off``). Records that fail validation are counted and never
+A failed fetch is retried after a delay that starts at 0.1 s and doubles up to
+``retry_max_s`` (equal jitter), or after the server's ``Retry-After``. After
+``failures_before_fallback`` failures in a row the circuit opens (``producer.circuit_open``);
+with a fallback configured the stream continues from it (``producer.fallback_on``, and
+each message's ``source`` says so) while the primary is probed every ``probe_interval_s``;
+the first good answer closes the circuit and switches back (``producer.fallback_off``).
+Records that fail validation are counted, logged and sent to the dead letters, never
 published.
 """
 
@@ -15,13 +18,15 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Protocol
 
 import trio
 
-from .errors import InvalidRecord, SourceError, SourceUnavailable
+from .deadletters import DeadLetters
+from .errors import InvalidRecord, SourceError
 from .hub import Hub
 from .logs import bind, get_logger
 from .records import parse_user, scrub
@@ -40,6 +45,8 @@ class ProducerStatistics:
     fetch_failures: int
     active_source: str
     fallback_active: bool
+    circuit_open: bool
+    failures_by_kind: Mapping[str, int]
     rate_per_s: float
     position: int
 
@@ -71,6 +78,7 @@ class Producer:
         keep_credentials: bool = False,
         log_each_user_below_per_s: float = 5.0,
         start_position: int = 1,
+        dead_letters: DeadLetters | None = None,
     ) -> None:
         self.hub = hub
         self.primary, self.fallback = primary, fallback
@@ -83,7 +91,9 @@ class Producer:
         self.log_each_user_below_per_s = log_each_user_below_per_s
         self.position = start_position  # next position the fetcher asks for
         self.published = self.invalid = self.fetch_failures = 0
-        self.fallback_active = False
+        self.fallback_active = self.circuit_open = False
+        self.failures_by_kind: dict[str, int] = {}
+        self.dead_letters = dead_letters
         self._rate_changed = trio.Event()
 
     def statistics(self) -> ProducerStatistics:
@@ -94,6 +104,8 @@ class Producer:
             self.fetch_failures,
             active.name,
             self.fallback_active,
+            self.circuit_open,
+            MappingProxyType(dict(self.failures_by_kind)),
             self.rate_per_s,
             self.position,
         )
@@ -109,6 +121,8 @@ class Producer:
         send, receive = trio.open_memory_channel[Page](0)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._fetch_pages, send)
+            if self.dead_letters is not None:
+                nursery.start_soon(self.dead_letters.run)
             get_logger().info(
                 "producer.started",
                 source=self.primary.name,
@@ -122,57 +136,72 @@ class Producer:
 
     async def _fetch_pages(self, send: trio.MemorySendChannel[Page]) -> None:
         log = get_logger()
-        failures, delay = 0, 0.0
-        next_probe = 0.0
+        failures, delay, next_probe = 0, 0.0, 0.0
         async with send:
             while True:
                 source = self.primary
+                probing = False
                 if self.fallback_active and self.fallback is not None:
-                    source = self.fallback
-                    if trio.current_time() >= next_probe:
-                        source = self.primary  # probe
+                    probing = trio.current_time() >= next_probe
+                    source = self.primary if probing else self.fallback
                 try:
                     users = await source.fetch(self.position, self.page_size)
                 except SourceError as exc:
                     self.fetch_failures += 1
-                    failures += 1
-                    if self.fallback_active:
-                        next_probe = trio.current_time() + self.probe_interval_s
+                    self.failures_by_kind[exc.kind] = self.failures_by_kind.get(exc.kind, 0) + 1
+                    if probing:
+                        wait = max(self.probe_interval_s, exc.retry_after_s or 0.0)
+                        next_probe = trio.current_time() + wait
                         log.info(
                             "producer.probe_failed",
+                            source=source.name,
                             error=str(exc),
-                            next_probe_in_s=self.probe_interval_s,
+                            kind=exc.kind,
+                            next_probe_in_s=wait,
                         )
                         continue
+                    failures += 1
                     delay = min(self.retry_max_s, max(0.1, delay * 2))
-                    retry_after = exc.retry_after_s if isinstance(exc, SourceUnavailable) else None
+                    # Equal jitter: the delay stays in [d/2, d], so delays still grow.
                     wait = (
-                        retry_after if retry_after is not None else delay * random.uniform(0.5, 1)
+                        exc.retry_after_s
+                        if exc.retry_after_s is not None
+                        else (delay * random.uniform(0.5, 1.0))
                     )
                     log.warning(
                         "producer.fetch_failed",
                         source=source.name,
                         error=str(exc),
-                        error_class=type(exc).__name__,
+                        kind=exc.kind,
                         consecutive=failures,
                         retry_in_s=round(wait, 3),
                     )
-                    if self.fallback is not None and failures >= self.failures_before_fallback:
-                        self.fallback_active = True
-                        next_probe = trio.current_time() + self.probe_interval_s
+                    if failures == self.failures_before_fallback:
+                        self.circuit_open = True
                         log.warning(
-                            "producer.fallback_on",
-                            primary=self.primary.name,
-                            fallback=self.fallback.name,
-                            after_failures=failures,
+                            "producer.circuit_open", source=source.name, after_failures=failures
                         )
-                        continue
+                        if self.fallback is not None:
+                            self.fallback_active = True
+                            probe_in_s = max(self.probe_interval_s, wait)
+                            next_probe = trio.current_time() + probe_in_s
+                            log.warning(
+                                "producer.fallback_on",
+                                primary=self.primary.name,
+                                fallback=self.fallback.name,
+                                probe_in_s=round(probe_in_s, 3),
+                            )
+                            continue
                     await trio.sleep(wait)
                     continue
-                if source is self.primary and self.fallback_active:
-                    self.fallback_active = False
-                    log.warning("producer.fallback_off", primary=self.primary.name)
-                failures, delay = 0, 0.0
+                if source is self.primary and self.circuit_open:
+                    self.circuit_open = False
+                    log.warning("producer.circuit_closed", source=source.name)
+                    if self.fallback_active:
+                        self.fallback_active = False
+                        log.warning("producer.fallback_off", primary=self.primary.name)
+                if source is self.primary:
+                    failures, delay = 0, 0.0
                 await send.send(Page(source.name, self.position, users))
                 self.position += len(users)
 
@@ -212,6 +241,8 @@ class Producer:
             get_logger().warning(
                 "producer.invalid_record", source=source, position=position, error=str(exc)
             )
+            if self.dead_letters is not None:
+                self.dead_letters.put(source, position, str(exc), raw)
             return
         message = self.hub.publish(raw if self.keep_credentials else scrub(raw), source)
         self.published += 1

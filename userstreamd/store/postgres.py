@@ -210,6 +210,24 @@ class PostgresStore:
 
         return self._run("insert", work)
 
+    def insert_dead_letters(self, letters: Sequence[tuple[str, int | None, str, Any]]) -> int:
+        """Store (source, position, error, raw) of records that failed validation."""
+        rows = [
+            (source, position, error, _json.encode(raw).decode())
+            for source, position, error, raw in letters
+        ]
+
+        def work(conn: psycopg.Connection[Any]) -> int:
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO dead_letters (source, position, error, raw) "
+                    "VALUES (%s, %s, %s, %s::jsonb)",
+                    rows,
+                )
+            return len(rows)
+
+        return self._run("insert dead letters", work)
+
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         return self._run("query", lambda conn: conn.execute(sql, params).fetchall())
 

@@ -1,0 +1,181 @@
+"""The producer against the fake Random User API over real HTTP, misbehaving on cue."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from userstreamd.hub import Hub
+from userstreamd.producer import Producer
+from userstreamd.records import parse_user
+from userstreamd.sources.randomuser import RandomUserSource, UserBudget
+from userstreamd.sources.synthetic import SyntheticSource, synthetic_user
+
+from .fakeapi import FakeRandomUserAPI, Fault
+
+
+class Run:
+    def __init__(self, producer: Producer) -> None:
+        self.producer = producer
+        self.messages: list[dict[str, Any]] = []
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        while not predicate():  # noqa: ASYNC110 (bounded by the caller's fail_after)
+            await trio.sleep(0.01)
+
+
+@asynccontextmanager
+async def producing(
+    api: FakeRandomUserAPI,
+    *,
+    rate_per_s: float = 50,
+    page_size: int = 10,
+    timeout_s: float = 2.0,
+    fallback: bool = False,
+    budget: UserBudget | None = None,
+    **kw: Any,
+) -> AsyncIterator[Run]:
+    hub = Hub("e")
+    sub = hub.subscribe("test")
+    async with httpx.AsyncClient(timeout=timeout_s) as client:
+        source = RandomUserSource(client, api.url, seed="api", page_size=page_size, budget=budget)
+        producer = Producer(
+            hub,
+            source,
+            rate_per_s=rate_per_s,
+            page_size=page_size,
+            fallback=SyntheticSource("api") if fallback else None,
+            **kw,
+        )
+        run = Run(producer)
+
+        async def collect() -> None:
+            async for frame in sub.receive:
+                run.messages.append(json.loads(frame))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(collect)
+            await nursery.start(producer.run)
+            yield run
+            nursery.cancel_scope.cancel()
+
+
+def _gaps(api: FakeRandomUserAPI) -> list[float]:
+    return [b.at - a.at for a, b in itertools.pairwise(api.requests)]
+
+
+async def test_every_trap_arrives_typed(fake_api: FakeRandomUserAPI) -> None:
+    with trio.fail_after(30):
+        async with producing(fake_api, rate_per_s=500, page_size=100) as run:
+            await run.wait_until(lambda: len(run.messages) >= 300)
+    users = [m["user"] for m in run.messages[:300]]
+    assert [u["login"]["uuid"] for u in users] == [
+        synthetic_user("api", p)["login"]["uuid"] for p in range(1, 301)
+    ]
+    parsed = [parse_user(u) for u in users]
+    assert {type(u.location.postcode) for u in parsed if u.location} == {int, str}
+    assert any(u.id and u.id.value is None for u in parsed)
+    assert all(
+        isinstance(u.latitude, float) and isinstance(u.dob.date, datetime) for u in parsed if u.dob
+    )
+    assert all("password" not in u["login"] for u in users)
+
+
+@pytest.mark.parametrize("retry_after", [1.5, None])
+async def test_429_waits_before_the_next_request(
+    fake_api: FakeRandomUserAPI, retry_after: float | None
+) -> None:
+    fake_api.push(Fault.status(429, retry_after=retry_after))
+    with trio.fail_after(30):
+        async with producing(fake_api) as run:
+            await run.wait_until(lambda: len(run.messages) >= 20)
+    assert fake_api.requests[0].status == 429
+    gap = _gaps(fake_api)[0]
+    assert gap >= (retry_after if retry_after is not None else 0.05)
+    assert run.producer.statistics().failures_by_kind == {"http_429": 1}
+    assert [m["seq"] for m in run.messages[:20]] == list(range(1, 21))
+
+
+async def test_server_errors_timeouts_and_refusals_retry_with_growing_delays(
+    fake_api: FakeRandomUserAPI,
+) -> None:
+    fake_api.push(
+        Fault.status(500), Fault.status(502), Fault.status(503), Fault.status(504), Fault.hang(3)
+    )
+    with trio.fail_after(30):
+        async with producing(fake_api, timeout_s=0.5, failures_before_fallback=100) as run:
+            await run.wait_until(lambda: len(run.messages) >= 5)
+            fake_api.down()
+            await run.wait_until(lambda: run.producer.fetch_failures >= 7)
+            fake_api.up()
+            count = len(run.messages)
+            await run.wait_until(lambda: len(run.messages) >= count + 30)
+    kinds = run.producer.statistics().failures_by_kind
+    assert kinds["http_5xx"] == 4 and kinds["timeout"] == 1 and kinds["connect"] >= 2
+    gaps = _gaps(fake_api)[:4]
+    assert gaps == sorted(gaps), f"delays must grow: {gaps}"
+    assert gaps[0] >= 0.05 and gaps[3] >= 0.4
+    seqs = [m["seq"] for m in run.messages]
+    assert seqs == list(range(1, len(seqs) + 1))
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault.empty_results(),
+        Fault.html(),
+        Fault.truncated(),
+        Fault.error_json("Uh oh, something has gone wrong."),
+    ],
+)
+async def test_200_without_users_is_a_failure_not_zero_users(
+    fake_api: FakeRandomUserAPI, fault: Fault
+) -> None:
+    fake_api.push(fault, fault)
+    with trio.fail_after(30):
+        async with producing(fake_api) as run:
+            await run.wait_until(lambda: len(run.messages) >= 15)
+    assert run.producer.fetch_failures == 2
+    # Nothing invented: the stream is exactly the API's users, positions 1, 2, ...
+    assert [m["user"]["login"]["uuid"] for m in run.messages[:15]] == [
+        synthetic_user("api", p)["login"]["uuid"] for p in range(1, 16)
+    ]
+
+
+async def test_budget_is_never_exceeded(fake_api: FakeRandomUserAPI) -> None:
+    """Test scale: 100 users/s wanted, 1,000 users per 5 s allowed, 500 per request."""
+    budget = UserBudget(1000, 5.0)
+    with trio.fail_after(30):
+        async with producing(fake_api, rate_per_s=100, page_size=500, budget=budget) as run:
+            await trio.sleep(11)
+    served = [(r.at, r.users) for r in fake_api.requests]
+    assert sum(n for _, n in served) >= 2000, "the budget was used, not just respected"
+    for start, _ in served:
+        window = sum(n for at, n in served if start <= at < start + 5.0)
+        assert window <= 1000, f"{window} users within 5 s from t={start}"
+    assert len(run.messages) >= 900
+
+
+async def test_fallback_flows_then_the_api_returns(fake_api: FakeRandomUserAPI) -> None:
+    fake_api.down()
+    with trio.fail_after(30):
+        async with producing(
+            fake_api, rate_per_s=50, fallback=True, failures_before_fallback=2, probe_interval_s=1.0
+        ) as run:
+            start = trio.current_time()
+            await run.wait_until(lambda: any(m["source"] == "synthetic" for m in run.messages))
+            assert trio.current_time() - start < 2.0
+            assert run.producer.statistics().fallback_active
+            fake_api.up()
+            await run.wait_until(lambda: run.messages[-1]["source"] == "randomuser")
+            assert not run.producer.statistics().fallback_active
+    seqs = [m["seq"] for m in run.messages]
+    assert seqs == list(range(1, len(seqs) + 1))
