@@ -1,22 +1,31 @@
-"""Supervision in-process, on the autojump clock: restart, isolation, ordered stop."""
+"""Supervision in-process, on the autojump clock: policies, backoff, intensity, order."""
 
 from __future__ import annotations
 
+import itertools
+
+import pytest
 import trio
 import trio.testing
 
-from userstreamd.supervisor import Supervisor
+from userstreamd.supervisor import Intensity, RestartPolicy, Supervisor
 
 
-async def test_crash_restarts_only_that_component(autojump_clock: trio.abc.Clock) -> None:
-    starts: list[float] = []
-    ticks = 0
-
-    async def flaky(task_status: trio.TaskStatus[str]) -> None:
+def _crasher(starts: list[float], uptime_s: float = 0.0):  # type: ignore[no-untyped-def]
+    async def run(task_status: trio.TaskStatus[str]) -> None:
         starts.append(trio.current_time())
         task_status.started("ready")
-        await trio.sleep(1)
+        await trio.sleep(uptime_s)
         raise RuntimeError("boom")
+
+    return run
+
+
+async def test_crash_restarts_only_that_component_with_growing_delays(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    starts: list[float] = []
+    ticks = 0
 
     async def steady(task_status: trio.TaskStatus[None]) -> None:
         nonlocal ticks
@@ -25,18 +34,95 @@ async def test_crash_restarts_only_that_component(autojump_clock: trio.abc.Clock
             await trio.sleep(0.1)
             ticks += 1
 
+    policy = RestartPolicy(delay_min_s=0.1, delay_max_s=1.0, reset_after_s=100)
     async with trio.open_nursery() as nursery:
-        sup = Supervisor(nursery, restart_delay_s=0.5)
-        assert await sup.start("flaky", flaky) == "ready"
+        sup = Supervisor(nursery, policy=policy, intensity=Intensity(100, 60))
+        assert await sup.start("flaky", _crasher(starts)) == "ready"
         await sup.start("steady", steady)
-        await trio.sleep(5)
+        await trio.sleep(8)
         snapshot = {s.name: s for s in sup.snapshot()}
         await sup.stop_all()
-    assert [round(t, 6) for t in starts[:4]] == [0.0, 1.5, 3.0, 4.5]
-    assert snapshot["flaky"].restarts == 3
+    delays = [b - a for a, b in itertools.pairwise(starts)]
+    # 0.1, 0.2, 0.4, 0.8, then capped at 1.0; each jittered into [d/2, d].
+    for delay, base in zip(delays, [0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0], strict=False):
+        assert base / 2 - 1e-9 <= delay <= base + 1e-9, delays
+    assert delays[:4] == sorted(delays[:4])
+    assert len(starts) - 1 <= snapshot["flaky"].restarts <= len(starts)
+    assert len(starts) >= 8
     assert snapshot["flaky"].last_exit == "RuntimeError: boom"
     assert snapshot["steady"].restarts == 0 and snapshot["steady"].state == "running"
-    assert ticks >= 49
+    assert ticks >= 79
+
+
+async def test_delay_resets_after_the_component_stayed_up(autojump_clock: trio.abc.Clock) -> None:
+    starts: list[float] = []
+    policy = RestartPolicy(delay_min_s=0.1, delay_max_s=10, reset_after_s=2)
+    async with trio.open_nursery() as nursery:
+        sup = Supervisor(nursery, policy=policy, intensity=Intensity(100, 60))
+        await sup.start("slow-crasher", _crasher(starts, uptime_s=3))
+        await trio.sleep(20)
+        nursery.cancel_scope.cancel()
+    delays = [b - a - 3 for a, b in itertools.pairwise(starts)]
+    assert all(0.05 - 1e-9 <= d <= 0.1 + 1e-9 for d in delays), delays
+
+
+async def test_intensity_limit_escalates_naming_the_component(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    reasons: list[str] = []
+    starts: list[float] = []
+    async with trio.open_nursery() as nursery:
+        sup = Supervisor(
+            nursery,
+            policy=RestartPolicy(delay_min_s=0.1, delay_max_s=0.4),
+            intensity=Intensity(3, 10),
+            on_escalate=reasons.append,
+        )
+        await sup.start("crashy", _crasher(starts))
+        await trio.sleep(30)
+        state = sup.snapshot()[0]
+        assert not sup.healthy()
+        await sup.stop_all()
+    assert len(starts) == 4  # the first start and 3 restarts; the 4th is refused
+    assert state.state == "failed"
+    assert reasons == ["crashy: more than 3 restarts in 10 s; last exit: RuntimeError: boom"]
+
+
+@pytest.mark.parametrize(("restart", "expected_starts"), [("transient", 1), ("permanent", 3)])
+# (delays are jittered into [0.5, 1] s: 2.5 s hold at least 3 starts of a permanent one)
+async def test_transient_is_not_restarted_after_a_normal_exit(
+    autojump_clock: trio.abc.Clock, restart: str, expected_starts: int
+) -> None:
+    starts: list[float] = []
+
+    async def one_shot(task_status: trio.TaskStatus[None]) -> None:
+        starts.append(trio.current_time())
+        task_status.started()
+
+    async with trio.open_nursery() as nursery:
+        sup = Supervisor(
+            nursery,
+            policy=RestartPolicy(restart, delay_min_s=1, delay_max_s=1),  # type: ignore[arg-type]
+            intensity=Intensity(100, 60),
+        )
+        await sup.start("job", one_shot)
+        await trio.sleep(2.5)
+        nursery.cancel_scope.cancel()
+    assert len(starts) == 1 if restart == "transient" else len(starts) >= expected_starts
+
+
+async def test_transient_is_restarted_after_a_crash(autojump_clock: trio.abc.Clock) -> None:
+    starts: list[float] = []
+    async with trio.open_nursery() as nursery:
+        sup = Supervisor(
+            nursery,
+            policy=RestartPolicy("transient", delay_min_s=1, delay_max_s=1),
+            intensity=Intensity(100, 60),
+        )
+        await sup.start("job", _crasher(starts))
+        await trio.sleep(2.5)
+        nursery.cancel_scope.cancel()
+    assert len(starts) >= 3
 
 
 async def test_stop_all_runs_in_reverse_start_order(autojump_clock: trio.abc.Clock) -> None:

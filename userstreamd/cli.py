@@ -15,7 +15,7 @@ from .logs import configure_logging, get_logger
 DEFAULT_CONFIG = "config.toml"
 
 
-def cmd_run(config: Config) -> int:
+def cmd_run(config: Config, args: argparse.Namespace) -> int:
     """Run the daemon until SIGINT/SIGTERM."""
     from .daemon import run_daemon
 
@@ -26,13 +26,20 @@ def cmd_run(config: Config) -> int:
         return 1
 
 
-def cmd_check(config: Config) -> int:
+def cmd_check(config: Config, args: argparse.Namespace) -> int:
     """Validate the config file and say so."""
     print(f"{config.path}: ok")
     return 0
 
 
-COMMANDS = {"run": cmd_run, "check": cmd_check}
+def cmd_consumer_worker(config: Config, args: argparse.Namespace) -> int:
+    """Internal: one consumer as a child process of the daemon."""
+    from .workers import run_consumer_worker
+
+    return trio.run(run_consumer_worker, config, args.worker, args.url, args.ready_fd)
+
+
+COMMANDS = {"run": cmd_run, "check": cmd_check, "consumer-worker": cmd_consumer_worker}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
         choices=sorted(COMMANDS),
         help="run the daemon (default) or check the config and exit",
     )
+    # consumer-worker's own options (internal: the daemon starts it).
+    parser.add_argument("--worker", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--url", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--ready-fd", type=int, default=-1, help=argparse.SUPPRESS)
     return parser
 
 
@@ -66,4 +77,4 @@ def main(argv: list[str] | None = None) -> int:
         print(f"userstreamd: config error: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.daemon.log_level, config.daemon.log_format)
-    return COMMANDS[args.command](config)
+    return COMMANDS[args.command](config, args)

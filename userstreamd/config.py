@@ -81,6 +81,7 @@ class BroadcasterConfig(_Table):
 
 class ConsumersConfig(_Table):
     count: Annotated[int, msgspec.Meta(ge=0, le=64)] = 2
+    processes: bool | Literal["auto"] = "auto"
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=50_000)] = 500
     batch_interval_s: Positive = 0.25
     reconnect_min_s: Positive = 0.1
@@ -94,7 +95,11 @@ class DatabaseConfig(_Table):
 
 
 class SupervisorConfig(_Table):
-    restart_delay_s: Positive = 1.0
+    restart_delay_min_s: Positive = 0.1
+    restart_delay_max_s: Positive = 30.0
+    restart_reset_after_s: Positive = 30.0
+    max_restarts: Annotated[int, msgspec.Meta(ge=0)] = 5
+    max_restarts_window_s: Positive = 60.0
     drain_timeout_s: Positive = 10.0
     stop_timeout_s: Positive = 10.0
 
@@ -118,11 +123,20 @@ class Config(_Table):
         base = Path(systemd_state or (Path(self.path).parent if self.path else Path.cwd()))
         return (base / self.daemon.state_dir).resolve()
 
+    @property
+    def consumer_processes(self) -> bool:
+        """Consumers run as child processes: "auto" means when there is more than one."""
+        processes = self.consumers.processes
+        return self.consumers.count > 1 if processes == "auto" else processes
+
     def db_password(self) -> str | None:
-        """The DB password from the environment, when the config names a variable for it."""
-        if not self.database.password_env:
-            return None
-        return os.environ.get(self.database.password_env) or None
+        """The DB password: the environment variable the config names, else the systemd
+        credential ``db-password`` (LoadCredential=), else None."""
+        from .systemd import read_credential
+
+        if self.database.password_env and (password := os.environ.get(self.database.password_env)):
+            return password
+        return read_credential("db-password")
 
 
 _AT = re.compile(r"^(?P<what>.*?)(?: - at `\$\.?(?P<key>[^`]*)`)?$")
@@ -169,6 +183,12 @@ def _check(path: Path, config: Config) -> None:
         raise ConfigError(
             f"{path}: randomuser.page_size: expected <= budget_users ({ru.budget_users}), "
             f"got {ru.page_size}"
+        )
+    sup = config.supervisor
+    if sup.restart_delay_max_s < sup.restart_delay_min_s:
+        raise ConfigError(
+            f"{path}: supervisor.restart_delay_max_s: expected >= restart_delay_min_s "
+            f"({sup.restart_delay_min_s}), got {sup.restart_delay_max_s}"
         )
     c = config.consumers
     if c.reconnect_max_s < c.reconnect_min_s:

@@ -19,6 +19,7 @@ from typing import Any
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 
+from .config import Config
 from .errors import InvalidRecord, ProtocolError, StoreError
 from .logs import bind, get_logger
 from .messages import Ack, UserMessage, Welcome, decode_server, encode
@@ -56,6 +57,26 @@ class Milestones:
             get_logger().info(
                 "consumer.milestone", rows_inserted=self.total // self.every * self.every
             )
+
+
+def make_consumer(
+    config: Config, url: str, dsn: str, worker: int, milestones: Milestones
+) -> Consumer:
+    """A consumer as the config describes it."""
+    c = config.consumers
+    store = PostgresStore(
+        dsn, password=config.db_password(), application_name=f"userstreamd-consumer-{worker}"
+    )
+    return Consumer(
+        url,
+        store,
+        worker=worker,
+        batch_size=c.batch_size,
+        batch_interval_s=c.batch_interval_s,
+        reconnect_min_s=c.reconnect_min_s,
+        reconnect_max_s=c.reconnect_max_s,
+        milestones=milestones,
+    )
 
 
 class Consumer:

@@ -20,7 +20,7 @@ import trio
 from . import __version__
 from .broadcaster import run_broadcaster
 from .config import Config, load_config
-from .consumer import Consumer, Milestones
+from .consumer import Consumer, Milestones, make_consumer
 from .deadletters import DeadLetters
 from .errors import ConfigError
 from .hub import Hub
@@ -30,7 +30,9 @@ from .sources.randomuser import RandomUserSource, UserBudget
 from .sources.synthetic import SyntheticSource
 from .store.embedded import EmbeddedPostgres
 from .store.postgres import PostgresStore
-from .supervisor import Supervisor
+from .supervisor import Intensity, RestartPolicy, Supervisor
+from .systemd import Notifier
+from .workers import run_consumer_process
 
 
 async def run_database(config: Config, *, task_status: trio.TaskStatus[str]) -> None:
@@ -117,6 +119,9 @@ class Daemon:
         self.hub = Hub(self.epoch, client_queue=config.broadcaster.client_queue)
         self.consumers: list[Consumer] = []
         self.producer: Producer | None = None
+        self.notifier = Notifier.from_environ()
+        self.supervisor: Supervisor | None = None
+        self.exit_code = 0
         self._stop = trio.Event()
         self._startup = trio.CancelScope()
 
@@ -126,6 +131,7 @@ class Daemon:
         log = get_logger()
         seed = c.producer.seed or self.epoch
         timeout = httpx.Timeout(c.randomuser.timeout_s, connect=min(5.0, c.randomuser.timeout_s))
+        sc = c.supervisor
         async with (
             httpx.AsyncClient(
                 timeout=timeout,
@@ -134,10 +140,17 @@ class Daemon:
             ) as http,
             trio.open_nursery() as root,
         ):
-            sup = Supervisor(
+            sup = self.supervisor = Supervisor(
                 root,
-                restart_delay_s=c.supervisor.restart_delay_s,
-                stop_timeout_s=c.supervisor.stop_timeout_s,
+                policy=RestartPolicy(
+                    "permanent",
+                    sc.restart_delay_min_s,
+                    sc.restart_delay_max_s,
+                    sc.restart_reset_after_s,
+                ),
+                intensity=Intensity(sc.max_restarts, sc.max_restarts_window_s),
+                stop_timeout_s=sc.stop_timeout_s,
+                on_escalate=self._escalate,
             )
             root.start_soon(self._watch_signals, root.cancel_scope)
             log.info(
@@ -148,6 +161,7 @@ class Daemon:
                 seed=seed,
                 source=c.producer.source,
                 rate_per_s=c.producer.rate_per_s,
+                consumer_processes=c.consumer_processes,
             )
             with self._startup:
                 dsn = await sup.start("database", partial(run_database, c))
@@ -156,37 +170,49 @@ class Daemon:
                     partial(run_broadcaster, self.hub, c.broadcaster.host, c.broadcaster.port),
                 )
                 url = f"ws://{_client_host(c.broadcaster.host)}:{port}/"
-                milestones = Milestones(c.database.milestone_every)
-                for worker in range(1, c.consumers.count + 1):
-                    store = PostgresStore(
-                        dsn,
-                        password=c.db_password(),
-                        application_name=f"userstreamd-consumer-{worker}",
-                    )
-                    consumer = Consumer(
-                        url,
-                        store,
-                        worker=worker,
-                        batch_size=c.consumers.batch_size,
-                        batch_interval_s=c.consumers.batch_interval_s,
-                        reconnect_min_s=c.consumers.reconnect_min_s,
-                        reconnect_max_s=c.consumers.reconnect_max_s,
-                        milestones=milestones,
-                    )
-                    self.consumers.append(consumer)
-                    await sup.start(f"consumer-{worker}", consumer.run)
+                await self._start_consumers(sup, url, dsn)
                 self.producer = _make_producer(c, self.hub, http, seed, dsn)
                 await sup.start("producer", self.producer.run)
                 log.info("daemon.ready", url=url, consumers=c.consumers.count)
+                self.notifier.ready(self._status())
                 root.start_soon(self._log_stats)
+                root.start_soon(self._keep_systemd_informed)
             await self._stop.wait()
             await self._shutdown(sup)
             root.cancel_scope.cancel()
-        return 0
+        return self.exit_code
+
+    async def _start_consumers(self, sup: Supervisor, url: str, dsn: str) -> None:
+        c = self.config
+        milestones = Milestones(c.database.milestone_every)
+        for worker in range(1, c.consumers.count + 1):
+            if c.consumer_processes:
+                run = partial(
+                    run_consumer_process,
+                    c,
+                    worker,
+                    url,
+                    dsn,
+                    stop_timeout_s=c.supervisor.stop_timeout_s,
+                )
+            else:
+                consumer = make_consumer(c, url, dsn, worker, milestones)
+                self.consumers.append(consumer)
+                run = consumer.run
+            await sup.start(f"consumer-{worker}", run)
+
+    def _escalate(self, reason: str) -> None:
+        """The supervisor gave up on a component: stop everything, exit non-zero."""
+        get_logger().error("daemon.giving_up", reason=reason)
+        self.exit_code = 1
+        self.notifier.status(f"failed: {reason}")
+        self._stop.set()
+        self._startup.cancel()
 
     async def _shutdown(self, sup: Supervisor) -> None:
         log = get_logger()
         log.info("daemon.stopping")
+        self.notifier.stopping("stopping: draining consumers")
         if self.producer is not None:
             await sup.stop("producer")
         with trio.move_on_after(self.config.supervisor.drain_timeout_s) as drain:
@@ -198,17 +224,41 @@ class Daemon:
         )
         self.hub.close()
         await sup.stop_all()
-        log.info("daemon.stopped", **self._totals())
+        log.info("daemon.stopped", exit_code=self.exit_code, **self._totals())
 
     def _totals(self) -> dict[str, Any]:
         producer = self.producer.statistics() if self.producer else None
-        return {
+        totals: dict[str, Any] = {
             "published": producer.published if producer else 0,
             "invalid": producer.invalid if producer else 0,
             "fetch_failures": dict(producer.failures_by_kind) if producer else {},
             "last_seq": self.hub.last_seq,
-            "rows_inserted": sum(c.inserted for c in self.consumers),
+            "acked_through": self.hub.acked_through(),
         }
+        if self.consumers:  # in-process consumers: their counts are ours to report
+            totals["rows_inserted"] = sum(c.inserted for c in self.consumers)
+        return totals
+
+    def _status(self) -> str:
+        """The one-line summary systemd shows (STATUS=)."""
+        producer = self.producer.statistics() if self.producer else None
+        source = producer.active_source if producer else "-"
+        rate = producer.rate_per_s if producer else 0
+        return (
+            f"{self.hub.last_seq} users streamed at {rate:g}/s from {source}, "
+            f"{self.hub.clients} clients, committed through seq {self.hub.acked_through()}"
+        )
+
+    async def _keep_systemd_informed(self) -> None:
+        """STATUS= every few seconds; WATCHDOG=1 only while every component is running."""
+        if not self.notifier.enabled:
+            return
+        interval = min(5.0, self.notifier.watchdog_interval_s or 5.0)
+        while True:
+            await trio.sleep(interval)
+            self.notifier.status(self._status())
+            if self.notifier.watchdog_interval_s and self.supervisor and self.supervisor.healthy():
+                self.notifier.watchdog()
 
     async def _watch_signals(self, root: trio.CancelScope) -> None:
         log = get_logger()
@@ -227,10 +277,12 @@ class Daemon:
 
     def _reload(self) -> None:
         log = get_logger()
+        self.notifier.reloading()
         try:
             new = load_config(self.config.path)
         except ConfigError as exc:
             log.error("daemon.reload_rejected", error=str(exc))
+            self.notifier.ready(self._status())
             return
         configure_logging(new.daemon.log_level, new.daemon.log_format)
         if self.producer is not None:
@@ -239,6 +291,7 @@ class Daemon:
         log.info(
             "daemon.reloaded", log_level=new.daemon.log_level, rate_per_s=new.producer.rate_per_s
         )
+        self.notifier.ready(self._status())
 
     async def _log_stats(self) -> None:
         log = get_logger().bind(component="daemon")
@@ -250,12 +303,16 @@ class Daemon:
             rate = (self.hub.last_seq - last_seq) / (now - last_time)
             last_seq, last_time = self.hub.last_seq, now
             source = self.producer.statistics().active_source if self.producer else None
+            components = (
+                {s.name: s.state for s in self.supervisor.snapshot()} if (self.supervisor) else {}
+            )
             log.info(
                 "daemon.stats",
                 users_streamed=self.hub.last_seq,
                 rate_per_s=round(rate, 2),
                 active_clients=self.hub.clients,
                 source=source,
+                components=components,
                 **self._totals(),
             )
 

@@ -1,20 +1,30 @@
-"""Supervision: start components in order, restart what crashes, stop in reverse.
+"""Supervision: start components in order, restart what fails, stop in reverse.
 
-Each component runs in its own task and cancel scope inside one trio nursery. A crash
-(any ``Exception``, including an exception group from the component's own nursery) is
-logged with its traceback and the component is restarted after ``restart_delay_s``; its
-siblings never see it. ``Cancelled`` is never caught: stopping is always possible.
+The model is Erlang/OTP's, in one trio nursery:
 
-    sup = Supervisor(nursery, restart_delay_s=1.0)
+- Each component runs in its own task and cancel scope. A crash (any ``Exception``,
+  including an exception group from the component's own nursery) is logged with its
+  traceback; siblings never see it. ``Cancelled`` is never caught.
+- Restart policy: *permanent* components are restarted whenever they end, *transient*
+  ones only when they crash. The delay starts at ``delay_min_s`` and doubles up to
+  ``delay_max_s`` (equal jitter: each delay is in [d/2, d], so delays still grow); it is
+  reset once the component has stayed up for ``reset_after_s``.
+- Restart intensity: more than ``max_restarts`` restarts (all components together)
+  within ``window_s`` escalates: the component is marked *failed*, ``on_escalate`` is
+  called with the reason, and the daemon stops everything and exits non-zero, so systemd
+  or the operator sees the failure instead of a crash loop.
+
+    sup = Supervisor(nursery, policy=RestartPolicy(), intensity=Intensity(5, 60))
     dsn = await sup.start("database", run_database)   # returns what the component
     await sup.start("broadcaster", run_broadcaster)    # passed to task_status.started()
-    ...
     await sup.stop("producer")                          # one component, bounded
     await sup.stop_all()                                # the rest, in reverse order
 """
 
 from __future__ import annotations
 
+import random
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -25,6 +35,20 @@ from .logs import bind, get_logger
 
 State = Literal["starting", "running", "backoff", "stopping", "stopped", "failed"]
 ComponentFn = Callable[..., Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    restart: Literal["permanent", "transient"] = "permanent"
+    delay_min_s: float = 0.1
+    delay_max_s: float = 30.0
+    reset_after_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Intensity:
+    max_restarts: int = 5
+    window_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -43,8 +67,8 @@ def describe(exc: BaseException) -> str:
 
 
 class _Component:
-    def __init__(self, name: str, fn: ComponentFn) -> None:
-        self.name, self.fn = name, fn
+    def __init__(self, name: str, fn: ComponentFn, policy: RestartPolicy) -> None:
+        self.name, self.fn, self.policy = name, fn, policy
         self.state: State = "starting"
         self.restarts = 0
         self.last_exit: str | None = None
@@ -57,54 +81,101 @@ class _Component:
 
 class Supervisor:
     def __init__(
-        self, nursery: trio.Nursery, *, restart_delay_s: float = 1.0, stop_timeout_s: float = 10.0
+        self,
+        nursery: trio.Nursery,
+        *,
+        policy: RestartPolicy | None = None,
+        intensity: Intensity | None = None,
+        stop_timeout_s: float = 10.0,
+        on_escalate: Callable[[str], None] | None = None,
     ) -> None:
         self._nursery = nursery
-        self.restart_delay_s = restart_delay_s
+        self.policy = policy or RestartPolicy()
+        self.intensity = intensity or Intensity()
         self.stop_timeout_s = stop_timeout_s
+        self.on_escalate = on_escalate
+        self.failure: str | None = None
         self._components: dict[str, _Component] = {}
+        self._restarts: deque[float] = deque()
 
     def snapshot(self) -> list[ComponentState]:
         """Every component's state, in start order."""
         return [c.snapshot() for c in self._components.values()]
 
-    async def start(self, name: str, fn: ComponentFn) -> Any:
+    def healthy(self) -> bool:
+        """True while every component is running (none starting, in backoff or failed)."""
+        return self.failure is None and all(c.state == "running" for c in self._components.values())
+
+    async def start(self, name: str, fn: ComponentFn, policy: RestartPolicy | None = None) -> Any:
         """Start `fn` supervised; return once it reports ready (its started() value)."""
         if name in self._components:
             raise ValueError(f"component {name!r} already started")
-        component = self._components[name] = _Component(name, fn)
+        component = self._components[name] = _Component(name, fn, policy or self.policy)
         return await self._nursery.start(self._supervise, component)
+
+    def _restart_allowed(self, c: _Component) -> bool:
+        now = trio.current_time()
+        self._restarts.append(now)
+        while self._restarts and self._restarts[0] <= now - self.intensity.window_s:
+            self._restarts.popleft()
+        if len(self._restarts) <= self.intensity.max_restarts:
+            return True
+        self.failure = (
+            f"{c.name}: more than {self.intensity.max_restarts} restarts in "
+            f"{self.intensity.window_s:g} s; last exit: {c.last_exit}"
+        )
+        return False
 
     async def _supervise(self, c: _Component, *, task_status: trio.TaskStatus[Any]) -> None:
         bind(component=c.name)
         log = get_logger()
         reported = False
+        delay = c.policy.delay_min_s
         with c.scope:
             while True:
                 c.state = "starting"
+                started_at: float | None = None
+                crashed = True
                 try:
                     async with trio.open_nursery() as nursery:
                         value = await nursery.start(c.fn)
-                        c.state = "running"
+                        c.state, started_at = "running", trio.current_time()
                         if not reported:
                             task_status.started(value)
                             reported = True
                         else:
                             log.info("supervisor.restarted", restarts=c.restarts)
-                    c.last_exit = "returned"
-                    log.warning("supervisor.component_exited", restart_in_s=self.restart_delay_s)
+                    c.last_exit, crashed = "returned", False
                 except Exception as exc:
                     c.last_exit = describe(exc)
-                    log.error(
-                        "supervisor.component_crashed",
-                        error=c.last_exit,
-                        restart_in_s=self.restart_delay_s,
-                        exc_info=exc,
-                    )
+                    log.error("supervisor.component_crashed", error=c.last_exit, exc_info=exc)
+                if not crashed and c.policy.restart == "transient":
+                    log.info("supervisor.component_done")
+                    break
+                if started_at is not None and (
+                    trio.current_time() - started_at >= c.policy.reset_after_s
+                ):
+                    delay = c.policy.delay_min_s
+                if not self._restart_allowed(c):
+                    c.state = "failed"
+                    log.error("supervisor.intensity_exceeded", reason=self.failure)
+                    if self.on_escalate is not None:
+                        assert self.failure is not None
+                        self.on_escalate(self.failure)
+                    await trio.sleep_forever()  # stays failed until the daemon stops it
                 c.restarts += 1
                 c.state = "backoff"
-                await trio.sleep(self.restart_delay_s)
-        c.state = "stopped"
+                wait = delay * random.uniform(0.5, 1.0)
+                log.warning(
+                    "supervisor.backoff",
+                    restart_in_s=round(wait, 3),
+                    restarts=c.restarts,
+                    last_exit=c.last_exit,
+                )
+                await trio.sleep(wait)
+                delay = min(c.policy.delay_max_s, delay * 2)
+        if c.state != "failed":
+            c.state = "stopped"
         c.done.set()
 
     async def stop(self, name: str) -> None:
@@ -112,7 +183,8 @@ class Supervisor:
         c = self._components[name]
         if c.done.is_set():
             return
-        c.state = "stopping"
+        if c.state != "failed":
+            c.state = "stopping"
         c.scope.cancel()
         with trio.move_on_after(self.stop_timeout_s) as timeout:
             await c.done.wait()
