@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
+from userstreamd.records import SECRET_LOGIN_FIELDS
 from userstreamd.store.embedded import EmbeddedPostgres
 
 from .fakeapi import FakeRandomUserAPI
@@ -85,6 +87,7 @@ class DaemonProcess:
 
     config_path: Path
     log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] = field(init=False)
 
     def start(self) -> DaemonProcess:
@@ -94,6 +97,7 @@ class DaemonProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            env={**os.environ, **self.env},
         )
         return self
 
@@ -131,6 +135,13 @@ class DaemonProcess:
         finally:
             self._log.close()
 
+    def stop_when_exited(self, timeout_s: float = 60.0) -> int:
+        """Wait for the daemon to exit by itself; its exit code."""
+        try:
+            return self.proc.wait(timeout_s)
+        finally:
+            self._log.close()
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
@@ -142,13 +153,90 @@ class DaemonProcess:
 def daemon_factory(tmp_path: Path) -> Iterator[Any]:
     started: list[DaemonProcess] = []
 
-    def make(tables: dict[str, dict[str, Any]], name: str = "daemon") -> DaemonProcess:
+    def make(
+        tables: dict[str, dict[str, Any]], name: str = "daemon", env: dict[str, str] | None = None
+    ) -> DaemonProcess:
         config = tmp_path / f"{name}.toml"
         config.write_text(toml_text(tables))
-        daemon = DaemonProcess(config, tmp_path / f"{name}.log").start()
+        daemon = DaemonProcess(config, tmp_path / f"{name}.log", env or {}).start()
         started.append(daemon)
         return daemon
 
     yield make
     for daemon in started:
         daemon.kill()
+
+
+RUN_S = 5.0
+
+
+def daemon_tables(tmp_path: Any, dsn: str) -> dict[str, dict[str, Any]]:
+    return {
+        "daemon": {
+            "state_dir": str(tmp_path / "state"),
+            "log_level": "debug",
+            "log_format": "json",
+            "stats_interval_s": 1.0,
+        },
+        "broadcaster": {"port": 0},
+        "consumers": {"count": 2, "batch_interval_s": 0.1},
+        "database": {"dsn": dsn, "milestone_every": 100},
+    }
+
+
+def stream_then_sigint(daemon: Any, run_s: float = RUN_S) -> list[dict[str, Any]]:
+    """Let it stream for RUN_S seconds, SIGINT, return the published events."""
+    daemon.wait_for("daemon.ready")
+    time.sleep(run_s)
+    assert daemon.stop() == 0, daemon.log_path.read_text()[-3000:]
+    return daemon.events("producer.published")
+
+
+def assert_rows_match(dsn: str, published: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    uuids = {e["uuid"] for e in published}
+    assert len(uuids) == len(published), "the producer published a uuid twice"
+    rows = query(
+        dsn,
+        """SELECT uuid::text, seq, first_name, last_name, email, country, city,
+                                state, postcode, latitude, longitude, dob, age, nat,
+                                picture_large, username, street_number, raw
+                         FROM incoming_users""",
+    )
+    assert {r[0] for r in rows} == uuids
+    assert len(rows) == len(uuids)
+    by_seq = {e["seq"]: e["uuid"] for e in published}
+    for (
+        uid,
+        seq,
+        first,
+        last,
+        email,
+        country,
+        city,
+        state,
+        postcode,
+        lat,
+        lon,
+        dob,
+        age,
+        nat,
+        picture,
+        username,
+        street_number,
+        raw,
+    ) in rows:
+        assert by_seq[seq] == uid
+        assert raw["login"]["uuid"] == uid
+        assert (first, last) == (raw["name"]["first"], raw["name"]["last"])
+        assert email == raw["email"] and nat == raw["nat"] and username == raw["login"]["username"]
+        loc = raw["location"]
+        assert (country, city, state) == (loc["country"], loc["city"], loc["state"])
+        assert postcode == str(loc["postcode"])
+        assert street_number == loc["street"]["number"]
+        assert lat == float(loc["coordinates"]["latitude"])
+        assert lon == float(loc["coordinates"]["longitude"])
+        assert dob == datetime.fromisoformat(raw["dob"]["date"])
+        assert age == raw["dob"]["age"]
+        assert picture == raw["picture"]["large"]
+        assert not set(SECRET_LOGIN_FIELDS) & set(raw["login"]), "fake credentials stored"
+    return rows

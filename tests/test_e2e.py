@@ -2,104 +2,27 @@
 
 from __future__ import annotations
 
-import time
-from datetime import datetime
 from typing import Any
 
 import pytest
 
-from userstreamd.records import SECRET_LOGIN_FIELDS
 from userstreamd.sources.synthetic import synthetic_user
 from userstreamd.store.embedded import EmbeddedPostgres
 
-from .conftest import query
+from .conftest import assert_rows_match, daemon_tables, query, stream_then_sigint
 from .fakeapi import FakeRandomUserAPI
 
 pytestmark = pytest.mark.e2e
-
-RUN_S = 5.0
-
-
-def _base(tmp_path: Any, dsn: str) -> dict[str, dict[str, Any]]:
-    return {
-        "daemon": {
-            "state_dir": str(tmp_path / "state"),
-            "log_level": "debug",
-            "log_format": "json",
-            "stats_interval_s": 1.0,
-        },
-        "broadcaster": {"port": 0},
-        "consumers": {"count": 2, "batch_interval_s": 0.1},
-        "database": {"dsn": dsn, "milestone_every": 100},
-    }
-
-
-def _run(daemon: Any) -> list[dict[str, Any]]:
-    """Let it stream for RUN_S seconds, SIGINT, return the published events."""
-    daemon.wait_for("daemon.ready")
-    time.sleep(RUN_S)
-    assert daemon.stop() == 0, daemon.log_path.read_text()[-3000:]
-    return daemon.events("producer.published")
-
-
-def _assert_rows_match(dsn: str, published: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-    uuids = {e["uuid"] for e in published}
-    assert len(uuids) == len(published), "the producer published a uuid twice"
-    rows = query(
-        dsn,
-        """SELECT uuid::text, seq, first_name, last_name, email, country, city,
-                                state, postcode, latitude, longitude, dob, age, nat,
-                                picture_large, username, street_number, raw
-                         FROM incoming_users""",
-    )
-    assert {r[0] for r in rows} == uuids
-    assert len(rows) == len(uuids)
-    by_seq = {e["seq"]: e["uuid"] for e in published}
-    for (
-        uid,
-        seq,
-        first,
-        last,
-        email,
-        country,
-        city,
-        state,
-        postcode,
-        lat,
-        lon,
-        dob,
-        age,
-        nat,
-        picture,
-        username,
-        street_number,
-        raw,
-    ) in rows:
-        assert by_seq[seq] == uid
-        assert raw["login"]["uuid"] == uid
-        assert (first, last) == (raw["name"]["first"], raw["name"]["last"])
-        assert email == raw["email"] and nat == raw["nat"] and username == raw["login"]["username"]
-        loc = raw["location"]
-        assert (country, city, state) == (loc["country"], loc["city"], loc["state"])
-        assert postcode == str(loc["postcode"])
-        assert street_number == loc["street"]["number"]
-        assert lat == float(loc["coordinates"]["latitude"])
-        assert lon == float(loc["coordinates"]["longitude"])
-        assert dob == datetime.fromisoformat(raw["dob"]["date"])
-        assert age == raw["dob"]["age"]
-        assert picture == raw["picture"]["large"]
-        assert not set(SECRET_LOGIN_FIELDS) & set(raw["login"]), "fake credentials stored"
-    return rows
 
 
 @pytest.mark.parametrize("database", ["embedded", "server"])
 def test_synthetic_source_end_to_end(
     database: str, tmp_path: Any, dsn: str, daemon_factory: Any
 ) -> None:
-    tables = _base(tmp_path, "" if database == "embedded" else dsn)
+    tables = daemon_tables(tmp_path, "" if database == "embedded" else dsn)
     tables["producer"] = {"source": "synthetic", "rate_per_s": 50, "seed": "e2e"}
     daemon = daemon_factory(tables)
-    published = _run(daemon)
+    published = stream_then_sigint(daemon)
 
     assert 200 <= len(published) <= 400  # ~5 s at 50/s, paced, not bursted
     seqs = [e["seq"] for e in published]
@@ -112,11 +35,11 @@ def test_synthetic_source_end_to_end(
         proc = server.start()
         try:
             server.wait_ready(proc)
-            _assert_rows_match(server.dsn, published)
+            assert_rows_match(server.dsn, published)
         finally:
             server.stop(proc)
     else:
-        _assert_rows_match(dsn, published)
+        assert_rows_match(dsn, published)
     stopped = daemon.events("daemon.stopped")[0]
     assert stopped["published"] == len(published)
     assert daemon.events("consumer.milestone"), "no milestone logged"
@@ -128,7 +51,7 @@ def test_synthetic_source_end_to_end(
 def test_randomuser_source_end_to_end(
     tmp_path: Any, dsn: str, daemon_factory: Any, fake_api: FakeRandomUserAPI
 ) -> None:
-    tables = _base(tmp_path, dsn)
+    tables = daemon_tables(tmp_path, dsn)
     tables["producer"] = {
         "source": "randomuser",
         "rate_per_s": 50,
@@ -137,10 +60,10 @@ def test_randomuser_source_end_to_end(
     }
     tables["randomuser"] = {"url": fake_api.url, "timeout_s": 5.0}
     daemon = daemon_factory(tables)
-    published = _run(daemon)
+    published = stream_then_sigint(daemon)
 
     assert len(published) >= 200
-    rows = _assert_rows_match(dsn, published)
+    rows = assert_rows_match(dsn, published)
     assert {e["source"] for e in daemon.events("producer.started")} == {"randomuser"}
     served = [r for r in fake_api.requests if r.status == 200]
     assert served and all(r.params["results"] == "250" for r in served)
@@ -159,7 +82,7 @@ def test_invalid_records_go_to_dead_letters_and_the_rest_is_stored(
 ) -> None:
     fake_api.corrupt(1, "missing_uuid")
     fake_api.corrupt(3, "bad_date")  # the first record is broken twice, two more once
-    tables = _base(tmp_path, dsn)
+    tables = daemon_tables(tmp_path, dsn)
     tables["producer"] = {
         "source": "randomuser",
         "rate_per_s": 50,
@@ -168,7 +91,7 @@ def test_invalid_records_go_to_dead_letters_and_the_rest_is_stored(
     }
     tables["randomuser"] = {"url": fake_api.url, "page_size": 100}
     daemon = daemon_factory(tables)
-    published = _run(daemon)
+    published = stream_then_sigint(daemon)
 
     letters = query(dsn, "SELECT source, position, error, raw FROM dead_letters ORDER BY position")
     assert [(s, p) for s, p, _, _ in letters] == [
@@ -181,7 +104,7 @@ def test_invalid_records_go_to_dead_letters_and_the_rest_is_stored(
     assert [e["position"] for e in daemon.events("producer.invalid_record")] == [1, 2, 3]
     assert daemon.events("daemon.stopped")[0]["invalid"] == 3
     # The rest of the batch (positions 4..100, then on) is in the table, in order.
-    _assert_rows_match(dsn, published)
+    assert_rows_match(dsn, published)
     assert (
         published[0]["seq"] == 1
         and published[0]["uuid"] == synthetic_user("dl", 4)["login"]["uuid"]

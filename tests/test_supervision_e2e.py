@@ -1,0 +1,185 @@
+"""Supervision with real child processes, real signals and a real sd_notify socket."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import socket
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import assert_rows_match, daemon_tables, toml_text
+
+pytestmark = pytest.mark.e2e
+
+
+def _ts(event: dict[str, Any]) -> float:
+    return datetime.fromisoformat(event["timestamp"]).timestamp()
+
+
+def _wait(predicate: Any, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_killed_consumer_process_is_restarted_and_nothing_else_stops(
+    tmp_path: Path, dsn: str, daemon_factory: Any
+) -> None:
+    tables = daemon_tables(tmp_path, dsn)
+    tables["producer"] = {"source": "synthetic", "rate_per_s": 50, "seed": "kill"}
+    tables["consumers"]["processes"] = True
+    daemon = daemon_factory(tables)
+    daemon.wait_for("daemon.ready")
+    time.sleep(1.5)
+    victim = next(e for e in daemon.events("supervisor.process_started") if e["worker"] == 1)
+    killed_at = time.time()
+    os.kill(victim["pid"], signal.SIGKILL)
+
+    def restarted() -> list[dict[str, Any]]:
+        return [
+            e
+            for e in daemon.events("supervisor.process_started")
+            if e["worker"] == 1 and e["pid"] != victim["pid"]
+        ]
+
+    _wait(restarted)
+    time.sleep(1.5)
+    assert daemon.stop() == 0
+    assert _ts(restarted()[0]) - killed_at < 1.0, "restarted within 1 s"
+    crash = [e for e in daemon.events("supervisor.component_crashed")]
+    assert [e["component"] for e in crash] == ["consumer-1"]
+    assert "killed by SIGKILL" in crash[0]["error"]
+    assert [e["component"] for e in daemon.events("supervisor.restarted")] == ["consumer-1"]
+    # The producer never paused: at 50/s (one user per 0.02 s) no gap reaches 0.5 s.
+    published = daemon.events("producer.published")
+    times = [_ts(e) for e in published]
+    assert max(b - a for a, b in itertools.pairwise(times)) < 0.5
+    assert [e["seq"] for e in published] == list(range(1, len(published) + 1))
+    assert times[0] < killed_at < times[-1] - 1.0
+    assert_rows_match(dsn, published)
+
+
+def test_component_crashing_on_every_start_hits_the_intensity_limit(
+    tmp_path: Path, dsn: str, daemon_factory: Any
+) -> None:
+    with socket.socket() as taken:  # the broadcaster's port is busy: it fails at every start
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        tables = daemon_tables(tmp_path, dsn)
+        tables["broadcaster"] = {"port": taken.getsockname()[1]}
+        tables["producer"] = {"source": "synthetic"}
+        tables["supervisor"] = {
+            "restart_delay_min_s": 0.1,
+            "restart_delay_max_s": 0.8,
+            "max_restarts": 4,
+            "max_restarts_window_s": 30,
+        }
+        daemon = daemon_factory(tables)
+        code = daemon.stop_when_exited(timeout_s=60)
+    assert code == 1
+    backoffs = [e for e in daemon.events("supervisor.backoff")]
+    assert {e["component"] for e in backoffs} == {"broadcaster"}
+    delays = [e["restart_in_s"] for e in backoffs]
+    assert len(delays) == 4
+    for delay, base in zip(delays, [0.1, 0.2, 0.4, 0.8], strict=True):
+        assert base / 2 <= delay <= base
+    giving_up = daemon.events("daemon.giving_up")
+    assert len(giving_up) == 1
+    assert giving_up[0]["reason"].startswith("broadcaster: more than 4 restarts in 30 s")
+    assert "Address already in use" in giving_up[0]["reason"]
+    assert not daemon.events("daemon.ready")
+    assert daemon.events("database.embedded_stopped") or tables["database"]["dsn"]
+
+
+def test_sigterm_at_200_per_s_commits_everything_received(
+    tmp_path: Path, dsn: str, daemon_factory: Any
+) -> None:
+    tables = daemon_tables(tmp_path, dsn)
+    tables["producer"] = {"source": "synthetic", "rate_per_s": 200, "seed": "term"}
+    tables["consumers"].update(processes=True, batch_size=100)
+    tables["supervisor"] = {"stop_timeout_s": 10, "drain_timeout_s": 10}
+    daemon = daemon_factory(tables)
+    daemon.wait_for("daemon.ready")
+    time.sleep(4)
+    sent_at = time.monotonic()
+    assert daemon.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - sent_at < 20  # drain + stop timeouts
+    published = daemon.events("producer.published")
+    assert len(published) >= 600
+    drained = daemon.events("daemon.drained")
+    assert drained and drained[0]["acked_through"] == drained[0]["last_seq"] == len(published)
+    assert_rows_match(dsn, published)
+    assert {e["how"] for e in daemon.events("supervisor.process_stopped")} == {"exited with code 0"}
+
+
+def test_sd_notify_ready_watchdog_status_stopping(
+    tmp_path: Path, dsn: str, daemon_factory: Any
+) -> None:
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(30)
+        tables = daemon_tables(tmp_path, dsn)
+        tables["producer"] = {"source": "synthetic", "rate_per_s": 20}
+        daemon = daemon_factory(
+            tables, env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"}
+        )
+        messages: list[tuple[float, str]] = []
+
+        def receive_until(text: str) -> None:
+            while not any(text in m for _, m in messages):
+                data = sock.recv(4096).decode()
+                messages.append((time.time(), data))
+
+        receive_until("READY=1")
+        ready_event = daemon.wait_for("daemon.ready")
+        receive_until("WATCHDOG=1")
+        time.sleep(1.6)
+        daemon.proc.send_signal(signal.SIGTERM)
+        receive_until("STOPPING=1")
+        assert daemon.stop() == 0
+    ready = next(m for _, m in messages if "READY=1" in m)
+    assert f"MAINPID={daemon.proc.pid}" in ready and "STATUS=" in ready
+    ready_at = next(t for t, m in messages if "READY=1" in m)
+    assert ready_at >= _ts(ready_event) - 0.05, "READY=1 only once every component is up"
+    assert sum("WATCHDOG=1" in m for _, m in messages) >= 3  # every 0.5 s
+    statuses = [m for _, m in messages if m.startswith("STATUS=")]
+    assert statuses and "users streamed at 20/s from synthetic" in statuses[-1]
+    assert messages[-1][1].startswith("STOPPING=1")
+
+
+def test_sighup_reloads_rate_and_rejects_a_broken_file(
+    tmp_path: Path, dsn: str, daemon_factory: Any
+) -> None:
+    tables = daemon_tables(tmp_path, dsn)
+    tables["producer"] = {"source": "synthetic", "rate_per_s": 5}
+    daemon = daemon_factory(tables)
+    daemon.wait_for("daemon.ready")
+    tables["producer"]["rate_per_s"] = 50
+    daemon.config_path.write_text(toml_text(tables))
+    daemon.proc.send_signal(signal.SIGHUP)
+    changed = daemon.wait_for("producer.rate_changed")
+    assert (changed["old"], changed["new"]) == (5.0, 50.0)
+    time.sleep(2)
+    daemon.config_path.write_text(toml_text(tables) + "\n[producer]\nrate_per_s = 'fast'\n")
+    daemon.proc.send_signal(signal.SIGHUP)
+    rejected = daemon.wait_for("daemon.reload_rejected")
+    count = len(daemon.events("producer.published"))
+    time.sleep(1)
+    assert len(daemon.events("producer.published")) > count + 30, "still streaming at 50/s"
+    assert daemon.stop() == 0
+    assert str(daemon.config_path) in rejected["error"]
+    times = [
+        _ts(e)
+        for e in daemon.events("producer.published")
+        if _ts(e) > _ts(changed) + 0.2 and _ts(e) < _ts(rejected)
+    ]
+    rate = (len(times) - 1) / (times[-1] - times[0])
+    assert 40 < rate < 60
