@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+import socket
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed
+from trio_websocket import ConnectionClosed, wrap_client_stream
 
 from userstreamd.broadcaster import CLOSE_GOING_AWAY, CLOSE_SLOW, run_broadcaster
 from userstreamd.hub import Hub
-from userstreamd.sources.synthetic import synthetic_user
+from userstreamd.producer import Producer
+from userstreamd.sources.synthetic import SyntheticSource, synthetic_user
 from userstreamd.wsclient import open_ws
 
 
@@ -24,26 +30,29 @@ async def _receive(ws: Any) -> dict[str, Any]:
     return json.loads(await ws.get_message())
 
 
+def _publish(hub: Hub, positions: range, seed: str = "s") -> None:
+    for p in positions:
+        hub.publish_nowait(synthetic_user(seed, p), "synthetic", p)
+
+
 async def test_welcome_then_consecutive_users_and_two_clients_see_the_same() -> None:
     hub = Hub("epoch-1")
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             url = await _start(nursery, hub)
-            hub.publish(synthetic_user("s", 1), "synthetic")  # before anyone listens
+            _publish(hub, range(1, 2))  # before anyone listens
             async with open_ws(url) as a, open_ws(url) as b:
                 welcome_a, welcome_b = await _receive(a), await _receive(b)
                 assert welcome_a["type"] == welcome_b["type"] == "welcome"
                 assert welcome_a["epoch"] == "epoch-1" and welcome_a["seq"] == 1
                 assert welcome_b["clients"] == 2
-                sent = [synthetic_user("s", p) for p in range(2, 12)]
-                for user in sent:
-                    hub.publish(user, "synthetic")
-                got_a = [await _receive(a) for _ in sent]
-                got_b = [await _receive(b) for _ in sent]
+                _publish(hub, range(2, 12))
+                got_a = [await _receive(a) for _ in range(10)]
+                got_b = [await _receive(b) for _ in range(10)]
             nursery.cancel_scope.cancel()
     assert [m["seq"] for m in got_a] == list(range(2, 12))
     assert got_a == got_b
-    assert [m["user"] for m in got_a] == sent
+    assert [m["user"] for m in got_a] == [synthetic_user("s", p) for p in range(2, 12)]
     assert all(
         m["type"] == "user"
         and m["source"] == "synthetic"
@@ -53,53 +62,57 @@ async def test_welcome_then_consecutive_users_and_two_clients_see_the_same() -> 
     )
 
 
-async def test_acks_are_recorded_and_bad_frames_counted_without_disconnect() -> None:
+async def test_group_acks_move_the_watermark_and_bad_frames_are_counted() -> None:
     hub = Hub("e")
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            url = await _start(nursery, hub)
+            async with open_ws(url + "?group=db") as member, open_ws(url) as plain:
+                assert (await _receive(member))["group"] == "db"
+                await _receive(plain)
+                _publish(hub, range(1, 4))
+                seqs = [(await _receive(member))["seq"] for _ in range(3)]
+                for bad in ["not json", '{"type": "launch"}', '{"type": "ack", "seqs": [-1]}']:
+                    await member.send_message(bad)
+                await member.send_message(b"\x00binary")
+                await plain.send_message('{"type": "ack", "seqs": [1]}')  # not a member
+                await member.send_message(json.dumps({"type": "ack", "seqs": seqs}))
+                checkpoint = await _receive(member)
+                assert checkpoint == {
+                    "type": "checkpoint",
+                    "group": "db",
+                    "epoch": "e",
+                    "seq": 3,
+                    "position": 3,
+                }
+                assert hub.bad_frames == 5
+                _publish(hub, range(4, 5))
+                assert (await _receive(member))["seq"] == 4  # still served
+            nursery.cancel_scope.cancel()
+
+
+async def test_resume_replays_what_was_missed_or_reports_the_gap() -> None:
+    hub = Hub("e", buffer_messages=50)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             url = await _start(nursery, hub)
             async with open_ws(url) as ws:
                 await _receive(ws)
-                for p in range(1, 4):
-                    hub.publish(synthetic_user("s", p), "synthetic")
-                for _ in range(3):
-                    await _receive(ws)
-                for bad in ["not json", '{"type": "launch"}', '{"type": "ack", "seq": 99}']:
-                    await ws.send_message(bad)
-                await ws.send_message(b"\x00binary")
-                await ws.send_message('{"type": "ack", "seq": 3}')
-                while hub.acked_through() != 3:  # noqa: ASYNC110 (polls the hub, bounded above)
-                    await trio.sleep(0.01)
-                assert hub.bad_frames == 4
-                hub.publish(synthetic_user("s", 4), "synthetic")
-                assert (await _receive(ws))["seq"] == 4  # still served
-            nursery.cancel_scope.cancel()
-
-
-async def test_slow_client_is_closed_with_3008_and_others_keep_up() -> None:
-    hub = Hub("e", client_queue=64)
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            url = await _start(nursery, hub)
-            async with open_ws(url) as slow, open_ws(url) as fast:
-                await _receive(slow), await _receive(fast)
-                # The slow client never reads: once the kernel's socket buffers are full its
-                # queue overflows. The fast one reads everything, in lockstep.
-                user = synthetic_user("s", 1)
-                published = 0
-                while hub.slow_disconnects == 0 and published < 50_000:
-                    for _ in range(32):
-                        hub.publish(user, "synthetic")
-                    published += 32
-                    for _ in range(32):
-                        assert (await _receive(fast))["seq"] > published - 32
-                assert hub.slow_disconnects == 1 and hub.clients == 1
-                hub.publish(user, "synthetic")
-                assert (await _receive(fast))["seq"] == published + 1
-                with pytest.raises(ConnectionClosed) as closed:
-                    while True:
-                        await slow.get_message()
-                assert closed.value.reason.code == CLOSE_SLOW
+                _publish(hub, range(1, 11))
+                got = [(await _receive(ws))["seq"] for _ in range(10)]
+            _publish(hub, range(11, 31))  # missed while away
+            async with open_ws(f"{url}?epoch=e&since={got[-1]}") as ws:
+                await _receive(ws)
+                _publish(hub, range(31, 36))
+                resumed = [(await _receive(ws))["seq"] for _ in range(25)]
+            assert got + resumed == list(range(1, 36)), "every message, in order, once"
+            _publish(hub, range(36, 200))  # the buffer (50) moves past seq 35
+            async with open_ws(f"{url}?epoch=e&since=35") as ws:
+                await _receive(ws)
+                gap = await _receive(ws)
+                first = await _receive(ws)
+            assert gap["type"] == "gap" and (gap["from_seq"], gap["to_seq"]) == (36, 149)
+            assert first["seq"] == 150
             nursery.cancel_scope.cancel()
 
 
@@ -110,8 +123,7 @@ async def test_close_sends_what_is_queued_then_going_away() -> None:
             url = await _start(nursery, hub)
             async with open_ws(url) as ws:
                 await _receive(ws)
-                for p in range(1, 6):
-                    hub.publish(synthetic_user("s", p), "synthetic")
+                _publish(hub, range(1, 6))
                 hub.close()
                 seqs = []
                 with pytest.raises(ConnectionClosed) as closed:
@@ -120,3 +132,90 @@ async def test_close_sends_what_is_queued_then_going_away() -> None:
                 assert seqs == [1, 2, 3, 4, 5]
                 assert closed.value.reason.code == CLOSE_GOING_AWAY
             nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def _open_stalling_ws(url: str) -> AsyncIterator[Any]:
+    """A client with a tiny receive buffer, so that not reading stalls the server's sends
+    after kilobytes instead of the megabytes loopback TCP would otherwise absorb."""
+    parts = urlsplit(url)
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect((parts.hostname, parts.port))
+    stream = trio.SocketStream(sock)
+    async with trio.open_nursery() as nursery:
+        ws = await wrap_client_stream(nursery, stream, f"{parts.hostname}:{parts.port}", "/")
+        try:
+            yield ws
+        finally:
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_two_groups_and_three_plain_clients_with_one_stalled() -> None:
+    """Each group receives every user, its members share them; the stalled plain client is
+    closed with 3008 while the other two keep up; the buffer stays within its bounds."""
+    # (everything here - 8 clients, the server, the producer - shares one Python thread:
+    # the rate stays modest so that only the stalled client lags)
+    hub = Hub("e", buffer_messages=2000, buffer_bytes=8 * 2**20, client_lag_max=800)
+    producer = Producer(
+        hub, SyntheticSource("groups"), rate_per_s=400, page_size=200, stop_at_position=3000
+    )
+    received: dict[str, list[int]] = {}
+    peak_bytes = 0
+
+    async def member(group: str, name: str) -> None:
+        async with open_ws(f"{url}?group={group}&window=200") as ws:
+            await _receive(ws)
+            while True:
+                message = await _receive(ws)
+                if message["type"] == "user":
+                    received.setdefault(name, []).append(message["seq"])
+                    await ws.send_message(json.dumps({"type": "ack", "seqs": [message["seq"]]}))
+
+    async def plain(name: str) -> None:
+        async with open_ws(url) as ws:
+            await _receive(ws)
+            while True:
+                received.setdefault(name, []).append((await _receive(ws))["seq"])
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            url = await _start(nursery, hub)
+            for group, name in [
+                ("g1", "g1-a"),
+                ("g1", "g1-b"),
+                ("g2", "g2-a"),
+                ("g2", "g2-b"),
+                ("g2", "g2-c"),
+            ]:
+                nursery.start_soon(member, group, name)
+            nursery.start_soon(plain, "p1")
+            nursery.start_soon(plain, "p2")
+            async with _open_stalling_ws(url) as stalled:
+                await _receive(stalled)
+                while hub.clients < 8:  # noqa: ASYNC110 (bounded by fail_after)
+                    await trio.sleep(0.01)
+                await nursery.start(producer.run)
+                while hub.slow_disconnects == 0:
+                    peak_bytes = max(peak_bytes, hub.statistics().buffered_bytes)
+                    await trio.sleep(0.01)
+                with pytest.raises(ConnectionClosed) as closed:
+                    while True:
+                        await stalled.get_message()
+                assert closed.value.reason.code == CLOSE_SLOW
+            while len(received.get("p1", [])) < 3000 or len(received.get("p2", [])) < 3000:
+                peak_bytes = max(peak_bytes, hub.statistics().buffered_bytes)
+                await trio.sleep(0.01)
+            await hub.wait_drained()
+            nursery.cancel_scope.cancel()
+    everything = list(range(1, 3001))
+    assert received["p1"] == received["p2"] == everything
+    for group, names in [("g1", ["g1-a", "g1-b"]), ("g2", ["g2-a", "g2-b", "g2-c"])]:
+        seqs = [s for name in names for s in received[name]]
+        assert sorted(seqs) == everything, f"{group}: every user exactly once"
+        assert all(received[name] == sorted(received[name]) for name in names)
+        shares = Counter({name: len(received[name]) for name in names})
+        assert min(shares.values()) > 3000 / len(names) / 3, shares
+    assert peak_bytes <= 8 * 2**20
+    assert hub.statistics().buffered <= 2000

@@ -46,14 +46,14 @@ async def test_database_outage_loses_nothing(dsn: str, pg_server: str) -> None:
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             port = await nursery.start(run_broadcaster, hub, "127.0.0.1", 0)
-            consumer.url = f"ws://127.0.0.1:{port}/"
+            consumer.url = f"ws://127.0.0.1:{port}/?group=db"
             await nursery.start(consumer.run)
             for p in range(1, 51):
-                hub.publish(synthetic_user("outage", p), "synthetic")
+                hub.publish_nowait(synthetic_user("outage", p), "synthetic", p)
             await _wait_rows(dsn, 50)
             await trio.to_thread.run_sync(_block_connections, pg_server, dbname, True)
             for p in range(51, 151):
-                hub.publish(synthetic_user("outage", p), "synthetic")
+                hub.publish_nowait(synthetic_user("outage", p), "synthetic", p)
             while consumer.db_errors < 2:  # noqa: ASYNC110 (bounded by fail_after)
                 await trio.sleep(0.05)
             await trio.to_thread.run_sync(_block_connections, pg_server, dbname, False)
@@ -82,9 +82,9 @@ async def test_consumer_reconnects_after_the_broadcaster_restarts(dsn: str) -> N
         async with trio.open_nursery() as nursery:
             first = trio.CancelScope()
             port = await nursery.start(broadcaster, first, 0)
-            consumer.url = f"ws://127.0.0.1:{port}/"
+            consumer.url = f"ws://127.0.0.1:{port}/?group=db"
             await nursery.start(consumer.run)
-            hub.publish(synthetic_user("re", 1), "synthetic")
+            hub.publish_nowait(synthetic_user("re", 1), "synthetic", 1)
             await _wait_rows(dsn, 1)
             first.cancel()
             while consumer.statistics().connected:  # noqa: ASYNC110 (bounded by fail_after)
@@ -92,7 +92,7 @@ async def test_consumer_reconnects_after_the_broadcaster_restarts(dsn: str) -> N
             await nursery.start(broadcaster, trio.CancelScope(), port)
             while not consumer.statistics().connected:  # noqa: ASYNC110
                 await trio.sleep(0.01)
-            hub.publish(synthetic_user("re", 2), "synthetic")
+            hub.publish_nowait(synthetic_user("re", 2), "synthetic", 2)
             await _wait_rows(dsn, 2)
             nursery.cancel_scope.cancel()
     assert consumer.statistics().reconnects >= 1

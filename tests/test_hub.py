@@ -1,95 +1,290 @@
-"""The hub's sequencing, fan-out and acks, without sockets."""
+"""The hub's sequencing, replay buffer, groups and acks: pure logic, no sockets."""
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from userstreamd.hub import Hub
+from userstreamd.hub import Hub, Member, Slow, StaleAck, Subscription
 
 
-def _drain(receive: trio.MemoryReceiveChannel[str]) -> list[dict[str, object]]:
+def _publish(hub: Hub, n: int) -> None:
+    for _ in range(n):
+        hub.publish_nowait({"n": hub.last_seq + 1}, "synthetic", hub.last_seq + 1)
+
+
+def _read(hub: Hub, sub: Subscription) -> list[dict[str, Any]]:
     frames = []
-    while True:
-        try:
-            frames.append(json.loads(receive.receive_nowait()))
-        except (trio.WouldBlock, trio.EndOfChannel):
-            return frames
+    while (frame := hub.next_frame_nowait(sub)) is not None:
+        frames.append(json.loads(frame))
+    return frames
 
 
-def test_publish_numbers_users_and_fans_out_one_encoding() -> None:
+def _take(hub: Hub, member: Member) -> list[int]:
+    seqs = []
+    while (frame := hub.next_member_frame_nowait(member)) is not None:
+        message = json.loads(frame)
+        if message["type"] == "user":
+            seqs.append(message["seq"])
+    return seqs
+
+
+# -- plain clients -------------------------------------------------------------------------
+
+
+def test_publish_numbers_users_and_every_client_reads_the_same_frames() -> None:
     hub = Hub("ep")
     a, b = hub.subscribe("a"), hub.subscribe("b")
-    for n in range(3):
-        hub.publish({"n": n, "login": {"uuid": str(n)}}, "synthetic")
-    got_a, got_b = _drain(a.receive), _drain(b.receive)
-    assert [m["seq"] for m in got_a] == [1, 2, 3]
-    assert got_a == got_b
+    _publish(hub, 3)
+    got_a, got_b = _read(hub, a), _read(hub, b)
+    assert [m["seq"] for m in got_a] == [1, 2, 3] and got_a == got_b
     assert {m["epoch"] for m in got_a} == {"ep"}
+    assert [m["position"] for m in got_a] == [1, 2, 3]
 
 
-def test_late_subscriber_starts_after_the_last_seq() -> None:
+def test_resume_after_a_short_disconnect_replays_what_was_missed() -> None:
     hub = Hub("ep")
-    hub.publish({}, "s")
-    late = hub.subscribe("late")
-    assert late.start_seq == 1
-    hub.publish({}, "s")
-    assert [m["seq"] for m in _drain(late.receive)] == [2]
+    _publish(hub, 5)
+    sub = hub.subscribe("again", since=("ep", 2))
+    assert sub.gap is None
+    assert [m["seq"] for m in _read(hub, sub)] == [3, 4, 5]
+    _publish(hub, 1)
+    assert [m["seq"] for m in _read(hub, sub)] == [6]
 
 
-def test_full_queue_cuts_off_only_that_subscriber() -> None:
-    hub = Hub("ep", client_queue=2)
+def test_resume_past_the_buffer_reports_the_gap() -> None:
+    hub = Hub("ep", buffer_messages=10)
+    _publish(hub, 30)  # no group holds anything: the buffer keeps the last 10
+    sub = hub.subscribe("late", since=("ep", 4))
+    assert sub.gap is not None
+    assert (sub.gap.from_seq, sub.gap.to_seq) == (5, 20)
+    assert [m["seq"] for m in _read(hub, sub)] == list(range(21, 31))
+
+
+def test_resume_from_another_epoch_is_a_gap_and_continues_live() -> None:
+    hub = Hub("new")
+    _publish(hub, 3)
+    sub = hub.subscribe("old", since=("old-epoch", 7))
+    assert sub.gap is not None and sub.gap.from_seq is None
+    assert _read(hub, sub) == []
+
+
+def test_a_lagging_client_is_cut_off_and_nobody_waits_for_it() -> None:
+    hub = Hub("ep", client_lag_max=5)
     slow, fast = hub.subscribe("slow"), hub.subscribe("fast")
-    hub.publish({}, "s")
-    hub.publish({}, "s")
-    _drain(fast.receive)
-    hub.publish({}, "s")
-    assert slow.overflowed and not fast.overflowed
-    assert hub.clients == 1 and hub.slow_disconnects == 1
-    assert [m["seq"] for m in _drain(slow.receive)] == [1, 2]  # then the channel ends
-    assert [m["seq"] for m in _drain(fast.receive)] == [3]
+    for _ in range(8):
+        _publish(hub, 1)
+        _read(hub, fast)
+    assert slow.slow and not fast.slow and hub.slow_disconnects == 1
+    with pytest.raises(Slow):
+        hub.next_frame_nowait(slow)
 
 
-def test_acks_only_move_forward_and_never_past_what_was_published() -> None:
+# -- groups ----------------------------------------------------------------------------------
+
+
+def test_each_user_goes_to_one_member_and_members_share_the_load() -> None:
+    hub = Hub("ep", window=100)
+    a, b = hub.join("db", "a"), hub.join("db", "b")
+    other = hub.join("audit", "c")
+    _publish(hub, 10)
+    got_a, got_b = _take(hub, a), _take(hub, b)
+    assert sorted(got_a + got_b) == list(range(1, 11))
+    assert len(got_a) == len(got_b) == 5
+    assert _take(hub, other) == list(range(1, 11))
+
+
+def test_window_bounds_what_a_member_holds_and_acks_open_it_again() -> None:
     hub = Hub("ep")
-    a, b = hub.subscribe("a"), hub.subscribe("b")
-    assert hub.acked_through() is None  # nobody acks: nothing to wait for
-    for _ in range(5):
-        hub.publish({}, "s")
-    hub.ack(a, 4)
-    hub.ack(a, 2)
-    assert a.acked == 4
-    assert hub.acked_through() == 4  # b never acked: not an acking client
-    hub.ack(b, 3)
-    assert hub.acked_through() == 3
-    with pytest.raises(ValueError, match="beyond"):
-        hub.ack(b, 6)
-    hub.unsubscribe(b)
-    assert hub.acked_through() == 4
+    member = hub.join("db", "a", window=3)
+    _publish(hub, 10)
+    assert _take(hub, member) == [1, 2, 3]
+    hub.ack(member, [1, 2])
+    assert _take(hub, member) == [4, 5]
+    assert hub.watermark("db") == (2, 2)
 
 
-async def test_wait_drained_returns_when_every_acking_client_has_the_last_seq() -> None:
+def test_unacked_users_of_a_member_that_leaves_are_redelivered() -> None:
+    hub = Hub("ep", window=4)
+    a, b = hub.join("db", "a"), hub.join("db", "b")
+    _publish(hub, 8)
+    got_a, got_b = _take(hub, a), _take(hub, b)
+    hub.ack(a, got_a[:1])
+    hub.leave(a)
+    hub.ack(b, got_b)
+    redelivered = _take(hub, b)
+    assert redelivered == got_a[1:]
+    hub.ack(b, redelivered)
+    assert hub.watermark("db")[0] == 8
+
+
+def test_acks_for_seqs_not_held_are_stale() -> None:
     hub = Hub("ep")
-    a, b = hub.subscribe("a"), hub.subscribe("b")
-    hub.ack(a, 0)
-    hub.ack(b, 0)
-    for _ in range(3):
-        hub.publish({}, "s")
-    done = False
+    member = hub.join("db", "a")
+    _publish(hub, 2)
+    _take(hub, member)
+    hub.ack(member, [1])
+    with pytest.raises(StaleAck):
+        hub.ack(member, [1, 2])
+    assert hub.watermark("db")[0] == 2  # the held one still counted
+
+
+def test_checkpoint_frame_follows_the_watermark() -> None:
+    hub = Hub("ep")
+    member = hub.join("db", "a")
+    _publish(hub, 3)
+    _take(hub, member)
+    hub.ack(member, [2])
+    assert hub.next_member_frame_nowait(member) is None  # 1 missing: no progress
+    hub.ack(member, [1])
+    checkpoint = json.loads(hub.next_member_frame_nowait(member) or "{}")
+    assert checkpoint == {
+        "type": "checkpoint",
+        "group": "db",
+        "epoch": "ep",
+        "seq": 2,
+        "position": 2,
+    }
+
+
+def test_a_full_buffer_of_unacked_users_holds_the_producer() -> None:
+    hub = Hub("ep", buffer_messages=5)
+    hub.declare_group("db")  # permanent: holds users even with no member connected
+    _publish(hub, 5)
+    assert not hub.has_room()
+    member = hub.join("db", "late")
+    hub.ack(member, _take(hub, member)[:2])
+    assert hub.has_room()
+    _publish(hub, 2)
+    assert not hub.has_room()
+
+
+def test_a_non_permanent_group_without_members_holds_nothing() -> None:
+    hub = Hub("ep", buffer_messages=3)
+    member = hub.join("tmp", "a")
+    _publish(hub, 3)
+    assert not hub.has_room()
+    hub.leave(member)
+    assert hub.has_room()
+
+
+async def test_publish_waits_for_room_then_goes_on(autojump_clock: trio.abc.Clock) -> None:
+    hub = Hub("ep", buffer_messages=2)
+    member = hub.join("db", "a")
+    done: list[int] = []
+
+    async def produce() -> None:
+        for n in range(1, 5):
+            await hub.publish({"n": n}, "s", n)
+            done.append(n)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(produce)
+        await trio.testing.wait_all_tasks_blocked()
+        assert done == [1, 2]
+        hub.ack(member, _take(hub, member))
+        await trio.testing.wait_all_tasks_blocked()
+        assert done == [1, 2, 3, 4]
+
+
+async def test_wait_drained_waits_for_every_group_with_members(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    hub = Hub("ep")
+    a, b = hub.join("db", "a"), hub.join("audit", "b")
+    _publish(hub, 3)
+    drained = trio.Event()
 
     async def waiter() -> None:
-        nonlocal done
         await hub.wait_drained()
-        done = True
+        drained.set()
 
-    with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(waiter)
-            await trio.testing.wait_all_tasks_blocked()
-            hub.ack(a, 3)
-            await trio.testing.wait_all_tasks_blocked()
-            assert not done
-            hub.unsubscribe(b)  # a consumer that went away is not waited for
-    assert done
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        hub.ack(a, _take(hub, a))
+        await trio.testing.wait_all_tasks_blocked()
+        assert not drained.is_set()
+        hub.leave(b)  # a group without members is not waited for
+        await trio.testing.wait_all_tasks_blocked()
+        assert drained.is_set()
+
+
+# -- properties ------------------------------------------------------------------------------
+
+Op = tuple[str, int]
+ops = st.lists(
+    st.tuples(st.sampled_from(["publish", "join", "leave", "ack", "take"]), st.integers(0, 7)),
+    max_size=80,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=ops, window=st.integers(1, 4))
+def test_every_seq_reaches_each_group_exactly_once_until_acked(ops: list[Op], window: int) -> None:
+    """Whatever members come and go, each group ends up acknowledging every seq exactly
+    once; a seq is redelivered only if its holder left before acking it; and the seqs each
+    member receives for the first time arrive in increasing order."""
+    hub = Hub("ep", window=window)
+    groups = ["g1", "g2"]
+    for g in groups:
+        hub.declare_group(g)
+    members: list[Member] = []
+    taken: dict[int, list[int]] = {}
+    acked: dict[str, list[int]] = {g: [] for g in groups}
+    seen: dict[str, set[int]] = {g: set() for g in groups}
+    lost: dict[str, set[int]] = {g: set() for g in groups}
+    redelivered: dict[str, set[int]] = {g: set() for g in groups}
+
+    def take(member: Member) -> None:
+        for seq in _take(hub, member):
+            group = member.group.name
+            if seq in lost[group]:  # its holder left before acking: redelivery is due
+                lost[group].discard(seq)
+                redelivered[group].add(seq)
+            else:
+                assert seq not in seen[group], f"{seq} delivered twice to {group}"
+                fresh = [s for s in taken[member.id] if s not in redelivered[group]]
+                assert not fresh or seq > max(fresh), "fresh seqs arrive in order"
+            seen[group].add(seq)
+            taken[member.id].append(seq)
+
+    for op, arg in ops:
+        live = [m for m in members if m.id in m.group.members]
+        if op == "publish":
+            _publish(hub, arg + 1)
+        elif op == "join":
+            member = hub.join(groups[arg % 2], f"m{len(members)}")
+            members.append(member)
+            taken[member.id] = []
+        elif op == "leave" and live:
+            member = live[arg % len(live)]
+            lost[member.group.name] |= set(member.in_flight)
+            hub.leave(member)
+        elif op == "take" and live:
+            take(live[arg % len(live)])
+        elif op == "ack" and live:
+            member = live[arg % len(live)]
+            sent = [s for s in taken[member.id] if s in member.in_flight]
+            hub.ack(member, sent[: arg + 1])
+            acked[member.group.name] += sent[: arg + 1]
+    # Finally one fresh member per group takes and acks until nothing is left.
+    for g in groups:
+        member = hub.join(g, "closer", window=10_000)
+        taken[member.id] = []
+        take(member)
+        sent = [s for s in taken[member.id] if s in member.in_flight]
+        hub.ack(member, sent)
+        acked[g] += sent
+        for m in list(hub._groups[g].members.values()):  # the rest ack what they hold
+            held = sorted(m.in_flight)
+            hub.ack(m, held)
+            acked[g] += held
+    for g in groups:
+        assert sorted(acked[g]) == list(range(1, hub.last_seq + 1)), g
+        assert hub.watermark(g)[0] == hub.last_seq

@@ -39,7 +39,8 @@ class ScriptedSource:
 
 async def _collect(hub: Hub, into: list[tuple[float, dict[str, Any]]]) -> None:
     sub = hub.subscribe("test")
-    async for frame in sub.receive:
+    while True:
+        frame = await hub.next_frame(sub)
         into.append((trio.current_time(), json.loads(frame)))
 
 

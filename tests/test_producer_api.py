@@ -58,8 +58,8 @@ async def producing(
         run = Run(producer)
 
         async def collect() -> None:
-            async for frame in sub.receive:
-                run.messages.append(json.loads(frame))
+            while True:
+                run.messages.append(json.loads(await hub.next_frame(sub)))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(collect)

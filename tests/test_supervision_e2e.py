@@ -114,7 +114,7 @@ def test_sigterm_at_200_per_s_commits_everything_received(
     published = daemon.events("producer.published")
     assert len(published) >= 600
     drained = daemon.events("daemon.drained")
-    assert drained and drained[0]["acked_through"] == drained[0]["last_seq"] == len(published)
+    assert drained and drained[0]["committed_through"] == drained[0]["last_seq"] == len(published)
     assert_rows_match(dsn, published)
     assert {e["how"] for e in daemon.events("supervisor.process_stopped")} == {"exited with code 0"}
 

@@ -55,6 +55,7 @@ class ProducerConfig(_Table):
     rate_per_s: Annotated[float, msgspec.Meta(gt=0, le=100_000)] = 1.0
     fallback: Literal["synthetic", "none"] = "synthetic"
     seed: str = ""
+    stop_at_position: Annotated[int, msgspec.Meta(ge=0)] = 0
     nat: list[str] = msgspec.field(default_factory=list)
     keep_credentials: bool = False
     log_each_user_below_per_s: NonNegative = 5.0
@@ -76,12 +77,16 @@ class RandomUserConfig(_Table):
 class BroadcasterConfig(_Table):
     host: str = "127.0.0.1"
     port: Port = DEFAULT_PORT
-    client_queue: Annotated[int, msgspec.Meta(ge=1)] = 10_000
+    buffer_messages: Annotated[int, msgspec.Meta(ge=1)] = 100_000
+    buffer_bytes: Annotated[int, msgspec.Meta(ge=65536)] = 256 * 2**20
+    client_lag_max: Annotated[int, msgspec.Meta(ge=1)] = 10_000
 
 
 class ConsumersConfig(_Table):
     count: Annotated[int, msgspec.Meta(ge=0, le=64)] = 2
     processes: bool | Literal["auto"] = "auto"
+    group: str = "db"
+    window: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 2000
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=50_000)] = 500
     batch_interval_s: Positive = 0.25
     reconnect_min_s: Positive = 0.1

@@ -15,6 +15,7 @@ import random
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlencode
 
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
@@ -22,12 +23,13 @@ from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 from .config import Config
 from .errors import InvalidRecord, ProtocolError, StoreError
 from .logs import bind, get_logger
-from .messages import Ack, UserMessage, Welcome, decode_server, encode
+from .messages import Ack, Checkpoint, UserMessage, Welcome, decode_server, encode
 from .records import parse_user
-from .store.postgres import Envelope, PostgresStore, row_values
+from .store.postgres import Envelope, PostgresStore, StreamCheckpoint, row_values
 from .wsclient import open_ws
 
 Row = tuple[Any, ...]
+Item = tuple[int, Row | None]  # (seq, row); None: invalid, acknowledged without a row
 
 
 @dataclass(frozen=True)
@@ -62,13 +64,14 @@ class Milestones:
 def make_consumer(
     config: Config, url: str, dsn: str, worker: int, milestones: Milestones
 ) -> Consumer:
-    """A consumer as the config describes it."""
+    """A member of the configured consumer group, as the config describes it."""
     c = config.consumers
     store = PostgresStore(
         dsn, password=config.db_password(), application_name=f"userstreamd-consumer-{worker}"
     )
+    member_url = f"{url}?{urlencode({'group': c.group, 'window': c.window})}"
     return Consumer(
-        url,
+        member_url,
         store,
         worker=worker,
         batch_size=c.batch_size,
@@ -103,6 +106,7 @@ class Consumer:
         self.invalid = self.db_errors = self.reconnects = 0
         self.last_seq = self.acked_seq = 0
         self._ws: WebSocketConnection | None = None
+        self._checkpoint: StreamCheckpoint | None = None
         self._limiter = trio.CapacityLimiter(1)
 
     def statistics(self) -> ConsumerStatistics:
@@ -122,7 +126,7 @@ class Consumer:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         bind(component="consumer", worker=self.worker)
-        send, receive = trio.open_memory_channel[tuple[int, Row]](self.batch_size * 4)
+        send, receive = trio.open_memory_channel[Item](self.batch_size * 4)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write_batches, receive)
@@ -134,7 +138,7 @@ class Consumer:
     # -- receiver ------------------------------------------------------------------------
 
     async def _receive_forever(
-        self, send: trio.MemorySendChannel[tuple[int, Row]], task_status: trio.TaskStatus[None]
+        self, send: trio.MemorySendChannel[Item], task_status: trio.TaskStatus[None]
     ) -> None:
         log = get_logger()
         delay = self.reconnect_min_s
@@ -162,9 +166,7 @@ class Consumer:
             await trio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(self.reconnect_max_s, delay * 2)
 
-    async def _receive(
-        self, ws: WebSocketConnection, send: trio.MemorySendChannel[tuple[int, Row]]
-    ) -> None:
+    async def _receive(self, ws: WebSocketConnection, send: trio.MemorySendChannel[Item]) -> None:
         log = get_logger()
         while True:
             frame = await ws.get_message()
@@ -179,13 +181,16 @@ class Consumer:
                     epoch=message.epoch,
                     seq=message.seq,
                     clients=message.clients,
+                    group=message.group,
                 )
-                # Nothing before the welcome is ours to commit: marks us as an acking client.
-                await ws.send_message(encode(Ack(seq=message.seq)))
-                continue
-            row = self._to_row(message)
-            if row is not None:
-                await send.send((message.seq, row))
+            elif isinstance(message, Checkpoint):
+                self._checkpoint = StreamCheckpoint(
+                    message.group, message.epoch, message.seq, message.position
+                )
+            elif isinstance(message, UserMessage):
+                await send.send((message.seq, self._to_row(message)))
+            else:
+                log.warning("consumer.unexpected_message", type=type(message).__name__)
 
     def _to_row(self, message: UserMessage) -> Row | None:
         self.received += 1
@@ -203,8 +208,8 @@ class Consumer:
 
     # -- writer --------------------------------------------------------------------------
 
-    async def _write_batches(self, receive: trio.MemoryReceiveChannel[tuple[int, Row]]) -> None:
-        batch: list[tuple[int, Row]] = []
+    async def _write_batches(self, receive: trio.MemoryReceiveChannel[Item]) -> None:
+        batch: list[Item] = []
         try:
             while True:
                 batch.append(await receive.receive())
@@ -224,14 +229,15 @@ class Consumer:
                 if batch:
                     await self._write(batch)
 
-    async def _write(self, batch: list[tuple[int, Row]]) -> None:
+    async def _write(self, batch: list[Item]) -> None:
         log = get_logger()
-        rows = [row for _, row in batch]
+        rows = [row for _, row in batch if row is not None]
+        checkpoint = self._checkpoint
         delay = 0.1
         while True:
             try:
                 inserted = await trio.to_thread.run_sync(
-                    self.store.insert_users, rows, limiter=self._limiter
+                    self.store.insert_users, rows, checkpoint, limiter=self._limiter
                 )
                 break
             except StoreError as exc:
@@ -241,7 +247,7 @@ class Consumer:
                 )
                 await trio.sleep(delay)
                 delay = min(5.0, delay * 2)
-        top = max(seq for seq, _ in batch)
+        seqs = [seq for seq, _ in batch]
         self.inserted += inserted
         self.duplicates += len(rows) - inserted
         self.batches += 1
@@ -250,15 +256,17 @@ class Consumer:
             rows=len(rows),
             inserted=inserted,
             duplicates=len(rows) - inserted,
-            seq=top,
+            seq=max(seqs),
+            checkpoint=checkpoint and checkpoint.seq,
         )
         self.milestones.add(inserted)
-        self.acked_seq = max(self.acked_seq, top)
+        self.acked_seq = max(self.acked_seq, *seqs)
         ws = self._ws
         if ws is not None:
-            # On a closed connection the broadcaster learns our position from the next ack.
+            # A closed connection: the broadcaster redelivers these seqs to the group, and
+            # the uuid key absorbs the second insert.
             with contextlib.suppress(ConnectionClosed):
-                await ws.send_message(encode(Ack(seq=top)))
+                await ws.send_message(encode(Ack(seqs=seqs)))
 
 
 def _describe(exc: BaseException) -> str:

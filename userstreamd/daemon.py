@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import uuid
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -70,14 +71,62 @@ async def run_database(config: Config, *, task_status: trio.TaskStatus[str]) -> 
                 log.info("database.embedded_stopped", exit_code=code)
 
 
+@dataclass(frozen=True)
+class Stream:
+    """Where the stream starts: the epoch, the seed that regenerates it, and the last
+    (seq, source position) its consumer group committed."""
+
+    epoch: str
+    seed: str
+    seq: int
+    position: int
+    resumed: bool
+
+
 def _client_host(host: str) -> str:
     return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
 
 
+def open_stream(config: Config, dsn: str) -> Stream:
+    """Resume the stream from the consumer group's last checkpoint, or begin a new epoch.
+
+    Resuming needs the same source and seed (an empty configured seed accepts the stored
+    one); the producer then regenerates everything after the checkpoint's position."""
+    p = config.producer
+    store = PostgresStore(dsn, password=config.db_password(), application_name="userstreamd")
+    log = get_logger()
+    try:
+        found = store.last_checkpoint(config.consumers.group)
+        if found is not None:
+            checkpoint, seed, source = found
+            if source == p.source and p.seed in ("", seed):
+                log.info(
+                    "daemon.stream_resumed",
+                    epoch=checkpoint.epoch,
+                    seq=checkpoint.seq,
+                    position=checkpoint.position,
+                    seed=seed,
+                )
+                return Stream(
+                    checkpoint.epoch, seed, checkpoint.seq, checkpoint.position, resumed=True
+                )
+            log.info(
+                "daemon.stream_not_resumed", epoch=checkpoint.epoch, reason="source or seed changed"
+            )
+        epoch = uuid.uuid4().hex[:16]
+        seed = p.seed or epoch
+        store.begin_stream(epoch, seed, p.source)
+        log.info("daemon.stream_started", epoch=epoch, seed=seed, source=p.source)
+        return Stream(epoch, seed, 0, 0, resumed=False)
+    finally:
+        store.close()
+
+
 def _make_producer(
-    config: Config, hub: Hub, http: httpx.AsyncClient, seed: str, dsn: str
+    config: Config, hub: Hub, http: httpx.AsyncClient, stream: Stream, dsn: str
 ) -> Producer:
     p, ru = config.producer, config.randomuser
+    seed = stream.seed
     synthetic = SyntheticSource(seed=seed, nats=p.nat)
     page_size = ru.page_size or min(page_size_for(p.rate_per_s), ru.budget_users)
     primary: Source = synthetic
@@ -109,14 +158,15 @@ def _make_producer(
         keep_credentials=p.keep_credentials,
         log_each_user_below_per_s=p.log_each_user_below_per_s,
         dead_letters=DeadLetters(store),
+        start_position=stream.position + 1,
+        stop_at_position=p.stop_at_position,
     )
 
 
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.epoch = uuid.uuid4().hex[:16]
-        self.hub = Hub(self.epoch, client_queue=config.broadcaster.client_queue)
+        self.hub = self._new_hub(Stream(uuid.uuid4().hex[:16], "", 0, 0, resumed=False))
         self.consumers: list[Consumer] = []
         self.producer: Producer | None = None
         self.notifier = Notifier.from_environ()
@@ -129,7 +179,6 @@ class Daemon:
         c = self.config
         bind(component="daemon")
         log = get_logger()
-        seed = c.producer.seed or self.epoch
         timeout = httpx.Timeout(c.randomuser.timeout_s, connect=min(5.0, c.randomuser.timeout_s))
         sc = c.supervisor
         async with (
@@ -157,21 +206,21 @@ class Daemon:
                 "daemon.starting",
                 version=__version__,
                 config=c.path,
-                epoch=self.epoch,
-                seed=seed,
                 source=c.producer.source,
                 rate_per_s=c.producer.rate_per_s,
                 consumer_processes=c.consumer_processes,
             )
             with self._startup:
                 dsn = await sup.start("database", partial(run_database, c))
+                stream = await trio.to_thread.run_sync(open_stream, c, dsn)
+                self.hub = self._new_hub(stream)
                 port = await sup.start(
                     "broadcaster",
                     partial(run_broadcaster, self.hub, c.broadcaster.host, c.broadcaster.port),
                 )
                 url = f"ws://{_client_host(c.broadcaster.host)}:{port}/"
                 await self._start_consumers(sup, url, dsn)
-                self.producer = _make_producer(c, self.hub, http, seed, dsn)
+                self.producer = _make_producer(c, self.hub, http, stream, dsn)
                 await sup.start("producer", self.producer.run)
                 log.info("daemon.ready", url=url, consumers=c.consumers.count)
                 self.notifier.ready(self._status())
@@ -201,6 +250,21 @@ class Daemon:
                 run = consumer.run
             await sup.start(f"consumer-{worker}", run)
 
+    def _new_hub(self, stream: Stream) -> Hub:
+        b = self.config.broadcaster
+        hub = Hub(
+            stream.epoch,
+            first_seq=stream.seq + 1,
+            buffer_messages=b.buffer_messages,
+            buffer_bytes=b.buffer_bytes,
+            client_lag_max=b.client_lag_max,
+            window=self.config.consumers.window,
+        )
+        hub.declare_group(
+            self.config.consumers.group, watermark=stream.seq, position=stream.position
+        )
+        return hub
+
     def _escalate(self, reason: str) -> None:
         """The supervisor gave up on a component: stop everything, exit non-zero."""
         get_logger().error("daemon.giving_up", reason=reason)
@@ -220,7 +284,7 @@ class Daemon:
         log.info(
             "daemon.drained" if not drain.cancelled_caught else "daemon.drain_timeout",
             last_seq=self.hub.last_seq,
-            acked_through=self.hub.acked_through(),
+            committed_through=self._committed_through(),
         )
         self.hub.close()
         await sup.stop_all()
@@ -233,11 +297,14 @@ class Daemon:
             "invalid": producer.invalid if producer else 0,
             "fetch_failures": dict(producer.failures_by_kind) if producer else {},
             "last_seq": self.hub.last_seq,
-            "acked_through": self.hub.acked_through(),
+            "committed_through": self._committed_through(),
         }
         if self.consumers:  # in-process consumers: their counts are ours to report
             totals["rows_inserted"] = sum(c.inserted for c in self.consumers)
         return totals
+
+    def _committed_through(self) -> int:
+        return self.hub.watermark(self.config.consumers.group)[0]
 
     def _status(self) -> str:
         """The one-line summary systemd shows (STATUS=)."""
@@ -246,7 +313,7 @@ class Daemon:
         rate = producer.rate_per_s if producer else 0
         return (
             f"{self.hub.last_seq} users streamed at {rate:g}/s from {source}, "
-            f"{self.hub.clients} clients, committed through seq {self.hub.acked_through()}"
+            f"{self.hub.clients} clients, committed through seq {self._committed_through()}"
         )
 
     async def _keep_systemd_informed(self) -> None:

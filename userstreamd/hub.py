@@ -1,16 +1,32 @@
-"""Sequence numbers and fan-out: the heart of the broadcaster, with no sockets in it.
+"""Sequence numbers, replay buffer, consumer groups and acks: the broadcaster's logic,
+with no sockets in it.
 
-The hub numbers every published user (``seq`` = 1, 2, ... within an ``epoch``), encodes
-it once, and puts the same frame in every subscriber's bounded queue. A subscriber whose
-queue is full is cut off (`Subscription.overflowed`) instead of holding up the others;
-the broadcaster then closes its connection with code 3008 ("slow").
+**Stream position.** Every published user gets ``seq`` = previous + 1 within an
+``epoch``, and carries the source ``position`` it came from.
 
-Subscribers that acknowledge (the daemon's consumers do, after their database commit)
-let the supervisor wait for a drain at shutdown: `acked_through`.
+**One buffer.** Published frames (encoded once) are kept in order, up to
+``buffer_messages`` and ``buffer_bytes``. The oldest frame is evicted only when the buffer
+is over a bound *and* every group has acknowledged it; if it cannot be evicted the buffer
+is full and `Hub.publish` waits: a group that cannot keep up slows the producer, it never
+loses users. The same buffer is the replay history for plain clients.
+
+**Plain clients** read with a cursor. One that reconnects with its last ``(epoch, seq)``
+resumes right after it if that frame is still buffered; otherwise it is told about the
+gap explicitly (`Gap`). A client more than ``client_lag_max`` frames behind, or whose next
+frame was evicted, is *slow* and is cut off (the broadcaster closes it with code 3008);
+it never holds anything up.
+
+**Groups.** Each frame goes to one member of each group; members acknowledge after their
+database commit (``ack`` of explicit seqs). Each member has at most ``window`` frames in
+flight, so a slow database slows delivery instead of growing memory. When a member
+leaves, its unacknowledged frames go back to the group and are redelivered to the others
+(or to it when it returns), lowest seq first. A group's *watermark* is the highest seq
+with everything up to it acknowledged: durable, since acks follow commits.
 """
 
 from __future__ import annotations
 
+import heapq
 import itertools
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,18 +34,69 @@ from typing import Any
 
 import trio
 
-from .messages import UserMessage, encode
+from .messages import Checkpoint, Gap, UserMessage, encode
+
+
+class Slow(Exception):
+    """A plain client fell too far behind (or its next frame was evicted)."""
+
+
+class StaleAck(Exception):
+    """An ack for a seq this member does not hold (already acked, or from before a reconnect)."""
+
+
+@dataclass(slots=True)
+class _Entry:
+    seq: int
+    position: int
+    frame: str
 
 
 @dataclass(eq=False)
 class Subscription:
+    """A plain broadcast client: a cursor into the buffer."""
+
     id: int
     peer: str
-    start_seq: int
-    send: trio.MemorySendChannel[str]
-    receive: trio.MemoryReceiveChannel[str]
-    acked: int | None = None
-    overflowed: bool = False
+    next_seq: int
+    gap: Gap | None = None
+    slow: bool = False
+
+
+@dataclass(eq=False)
+class Member:
+    id: int
+    peer: str
+    group: Group
+    window: int
+    in_flight: set[int] = field(default_factory=set)
+    outbox: list[int] = field(default_factory=list)  # heap: assigned, not yet sent
+    checkpoint_due: bool = False
+
+
+@dataclass(eq=False)
+class Group:
+    name: str
+    watermark: int
+    position: int = 0  # source position of the watermark's frame
+    permanent: bool = False
+    next_seq: int = 0
+    redeliver: list[int] = field(default_factory=list)  # heap
+    acked_above: set[int] = field(default_factory=set)
+    members: dict[int, Member] = field(default_factory=dict)
+    turn: int = 0  # round robin among members with room
+
+    def __post_init__(self) -> None:
+        self.next_seq = self.next_seq or self.watermark + 1
+
+
+@dataclass(frozen=True)
+class GroupStatistics:
+    name: str
+    members: int
+    watermark: int
+    in_flight: int
+    pending: int
 
 
 @dataclass(frozen=True)
@@ -37,90 +104,309 @@ class HubStatistics:
     epoch: str
     last_seq: int
     clients: int
-    acking_clients: int
+    members: int
+    buffered: int
+    buffered_bytes: int
     slow_disconnects: int
     bad_frames: int
+    groups: tuple[GroupStatistics, ...]
 
 
-@dataclass(eq=False)
 class Hub:
-    epoch: str
-    client_queue: int = 10_000
-    last_seq: int = 0
-    slow_disconnects: int = 0
-    bad_frames: int = 0
-    _subs: dict[int, Subscription] = field(default_factory=dict)
-    _ids: itertools.count[int] = field(default_factory=itertools.count)
-    _changed: trio.Event = field(default_factory=trio.Event)
+    def __init__(
+        self,
+        epoch: str,
+        *,
+        first_seq: int = 1,
+        buffer_messages: int = 100_000,
+        buffer_bytes: int = 256 * 2**20,
+        client_lag_max: int = 10_000,
+        window: int = 1000,
+    ) -> None:
+        self.epoch = epoch
+        self.last_seq = first_seq - 1
+        self.buffer_messages, self.buffer_bytes = buffer_messages, buffer_bytes
+        self.client_lag_max = client_lag_max
+        self.window = window
+        self.slow_disconnects = self.bad_frames = 0
+        self._entries: dict[int, _Entry] = {}
+        self._oldest = first_seq
+        self._bytes = 0
+        self._subs: dict[int, Subscription] = {}
+        self._groups: dict[str, Group] = {}
+        self._ids = itertools.count()
+        self._changed = trio.Event()
+        self.closed = False
+
+    # -- publishing ------------------------------------------------------------------------
 
     @property
     def clients(self) -> int:
-        return len(self._subs)
+        return len(self._subs) + sum(len(g.members) for g in self._groups.values())
 
-    def subscribe(self, peer: str) -> Subscription:
-        send, receive = trio.open_memory_channel[str](self.client_queue)
-        sub = Subscription(next(self._ids), peer, self.last_seq, send, receive)
+    def _floor(self) -> int:
+        """Every seq at or below this is acknowledged by every group."""
+        return min((g.watermark for g in self._groups.values()), default=self.last_seq)
+
+    def _evict(self, room_for: int = 0) -> None:
+        """Drop the oldest frames every group has acknowledged while over the bounds."""
+        floor = self._floor()
+        while (
+            self._entries
+            and (
+                len(self._entries) + room_for > self.buffer_messages
+                or self._bytes >= self.buffer_bytes
+            )
+            and self._oldest <= floor
+        ):
+            entry = self._entries.pop(self._oldest)
+            self._bytes -= len(entry.frame)
+            self._oldest += 1
+
+    def has_room(self) -> bool:
+        self._evict(room_for=1)
+        return len(self._entries) < self.buffer_messages and self._bytes < self.buffer_bytes
+
+    def publish_nowait(
+        self, user: dict[str, Any], source: str, position: int, produced_at: datetime | None = None
+    ) -> UserMessage:
+        """Append one user (the caller checked `has_room`, or accepts going over)."""
+        self.last_seq += 1
+        message = UserMessage(
+            epoch=self.epoch,
+            seq=self.last_seq,
+            position=position,
+            produced_at=produced_at or datetime.now(UTC),
+            source=source,
+            user=user,
+        )
+        entry = _Entry(self.last_seq, position, encode(message))
+        self._entries[entry.seq] = entry
+        self._bytes += len(entry.frame)
+        self._evict()
+        for group in self._groups.values():
+            self._dispatch(group)
+        self._cut_off_laggards()
+        self._notify()
+        return message
+
+    async def publish(self, user: dict[str, Any], source: str, position: int) -> UserMessage:
+        """Append one user, first waiting while the buffer is full of unacknowledged frames."""
+        while not self.has_room():
+            await self._wait()
+        return self.publish_nowait(user, source, position)
+
+    # -- plain clients -----------------------------------------------------------------------
+
+    def subscribe(self, peer: str, since: tuple[str, int] | None = None) -> Subscription:
+        """A cursor after `since` = (epoch, last seq received), or at the live end."""
+        sub = Subscription(next(self._ids), peer, self.last_seq + 1)
+        if since is not None:
+            epoch, seq = since
+            if epoch != self.epoch or seq > self.last_seq:
+                sub.gap = Gap(
+                    epoch=self.epoch,
+                    from_seq=None,
+                    to_seq=self.last_seq,
+                    reason=f"epoch {epoch} is not this stream's history; "
+                    f"continuing live from seq {self.last_seq + 1}",
+                )
+            elif seq + 1 >= self._oldest:
+                sub.next_seq = seq + 1
+            else:
+                sub.next_seq = self._oldest
+                sub.gap = Gap(
+                    epoch=self.epoch,
+                    from_seq=seq + 1,
+                    to_seq=self._oldest - 1,
+                    reason="no longer in the replay buffer",
+                )
         self._subs[sub.id] = sub
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
         if self._subs.pop(sub.id, None) is not None:
-            sub.send.close()
             self._notify()
 
-    def publish(
-        self, user: dict[str, Any], source: str, produced_at: datetime | None = None
-    ) -> UserMessage:
-        """Number the user, encode it once, queue it for every subscriber."""
-        self.last_seq += 1
-        message = UserMessage(
-            epoch=self.epoch,
-            seq=self.last_seq,
-            produced_at=produced_at or datetime.now(UTC),
-            source=source,
-            user=user,
-        )
-        frame = encode(message)
+    def next_frame_nowait(self, sub: Subscription) -> str | None:
+        """The subscriber's next frame, None if it is at the live end; Slow if cut off."""
+        if sub.slow or sub.next_seq < self._oldest:
+            self._cut_off(sub)
+            raise Slow(f"fell {self.last_seq - sub.next_seq + 1} frames behind")
+        if sub.next_seq > self.last_seq:
+            return None
+        frame = self._entries[sub.next_seq].frame
+        sub.next_seq += 1
+        return frame
+
+    async def next_frame(self, sub: Subscription) -> str:
+        """Wait for the subscriber's next frame; trio.EndOfChannel once the hub is closed
+        and the subscriber has everything."""
+        while (frame := self.next_frame_nowait(sub)) is None:
+            if self.closed:
+                raise trio.EndOfChannel
+            await self._wait()
+        return frame
+
+    async def wait_cut_off(self, sub: Subscription) -> None:
+        """Return once the subscriber has been cut off."""
+        while not sub.slow:
+            await self._wait()
+
+    def _cut_off_laggards(self) -> None:
         for sub in list(self._subs.values()):
-            try:
-                sub.send.send_nowait(frame)
-            except trio.WouldBlock:
-                sub.overflowed = True
-                self.slow_disconnects += 1
-                self.unsubscribe(sub)
-        return message
+            if self.last_seq - sub.next_seq >= self.client_lag_max:
+                self._cut_off(sub)
 
-    def ack(self, sub: Subscription, seq: int) -> None:
-        if seq > self.last_seq:
-            raise ValueError(f"ack for seq {seq} beyond the last published seq {self.last_seq}")
-        if sub.acked is None or seq > sub.acked:
-            sub.acked = seq
-            self._notify()
+    def _cut_off(self, sub: Subscription) -> None:
+        if not sub.slow:
+            sub.slow = True
+            self.slow_disconnects += 1
 
-    def acked_through(self) -> int | None:
-        """The lowest seq every connected acking subscriber has acknowledged."""
-        acks = [s.acked for s in self._subs.values() if s.acked is not None]
-        return min(acks) if acks else None
+    # -- groups ------------------------------------------------------------------------------
+
+    def declare_group(
+        self, name: str, *, watermark: int | None = None, position: int = 0, permanent: bool = True
+    ) -> Group:
+        """A group that holds frames from `watermark` + 1 on, members or not."""
+        if name in self._groups:
+            return self._groups[name]
+        start = self.last_seq if watermark is None else watermark
+        group = self._groups[name] = Group(name, start, position, permanent)
+        return group
+
+    def join(self, group_name: str, peer: str, window: int | None = None) -> Member:
+        group = self._groups.get(group_name) or self.declare_group(group_name, permanent=False)
+        member = Member(next(self._ids), peer, group, window or self.window)
+        group.members[member.id] = member
+        self._dispatch(group)
+        self._notify()
+        return member
+
+    def leave(self, member: Member) -> None:
+        """The member is gone: what it held unacknowledged goes back to its group."""
+        group = member.group
+        if group.members.pop(member.id, None) is None:
+            return
+        for seq in member.in_flight:
+            heapq.heappush(group.redeliver, seq)
+        member.in_flight.clear()
+        member.outbox.clear()
+        if not group.members and not group.permanent:
+            del self._groups[group.name]  # nobody to deliver to: it no longer holds frames
+        else:
+            self._dispatch(group)
+        self._notify()
+
+    def _dispatch(self, group: Group) -> None:
+        """Assign waiting frames to the members with room, in turn."""
+        while group.members:
+            if group.redeliver:
+                seq = group.redeliver[0]
+            elif group.next_seq <= self.last_seq:
+                seq = group.next_seq
+            else:
+                return
+            ready = [m for m in group.members.values() if len(m.in_flight) < m.window]
+            if not ready:
+                return
+            member = ready[group.turn % len(ready)]
+            group.turn += 1
+            if group.redeliver:
+                heapq.heappop(group.redeliver)
+            else:
+                group.next_seq += 1
+            member.in_flight.add(seq)
+            heapq.heappush(member.outbox, seq)
+
+    def next_member_frame_nowait(self, member: Member) -> str | None:
+        if member.checkpoint_due:
+            member.checkpoint_due = False
+            group = member.group
+            return encode(
+                Checkpoint(
+                    group=group.name, epoch=self.epoch, seq=group.watermark, position=group.position
+                )
+            )
+        if not member.outbox:
+            return None
+        return self._entries[heapq.heappop(member.outbox)].frame
+
+    async def next_member_frame(self, member: Member) -> str:
+        while (frame := self.next_member_frame_nowait(member)) is None:
+            if self.closed:
+                raise trio.EndOfChannel
+            await self._wait()
+        return frame
+
+    def ack(self, member: Member, seqs: list[int]) -> None:
+        """The member committed these seqs. StaleAck names any it did not hold."""
+        group = member.group
+        stale = [s for s in seqs if s not in member.in_flight]
+        for seq in seqs:
+            if seq in member.in_flight:
+                member.in_flight.discard(seq)
+                group.acked_above.add(seq)
+        advanced = False
+        while group.watermark + 1 in group.acked_above:
+            group.watermark += 1
+            group.acked_above.discard(group.watermark)
+            advanced = True
+        if advanced:
+            entry = self._entries.get(group.watermark)
+            if entry is not None:
+                group.position = entry.position
+            member.checkpoint_due = True
+        self._dispatch(group)
+        self._notify()
+        if stale:
+            raise StaleAck(f"not held by this member: {stale[:5]}")
+
+    def watermark(self, group_name: str) -> tuple[int, int]:
+        """(seq, source position) through which the group has acknowledged everything."""
+        group = self._groups[group_name]
+        return group.watermark, group.position
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    def drained(self) -> bool:
+        """Every group with members has acknowledged everything published."""
+        return all(g.watermark >= self.last_seq for g in self._groups.values() if g.members)
 
     async def wait_drained(self) -> None:
-        """Return once every connected acking subscriber has acknowledged `last_seq`."""
-        while (acked := self.acked_through()) is not None and acked < self.last_seq:
-            await self._changed.wait()
+        while not self.drained():
+            await self._wait()
 
     def close(self) -> None:
-        """End every subscription: each client gets what is queued, then a close."""
-        for sub in list(self._subs.values()):
-            sub.send.close()
+        """Clients get what is theirs to read, then the end of the stream."""
+        self.closed = True
+        self._notify()
 
     def statistics(self) -> HubStatistics:
+        groups = tuple(
+            GroupStatistics(
+                g.name,
+                len(g.members),
+                g.watermark,
+                sum(len(m.in_flight) for m in g.members.values()),
+                len(g.redeliver) + max(0, self.last_seq - g.next_seq + 1),
+            )
+            for g in self._groups.values()
+        )
         return HubStatistics(
             self.epoch,
             self.last_seq,
-            self.clients,
-            sum(s.acked is not None for s in self._subs.values()),
+            len(self._subs),
+            sum(g.members for g in groups),
+            len(self._entries),
+            self._bytes,
             self.slow_disconnects,
             self.bad_frames,
+            groups,
         )
+
+    async def _wait(self) -> None:
+        await self._changed.wait()
 
     def _notify(self) -> None:
         self._changed.set()

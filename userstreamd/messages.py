@@ -1,18 +1,28 @@
 """The wire format: one JSON object per WebSocket text frame, tagged by ``type``.
 
+Connect to ``ws://HOST:PORT/`` for the plain broadcast, optionally resuming with
+``?epoch=E&since=S`` (S = the last seq you received), or join a consumer group with
+``?group=NAME`` (each user goes to one member of each group; members ``ack``).
+
 Server -> client::
 
-    {"type": "welcome", "protocol": 1, "server": "userstreamd/0.1.0",
-     "epoch": "9c2f...", "seq": 41, "clients": 3}
-    {"type": "user", "epoch": "9c2f...", "seq": 42, "produced_at": "2026-11-27T10:00:00.123456Z",
-     "source": "synthetic", "user": {...one Random User API 1.4 record...}}
+    {"type": "welcome", "protocol": 2, "server": "userstreamd/0.1.0",
+     "epoch": "9c2f...", "seq": 41, "clients": 3, "group": null}
+    {"type": "user", "epoch": "9c2f...", "seq": 42, "position": 42,
+     "produced_at": "2026-11-27T10:00:00.123456Z", "source": "synthetic", "user": {...}}
+    {"type": "gap", "epoch": "9c2f...", "from_seq": 3, "to_seq": 1041,
+     "reason": "no longer in the replay buffer"}
+    {"type": "checkpoint", "group": "db", "epoch": "9c2f...", "seq": 40, "position": 40}
 
-``seq`` increases by one per user within an ``epoch``; the welcome's ``seq`` is the
-last sequence number sent before the client joined (the next user has ``seq + 1``).
+``seq`` increases by one per user within an ``epoch``; ``position`` is the user's place
+in its source (replayable). The welcome's ``seq`` is where the stream stands: a plain
+client's next user is ``seq + 1`` unless it resumed. ``gap`` says which seqs a resuming
+client will never get (``from_seq`` null: an unknown epoch). ``checkpoint`` tells group
+members the group's watermark: every seq up to it is committed by some member.
 
 Client -> server::
 
-    {"type": "ack", "seq": 42}       sent by consumers after their database commit
+    {"type": "ack", "seqs": [42, 45, 46]}    group members, after their database commit
 
 Anything else a client sends is counted and logged as a bad frame, then ignored.
 """
@@ -27,7 +37,9 @@ import msgspec
 from . import __version__
 from .errors import ProtocolError
 
-PROTOCOL = 1
+PROTOCOL = 2
+
+Seq = Annotated[int, msgspec.Meta(ge=0)]
 
 
 class Welcome(msgspec.Struct, tag="welcome", frozen=True, kw_only=True):
@@ -36,33 +48,49 @@ class Welcome(msgspec.Struct, tag="welcome", frozen=True, kw_only=True):
     epoch: str
     seq: int
     clients: int
+    group: str | None = None
 
 
 class UserMessage(msgspec.Struct, tag="user", frozen=True, kw_only=True):
     epoch: str
     seq: int
+    position: int
     produced_at: datetime
     source: str
     user: dict[str, Any]
 
 
+class Gap(msgspec.Struct, tag="gap", frozen=True, kw_only=True):
+    epoch: str
+    from_seq: int | None
+    to_seq: int
+    reason: str
+
+
+class Checkpoint(msgspec.Struct, tag="checkpoint", frozen=True, kw_only=True):
+    group: str
+    epoch: str
+    seq: int
+    position: int
+
+
 class Ack(msgspec.Struct, tag="ack", frozen=True, kw_only=True):
-    seq: Annotated[int, msgspec.Meta(ge=0)]
+    seqs: list[Seq]
 
 
-ServerMessage = Welcome | UserMessage
+ServerMessage = Welcome | UserMessage | Gap | Checkpoint
 
 _encoder = msgspec.json.Encoder()
 _server_decoder = msgspec.json.Decoder(ServerMessage)
 _client_decoder = msgspec.json.Decoder(Ack)
 
 
-def encode(message: Welcome | UserMessage | Ack) -> str:
+def encode(message: Welcome | UserMessage | Gap | Checkpoint | Ack) -> str:
     """Encode for a text frame."""
     return _encoder.encode(message).decode()
 
 
-def decode_server(frame: str | bytes) -> Welcome | UserMessage:
+def decode_server(frame: str | bytes) -> Welcome | UserMessage | Gap | Checkpoint:
     """Decode a frame a client received; ProtocolError if it is not ours."""
     try:
         return _server_decoder.decode(frame)

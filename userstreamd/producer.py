@@ -31,6 +31,8 @@ from .hub import Hub
 from .logs import bind, get_logger
 from .records import parse_user, scrub
 
+MAX_CATCH_UP_S = 0.1  # at most this much of the rate is published at once after a delay
+
 
 class Source(Protocol):
     name: str
@@ -79,6 +81,7 @@ class Producer:
         log_each_user_below_per_s: float = 5.0,
         start_position: int = 1,
         dead_letters: DeadLetters | None = None,
+        stop_at_position: int = 0,
     ) -> None:
         self.hub = hub
         self.primary, self.fallback = primary, fallback
@@ -94,6 +97,8 @@ class Producer:
         self.fallback_active = self.circuit_open = False
         self.failures_by_kind: dict[str, int] = {}
         self.dead_letters = dead_letters
+        self.stop_at_position = stop_at_position
+        self.backpressure_waits = 0
         self._rate_changed = trio.Event()
 
     def statistics(self) -> ProducerStatistics:
@@ -144,8 +149,14 @@ class Producer:
                 if self.fallback_active and self.fallback is not None:
                     probing = trio.current_time() >= next_probe
                     source = self.primary if probing else self.fallback
+                count = self.page_size
+                if self.stop_at_position:
+                    count = min(count, self.stop_at_position - self.position + 1)
+                    if count <= 0:
+                        log.info("producer.stopped_at_position", position=self.stop_at_position)
+                        await trio.sleep_forever()
                 try:
-                    users = await source.fetch(self.position, self.page_size)
+                    users = await source.fetch(self.position, count)
                 except SourceError as exc:
                     self.fetch_failures += 1
                     self.failures_by_kind[exc.kind] = self.failures_by_kind.get(exc.kind, 0) + 1
@@ -212,9 +223,6 @@ class Producer:
         t0, sent = trio.current_time(), 0
         async with receive:
             async for page in receive:
-                # Time spent waiting for a page is not a backlog to make up in a burst.
-                if trio.current_time() - t0 - sent / self.rate_per_s > 1.0:
-                    t0, sent = trio.current_time(), 0
                 index = 0
                 while index < len(page.users):
                     if self._rate_changed.is_set():
@@ -226,14 +234,19 @@ class Producer:
                         with trio.move_on_at(t0 + (sent + 1) / self.rate_per_s):
                             await self._rate_changed.wait()
                         continue
+                    burst = max(1, int(self.rate_per_s * MAX_CATCH_UP_S))
+                    if due > burst:
+                        # Behind (a slow page, a full buffer, a busy CPU): go on at the rate
+                        # from here rather than making up for lost time in one burst.
+                        t0, sent, due = trio.current_time() - burst / self.rate_per_s, 0, burst
                     batch = page.users[index : index + due]
                     for offset, raw in enumerate(batch):
-                        self._publish(raw, page.source, page.start + index + offset)
+                        await self._publish(raw, page.source, page.start + index + offset)
                     index += len(batch)
                     sent += len(batch)
                     await trio.lowlevel.checkpoint()
 
-    def _publish(self, raw: dict[str, Any], source: str, position: int) -> None:
+    async def _publish(self, raw: dict[str, Any], source: str, position: int) -> None:
         try:
             user = parse_user(raw)
         except InvalidRecord as exc:
@@ -244,7 +257,14 @@ class Producer:
             if self.dead_letters is not None:
                 self.dead_letters.put(source, position, str(exc), raw)
             return
-        message = self.hub.publish(raw if self.keep_credentials else scrub(raw), source)
+        if not self.hub.has_room():
+            self.backpressure_waits += 1
+            get_logger().info(
+                "producer.backpressure", position=position, buffered=self.hub.statistics().buffered
+            )
+        message = await self.hub.publish(
+            raw if self.keep_credentials else scrub(raw), source, position
+        )
         self.published += 1
         log = get_logger()
         emit = log.info if self.rate_per_s <= self.log_each_user_below_per_s else log.debug

@@ -121,10 +121,10 @@ class RandomUserSource:
         return params
 
     async def fetch(self, start: int, count: int) -> list[dict[str, Any]]:
-        """Users at positions start..start+count-1 (within one page)."""
+        """Users at positions start..start+count-1, stopping early at the end of the page
+        that holds `start` (a resumed stream need not start on a page boundary)."""
         page_index, offset = divmod(start - 1, self.page_size)
-        if offset + count > self.page_size:
-            raise ValueError("a fetch must stay within one page")
+        count = min(count, self.page_size - offset)
         if self._budget is not None:
             await self._budget.acquire(self.page_size)
         self.requests += 1

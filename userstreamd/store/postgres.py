@@ -67,7 +67,23 @@ _INSERT = "INSERT INTO incoming_users ({cols}) SELECT {casts} FROM unnest({array
     arrays=", ".join(f"%s::{'text' if t == 'jsonb' else t}[]" for _, t in COLUMNS),
 )
 
+_CHECKPOINT = """INSERT INTO stream_checkpoints (group_name, epoch, seq, position)
+VALUES (%s, %s, %s, %s)
+ON CONFLICT (group_name, epoch) DO UPDATE
+SET seq = excluded.seq, position = excluded.position, updated_at = now()
+WHERE stream_checkpoints.seq < excluded.seq"""
+
 _json = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True, slots=True)
+class StreamCheckpoint:
+    """Every user of `group` up to `seq` (source `position`) in `epoch` is committed."""
+
+    group: str
+    epoch: str
+    seq: int
+    position: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,16 +215,51 @@ class PostgresStore:
 
         return self._run("migrate", work)
 
-    def insert_users(self, rows: Sequence[tuple[Any, ...]]) -> int:
-        """Insert a batch in one statement and one transaction; return rows actually new."""
-        if not rows:
-            return 0
+    def insert_users(
+        self, rows: Sequence[tuple[Any, ...]], checkpoint: StreamCheckpoint | None = None
+    ) -> int:
+        """Insert a batch in one statement, and the group's checkpoint, in one transaction;
+        return the rows actually new."""
         columns = [list(col) for col in zip(*rows, strict=True)]
 
         def work(conn: psycopg.Connection[Any]) -> int:
-            return conn.execute(_INSERT, columns).rowcount
+            inserted = conn.execute(_INSERT, columns).rowcount if rows else 0
+            if checkpoint is not None:
+                conn.execute(
+                    _CHECKPOINT,
+                    (checkpoint.group, checkpoint.epoch, checkpoint.seq, checkpoint.position),
+                )
+            return inserted
 
+        if not rows and checkpoint is None:
+            return 0
         return self._run("insert", work)
+
+    def begin_stream(self, epoch: str, seed: str, source: str) -> None:
+        """Record a new epoch and what regenerates it."""
+        self._run(
+            "begin stream",
+            lambda conn: conn.execute(
+                "INSERT INTO streams (epoch, seed, source) VALUES (%s, %s, %s)",
+                (epoch, seed, source),
+            ),
+        )
+
+    def last_checkpoint(self, group: str) -> tuple[StreamCheckpoint, str, str] | None:
+        """The group's newest checkpoint with its stream's seed and source, if any."""
+        row = self._run(
+            "read checkpoint",
+            lambda conn: conn.execute(
+                """SELECT c.epoch, c.seq, c.position, s.seed, s.source
+               FROM stream_checkpoints c JOIN streams s USING (epoch)
+               WHERE c.group_name = %s ORDER BY c.updated_at DESC LIMIT 1""",
+                (group,),
+            ).fetchone(),
+        )
+        if row is None:
+            return None
+        epoch, seq, position, seed, source = row
+        return StreamCheckpoint(group, epoch, seq, position), seed, source
 
     def insert_dead_letters(self, letters: Sequence[tuple[str, int | None, str, Any]]) -> int:
         """Store (source, position, error, raw) of records that failed validation."""
