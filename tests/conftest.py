@@ -32,22 +32,62 @@ from userstreamd.store.embedded import EmbeddedPostgres
 from .fakeapi import FakeRandomUserAPI
 
 
+class PostgresForTests:
+    """The tests' PostgreSQL server: embedded (ours to stop and start) or external."""
+
+    def __init__(self) -> None:
+        self.external = os.environ.get("USERSTREAMD_TEST_DSN")
+        self.server: EmbeddedPostgres | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        if self.external:
+            self.dsn = self.external
+            return
+        self.server = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="usd-pg-")) / "data")
+        self.server.prepare()
+        self.start()
+        self.dsn = make_conninfo(self.server.dsn, dbname="postgres")
+
+    def start(self) -> None:
+        assert self.server is not None
+        self.proc = self.server.start()
+        self.server.wait_ready(self.proc)
+
+    def stop(self) -> None:
+        if self.server is not None and self.proc is not None:
+            self.server.stop(self.proc)
+
+    def outage(self, dbname: str, seconds: float) -> None:
+        """PostgreSQL gone for `seconds`: the embedded server is stopped and started again;
+        an external one (not ours to stop) refuses and drops connections to `dbname`."""
+        if self.server is not None:
+            self.stop()
+            time.sleep(seconds)
+            self.start()
+            return
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                (dbname,),
+            )
+        time.sleep(seconds)
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+
+
 @pytest.fixture(scope="session")
-def pg_server() -> Iterator[str]:
-    """DSN of a PostgreSQL server the tests may create databases on."""
-    external = os.environ.get("USERSTREAMD_TEST_DSN")
-    if external:
-        yield external
-        return
-    root = Path(tempfile.mkdtemp(prefix="usd-pg-"))
-    server = EmbeddedPostgres(root / "data")
-    server.prepare()
-    proc = server.start()
+def postgres() -> Iterator[PostgresForTests]:
+    server = PostgresForTests()
     try:
-        server.wait_ready(proc)
-        yield make_conninfo(server.dsn, dbname="postgres")
+        yield server
     finally:
-        server.stop(proc)
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_server(postgres: PostgresForTests) -> str:
+    """DSN of a PostgreSQL server the tests may create databases on."""
+    return postgres.dsn
 
 
 @pytest.fixture
