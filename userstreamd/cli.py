@@ -39,7 +39,23 @@ def cmd_consumer_worker(config: Config, args: argparse.Namespace) -> int:
     return trio.run(run_consumer_worker, config, args.worker, args.url, args.ready_fd)
 
 
-COMMANDS = {"run": cmd_run, "check": cmd_check, "consumer-worker": cmd_consumer_worker}
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Measure each stage's throughput; print it, and write JSON with --json FILE."""
+    from .bench import print_report, run_benchmarks, write_json
+
+    report = run_benchmarks(args.users, args.repeat, args.dsn)
+    print_report(report)
+    if args.json:
+        write_json(report, args.json)
+    return 0
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "check": cmd_check,
+    "consumer-worker": cmd_consumer_worker,
+    "bench": None,
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,8 +76,13 @@ def _parser() -> argparse.ArgumentParser:
         nargs="?",
         default="run",
         choices=sorted(COMMANDS),
-        help="run the daemon (default) or check the config and exit",
+        help="run the daemon (default), check the config, or bench the pipeline's stages",
     )
+    bench = parser.add_argument_group("bench")
+    bench.add_argument("--users", type=int, default=20_000, help="users per benchmark")
+    bench.add_argument("--repeat", type=int, default=3, help="runs per benchmark (best wins)")
+    bench.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    bench.add_argument("--dsn", default="", help="PostgreSQL to insert into (default: embedded)")
     # consumer-worker's own options (internal: the daemon starts it).
     parser.add_argument("--worker", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--url", default="", help=argparse.SUPPRESS)
@@ -71,10 +92,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "bench":
+        configure_logging("warning")
+        return cmd_bench(args)
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         print(f"userstreamd: config error: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.daemon.log_level, config.daemon.log_format)
-    return COMMANDS[args.command](config, args)
+    command = COMMANDS[args.command]
+    assert command is not None
+    return command(config, args)
