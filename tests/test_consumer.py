@@ -96,3 +96,30 @@ async def test_consumer_reconnects_after_the_broadcaster_restarts(dsn: str) -> N
             await _wait_rows(dsn, 2)
             nursery.cancel_scope.cancel()
     assert consumer.statistics().reconnects >= 1
+
+
+async def test_a_row_the_database_refuses_goes_to_dead_letters_and_the_rest_flows(dsn: str) -> None:
+    _migrate(dsn)
+    with psycopg.connect(dsn) as conn:
+        conn.execute("ALTER TABLE incoming_users ADD CONSTRAINT no_bob CHECK (first_name <> 'Bob')")
+    users = [synthetic_user("refused", p) for p in range(1, 31)]
+    users[9]["name"]["first"] = "Bob"  # valid for us, refused by the operator's constraint
+    hub = Hub("e")
+    consumer = Consumer("", PostgresStore(dsn), batch_size=50, batch_interval_s=0.05)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(run_broadcaster, hub, "127.0.0.1", 0)
+            consumer.url = f"ws://127.0.0.1:{port}/?group=db"
+            await nursery.start(consumer.run)
+            for p, user in enumerate(users, 1):
+                hub.publish_nowait(user, "synthetic", p)
+            await hub.wait_drained()
+            assert hub.watermark("db")[0] == 30, "the refused row does not hold the group up"
+            nursery.cancel_scope.cancel()
+    stored = {r[0] for r in query(dsn, "SELECT uuid::text FROM incoming_users")}
+    assert stored == {u["login"]["uuid"] for i, u in enumerate(users) if i != 9}
+    letters = query(dsn, "SELECT source, position, error, raw FROM dead_letters")
+    assert len(letters) == 1
+    source, position, error, raw = letters[0]
+    assert (source, position) == ("consumer", 10) and "no_bob" in error
+    assert raw["name"]["first"] == "Bob"

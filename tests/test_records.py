@@ -93,3 +93,14 @@ def test_scrub_drops_fake_credentials_without_touching_the_input() -> None:
     assert set(clean["login"]) == {"uuid", "username"}
     assert set(SECRET_LOGIN_FIELDS) <= set(raw["login"])
     assert scrub(clean) is clean
+
+
+def test_values_postgres_could_not_store_are_invalid_here() -> None:
+    raw = copy.deepcopy(LAURA)
+    raw["name"]["first"] = "La\x00ura"
+    with pytest.raises(InvalidRecord, match="NUL"):
+        parse_user(raw)
+    raw = copy.deepcopy(LAURA)
+    raw["location"]["street"]["number"] = 10**12
+    with pytest.raises(InvalidRecord, match=r"street\.number"):
+        parse_user(raw)

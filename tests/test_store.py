@@ -80,3 +80,17 @@ def test_unreachable_server_is_a_store_error() -> None:
     store = PostgresStore("host=127.0.0.1 port=1 dbname=x user=x", connect_timeout_s=1)
     with pytest.raises(StoreError, match="connect"):
         store.migrate()
+
+
+def test_dead_letters_keep_even_what_jsonb_refuses(dsn: str) -> None:
+    store = PostgresStore(dsn)
+    store.migrate()
+    store.insert_dead_letters(
+        [
+            ("randomuser", 3, "NUL", {"name": "a\x00b"}),
+            ("randomuser", 4, "not an object", "just text"),
+        ]
+    )
+    store.close()
+    rows = query(dsn, "SELECT position, raw FROM dead_letters ORDER BY position")
+    assert rows == [(3, {"name": "a\\u0000b"}), (4, "just text")]

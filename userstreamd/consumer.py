@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
 
+import msgspec
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 
@@ -206,6 +207,37 @@ class Consumer:
         )
         return row_values(user, message.user, env)
 
+    async def _insert(self, rows: list[Row], checkpoint: StreamCheckpoint | None) -> int:
+        return await trio.to_thread.run_sync(
+            self.store.insert_users, rows, checkpoint, limiter=self._limiter
+        )
+
+    async def _insert_one_by_one(self, rows: list[Row], checkpoint: StreamCheckpoint | None) -> int:
+        """The database refused a batch: store it row by row, and each row it refuses in
+        the dead letters, so one bad row neither blocks the stream nor takes others down.
+        (Connection trouble meanwhile is retried as usual.)"""
+        inserted = 0
+        for row in rows:
+            while True:
+                try:
+                    inserted += await self._insert([row], None)
+                    break
+                except StoreError as exc:
+                    if exc.transient:
+                        await trio.sleep(1.0)
+                        continue
+                    self.invalid += 1
+                    get_logger().error("consumer.row_refused", seq=row[1], error=str(exc))
+                    # (seq, the raw record: the row's last column, as JSON text)
+                    letter = ("consumer", row[1], str(exc), msgspec.json.decode(row[-1]))
+                    await trio.to_thread.run_sync(
+                        self.store.insert_dead_letters, [letter], limiter=self._limiter
+                    )
+                    break
+        if checkpoint is not None:
+            await self._insert([], checkpoint)
+        return inserted
+
     # -- writer --------------------------------------------------------------------------
 
     async def _write_batches(self, receive: trio.MemoryReceiveChannel[Item]) -> None:
@@ -236,12 +268,14 @@ class Consumer:
         delay = 0.1
         while True:
             try:
-                inserted = await trio.to_thread.run_sync(
-                    self.store.insert_users, rows, checkpoint, limiter=self._limiter
-                )
+                inserted = await self._insert(rows, checkpoint)
                 break
             except StoreError as exc:
                 self.db_errors += 1
+                if not exc.transient:
+                    log.error("consumer.batch_refused", rows=len(rows), error=str(exc))
+                    inserted = await self._insert_one_by_one(rows, checkpoint)
+                    break
                 log.warning(
                     "consumer.insert_failed", rows=len(rows), error=str(exc), retry_in_s=delay
                 )

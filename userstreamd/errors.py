@@ -51,7 +51,13 @@ class InvalidRecord(UserstreamdError):
 
 
 class StoreError(UserstreamdError):
-    """PostgreSQL failed; the batch in hand is kept and retried."""
+    """PostgreSQL failed. `transient` (connection lost, server down or starting): the batch
+    in hand is kept and retried. Otherwise the data itself was refused and retrying the
+    same batch cannot succeed."""
+
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class EmbeddedPostgresError(UserstreamdError):

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
 from .errors import InvalidRecord
+
+_encoder = msgspec.json.Encoder()
+Int32 = Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)]  # fits an integer column
 
 # The API's fake credentials: dropped before broadcast and storage unless configured.
 SECRET_LOGIN_FIELDS = ("password", "salt", "md5", "sha1", "sha256")
@@ -31,7 +34,7 @@ class Name(_Part):
 
 
 class Street(_Part):
-    number: int | None = None
+    number: Int32 | None = None
     name: str = ""
 
 
@@ -62,7 +65,7 @@ class Login(_Part):
 
 class Dated(_Part):
     date: datetime
-    age: int | None = None
+    age: Int32 | None = None
 
 
 class IdDoc(_Part):
@@ -119,6 +122,8 @@ def parse_user(raw: Any) -> User:
         user = msgspec.convert(raw, User, strict=False)
     except msgspec.ValidationError as exc:
         raise InvalidRecord(str(exc).replace("`$.", "`")) from None
+    if b"\\u0000" in _encoder.encode(raw):
+        raise InvalidRecord("a text field holds a NUL character, which PostgreSQL cannot store")
     if user.location and user.location.coordinates:
         c = user.location.coordinates
         _coordinate(c.latitude, 90, "location.coordinates.latitude")

@@ -135,7 +135,16 @@ def _mapped(action: str) -> Iterator[None]:
     try:
         yield
     except psycopg.Error as exc:
-        raise StoreError(f"{action}: {type(exc).__name__}: {str(exc).strip()}") from exc
+        # Connection trouble is worth retrying; a refusal of the data itself is not.
+        transient = isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+        raise StoreError(
+            f"{action}: {type(exc).__name__}: {str(exc).strip()[:500]}", transient=transient
+        ) from exc
+
+
+def _without_nul(json_text: str) -> str:
+    """jsonb cannot hold \\u0000: keep it visible as those six characters instead."""
+    return json_text.replace("\\u0000", "\\\\u0000")
 
 
 class PostgresStore:
@@ -251,7 +260,7 @@ class PostgresStore:
     def insert_dead_letters(self, letters: Sequence[tuple[str, int | None, str, Any]]) -> int:
         """Store (source, position, error, raw) of records that failed validation."""
         rows = [
-            (source, position, error, _json.encode(raw).decode())
+            (source, position, error, _without_nul(_json.encode(raw).decode()))
             for source, position, error, raw in letters
         ]
 
