@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -183,3 +184,29 @@ def test_sighup_reloads_rate_and_rejects_a_broken_file(
     ]
     rate = (len(times) - 1) / (times[-1] - times[0])
     assert 40 < rate < 60
+
+
+def test_a_second_signal_exits_at_once(tmp_path: Path, dsn: str, daemon_factory: Any) -> None:
+    tables = daemon_tables(tmp_path, dsn)
+    tables["producer"] = {"source": "synthetic", "rate_per_s": 200}
+    tables["consumers"]["processes"] = True
+    tables["supervisor"] = {"drain_timeout_s": 60, "stop_timeout_s": 60}
+    daemon = daemon_factory(tables)
+    daemon.wait_for("daemon.ready")
+    time.sleep(1)
+    for pid in [e["pid"] for e in daemon.events("supervisor.process_started")]:
+        os.kill(pid, signal.SIGSTOP)  # consumers frozen: a graceful stop would wait 60 s
+    sent_at = time.monotonic()
+    daemon.proc.send_signal(signal.SIGINT)
+    daemon.wait_for("daemon.stopping")
+    daemon.proc.send_signal(signal.SIGINT)
+    try:
+        code = daemon.stop_when_exited(timeout_s=30)
+    finally:
+        for pid in [e["pid"] for e in daemon.events("supervisor.process_started")]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert code == 1
+    assert time.monotonic() - sent_at < 20
+    actions = [e["action"] for e in daemon.events("daemon.signal")]
+    assert actions == ["graceful stop", "immediate exit"]

@@ -171,6 +171,7 @@ class Daemon:
         self.producer: Producer | None = None
         self.notifier = Notifier.from_environ()
         self.supervisor: Supervisor | None = None
+        self.worker_processes: set[trio.Process] = set()
         self.exit_code = 0
         self._stop = trio.Event()
         self._startup = trio.CancelScope()
@@ -243,6 +244,7 @@ class Daemon:
                     url,
                     dsn,
                     stop_timeout_s=c.supervisor.stop_timeout_s,
+                    running=self.worker_processes,
                 )
             else:
                 consumer = make_consumer(c, url, dsn, worker, milestones)
@@ -340,6 +342,9 @@ class Daemon:
                     self._startup.cancel()
                 else:
                     log.warning("daemon.signal", signal=name, action="immediate exit")
+                    self.exit_code = 1  # the drain was cut short
+                    for proc in self.worker_processes:
+                        proc.kill()
                     root.cancel()
 
     def _reload(self) -> None:

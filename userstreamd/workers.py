@@ -46,9 +46,13 @@ async def run_consumer_process(
     *,
     stop_timeout_s: float = 10.0,
     ready_timeout_s: float = 60.0,
+    running: set[trio.Process] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    """One consumer child process; `running` (if given) holds it while it lives, so the
+    daemon can SIGKILL every worker at once on a forced exit."""
     log = get_logger().bind(worker=worker)
+    running = set() if running is None else running
     read_fd, write_fd = os.pipe()
     try:
         proc = await trio.lowlevel.open_process(
@@ -73,6 +77,7 @@ async def run_consumer_process(
         )
     finally:
         os.close(write_fd)
+    running.add(proc)
     log.info("supervisor.process_started", pid=proc.pid)
     try:
         async with trio.lowlevel.FdStream(read_fd) as pipe:
@@ -81,10 +86,14 @@ async def run_consumer_process(
                 while not said.endswith(b"\n") and (chunk := await pipe.receive_some()):
                     said += chunk
         if said != READY:
-            code = await proc.wait()
-            raise WorkerExited(
-                f"consumer worker {worker} (pid {proc.pid}) was never ready: {_how(code)}"
+            with trio.move_on_after(1):  # the pipe closed: the child is on its way out
+                await proc.wait()
+            how = (
+                f"not ready within {ready_timeout_s:g} s"
+                if proc.returncode is None
+                else _how(proc.returncode)
             )
+            raise WorkerExited(f"consumer worker {worker} (pid {proc.pid}) was never ready: {how}")
         task_status.started(proc.pid)
         code = await proc.wait()
         if code != 0:
@@ -101,6 +110,7 @@ async def run_consumer_process(
                     proc.kill()
                     await proc.wait()
             log.info("supervisor.process_stopped", pid=proc.pid, how=_how(proc.returncode))
+        running.discard(proc)
 
 
 async def _exit_with_parent(parent: int, scope: trio.CancelScope) -> None:
