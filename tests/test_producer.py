@@ -167,3 +167,15 @@ async def test_no_fallback_means_retrying_without_inventing_users(
     got = await _run_for(producer, 20)
     assert got == []
     assert producer.fetch_failures == len(primary.calls) >= 5
+
+
+async def test_a_restarted_producer_resumes_at_the_first_unpublished_position(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    hub = Hub("e")
+    producer = Producer(hub, SyntheticSource("restart"), rate_per_s=10, page_size=50)
+    first = await _run_for(producer, 2.05)  # 20 published, a page of 50 fetched ahead
+    assert producer.position > producer.next_position == 21
+    second = await _run_for(producer, 1.05)
+    positions = [m["position"] for _, m in first + second]
+    assert positions == list(range(1, 31)), "no position skipped, none repeated"

@@ -93,6 +93,7 @@ class Producer:
         self.keep_credentials = keep_credentials
         self.log_each_user_below_per_s = log_each_user_below_per_s
         self.position = start_position  # next position the fetcher asks for
+        self.next_position = start_position  # next position to publish (or dead-letter)
         self.published = self.invalid = self.fetch_failures = 0
         self.fallback_active = self.circuit_open = False
         self.failures_by_kind: dict[str, int] = {}
@@ -123,6 +124,8 @@ class Producer:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         bind(component="producer")
+        # After a crash, fetch again what was fetched but not yet published.
+        self.position = self.next_position
         send, receive = trio.open_memory_channel[Page](0)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._fetch_pages, send)
@@ -247,6 +250,10 @@ class Producer:
                     await trio.lowlevel.checkpoint()
 
     async def _publish(self, raw: dict[str, Any], source: str, position: int) -> None:
+        await self._publish_or_reject(raw, source, position)
+        self.next_position = position + 1
+
+    async def _publish_or_reject(self, raw: dict[str, Any], source: str, position: int) -> None:
         try:
             user = parse_user(raw)
         except InvalidRecord as exc:
