@@ -145,7 +145,7 @@ def test_sd_notify_ready_watchdog_status_stopping(
         time.sleep(1.6)
         daemon.proc.send_signal(signal.SIGTERM)
         receive_until("STOPPING=1")
-        assert daemon.stop() == 0
+        assert daemon.stop_when_exited() == 0
     ready = next(m for _, m in messages if "READY=1" in m)
     assert f"MAINPID={daemon.proc.pid}" in ready and "STATUS=" in ready
     ready_at = next(t for t, m in messages if "READY=1" in m)

@@ -43,14 +43,14 @@ class _Table(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tr
     pass
 
 
-class DaemonConfig(_Table):
+class DaemonConfig(_Table, frozen=True):
     state_dir: str = "state"
     log_level: LogLevel = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     stats_interval_s: Positive = 60.0
 
 
-class ProducerConfig(_Table):
+class ProducerConfig(_Table, frozen=True):
     source: Literal["randomuser", "synthetic"] = "randomuser"
     rate_per_s: Annotated[float, msgspec.Meta(gt=0, le=100_000)] = 1.0
     fallback: Literal["synthetic", "none"] = "synthetic"
@@ -61,7 +61,7 @@ class ProducerConfig(_Table):
     log_each_user_below_per_s: NonNegative = 5.0
 
 
-class RandomUserConfig(_Table):
+class RandomUserConfig(_Table, frozen=True):
     url: str = DEFAULT_RANDOMUSER_URL
     timeout_s: Positive = 10.0
     page_size: Annotated[int, msgspec.Meta(ge=0, le=5000)] = 0
@@ -74,7 +74,7 @@ class RandomUserConfig(_Table):
     budget_window_s: Positive = 300.0
 
 
-class BroadcasterConfig(_Table):
+class BroadcasterConfig(_Table, frozen=True):
     host: str = "127.0.0.1"
     port: Port = DEFAULT_PORT
     buffer_messages: Annotated[int, msgspec.Meta(ge=1)] = 100_000
@@ -82,7 +82,7 @@ class BroadcasterConfig(_Table):
     client_lag_max: Annotated[int, msgspec.Meta(ge=1)] = 10_000
 
 
-class ConsumersConfig(_Table):
+class ConsumersConfig(_Table, frozen=True):
     count: Annotated[int, msgspec.Meta(ge=0, le=64)] = 2
     processes: bool | Literal["auto"] = "auto"
     group: str = "db"
@@ -93,13 +93,13 @@ class ConsumersConfig(_Table):
     reconnect_max_s: Positive = 5.0
 
 
-class DatabaseConfig(_Table):
+class DatabaseConfig(_Table, frozen=True):
     dsn: str = ""
     password_env: str = DEFAULT_PASSWORD_ENV
     milestone_every: Annotated[int, msgspec.Meta(ge=1)] = 1000
 
 
-class SupervisorConfig(_Table):
+class SupervisorConfig(_Table, frozen=True):
     restart_delay_min_s: Positive = 0.1
     restart_delay_max_s: Positive = 30.0
     restart_reset_after_s: Positive = 30.0
@@ -109,7 +109,7 @@ class SupervisorConfig(_Table):
     stop_timeout_s: Positive = 10.0
 
 
-class Config(_Table):
+class Config(_Table, frozen=True):
     daemon: DaemonConfig = msgspec.field(default_factory=DaemonConfig)
     producer: ProducerConfig = msgspec.field(default_factory=ProducerConfig)
     randomuser: RandomUserConfig = msgspec.field(default_factory=RandomUserConfig)

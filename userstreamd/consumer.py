@@ -154,7 +154,11 @@ class Consumer:
                         started = True
                     await self._receive(ws, send)
             except (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError) as exc:
-                going_away = isinstance(exc, ConnectionClosed) and exc.reason.code == 1001
+                going_away = (
+                    isinstance(exc, ConnectionClosed)
+                    and exc.reason is not None
+                    and exc.reason.code == 1001
+                )
                 (log.info if going_away else log.warning)(
                     "consumer.disconnected",
                     url=self.url,
@@ -304,6 +308,6 @@ class Consumer:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ConnectionClosed):
+    if isinstance(exc, ConnectionClosed) and exc.reason is not None:
         return f"closed {exc.reason.code} {exc.reason.reason or ''}".strip()
     return f"{type(exc).__name__}: {exc}"

@@ -31,7 +31,7 @@ from .sources.randomuser import RandomUserSource, UserBudget
 from .sources.synthetic import SyntheticSource
 from .store.embedded import EmbeddedPostgres
 from .store.postgres import PostgresStore
-from .supervisor import Intensity, RestartPolicy, Supervisor
+from .supervisor import ComponentFn, Intensity, RestartPolicy, Supervisor
 from .systemd import Notifier
 from .workers import run_consumer_process
 
@@ -236,6 +236,7 @@ class Daemon:
         c = self.config
         milestones = Milestones(c.database.milestone_every)
         for worker in range(1, c.consumers.count + 1):
+            run: ComponentFn
             if c.consumer_processes:
                 run = partial(
                     run_consumer_process,

@@ -27,28 +27,28 @@ class _Part(msgspec.Struct, frozen=True, kw_only=True):
     pass
 
 
-class Name(_Part):
+class Name(_Part, frozen=True):
     title: str = ""
     first: str = ""
     last: str = ""
 
 
-class Street(_Part):
+class Street(_Part, frozen=True):
     number: Int32 | None = None
     name: str = ""
 
 
-class Coordinates(_Part):
+class Coordinates(_Part, frozen=True):
     latitude: float | str
     longitude: float | str
 
 
-class Timezone(_Part):
+class Timezone(_Part, frozen=True):
     offset: str = ""
     description: str = ""
 
 
-class Location(_Part):
+class Location(_Part, frozen=True):
     street: Street | None = None
     city: str = ""
     state: str = ""
@@ -58,28 +58,28 @@ class Location(_Part):
     timezone: Timezone | None = None
 
 
-class Login(_Part):
+class Login(_Part, frozen=True):
     uuid: uuid.UUID
     username: str = ""
 
 
-class Dated(_Part):
+class Dated(_Part, frozen=True):
     date: datetime
     age: Int32 | None = None
 
 
-class IdDoc(_Part):
+class IdDoc(_Part, frozen=True):
     name: str = ""
     value: str | None = None
 
 
-class Picture(_Part):
+class Picture(_Part, frozen=True):
     large: str = ""
     medium: str = ""
     thumbnail: str = ""
 
 
-class User(_Part):
+class User(_Part, frozen=True):
     """A validated record: exactly what the table's typed columns are made from."""
 
     login: Login

@@ -109,7 +109,9 @@ async def run_consumer_process(
                     log.error("supervisor.process_killed", pid=proc.pid, after_s=stop_timeout_s)
                     proc.kill()
                     await proc.wait()
-            log.info("supervisor.process_stopped", pid=proc.pid, how=_how(proc.returncode))
+            stopped = proc.poll()
+            assert stopped is not None  # waited for above, under the shield
+            log.info("supervisor.process_stopped", pid=proc.pid, how=_how(stopped))
         running.discard(proc)
 
 
