@@ -58,6 +58,14 @@ def test_killed_consumer_process_is_restarted_and_nothing_else_stops(
     assert [e["component"] for e in crash] == ["consumer-1"]
     assert "killed by SIGKILL" in crash[0]["error"]
     assert [e["component"] for e in daemon.events("supervisor.restarted")] == ["consumer-1"]
+    # The state is in the logs too: restart count and last exit per component.
+    states = [
+        e["components"]
+        for e in daemon.events("daemon.stats")
+        if e["components"]["consumer-1"]["restarts"] == 1
+    ]
+    assert states and "killed by SIGKILL" in states[0]["consumer-1"]["last_exit"]
+    assert states[0]["producer"] == {"state": "running", "restarts": 0, "last_exit": None}
     # The producer never paused: at 50/s (one user per 0.02 s) no gap reaches 0.5 s.
     published = daemon.events("producer.published")
     times = [_ts(e) for e in published]

@@ -376,9 +376,10 @@ class Daemon:
             rate = (self.hub.last_seq - last_seq) / (now - last_time)
             last_seq, last_time = self.hub.last_seq, now
             source = self.producer.statistics().active_source if self.producer else None
-            components = (
-                {s.name: s.state for s in self.supervisor.snapshot()} if (self.supervisor) else {}
-            )
+            components = {
+                s.name: {"state": s.state, "restarts": s.restarts, "last_exit": s.last_exit}
+                for s in (self.supervisor.snapshot() if self.supervisor else [])
+            }
             log.info(
                 "daemon.stats",
                 users_streamed=self.hub.last_seq,
