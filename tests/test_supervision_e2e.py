@@ -104,6 +104,7 @@ def test_component_crashing_on_every_start_hits_the_intensity_limit(
     assert giving_up[0]["reason"].startswith("broadcaster: more than 4 restarts in 30 s")
     assert "Address already in use" in giving_up[0]["reason"]
     assert not daemon.events("daemon.ready")
+    assert not daemon.events("supervisor.stop_timeout"), "the failed start stops at once"
     assert daemon.events("database.embedded_stopped") or tables["database"]["dsn"]
 
 

@@ -4,26 +4,34 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
 from . import __version__
 from .config import Config, load_config
-from .errors import ConfigError, UserstreamdError
+from .errors import ConfigError
 from .logs import configure_logging, get_logger
+from .supervisor import describe
 
 DEFAULT_CONFIG = "config.toml"
+
+
+def _run_logged(main: Callable[..., Awaitable[int]], *args: Any) -> int:
+    """trio.run(main); a crash is one JSON log line with its traceback, and exit code 1."""
+    try:
+        return trio.run(main, *args)
+    except Exception as exc:
+        get_logger().error("daemon.failed", error=describe(exc), exc_info=exc)
+        return 1
 
 
 def cmd_run(config: Config, args: argparse.Namespace) -> int:
     """Run the daemon until SIGINT/SIGTERM."""
     from .daemon import run_daemon
 
-    try:
-        return trio.run(run_daemon, config)
-    except UserstreamdError as exc:
-        get_logger().error("daemon.failed", error=str(exc))
-        return 1
+    return _run_logged(run_daemon, config)
 
 
 def cmd_check(config: Config, args: argparse.Namespace) -> int:
@@ -36,7 +44,7 @@ def cmd_consumer_worker(config: Config, args: argparse.Namespace) -> int:
     """Internal: one consumer as a child process of the daemon."""
     from .workers import run_consumer_worker
 
-    return trio.run(run_consumer_worker, config, args.worker, args.url, args.ready_fd)
+    return _run_logged(run_consumer_worker, config, args.worker, args.url, args.ready_fd)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -131,52 +131,55 @@ class Supervisor:
         log = get_logger()
         reported = False
         delay = c.policy.delay_min_s
-        with c.scope:
-            while True:
-                c.state = "starting"
-                started_at: float | None = None
-                crashed = True
-                try:
-                    async with trio.open_nursery() as nursery:
-                        value = await nursery.start(c.fn)
-                        c.state, started_at = "running", trio.current_time()
-                        if not reported:
-                            task_status.started(value)
-                            reported = True
-                        else:
-                            log.info("supervisor.restarted", restarts=c.restarts)
-                    c.last_exit, crashed = "returned", False
-                except Exception as exc:
-                    c.last_exit = describe(exc)
-                    log.error("supervisor.component_crashed", error=c.last_exit, exc_info=exc)
-                if not crashed and c.policy.restart == "transient":
-                    log.info("supervisor.component_done")
-                    break
-                if started_at is not None and (
-                    trio.current_time() - started_at >= c.policy.reset_after_s
-                ):
-                    delay = c.policy.delay_min_s
-                if not self._restart_allowed(c):
-                    c.state = "failed"
-                    log.error("supervisor.intensity_exceeded", reason=self.failure)
-                    if self.on_escalate is not None:
-                        assert self.failure is not None
-                        self.on_escalate(self.failure)
-                    await trio.sleep_forever()  # stays failed until the daemon stops it
-                c.restarts += 1
-                c.state = "backoff"
-                wait = delay * random.uniform(0.5, 1.0)
-                log.warning(
-                    "supervisor.backoff",
-                    restart_in_s=round(wait, 3),
-                    restarts=c.restarts,
-                    last_exit=c.last_exit,
-                )
-                await trio.sleep(wait)
-                delay = min(c.policy.delay_max_s, delay * 2)
-        if c.state != "failed":
-            c.state = "stopped"
-        c.done.set()
+        try:
+            with c.scope:
+                while True:
+                    c.state = "starting"
+                    started_at: float | None = None
+                    crashed = True
+                    try:
+                        async with trio.open_nursery() as nursery:
+                            value = await nursery.start(c.fn)
+                            c.state, started_at = "running", trio.current_time()
+                            if not reported:
+                                task_status.started(value)
+                                reported = True
+                            else:
+                                log.info("supervisor.restarted", restarts=c.restarts)
+                        c.last_exit, crashed = "returned", False
+                    except Exception as exc:
+                        c.last_exit = describe(exc)
+                        log.error("supervisor.component_crashed", error=c.last_exit, exc_info=exc)
+                    if not crashed and c.policy.restart == "transient":
+                        log.info("supervisor.component_done")
+                        break
+                    if started_at is not None and (
+                        trio.current_time() - started_at >= c.policy.reset_after_s
+                    ):
+                        delay = c.policy.delay_min_s
+                    if not self._restart_allowed(c):
+                        c.state = "failed"
+                        log.error("supervisor.intensity_exceeded", reason=self.failure)
+                        if self.on_escalate is not None:
+                            assert self.failure is not None
+                            self.on_escalate(self.failure)
+                        await trio.sleep_forever()  # stays failed until the daemon stops it
+                    c.restarts += 1
+                    c.state = "backoff"
+                    wait = delay * random.uniform(0.5, 1.0)
+                    log.warning(
+                        "supervisor.backoff",
+                        restart_in_s=round(wait, 3),
+                        restarts=c.restarts,
+                        last_exit=c.last_exit,
+                    )
+                    await trio.sleep(wait)
+                    delay = min(c.policy.delay_max_s, delay * 2)
+        finally:
+            # Also when cancelled from outside (a start that never reported ready).
+            if c.state != "failed":
+                c.state = "stopped"
+            c.done.set()
 
     async def stop(self, name: str) -> None:
         """Cancel one component and wait (bounded) until it has finished its cleanup."""
