@@ -219,3 +219,20 @@ def test_a_second_signal_exits_at_once(tmp_path: Path, dsn: str, daemon_factory:
     assert time.monotonic() - sent_at < 20
     actions = [e["action"] for e in daemon.events("daemon.signal")]
     assert actions == ["graceful stop", "immediate exit"]
+
+
+def test_two_daemons_cannot_share_a_state_directory(tmp_path: Path, daemon_factory: Any) -> None:
+    tables = daemon_tables(tmp_path, "")  # embedded PostgreSQL in tmp_path/state
+    tables["producer"] = {"source": "synthetic", "rate_per_s": 5}
+    tables["supervisor"] = {"max_restarts": 1}
+    first = daemon_factory(tables, name="first")
+    first.wait_for("daemon.ready")
+    second = daemon_factory(tables, name="second")
+    assert second.stop_when_exited(timeout_s=60) == 1
+    reason = second.events("daemon.giving_up")[0]["reason"]
+    assert f"in use by another userstreamd (pid {first.proc.pid})" in reason
+    time.sleep(0.5)
+    assert first.proc.poll() is None, "the first daemon and its server carry on"
+    assert not second.events("embedded_postgres.stale_server")
+    assert first.stop() == 0
+    assert first.events("database.embedded_stopped")[0]["exit_code"] == 0

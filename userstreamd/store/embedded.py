@@ -13,6 +13,7 @@ the system user ``userstreamd`` (created with ``useradd --system`` if missing).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.util
 import os
 import pwd
@@ -71,6 +72,29 @@ def _open_path_for_others(path: Path) -> None:
             get_logger().warning("embedded_postgres.path_opened", path=str(folder), added="o+x")
 
 
+_locks: dict[Path, int] = {}
+
+
+def _lock(state_dir: Path) -> None:
+    """One daemon per state directory: a second one must not stop the first one's server
+    as if it were a stale leftover. The lock lives as long as this process."""
+    if state_dir in _locks:
+        return
+    fd = os.open(state_dir / "userstreamd.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise EmbeddedPostgresError(
+            f"{state_dir} is in use by another userstreamd (pid {holder}); "
+            "give each daemon its own daemon.state_dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _locks[state_dir] = fd
+
+
 class EmbeddedPostgres:
     """Blocking control of one server; the daemon calls it through trio.to_thread."""
 
@@ -98,6 +122,7 @@ class EmbeddedPostgres:
     def prepare(self) -> bool:
         """Create the data directory and run initdb on first use; True if it did."""
         self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _lock(self.data_dir.parent)
         if self._user is not None:
             _open_path_for_others(self.data_dir.parent)
             _open_path_for_others(self.bin)
