@@ -299,6 +299,7 @@ class Daemon:
             "published": producer.published if producer else 0,
             "invalid": producer.invalid if producer else 0,
             "fetch_failures": dict(producer.failures_by_kind) if producer else {},
+            "backpressure_waits": producer.backpressure_waits if producer else 0,
             "last_seq": self.hub.last_seq,
             "committed_through": self._committed_through(),
         }

@@ -190,10 +190,14 @@ class Hub:
         self._notify()
         return message
 
-    async def publish(self, user: dict[str, Any], source: str, position: int) -> UserMessage:
-        """Append one user, first waiting while the buffer is full of unacknowledged frames."""
+    async def wait_for_room(self) -> None:
+        """Return once the buffer has room (at once when it has)."""
         while not self.has_room():
             await self._wait()
+
+    async def publish(self, user: dict[str, Any], source: str, position: int) -> UserMessage:
+        """Append one user, first waiting while the buffer is full of unacknowledged frames."""
+        await self.wait_for_room()
         return self.publish_nowait(user, source, position)
 
     # -- plain clients -----------------------------------------------------------------------

@@ -51,6 +51,7 @@ class ProducerStatistics:
     failures_by_kind: Mapping[str, int]
     rate_per_s: float
     position: int
+    backpressure_waits: int
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ class Producer:
             MappingProxyType(dict(self.failures_by_kind)),
             self.rate_per_s,
             self.position,
+            self.backpressure_waits,
         )
 
     def set_rate(self, rate_per_s: float) -> None:
@@ -269,7 +271,8 @@ class Producer:
             get_logger().info(
                 "producer.backpressure", position=position, buffered=self.hub.statistics().buffered
             )
-        message = await self.hub.publish(
+            await self.hub.wait_for_room()
+        message = self.hub.publish_nowait(
             raw if self.keep_credentials else scrub(raw), source, position
         )
         self.published += 1
