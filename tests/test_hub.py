@@ -11,7 +11,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from userstreamd.hub import Hub, Member, Slow, StaleAck, Subscription
+from userstreamd.hub import AckTimeout, GroupLagging, Hub, Member, Slow, StaleAck, Subscription
 
 
 def _publish(hub: Hub, n: int) -> None:
@@ -155,7 +155,7 @@ def test_checkpoint_frame_follows_the_watermark() -> None:
 
 def test_a_full_buffer_of_unacked_users_holds_the_producer() -> None:
     hub = Hub("ep", buffer_messages=5)
-    hub.declare_group("db")  # permanent: holds users even with no member connected
+    hub.declare_group("db", holds_producer=True)  # the daemon's own: even with no member
     _publish(hub, 5)
     assert not hub.has_room()
     member = hub.join("db", "late")
@@ -165,17 +165,70 @@ def test_a_full_buffer_of_unacked_users_holds_the_producer() -> None:
     assert not hub.has_room()
 
 
-def test_a_non_permanent_group_without_members_holds_nothing() -> None:
+def test_a_group_that_does_not_hold_the_producer_is_cut_off_instead_of_filling_the_buffer() -> None:
     hub = Hub("ep", buffer_messages=3)
-    member = hub.join("tmp", "a")
+    member = hub.join("tmp", "a")  # never acks
+    _publish(hub, 10)
+    assert hub.has_room() and hub.last_seq == 10
+    assert isinstance(member.ended, GroupLagging)
+    with pytest.raises(GroupLagging):
+        hub.next_member_frame_nowait(member)
+    assert not hub.has_group("tmp"), "an ad hoc group ends with its last member"
+    assert hub.statistics().groups_cut_off == 1
+
+
+def test_a_declared_group_too_far_behind_restarts_live_and_tells_the_next_member_the_gap() -> None:
+    hub = Hub("ep", group_lag_max=5, window=100)
+    hub.declare_group("audit")
+    a = hub.join("audit", "a")
     _publish(hub, 3)
-    assert not hub.has_room()
-    hub.leave(member)
-    assert hub.has_room()
+    assert _take(hub, a) == [1, 2, 3]
+    hub.ack(a, [1])
+    _publish(hub, 5)  # at seq 7 it is 6 behind its watermark (1): more than 5
+    assert isinstance(a.ended, GroupLagging)
+    b = hub.join("audit", "b")
+    gap = json.loads(hub.next_member_frame_nowait(b) or "{}")
+    assert (gap["type"], gap["from_seq"], gap["to_seq"]) == ("gap", 2, 7)
+    _publish(hub, 2)
+    assert _take(hub, b) == [8, 9, 10]
+    assert hub.watermark("audit")[0] == 7
+
+
+async def test_a_member_that_holds_users_and_never_acks_is_evicted_and_they_are_redelivered(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    hub = Hub("ep", window=100)
+    hub.declare_group("db", holds_producer=True)
+    mute, good = hub.join("db", "mute"), hub.join("db", "good")
+    _publish(hub, 4)
+    held, got = _take(hub, mute), _take(hub, good)
+    assert held and got
+    await trio.sleep(5)
+    hub.ack(good, got)
+    assert hub.evict_silent_members(10) == []  # 5 s silent: not yet
+    await trio.sleep(6)
+    assert hub.evict_silent_members(10) == [mute]
+    with pytest.raises(AckTimeout):
+        hub.next_member_frame_nowait(mute)
+    assert _take(hub, good) == held
+    hub.ack(good, held)
+    assert hub.watermark("db")[0] == 4
+    assert hub.statistics().members_evicted == 1
+    assert hub.evict_silent_members(10) == [], "a member holding nothing is never silent"
+
+
+def test_resume_from_further_back_than_the_lag_bound_skips_to_where_it_can_keep_up() -> None:
+    hub = Hub("ep", client_lag_max=100)
+    _publish(hub, 500)
+    sub = hub.subscribe("far", since=("ep", 10))
+    assert sub.gap is not None and (sub.gap.from_seq, sub.gap.to_seq) == (11, 450)
+    assert [m["seq"] for m in _read(hub, sub)] == list(range(451, 501))
+    assert not sub.slow
 
 
 async def test_publish_waits_for_room_then_goes_on(autojump_clock: trio.abc.Clock) -> None:
     hub = Hub("ep", buffer_messages=2)
+    hub.declare_group("db", holds_producer=True)
     member = hub.join("db", "a")
     done: list[int] = []
 
@@ -193,10 +246,11 @@ async def test_publish_waits_for_room_then_goes_on(autojump_clock: trio.abc.Cloc
         assert done == [1, 2, 3, 4]
 
 
-async def test_wait_drained_waits_for_every_group_with_members(
+async def test_wait_drained_waits_for_the_group_that_holds_the_producer_only(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     hub = Hub("ep")
+    hub.declare_group("db", holds_producer=True)
     a, b = hub.join("db", "a"), hub.join("audit", "b")
     _publish(hub, 3)
     drained = trio.Event()
@@ -207,12 +261,11 @@ async def test_wait_drained_waits_for_every_group_with_members(
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(waiter)
-        hub.ack(a, _take(hub, a))
         await trio.testing.wait_all_tasks_blocked()
         assert not drained.is_set()
-        hub.leave(b)  # a group without members is not waited for
+        hub.ack(a, _take(hub, a))  # audit (b) has acked nothing: not waited for
         await trio.testing.wait_all_tasks_blocked()
-        assert drained.is_set()
+        assert drained.is_set() and b.in_flight
 
 
 # -- properties ------------------------------------------------------------------------------

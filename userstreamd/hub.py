@@ -22,12 +22,22 @@ flight, so a slow database slows delivery instead of growing memory. When a memb
 leaves, its unacknowledged frames go back to the group and are redelivered to the others
 (or to it when it returns), lowest seq first. A group's *watermark* is the highest seq
 with everything up to it acknowledged: durable, since acks follow commits.
+
+**Only the daemon's own group holds the producer back.** It is declared with
+``holds_producer``: the buffer keeps every frame it has not acknowledged, and the
+producer waits for it. Any other group is bounded like a plain client: once it is more
+than ``group_lag_max`` frames behind, or a frame it still needs is evicted, it is *cut
+off*: its members end with `GroupLagging`, it restarts at the live end, and the next
+member to join learns what the group missed from a `Gap`. A member holding frames that
+acknowledges nothing for ``ack_timeout_s`` is evicted (`evict_silent_members`) and what
+it held is redelivered.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -37,12 +47,32 @@ import trio
 from .messages import Checkpoint, Gap, UserMessage, encode
 
 
+def _now() -> float:
+    """trio's clock inside a run (so tests can jump it); the hub is also driven outside one."""
+    try:
+        return trio.current_time()
+    except RuntimeError:
+        return time.monotonic()
+
+
 class Slow(Exception):
     """A plain client fell too far behind (or its next frame was evicted)."""
 
 
 class StaleAck(Exception):
     """An ack for a seq this member does not hold (already acked, or from before a reconnect)."""
+
+
+class MemberEnded(Exception):
+    """This member is no longer part of its group; the broadcaster closes its connection."""
+
+
+class GroupLagging(MemberEnded):
+    """The member's group fell too far behind and was cut off."""
+
+
+class AckTimeout(MemberEnded):
+    """The member held users and acknowledged none of them for ``ack_timeout_s``."""
 
 
 @dataclass(slots=True)
@@ -72,6 +102,9 @@ class Member:
     in_flight: set[int] = field(default_factory=set)
     outbox: list[int] = field(default_factory=list)  # heap: assigned, not yet sent
     checkpoint_due: bool = False
+    gap: Gap | None = None  # what its group missed before it joined: sent first
+    ended: MemberEnded | None = None
+    silent_since: float = 0.0  # when it last acknowledged something (or began to hold)
 
 
 @dataclass(eq=False)
@@ -79,12 +112,14 @@ class Group:
     name: str
     watermark: int
     position: int = 0  # source position of the watermark's frame
-    permanent: bool = False
+    permanent: bool = False  # persists with no members (else removed with its last member)
+    holds_producer: bool = False
     next_seq: int = 0
     redeliver: list[int] = field(default_factory=list)  # heap
     acked_above: set[int] = field(default_factory=set)
     members: dict[int, Member] = field(default_factory=dict)
     turn: int = 0  # round robin among members with room
+    gap: Gap | None = None  # what it missed when cut off, for the next member to join
 
     def __post_init__(self) -> None:
         self.next_seq = self.next_seq or self.watermark + 1
@@ -109,6 +144,8 @@ class HubStatistics:
     buffered_bytes: int
     slow_disconnects: int
     bad_frames: int
+    groups_cut_off: int
+    members_evicted: int
     groups: tuple[GroupStatistics, ...]
 
 
@@ -121,14 +158,17 @@ class Hub:
         buffer_messages: int = 100_000,
         buffer_bytes: int = 256 * 2**20,
         client_lag_max: int = 10_000,
+        group_lag_max: int = 10_000,
         window: int = 1000,
     ) -> None:
         self.epoch = epoch
         self.last_seq = first_seq - 1
         self.buffer_messages, self.buffer_bytes = buffer_messages, buffer_bytes
         self.client_lag_max = client_lag_max
+        self.group_lag_max = group_lag_max
         self.window = window
         self.slow_disconnects = self.bad_frames = 0
+        self.groups_cut_off = self.members_evicted = 0
         self._entries: dict[int, _Entry] = {}
         self._oldest = first_seq
         self._bytes = 0
@@ -145,8 +185,11 @@ class Hub:
         return len(self._subs) + sum(len(g.members) for g in self._groups.values())
 
     def _floor(self) -> int:
-        """Every seq at or below this is acknowledged by every group."""
-        return min((g.watermark for g in self._groups.values()), default=self.last_seq)
+        """Every seq at or below this is acknowledged by every group that holds the producer."""
+        return min(
+            (g.watermark for g in self._groups.values() if g.holds_producer),
+            default=self.last_seq,
+        )
 
     def _evict(self, room_for: int = 0) -> None:
         """Drop the oldest frames every group has acknowledged while over the bounds."""
@@ -162,6 +205,9 @@ class Hub:
             entry = self._entries.pop(self._oldest)
             self._bytes -= len(entry.frame)
             self._oldest += 1
+        for group in list(self._groups.values()):
+            if group.watermark + 1 < self._oldest:  # it still needs what is gone
+                self._cut_off_group(group, "its next users left the buffer")
 
     def has_room(self) -> bool:
         self._evict(room_for=1)
@@ -215,6 +261,16 @@ class Hub:
                     reason=f"epoch {epoch} is not this stream's history; "
                     f"continuing live from seq {self.last_seq + 1}",
                 )
+            elif self.last_seq - seq >= self.client_lag_max:
+                # Replaying all of it would cut the client off at once, and its reconnect
+                # would ask for the same again: skip to half the lag it may have.
+                sub.next_seq = max(self._oldest, self.last_seq + 1 - self.client_lag_max // 2)
+                sub.gap = Gap(
+                    epoch=self.epoch,
+                    from_seq=seq + 1,
+                    to_seq=sub.next_seq - 1,
+                    reason=f"more than client_lag_max ({self.client_lag_max}) users behind",
+                )
             elif seq + 1 >= self._oldest:
                 sub.next_seq = seq + 1
             else:
@@ -261,6 +317,9 @@ class Hub:
         for sub in list(self._subs.values()):
             if self.last_seq - sub.next_seq >= self.client_lag_max:
                 self._cut_off(sub)
+        for group in list(self._groups.values()):
+            if not group.holds_producer and self.last_seq - group.watermark > self.group_lag_max:
+                self._cut_off_group(group, f"more than {self.group_lag_max} users behind")
 
     def _cut_off(self, sub: Subscription) -> None:
         if not sub.slow:
@@ -270,18 +329,30 @@ class Hub:
     # -- groups ------------------------------------------------------------------------------
 
     def declare_group(
-        self, name: str, *, watermark: int | None = None, position: int = 0, permanent: bool = True
+        self,
+        name: str,
+        *,
+        watermark: int | None = None,
+        position: int = 0,
+        permanent: bool = True,
+        holds_producer: bool = False,
     ) -> Group:
-        """A group that holds frames from `watermark` + 1 on, members or not."""
+        """A group that is owed frames from `watermark` + 1 on, members or not (while it
+        keeps up, unless it `holds_producer`)."""
         if name in self._groups:
             return self._groups[name]
         start = self.last_seq if watermark is None else watermark
-        group = self._groups[name] = Group(name, start, position, permanent)
+        group = self._groups[name] = Group(name, start, position, permanent, holds_producer)
         return group
+
+    def has_group(self, name: str) -> bool:
+        return name in self._groups
 
     def join(self, group_name: str, peer: str, window: int | None = None) -> Member:
         group = self._groups.get(group_name) or self.declare_group(group_name, permanent=False)
         member = Member(next(self._ids), peer, group, window or self.window)
+        member.silent_since = _now()
+        member.gap, group.gap = group.gap, None
         group.members[member.id] = member
         self._dispatch(group)
         self._notify()
@@ -302,6 +373,46 @@ class Hub:
             self._dispatch(group)
         self._notify()
 
+    def _end(self, member: Member, ended: MemberEnded) -> None:
+        member.ended = ended
+        self.leave(member)
+
+    def _cut_off_group(self, group: Group, reason: str) -> None:
+        """The group is too far behind: its members end, it restarts at the live end, and
+        the next member to join is told what it missed."""
+        self.groups_cut_off += 1
+        missed = Gap(
+            epoch=self.epoch, from_seq=group.watermark + 1, to_seq=self.last_seq, reason=reason
+        )
+        for member in group.members.values():
+            member.ended = GroupLagging(f"group {group.name!r} cut off: {reason}")
+            member.in_flight.clear()
+            member.outbox.clear()
+        group.members.clear()
+        group.watermark, group.next_seq = self.last_seq, self.last_seq + 1
+        group.redeliver.clear()
+        group.acked_above.clear()
+        if group.permanent:  # lives on at the live end
+            group.gap = missed
+        else:
+            del self._groups[group.name]
+        self._notify()
+
+    def evict_silent_members(self, timeout_s: float) -> list[Member]:
+        """End every member that holds frames and has acknowledged none for `timeout_s`;
+        what they held is redelivered."""
+        deadline = _now() - timeout_s
+        silent = [
+            m
+            for g in self._groups.values()
+            for m in g.members.values()
+            if m.in_flight and m.silent_since <= deadline
+        ]
+        for member in silent:
+            self.members_evicted += 1
+            self._end(member, AckTimeout(f"acknowledged nothing for {timeout_s:g} s"))
+        return silent
+
     def _dispatch(self, group: Group) -> None:
         """Assign waiting frames to the members with room, in turn."""
         while group.members:
@@ -316,6 +427,8 @@ class Hub:
                 return
             member = ready[group.turn % len(ready)]
             group.turn += 1
+            if not member.in_flight:
+                member.silent_since = _now()
             if group.redeliver:
                 heapq.heappop(group.redeliver)
             else:
@@ -324,6 +437,12 @@ class Hub:
             heapq.heappush(member.outbox, seq)
 
     def next_member_frame_nowait(self, member: Member) -> str | None:
+        """The member's next frame, None if it has nothing due; MemberEnded once it ended."""
+        if member.ended is not None:
+            raise member.ended
+        if member.gap is not None:
+            gap, member.gap = member.gap, None
+            return encode(gap)
         if member.checkpoint_due:
             member.checkpoint_due = False
             group = member.group
@@ -351,6 +470,7 @@ class Hub:
             if seq in member.in_flight:
                 member.in_flight.discard(seq)
                 group.acked_above.add(seq)
+                member.silent_since = _now()
         advanced = False
         while group.watermark + 1 in group.acked_above:
             group.watermark += 1
@@ -374,8 +494,11 @@ class Hub:
     # -- life cycle --------------------------------------------------------------------------
 
     def drained(self) -> bool:
-        """Every group with members has acknowledged everything published."""
-        return all(g.watermark >= self.last_seq for g in self._groups.values() if g.members)
+        """Every group that holds the producer has acknowledged everything published
+        (other groups are not waited for: they are bounded, not owed)."""
+        return all(
+            g.watermark >= self.last_seq for g in self._groups.values() if g.holds_producer
+        )
 
     async def wait_drained(self) -> None:
         while not self.drained():
@@ -406,6 +529,8 @@ class Hub:
             self._bytes,
             self.slow_disconnects,
             self.bad_frames,
+            self.groups_cut_off,
+            self.members_evicted,
             groups,
         )
 
