@@ -15,14 +15,15 @@ import trio
 from trio_websocket import ConnectionClosed, wrap_client_stream
 
 from userstreamd.broadcaster import CLOSE_GOING_AWAY, CLOSE_SLOW, run_broadcaster
+from userstreamd.config import BroadcasterConfig
 from userstreamd.hub import Hub
 from userstreamd.producer import Producer
 from userstreamd.sources.synthetic import SyntheticSource, synthetic_user
 from userstreamd.wsclient import open_ws
 
 
-async def _start(nursery: trio.Nursery, hub: Hub) -> str:
-    port = await nursery.start(run_broadcaster, hub, "127.0.0.1", 0)
+async def _start(nursery: trio.Nursery, hub: Hub, **settings: Any) -> str:
+    port = await nursery.start(run_broadcaster, hub, "127.0.0.1", 0, BroadcasterConfig(**settings))
     return f"ws://127.0.0.1:{port}/"
 
 
@@ -181,7 +182,7 @@ async def test_two_groups_and_three_plain_clients_with_one_stalled() -> None:
 
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            url = await _start(nursery, hub)
+            url = await _start(nursery, hub, max_messages_per_s=10_000)  # an ack per user
             for group, name in [
                 ("g1", "g1-a"),
                 ("g1", "g1-b"),

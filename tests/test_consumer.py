@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from functools import partial
+from pathlib import Path
+
 import psycopg
 import trio
 
+from userstreamd.admission import Policy
+from userstreamd.auth import Tokens
 from userstreamd.broadcaster import run_broadcaster
+from userstreamd.config import BroadcasterConfig
 from userstreamd.consumer import Consumer
 from userstreamd.hub import Hub
 from userstreamd.sources.synthetic import synthetic_user
@@ -32,21 +38,36 @@ def _migrate(dsn: str) -> None:
     store.close()
 
 
+def _own_group_hub() -> Hub:
+    hub = Hub("e")
+    hub.declare_group("db", holds_producer=True)  # as the daemon does
+    return hub
+
+
+async def _start_private(nursery: trio.Nursery, hub: Hub, tmp_path: Path) -> str:
+    """The broadcaster as the daemon runs it; the consumers' URL (its private socket)."""
+    policy = Policy(Tokens((), required=False), own_group="db", groups=frozenset())
+    path = tmp_path / "b.sock"
+    await nursery.start(
+        partial(run_broadcaster, hub, "127.0.0.1", 0, BroadcasterConfig(), policy, path)
+    )
+    return f"ws+unix://{path}?group=db"
+
+
 async def _wait_rows(dsn: str, count: int) -> None:
     sql = "SELECT count(*) FROM incoming_users"
     while (await trio.to_thread.run_sync(query, dsn, sql))[0][0] < count:  # noqa: ASYNC110
         await trio.sleep(0.05)
 
 
-async def test_database_outage_loses_nothing(dsn: str, pg_server: str) -> None:
+async def test_database_outage_loses_nothing(dsn: str, pg_server: str, tmp_path: Path) -> None:
     _migrate(dsn)
     dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
-    hub = Hub("e")
+    hub = _own_group_hub()
     consumer = Consumer("", PostgresStore(dsn), batch_size=20, batch_interval_s=0.05)
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(run_broadcaster, hub, "127.0.0.1", 0)
-            consumer.url = f"ws://127.0.0.1:{port}/?group=db"
+            consumer.url = await _start_private(nursery, hub, tmp_path)
             await nursery.start(consumer.run)
             for p in range(1, 51):
                 hub.publish_nowait(synthetic_user("outage", p), "synthetic", p)
@@ -67,7 +88,7 @@ async def test_database_outage_loses_nothing(dsn: str, pg_server: str) -> None:
 
 async def test_consumer_reconnects_after_the_broadcaster_restarts(dsn: str) -> None:
     _migrate(dsn)
-    hub = Hub("e")
+    hub = _own_group_hub()
     consumer = Consumer(
         "", PostgresStore(dsn), batch_interval_s=0.05, reconnect_min_s=0.05, reconnect_max_s=0.2
     )
@@ -98,18 +119,19 @@ async def test_consumer_reconnects_after_the_broadcaster_restarts(dsn: str) -> N
     assert consumer.statistics().reconnects >= 1
 
 
-async def test_a_row_the_database_refuses_goes_to_dead_letters_and_the_rest_flows(dsn: str) -> None:
+async def test_a_row_the_database_refuses_goes_to_dead_letters_and_the_rest_flows(
+    dsn: str, tmp_path: Path
+) -> None:
     _migrate(dsn)
     with psycopg.connect(dsn) as conn:
         conn.execute("ALTER TABLE incoming_users ADD CONSTRAINT no_bob CHECK (first_name <> 'Bob')")
     users = [synthetic_user("refused", p) for p in range(1, 31)]
     users[9]["name"]["first"] = "Bob"  # valid for us, refused by the operator's constraint
-    hub = Hub("e")
+    hub = _own_group_hub()
     consumer = Consumer("", PostgresStore(dsn), batch_size=50, batch_interval_s=0.05)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(run_broadcaster, hub, "127.0.0.1", 0)
-            consumer.url = f"ws://127.0.0.1:{port}/?group=db"
+            consumer.url = await _start_private(nursery, hub, tmp_path)
             await nursery.start(consumer.run)
             for p, user in enumerate(users, 1):
                 hub.publish_nowait(user, "synthetic", p)

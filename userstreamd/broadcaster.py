@@ -1,50 +1,253 @@
-"""The WebSocket server around the hub (trio-websocket).
+"""The WebSocket server around the hub: one session per admitted client.
 
 ``ws://HOST:PORT/`` is the plain broadcast: a welcome, then every user in order.
 ``?epoch=E&since=S`` resumes after seq S (missed users first, or a ``gap`` message when
 they are gone). ``?group=NAME`` joins a consumer group instead: the member receives its
-share of the users and must ``ack`` them. Close codes: 3008 ("slow") for a plain client
-that fell too far behind, 1008 for a request the server cannot parse, 1001 at shutdown
-after everything queued for the client was sent.
+share of the users and must ``ack`` them. Who may connect and ask for what is decided in
+`admission` and `edge`; this module serves the ones let in.
+
+Close codes (the README has the table):
+
+- 1001 the server is stopping (after everything queued for the client was sent)
+- 1007 a text frame that is not UTF-8; 1002 a frame that breaks the protocol
+- 1008 more than ``max_messages_per_s`` messages from the client
+- 1009 a message larger than ``max_message_bytes``
+- 3008 a plain client more than ``client_lag_max`` users behind ("slow")
+- 4000 a group member that held users and acknowledged none for ``ack_timeout_s``
+- 4001 the member's group fell more than ``group_lag_max`` users behind and was cut off
+
+A peer that does not answer a ping within ``pong_timeout_s`` is dead: its TCP connection
+is closed without a close frame. Every close waits at most ``close_timeout_s`` for the
+peer's reply.
 """
 
 from __future__ import annotations
 
-from urllib.parse import parse_qs, urlsplit
+import ssl
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
+from trio_websocket import ConnectionClosed, WebSocketConnection
 
+from .admission import Admission, Policy
+from .auth import Tokens
+from .config import BroadcasterConfig
+from .edge import Edge, EdgeStatistics
 from .errors import ProtocolError
-from .hub import Hub, Member, Slow, StaleAck, Subscription
-from .logs import bind, get_logger
+from .hub import AckTimeout, GroupLagging, Hub, Member, Slow, StaleAck, Subscription
+from .logs import Throttle, bind, get_logger
 from .messages import Welcome, decode_client, encode
 
-CLOSE_SLOW = 3008
 CLOSE_GOING_AWAY = 1001
-CLOSE_BAD_REQUEST = 1008
+CLOSE_RATE = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_SLOW = 3008
+CLOSE_ACK_TIMEOUT = 4000
+CLOSE_GROUP_LAGGING = 4001
 SLOW_CLOSE_TIMEOUT_S = 10.0
-_RECEIVE_BUFFER = 65536
 
 
-def _query(path: str) -> dict[str, str]:
-    return {k: v[-1] for k, v in parse_qs(urlsplit(path).query).items()}
+class RateExceeded(Exception):
+    """The client sent more messages than its rate allows."""
 
 
-async def _read_acks(ws: WebSocketConnection, hub: Hub, member: Member | None) -> None:
-    log = get_logger()
-    while True:
-        frame = await ws.get_message()
+class DeadPeer(Exception):
+    """The peer did not answer a ping in time."""
+
+
+@dataclass(frozen=True)
+class BroadcasterStatistics:
+    edge: EdgeStatistics
+    closed: dict[str, int]  # why sessions ended -> count
+    bad_frames: int
+
+
+class TokenBucket:
+    """`rate_per_s` messages a second on average, bursts of up to `burst`."""
+
+    def __init__(self, rate_per_s: float, burst: float) -> None:
+        self.rate, self.burst = rate_per_s, burst
+        self.tokens, self.at = burst, trio.current_time()
+
+    def take(self) -> bool:
+        now = trio.current_time()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+class Broadcaster:
+    def __init__(
+        self,
+        hub: Hub,
+        settings: BroadcasterConfig,
+        policy: Policy,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.hub = hub
+        self.settings = settings
+        self.edge = Edge(settings, policy, self._session, ssl_context=ssl_context)
+        self.closed: Counter[str] = Counter()
+        self._throttle = Throttle()
+
+    def statistics(self) -> BroadcasterStatistics:
+        return BroadcasterStatistics(self.edge.statistics(), dict(self.closed), self.hub.bad_frames)
+
+    async def run(
+        self,
+        host: str,
+        port: int,
+        private_path: Path | None = None,
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until cancelled; reports the bound public port once both doors listen."""
+        bind(component="broadcaster")
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(self.edge.serve_tcp, host, port)
+            if private_path is not None:
+                await nursery.start(self.edge.serve_unix, private_path)
+            nursery.start_soon(self._evict_silent_members)
+            get_logger().info(
+                "broadcaster.listening",
+                host=host,
+                port=bound,
+                tls=self.edge.ssl_context is not None,
+                auth=self.edge.policy.tokens.required,
+                private=private_path and str(private_path),
+                max_connections=self.edge.max_connections,
+            )
+            task_status.started(bound)
+
+    async def _evict_silent_members(self) -> None:
+        timeout = self.settings.ack_timeout_s
+        while True:
+            await trio.sleep(min(1.0, timeout / 4))
+            for member in self.hub.evict_silent_members(timeout):
+                get_logger().warning(
+                    "broadcaster.member_evicted",
+                    peer=member.peer,
+                    group=member.group.name,
+                    ack_timeout_s=timeout,
+                )
+
+    # -- one session ---------------------------------------------------------------------
+
+    async def _session(
+        self, ws: WebSocketConnection, admission: Admission, peer: str, private: bool
+    ) -> None:
+        hub = self.hub
+        who = {"peer": peer, "who": admission.who}
+        group = admission.group
+        member = hub.join(group, peer, admission.window) if group else None
+        sub = None if member else hub.subscribe(peer, admission.since)
+        get_logger().info(
+            "broadcaster.client_connected",
+            **who,
+            group=group,
+            clients=hub.clients,
+            resumed_after=admission.since and admission.since[1],
+            gap=sub is not None and sub.gap is not None,
+        )
+        code, reason = None, ""  # a close we start
+        ended: tuple[str, str | None] | None = None  # or how the connection ended without one
         try:
-            ack = decode_client(frame)
-            if member is None:
-                raise ProtocolError("acks are for group members (connect with ?group=NAME)")
-            hub.ack(member, ack.seqs)
-        except StaleAck as exc:
-            log.debug("broadcaster.stale_ack", error=str(exc))
-        except ProtocolError as exc:
-            hub.bad_frames += 1
-            log.warning("broadcaster.bad_frame", error=str(exc), frame=str(frame)[:200])
+            await ws.send_message(
+                encode(Welcome(epoch=hub.epoch, seq=hub.last_seq, clients=hub.clients, group=group))
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_client, ws, member, private)
+                nursery.start_soon(self._keep_alive, ws)
+                if member is not None:
+                    await self._send_member(ws, member)
+                else:
+                    assert sub is not None
+                    nursery.start_soon(_abort_if_stuck, hub, sub)
+                    await _send_plain(ws, hub, sub)
+        except* trio.EndOfChannel:
+            code, reason = CLOSE_GOING_AWAY, "server stopping"
+        except* Slow:
+            code, reason = CLOSE_SLOW, "slow"
+        except* AckTimeout:
+            code, reason = CLOSE_ACK_TIMEOUT, "ack timeout"
+        except* GroupLagging:
+            code, reason = CLOSE_GROUP_LAGGING, "group cut off: too far behind"
+        except* RateExceeded:
+            code, reason = CLOSE_RATE, "message rate exceeded"
+        except* DeadPeer:
+            ended = ("dead_peer", f"no pong within {self.settings.pong_timeout_s:g} s")
+        except* ConnectionClosed:
+            closed = ws.closed
+            ended = (f"closed_{closed.code}", closed.reason) if closed else ("closed", None)
+        finally:
+            if member is not None:
+                hub.leave(member)
+            if sub is not None:
+                hub.unsubscribe(sub)
+        if ended is not None:
+            self._ended(who, *ended)
+        elif code is not None:
+            self._ended(who, f"closed_{code}", reason)
+            with trio.move_on_after(self.settings.close_timeout_s):
+                await ws.aclose(code, reason)
+
+    def _ended(self, who: dict[str, str], why: str, detail: str | None) -> None:
+        self.closed[why] += 1
+        if (suppressed := self._throttle.allow(why)) is not None:
+            get_logger().info(
+                "broadcaster.client_disconnected",
+                how=why,
+                detail=detail,
+                clients=self.hub.clients,
+                suppressed=suppressed,
+                **who,
+            )
+
+    async def _read_client(
+        self, ws: WebSocketConnection, member: Member | None, private: bool
+    ) -> None:
+        hub = self.hub
+        rate = self.settings.max_messages_per_s
+        bucket = None if private else TokenBucket(rate, max(10.0, rate))
+        while True:
+            frame = await ws.get_message()
+            if bucket is not None and not bucket.take():
+                raise RateExceeded
+            try:
+                ack = decode_client(frame)
+                if member is None:
+                    raise ProtocolError("acks are for group members (connect with ?group=NAME)")
+                hub.ack(member, ack.seqs)
+            except StaleAck as exc:
+                get_logger().debug("broadcaster.stale_ack", error=str(exc))
+            except ProtocolError as exc:
+                hub.bad_frames += 1
+                if (suppressed := self._throttle.allow("bad_frame")) is not None:
+                    get_logger().warning(
+                        "broadcaster.bad_frame",
+                        error=str(exc)[:200],
+                        size=len(frame),
+                        suppressed=suppressed,
+                    )
+
+    async def _keep_alive(self, ws: WebSocketConnection) -> None:
+        """Ping every ping_interval_s; a peer that does not answer in time is dead."""
+        while True:
+            await trio.sleep(self.settings.ping_interval_s)
+            with trio.move_on_after(self.settings.pong_timeout_s):
+                await ws.ping()
+                continue
+            raise DeadPeer
+
+    async def _send_member(self, ws: WebSocketConnection, member: Member) -> None:
+        while True:
+            await ws.send_message(await self.hub.next_member_frame(member))
 
 
 async def _send_plain(ws: WebSocketConnection, hub: Hub, sub: Subscription) -> None:
@@ -62,95 +265,22 @@ async def _abort_if_stuck(hub: Hub, sub: Subscription) -> None:
     raise Slow(f"stuck: took nothing for {SLOW_CLOSE_TIMEOUT_S:g} s after it was cut off")
 
 
-async def _send_member(ws: WebSocketConnection, hub: Hub, member: Member) -> None:
-    while True:
-        await ws.send_message(await hub.next_member_frame(member))
-
-
-async def _serve_client(hub: Hub, request: WebSocketRequest) -> None:
-    ws = await request.accept()
-    peer = f"{ws.remote.address}:{ws.remote.port}"  # type: ignore[union-attr]
-    log = get_logger().bind(peer=peer)
-    query = _query(request.path)
-    try:
-        since = (query["epoch"], int(query["since"])) if "since" in query else None
-    except (KeyError, ValueError):
-        await ws.aclose(CLOSE_BAD_REQUEST, "since needs an integer seq and an epoch")
-        return
-    group = query.get("group") or None
-    try:
-        window = min(100_000, int(query.get("window", hub.window)))
-    except ValueError:
-        await ws.aclose(CLOSE_BAD_REQUEST, "window needs an integer")
-        return
-    member = hub.join(group, peer, max(1, window)) if group else None
-    sub = None if member else hub.subscribe(peer, since)
-    log.info(
-        "broadcaster.client_connected",
-        group=group,
-        clients=hub.clients,
-        resumed_after=since and since[1],
-        gap=sub is not None and sub.gap is not None,
-    )
-    try:
-        await ws.send_message(
-            encode(Welcome(epoch=hub.epoch, seq=hub.last_seq, clients=hub.clients, group=group))
-        )
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_read_acks, ws, hub, member)
-                if member is not None:
-                    await _send_member(ws, hub, member)
-                else:
-                    assert sub is not None
-                    nursery.start_soon(_abort_if_stuck, hub, sub)
-                    await _send_plain(ws, hub, sub)
-        except* trio.EndOfChannel:
-            await ws.aclose(CLOSE_GOING_AWAY, "server stopping")
-        except* Slow as slow:
-            log.warning(
-                "broadcaster.client_slow",
-                code=CLOSE_SLOW,
-                error=str(slow.exceptions[0]),
-                lag_max=hub.client_lag_max,
-            )
-            with trio.move_on_after(1):
-                await ws.aclose(CLOSE_SLOW, "slow")
-    except* ConnectionClosed:
-        reason = ws.closed
-        log.info(
-            "broadcaster.client_closed",
-            code=reason and int(reason.code),
-            reason=reason and reason.reason,
-        )
-    finally:
-        if member is not None:
-            hub.leave(member)
-        if sub is not None:
-            hub.unsubscribe(sub)
-        log.info("broadcaster.client_disconnected", clients=hub.clients)
+OPEN_POLICY = Policy(
+    Tokens((), required=False), own_group="", groups=frozenset(), allow_ad_hoc_groups=True
+)
 
 
 async def run_broadcaster(
-    hub: Hub, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    hub: Hub,
+    host: str,
+    port: int,
+    settings: BroadcasterConfig | None = None,
+    policy: Policy = OPEN_POLICY,
+    private_path: Path | None = None,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled; reports the bound port when listening."""
-    bind(component="broadcaster")
-
-    async def handler(request: WebSocketRequest) -> None:
-        await _serve_client(hub, request)
-
-    async with trio.open_nursery() as nursery:
-        server = await nursery.start(
-            lambda task_status: serve_websocket(
-                handler,
-                host,
-                port,
-                None,
-                receive_buffer_size=_RECEIVE_BUFFER,
-                message_queue_size=16,
-                task_status=task_status,
-            )
-        )
-        get_logger().info("broadcaster.listening", host=host, port=server.port)
-        task_status.started(server.port)
+    """A `Broadcaster` serving until cancelled (the defaults: no tokens, any group)."""
+    broadcaster = Broadcaster(hub, settings or BroadcasterConfig(), policy, ssl_context=ssl_context)
+    await broadcaster.run(host, port, private_path, task_status=task_status)

@@ -12,7 +12,7 @@ import trio
 from . import __version__
 from .config import Config, load_config
 from .errors import ConfigError
-from .logs import configure_logging, get_logger
+from .logs import add_secrets, configure_logging, get_logger
 from .supervisor import describe
 
 DEFAULT_CONFIG = "config.toml"
@@ -29,9 +29,18 @@ def _run_logged(main: Callable[..., Awaitable[int]], *args: Any) -> int:
 
 def cmd_run(config: Config, args: argparse.Namespace) -> int:
     """Run the daemon until SIGINT/SIGTERM."""
+    from .auth import load_tokens
     from .daemon import run_daemon
+    from .edge import tls_context
 
-    return _run_logged(run_daemon, config)
+    try:
+        tokens = load_tokens(config)
+        ssl_context = tls_context(config)
+    except ConfigError as exc:
+        print(f"userstreamd: config error: {exc}", file=sys.stderr)
+        return 2
+    add_secrets(*tokens.secrets())
+    return _run_logged(run_daemon, config, tokens, ssl_context)
 
 
 def cmd_check(config: Config, args: argparse.Namespace) -> int:
@@ -56,6 +65,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         write_json(report, args.json)
     return 0
+
+
+def _dsn_secrets(dsn: str) -> list[str]:
+    """The password written into a DSN, if any (so that no log line shows it)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        return [str(conninfo_to_dict(dsn).get("password") or "")]
+    except Exception:  # a DSN psycopg cannot parse: the patterns in logs.redact still apply
+        return []
 
 
 COMMANDS = {
@@ -109,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"userstreamd: config error: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.daemon.log_level, config.daemon.log_format)
+    add_secrets(config.db_password(), *_dsn_secrets(config.database.dsn))
     command = COMMANDS[args.command]
     assert command is not None
     return command(config, args)

@@ -22,6 +22,7 @@ from .errors import ConfigError
 DEFAULT_RANDOMUSER_URL = "https://randomuser.me/api/1.4/"
 DEFAULT_PORT = 8765
 DEFAULT_PASSWORD_ENV = "USERSTREAMD_DB_PASSWORD"
+DEFAULT_TOKENS_ENV = "USERSTREAMD_TOKENS"
 # fmt: off
 NATIONALITIES = frozenset((
     "AU", "BR", "CA", "CH", "DE", "DK", "ES", "FI", "FR", "GB", "IE",
@@ -74,18 +75,42 @@ class RandomUserConfig(_Table, frozen=True):
     budget_window_s: Positive = 300.0
 
 
+GroupName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
 class BroadcasterConfig(_Table, frozen=True):
     host: str = "127.0.0.1"
     port: Port = DEFAULT_PORT
     buffer_messages: Annotated[int, msgspec.Meta(ge=1)] = 100_000
     buffer_bytes: Annotated[int, msgspec.Meta(ge=65536)] = 256 * 2**20
-    client_lag_max: Annotated[int, msgspec.Meta(ge=1)] = 10_000
+    client_lag_max: Annotated[int, msgspec.Meta(ge=2)] = 10_000
+    # who may connect
+    auth: Literal["auto", "token", "none"] = "auto"
+    tokens_file: str = ""
+    tokens_env: str = DEFAULT_TOKENS_ENV
+    allowed_origins: list[str] = msgspec.field(default_factory=list)
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # groups strangers may join (never consumers.group)
+    groups: list[GroupName] = msgspec.field(default_factory=list)
+    allow_ad_hoc_groups: bool = False
+    group_lag_max: Annotated[int, msgspec.Meta(ge=1)] = 10_000
+    ack_timeout_s: Positive = 60.0
+    # limits
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 4096
+    max_connections_per_ip: Annotated[int, msgspec.Meta(ge=1)] = 256
+    handshake_timeout_s: Positive = 10.0
+    ping_interval_s: Positive = 20.0
+    pong_timeout_s: Positive = 20.0
+    close_timeout_s: Positive = 5.0
+    max_message_bytes: Annotated[int, msgspec.Meta(ge=256, le=16 * 2**20)] = 65536
+    max_messages_per_s: Positive = 100.0
 
 
 class ConsumersConfig(_Table, frozen=True):
     count: Annotated[int, msgspec.Meta(ge=0, le=64)] = 2
     processes: bool | Literal["auto"] = "auto"
-    group: str = "db"
+    group: GroupName = "db"
     window: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 2000
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=50_000)] = 500
     batch_interval_s: Positive = 0.25
@@ -128,6 +153,10 @@ class Config(_Table, frozen=True):
         base = Path(systemd_state or (Path(self.path).parent if self.path else Path.cwd()))
         return (base / self.daemon.state_dir).resolve()
 
+    def resolve(self, path: str) -> Path:
+        """A path from the file: relative ones are relative to the file's folder."""
+        return (Path(self.path).parent if self.path else Path.cwd()) / path
+
     @property
     def consumer_processes(self) -> bool:
         """Consumers run as child processes: "auto" means when there is more than one."""
@@ -144,6 +173,7 @@ class Config(_Table, frozen=True):
         return read_credential("db-password")
 
 
+_ORIGIN = re.compile(r"^(\*|[a-z][a-z0-9+.-]*://[^/?#\s]+|null)$")
 _AT = re.compile(r"^(?P<what>.*?)(?: - at `\$\.?(?P<key>[^`]*)`)?$")
 
 
@@ -194,6 +224,24 @@ def _check(path: Path, config: Config) -> None:
         raise ConfigError(
             f"{path}: supervisor.restart_delay_max_s: expected >= restart_delay_min_s "
             f"({sup.restart_delay_min_s}), got {sup.restart_delay_max_s}"
+        )
+    b = config.broadcaster
+    if bool(b.tls_cert_file) != bool(b.tls_key_file):
+        missing = "tls_key_file" if b.tls_cert_file else "tls_cert_file"
+        raise ConfigError(
+            f"{path}: broadcaster.{missing}: expected a file too (TLS needs a certificate and "
+            "its key)"
+        )
+    if config.consumers.group in b.groups:
+        raise ConfigError(
+            f"{path}: broadcaster.groups: {config.consumers.group!r} is the daemon's own group "
+            "(consumers.group); it cannot be opened to public clients"
+        )
+    bad_origin = next((o for o in b.allowed_origins if not _ORIGIN.match(o)), None)
+    if bad_origin is not None:
+        raise ConfigError(
+            f'{path}: broadcaster.allowed_origins: expected "*" or scheme://host[:port], '
+            f"got {bad_origin!r}"
         )
     c = config.consumers
     if c.reconnect_max_s < c.reconnect_min_s:

@@ -29,6 +29,7 @@ from .records import parse_user
 from .store.postgres import Envelope, PostgresStore, StreamCheckpoint, row_values
 from .wsclient import open_ws
 
+ACK_CHUNK = 4096
 Row = tuple[Any, ...]
 Item = tuple[int, Row | None]  # (seq, row); None: invalid, acknowledged without a row
 
@@ -95,8 +96,11 @@ class Consumer:
         reconnect_min_s: float = 0.1,
         reconnect_max_s: float = 5.0,
         milestones: Milestones | None = None,
+        token: str | None = None,
+        ca_file: str | None = None,
     ) -> None:
         self.url = url
+        self.token, self.ca_file = token, ca_file
         self.store = store
         self.worker = worker
         self.batch_size = batch_size
@@ -146,14 +150,20 @@ class Consumer:
         started = False
         while True:
             try:
-                async with open_ws(self.url) as ws:
+                async with open_ws(self.url, token=self.token, ca_file=self.ca_file) as ws:
                     delay = self.reconnect_min_s
                     self._ws = ws
                     if not started:
                         task_status.started()
                         started = True
                     await self._receive(ws, send)
-            except (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError) as exc:
+            except (
+                OSError,
+                HandshakeError,
+                ConnectionClosed,
+                trio.TooSlowError,
+                trio.BrokenResourceError,
+            ) as exc:
                 going_away = (
                     isinstance(exc, ConnectionClosed)
                     and exc.reason is not None
@@ -304,7 +314,8 @@ class Consumer:
             # A closed connection: the broadcaster redelivers these seqs to the group, and
             # the uuid key absorbs the second insert.
             with contextlib.suppress(ConnectionClosed):
-                await ws.send_message(encode(Ack(seqs=seqs)))
+                for start in range(0, len(seqs), ACK_CHUNK):  # frames stay well under 64 KiB
+                    await ws.send_message(encode(Ack(seqs=seqs[start : start + ACK_CHUNK])))
 
 
 def _describe(exc: BaseException) -> str:

@@ -10,6 +10,7 @@ SIGHUP re-reads the config file and applies the log level and the producer rate.
 from __future__ import annotations
 
 import signal
+import ssl
 import uuid
 from dataclasses import dataclass
 from functools import partial
@@ -19,10 +20,13 @@ import httpx
 import trio
 
 from . import __version__
-from .broadcaster import run_broadcaster
+from .admission import Policy
+from .auth import Tokens, is_loopback
+from .broadcaster import Broadcaster
 from .config import Config, load_config
 from .consumer import Consumer, Milestones, make_consumer
 from .deadletters import DeadLetters
+from .edge import private_socket_path
 from .errors import ConfigError
 from .hub import Hub
 from .logs import bind, configure_logging, get_logger
@@ -164,9 +168,17 @@ def _make_producer(
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self,
+        config: Config,
+        tokens: Tokens | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.config = config
+        self.tokens = tokens or Tokens((), required=False)
+        self.ssl_context = ssl_context
         self.hub = self._new_hub(Stream(uuid.uuid4().hex[:16], "", 0, 0, resumed=False))
+        self.broadcaster: Broadcaster | None = None
         self.consumers: list[Consumer] = []
         self.producer: Producer | None = None
         self.notifier = Notifier.from_environ()
@@ -215,12 +227,19 @@ class Daemon:
                 dsn = await sup.start("database", partial(run_database, c))
                 stream = await trio.to_thread.run_sync(open_stream, c, dsn)
                 self.hub = self._new_hub(stream)
-                port = await sup.start(
-                    "broadcaster",
-                    partial(run_broadcaster, self.hub, c.broadcaster.host, c.broadcaster.port),
+                b = c.broadcaster
+                if b.auth == "none" and not is_loopback(b.host):
+                    log.warning("daemon.no_auth", host=b.host, reason='auth = "none"')
+                self.broadcaster = Broadcaster(
+                    self.hub, b, self._policy(), ssl_context=self.ssl_context
                 )
-                url = f"ws://{_client_host(c.broadcaster.host)}:{port}/"
-                await self._start_consumers(sup, url, dsn)
+                private = private_socket_path(c.state_path)
+                port = await sup.start(
+                    "broadcaster", partial(self.broadcaster.run, b.host, b.port, private)
+                )
+                scheme = "wss" if self.ssl_context else "ws"
+                url = f"{scheme}://{_client_host(b.host)}:{port}/"
+                await self._start_consumers(sup, f"ws+unix://{private}", dsn)
                 self.producer = _make_producer(c, self.hub, http, stream, dsn)
                 await sup.start("producer", self.producer.run)
                 log.info("daemon.ready", url=url, consumers=c.consumers.count)
@@ -261,12 +280,29 @@ class Daemon:
             buffer_messages=b.buffer_messages,
             buffer_bytes=b.buffer_bytes,
             client_lag_max=b.client_lag_max,
+            group_lag_max=b.group_lag_max,
             window=self.config.consumers.window,
         )
         hub.declare_group(
-            self.config.consumers.group, watermark=stream.seq, position=stream.position
+            self.config.consumers.group,
+            watermark=stream.seq,
+            position=stream.position,
+            holds_producer=True,
         )
+        for name in b.groups:
+            hub.declare_group(name)
         return hub
+
+    def _policy(self) -> Policy:
+        b = self.config.broadcaster
+        return Policy(
+            self.tokens,
+            own_group=self.config.consumers.group,
+            groups=frozenset(b.groups),
+            allow_ad_hoc_groups=b.allow_ad_hoc_groups,
+            allowed_origins=frozenset(o.lower() for o in b.allowed_origins),
+            default_window=self.config.consumers.window,
+        )
 
     def _escalate(self, reason: str) -> None:
         """The supervisor gave up on a component: stop everything, exit non-zero."""
@@ -381,8 +417,10 @@ class Daemon:
                 s.name: {"state": s.state, "restarts": s.restarts, "last_exit": s.last_exit}
                 for s in (self.supervisor.snapshot() if self.supervisor else [])
             }
+            edge = self.broadcaster.statistics() if self.broadcaster else None
             log.info(
                 "daemon.stats",
+                broadcaster=edge,
                 users_streamed=self.hub.last_seq,
                 rate_per_s=round(rate, 2),
                 active_clients=self.hub.clients,
@@ -392,5 +430,7 @@ class Daemon:
             )
 
 
-async def run_daemon(config: Config) -> int:
-    return await Daemon(config).run()
+async def run_daemon(
+    config: Config, tokens: Tokens | None = None, ssl_context: ssl.SSLContext | None = None
+) -> int:
+    return await Daemon(config, tokens, ssl_context).run()

@@ -496,9 +496,7 @@ class Hub:
     def drained(self) -> bool:
         """Every group that holds the producer has acknowledged everything published
         (other groups are not waited for: they are bounded, not owed)."""
-        return all(
-            g.watermark >= self.last_seq for g in self._groups.values() if g.holds_producer
-        )
+        return all(g.watermark >= self.last_seq for g in self._groups.values() if g.holds_producer)
 
     async def wait_drained(self) -> None:
         while not self.drained():

@@ -8,6 +8,7 @@ socket). Consumers reconnect often, so we own the stream and close it ourselves.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
@@ -15,25 +16,46 @@ from urllib.parse import urlsplit
 import trio
 from trio_websocket import WebSocketConnection, wrap_client_stream
 
+Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
+
+
+async def _connect(url: str, ca_file: str | None) -> tuple[Stream, str, str]:
+    """The stream to the server, the Host header and the request target."""
+    parts = urlsplit(url)
+    query = f"?{parts.query}" if parts.query else ""
+    if parts.scheme == "ws+unix":
+        return await trio.open_unix_socket(parts.path), "localhost", "/" + query
+    if parts.scheme not in ("ws", "wss") or parts.hostname is None:
+        raise ValueError(f"expected a ws://, wss:// or ws+unix:// URL, got {url!r}")
+    tls = parts.scheme == "wss"
+    port = parts.port or (443 if tls else 80)
+    host = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+    resource = (parts.path or "/") + query
+    if not tls:
+        return await trio.open_tcp_stream(parts.hostname, port), host, resource
+    context = ssl.create_default_context(cafile=ca_file)
+    stream = await trio.open_ssl_over_tcp_stream(parts.hostname, port, ssl_context=context)
+    await stream.do_handshake()
+    return stream, host, resource
+
 
 @asynccontextmanager
 async def open_ws(
     url: str,
     *,
+    token: str | None = None,
+    ca_file: str | None = None,
     connect_timeout_s: float = 5.0,
     message_queue_size: int = 64,
     receive_buffer_size: int = 65536,
 ) -> AsyncIterator[WebSocketConnection]:
-    """Connect to a ``ws://`` URL; on exit close the WebSocket, then the TCP stream."""
-    parts = urlsplit(url)
-    if parts.scheme != "ws" or parts.hostname is None:
-        raise ValueError(f"expected a ws:// URL, got {url!r}")
-    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    host = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
+    """Connect (sending `token` as a Bearer header if given); on exit close the
+    WebSocket, then the stream."""
+    headers = [(b"authorization", f"Bearer {token}".encode())] if token else None
     try:
         async with trio.open_nursery() as nursery:
             with trio.fail_after(connect_timeout_s):
-                stream = await trio.open_tcp_stream(parts.hostname, parts.port or 80)
+                stream, host, resource = await _connect(url, ca_file)
             try:
                 with trio.fail_after(connect_timeout_s):
                     ws = await wrap_client_stream(
@@ -41,6 +63,7 @@ async def open_ws(
                         stream,
                         host,
                         resource,
+                        extra_headers=headers,
                         message_queue_size=message_queue_size,
                         receive_buffer_size=receive_buffer_size,
                     )
@@ -50,7 +73,7 @@ async def open_ws(
                     with trio.move_on_after(2, shield=True):
                         await ws.aclose()
             finally:
-                await stream.aclose()
+                await trio.aclose_forcefully(stream)
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # The nursery wraps what the caller's block raised; hand it back as it was.
