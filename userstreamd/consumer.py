@@ -321,4 +321,5 @@ class Consumer:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, ConnectionClosed) and exc.reason is not None:
         return f"closed {exc.reason.code} {exc.reason.reason or ''}".strip()
-    return f"{type(exc).__name__}: {exc}"
+    cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""
+    return f"{type(exc).__name__}: {exc}{cause}"

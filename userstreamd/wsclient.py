@@ -35,7 +35,11 @@ async def _connect(url: str, ca_file: str | None) -> tuple[Stream, str, str]:
         return await trio.open_tcp_stream(parts.hostname, port), host, resource
     context = ssl.create_default_context(cafile=ca_file)
     stream = await trio.open_ssl_over_tcp_stream(parts.hostname, port, ssl_context=context)
-    await stream.do_handshake()
+    try:
+        await stream.do_handshake()
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
     return stream, host, resource
 
 
@@ -78,5 +82,6 @@ async def open_ws(
     except BaseExceptionGroup as group:
         # The nursery wraps what the caller's block raised; hand it back as it was.
         if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
+            exc = group.exceptions[0]
+            raise exc from exc.__cause__  # (keeps why, say, a TLS handshake failed)
         raise

@@ -1,0 +1,302 @@
+"""The public port against real sockets on 127.0.0.x: refusals, limits, timeouts, TLS.
+
+Each test runs the broadcaster in-process with small limits, misbehaves as a stranger
+would, and checks both what the stranger got and that a well-behaved client was served.
+Peers on 127.0.0.2 and up are distinct client IPs (Linux routes all of 127/8 to lo).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trustme
+from trio_websocket import ConnectionClosed, ConnectionRejected
+
+from userstreamd.admission import Policy
+from userstreamd.auth import Token, Tokens
+from userstreamd.broadcaster import (
+    CLOSE_ACK_TIMEOUT,
+    CLOSE_GROUP_LAGGING,
+    CLOSE_RATE,
+    CLOSE_TOO_BIG,
+    Broadcaster,
+)
+from userstreamd.config import BroadcasterConfig
+from userstreamd.consumer import Consumer
+from userstreamd.hub import Hub
+from userstreamd.sources.synthetic import synthetic_user
+from userstreamd.store.postgres import PostgresStore
+from userstreamd.wsclient import open_ws
+
+from .conftest import query
+
+READ = Token("viewer", "viewer-token-0123456789", frozenset({"read"}))
+AUDIT = Token("auditor", "auditor-token-0123456789", frozenset({"group:audit", "group:db"}))
+POLICY = Policy(Tokens((READ, AUDIT), required=True), own_group="db", groups=frozenset({"audit"}))
+
+
+def _publish(hub: Hub, positions: range) -> None:
+    for p in positions:
+        hub.publish_nowait(synthetic_user("edge", p), "synthetic", p)
+
+
+async def _serve(
+    nursery: trio.Nursery,
+    hub: Hub,
+    policy: Policy = POLICY,
+    private: Path | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    **settings: Any,
+) -> tuple[Broadcaster, int]:
+    broadcaster = Broadcaster(hub, BroadcasterConfig(**settings), policy, ssl_context=ssl_context)
+    port = await nursery.start(partial(broadcaster.run, "127.0.0.1", 0, private))
+    return broadcaster, port
+
+
+async def _tcp(port: int, source_ip: str = "127.0.0.1") -> trio.SocketStream:
+    sock = trio.socket.socket()
+    await sock.bind((source_ip, 0))
+    await sock.connect(("127.0.0.1", port))
+    return trio.SocketStream(sock)
+
+
+async def _raw_status(port: int, target: str, source_ip: str = "127.0.0.1") -> str:
+    """Send a WebSocket upgrade for `target` by hand; the status line of the answer."""
+    stream = await _tcp(port, source_ip)
+    request = (
+        f"GET {target} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    await stream.send_all(request.encode())
+    answer = b""
+    while b"\r\n" not in answer and (chunk := await stream.receive_some(4096)):
+        answer += chunk
+    await stream.aclose()
+    return answer.split(b"\r\n")[0].decode()
+
+
+async def _eof_within(stream: trio.SocketStream, seconds: float) -> bool:
+    """True if the server closes the connection within `seconds` (reading what it sends);
+    the stream is closed either way."""
+    try:
+        with trio.move_on_after(seconds):
+            try:
+                while await stream.receive_some(65536):
+                    pass
+            except trio.BrokenResourceError:
+                pass
+            return True
+        return False
+    finally:
+        await stream.aclose()
+
+
+async def _close_code(ws: Any, *messages: str) -> int:
+    """Send `messages`, then read until the server closes; its close code."""
+    try:
+        for message in messages:
+            await ws.send_message(message)
+        while True:
+            await ws.get_message()
+    except ConnectionClosed as closed:
+        return int(closed.reason.code)
+
+
+async def test_strangers_get_a_status_at_the_handshake_and_readers_get_the_stream(
+    tmp_path: Path,
+) -> None:
+    hub = Hub("e")
+    hub.declare_group("db", holds_producer=True)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            broadcaster, port = await _serve(nursery, hub, private=tmp_path / "p.sock")
+            url = f"ws://127.0.0.1:{port}/"
+            assert (tmp_path / "p.sock").stat().st_mode & 0o777 == 0o600
+            assert (await _raw_status(port, "//[x")).startswith("HTTP/1.1 400")
+            assert (await _raw_status(port, "/nowhere")).startswith("HTTP/1.1 404")
+            assert (await _raw_status(port, "/?since=x")).startswith("HTTP/1.1 400")
+            for kwargs, status in [
+                ({}, 401),
+                ({"token": "wrong-token-0123456789"}, 401),
+                ({"token": READ.secret, "group": "audit"}, 403),
+                ({"token": AUDIT.secret, "group": "db"}, 403),  # the daemon's own group
+            ]:
+                group = kwargs.pop("group", None)
+                with pytest.raises(ConnectionRejected) as rejected:
+                    async with open_ws(url + (f"?group={group}" if group else ""), **kwargs):
+                        pass
+                assert rejected.value.status_code == status
+            async with (
+                open_ws(url, token=READ.secret) as reader,
+                open_ws(f"{url}?token={READ.secret}") as browser,
+                open_ws(f"{url}?group=audit", token=AUDIT.secret) as auditor,
+                open_ws(f"ws+unix://{tmp_path / 'p.sock'}?group=db") as own,
+            ):
+                welcomes = [
+                    json.loads(await ws.get_message()) for ws in (reader, browser, auditor, own)
+                ]
+                assert [w["group"] for w in welcomes] == [None, None, "audit", "db"]
+                _publish(hub, range(1, 3))
+                for ws in (reader, browser):
+                    assert [json.loads(await ws.get_message())["seq"] for _ in range(2)] == [1, 2]
+            stats = broadcaster.statistics().edge
+            assert stats.refused == {400: 2, 404: 1, 401: 2, 403: 2}
+            assert stats.handler_errors == 0
+            nursery.cancel_scope.cancel()
+    assert not (tmp_path / "p.sock").exists(), "the private socket goes with the broadcaster"
+
+
+async def test_connection_limits_per_ip_and_in_total_and_the_handshake_timeout() -> None:
+    hub = Hub("e")
+    open_policy = Policy(Tokens((), required=False), own_group="db", groups=frozenset())
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            broadcaster, port = await _serve(
+                nursery,
+                hub,
+                open_policy,
+                max_connections=6,
+                max_connections_per_ip=3,
+                handshake_timeout_s=1.0,
+            )
+            half_open = [await _tcp(port, "127.0.0.2") for _ in range(3)]
+            assert (await _raw_status(port, "/", "127.0.0.2")).startswith("HTTP/1.1 429")
+            more = [await _tcp(port, "127.0.0.3") for _ in range(3)]  # 6 open: the total
+            assert (await _raw_status(port, "/", "127.0.0.4")).startswith("HTTP/1.1 503")
+            # The handshake timeout frees every slot; then a real client gets in.
+            assert all([await _eof_within(s, 5) for s in half_open + more])
+            async with open_ws(f"ws://127.0.0.1:{port}/") as ws:
+                assert json.loads(await ws.get_message())["type"] == "welcome"
+            stats = broadcaster.statistics().edge
+            assert stats.over_limit == 2 and stats.handshake_timeouts == 6
+            nursery.cancel_scope.cancel()
+
+
+async def test_abusive_clients_are_closed_with_their_code_and_others_carry_on() -> None:
+    hub = Hub("e", window=10)
+    hub.declare_group("audit")
+    open_policy = Policy(Tokens((), required=False), own_group="db", groups=frozenset({"audit"}))
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            broadcaster, port = await _serve(
+                nursery,
+                hub,
+                open_policy,
+                max_message_bytes=65536,
+                max_messages_per_s=20,
+                ping_interval_s=0.5,
+                pong_timeout_s=0.5,
+                ack_timeout_s=1.0,
+                close_timeout_s=1.0,
+            )
+            url = f"ws://127.0.0.1:{port}/"
+            async with open_ws(url) as good:
+                await good.get_message()
+                async with open_ws(url) as big:
+                    await big.get_message()
+                    assert await _close_code(big, "x" * 2**20) == CLOSE_TOO_BIG
+                async with open_ws(url) as flood:
+                    await flood.get_message()
+                    assert await _close_code(flood, *['{"type": "nonsense"}'] * 100) == CLOSE_RATE
+                async with open_ws(f"{url}?group=audit") as mute:
+                    await mute.get_message()
+                    _publish(hub, range(1, 4))
+                    assert await _close_code(mute) == CLOSE_ACK_TIMEOUT
+                # A socket that completes the handshake and then never reads: no pongs.
+                deaf = await _tcp(port)
+                await deaf.send_all(
+                    b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                )
+                while broadcaster.closed.get("dead_peer", 0) == 0:  # noqa: ASYNC110
+                    await trio.sleep(0.1)
+                assert await _eof_within(deaf, 2)
+                # Meanwhile the good client got every user in order, and pongs in time.
+                seqs = []
+                while len(seqs) < 3:
+                    message = json.loads(await good.get_message())
+                    seqs.append(message["seq"])
+                assert seqs == [1, 2, 3]
+                _publish(hub, range(4, 5))
+                assert json.loads(await good.get_message())["seq"] == 4
+            stats = broadcaster.statistics()
+            assert stats.closed["closed_1009"] >= 1 and stats.closed["closed_1008"] == 1
+            assert stats.closed["closed_4000"] == 1 and stats.closed["dead_peer"] == 1
+            assert stats.edge.handler_errors == 0
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_public_group_that_falls_behind_is_cut_off_without_holding_the_producer() -> None:
+    hub = Hub("e", buffer_messages=50, group_lag_max=20)
+    hub.declare_group("db", holds_producer=True)
+    hub.declare_group("audit")
+    own = hub.join("db", "own", window=1000)
+    open_policy = Policy(Tokens((), required=False), own_group="db", groups=frozenset({"audit"}))
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            _, port = await _serve(nursery, hub, open_policy)
+            async with open_ws(f"ws://127.0.0.1:{port}/?group=audit&window=5") as lazy:
+                await lazy.get_message()
+                for p in range(1, 31):
+                    _publish(hub, range(p, p + 1))
+                    while hub.next_member_frame_nowait(own) is not None:
+                        pass
+                    hub.ack(own, sorted(own.in_flight))
+                assert await _close_code(lazy) == CLOSE_GROUP_LAGGING
+            assert hub.has_room() and hub.watermark("db")[0] == 30
+            async with open_ws(f"ws://127.0.0.1:{port}/?group=audit") as back:
+                await back.get_message()
+                gap = json.loads(await back.get_message())
+                assert gap["type"] == "gap" and gap["from_seq"] == 1
+            nursery.cancel_scope.cancel()
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+async def test_wss_consumers_verify_the_server_and_the_stream_flows(
+    ca: trustme.CA, dsn: str, tmp_path: Path
+) -> None:
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    store = PostgresStore(dsn)
+    store.migrate()
+    hub = Hub("e")
+    hub.declare_group("audit")
+    consumer = Consumer(
+        "",
+        store,
+        batch_size=10,
+        batch_interval_s=0.05,
+        token=AUDIT.secret,
+        ca_file=str(ca_file),
+    )
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            broadcaster, port = await _serve(nursery, hub, ssl_context=server_context)
+            url = f"wss://127.0.0.1:{port}/"
+            with pytest.raises(trio.BrokenResourceError) as untrusted:
+                async with open_ws(url, token=READ.secret):
+                    pass
+            assert isinstance(untrusted.value.__cause__, ssl.SSLCertVerificationError)
+            while broadcaster.statistics().edge.handshakes_failed == 0:  # noqa: ASYNC110
+                await trio.sleep(0.01)  # the server saw the failed handshake, and lives on
+            consumer.url = f"{url}?group=audit"
+            await nursery.start(consumer.run)
+            _publish(hub, range(1, 21))
+            while hub.watermark("audit")[0] < 20:  # noqa: ASYNC110 (bounded by fail_after)
+                await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+    rows = query(dsn, "SELECT count(*) FROM incoming_users")
+    assert rows == [(20,)]
