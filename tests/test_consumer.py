@@ -145,3 +145,28 @@ async def test_a_row_the_database_refuses_goes_to_dead_letters_and_the_rest_flow
     source, position, error, raw = letters[0]
     assert (source, position) == ("consumer", 10) and "no_bob" in error
     assert raw["name"]["first"] == "Bob"
+
+
+async def test_records_with_sql_or_script_in_them_are_stored_verbatim(
+    dsn: str, tmp_path: Path
+) -> None:
+    _migrate(dsn)
+    hostile = ["'); DROP TABLE incoming_users; --", "<script>alert(1)</script>", "Robert\\'); --"]
+    users = [synthetic_user("verbatim", p) for p in range(1, 4)]
+    for user, text in zip(users, hostile, strict=True):
+        user["name"]["first"] = text
+        user["location"]["city"] = text
+    hub = _own_group_hub()
+    consumer = Consumer("", PostgresStore(dsn), batch_size=10, batch_interval_s=0.05)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            consumer.url = await _start_private(nursery, hub, tmp_path)
+            await nursery.start(consumer.run)
+            for p, user in enumerate(users, 1):
+                hub.publish_nowait(user, "synthetic", p)
+            await hub.wait_drained()
+            nursery.cancel_scope.cancel()
+    rows = query(
+        dsn, "SELECT first_name, city, raw->'name'->>'first' FROM incoming_users ORDER BY seq"
+    )
+    assert rows == [(text, text, text) for text in hostile]

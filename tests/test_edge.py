@@ -8,7 +8,6 @@ Peers on 127.0.0.2 and up are distinct client IPs (Linux routes all of 127/8 to 
 from __future__ import annotations
 
 import json
-import socket
 import ssl
 from functools import partial
 from pathlib import Path
