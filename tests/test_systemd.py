@@ -272,10 +272,15 @@ def test_unit_declares_the_contract_with_the_daemon() -> None:
         "/opt/userstreamd/.venv/bin/userstreamd --config /etc/userstreamd/config.toml"
     ]
     assert d["Service.ExecReload"] == ["/bin/kill -HUP $MAINPID"]
-    assert d["Service.LoadCredential"] == ["db-password:/etc/userstreamd/db-password"]
-    # The fallback that makes the password file optional must be what read_credential
+    assert d["Service.LoadCredential"] == [
+        "db-password:/etc/userstreamd/db-password",
+        "ws-tokens:/etc/userstreamd/ws-tokens",
+    ]
+    # The fallbacks that make both files optional must be what read_credential
     # turns into None (see test_read_credential_empty_means_none).
-    assert d["Service.SetCredential"] == ["db-password:\\n"]
+    assert d["Service.SetCredential"] == ["db-password:\\n", "ws-tokens:\\n"]
+    # Room for broadcaster.max_connections (the shipped default) and the rest.
+    assert int(d["Service.LimitNOFILE"][0]) >= 4096 + 128
     assert d["Install.WantedBy"] == ["multi-user.target"]
 
 
