@@ -147,14 +147,16 @@ class Broadcaster:
         group = admission.group
         member = hub.join(group, peer, admission.window) if group else None
         sub = None if member else hub.subscribe(peer, admission.since)
-        get_logger().info(
-            "broadcaster.client_connected",
-            **who,
-            group=group,
-            clients=hub.clients,
-            resumed_after=admission.since and admission.since[1],
-            gap=sub is not None and sub.gap is not None,
-        )
+        if (suppressed := self._throttle.allow("connected")) is not None or private:
+            get_logger().info(
+                "broadcaster.client_connected",
+                **who,
+                group=group,
+                clients=hub.clients,
+                resumed_after=admission.since and admission.since[1],
+                gap=sub is not None and sub.gap is not None,
+                suppressed=suppressed,
+            )
         code, reason = None, ""  # a close we start
         ended: tuple[str, str | None] | None = None  # or how the connection ended without one
         try:
