@@ -123,3 +123,26 @@ def test_relative_state_dir_goes_under_systemds_state_directory(
     (tmp_path / "c.toml").write_text('[daemon]\nstate_dir = "st"\n')
     monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/userstreamd:/var/lib/other")
     assert load_config(tmp_path / "c.toml").state_path == Path("/var/lib/userstreamd/st")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[broadcaster]\nhost = "0.0.0.0"\n', "broadcaster.auth: host '0.0.0.0' is not loopback"),
+        ('[broadcaster]\ntokens_file = "nope"\n', "broadcaster.tokens_file: cannot read"),
+        ('[broadcaster]\ntls_cert_file = "c.pem"\n', "broadcaster.tls_key_file: expected a file"),
+        ('[broadcaster]\ntls_cert_file = "c"\ntls_key_file = "k"\n', "tls_cert_file/tls_key_file"),
+        ('[broadcaster]\ngroups = ["db"]\n', "'db' is the daemon's own group"),
+        ('[broadcaster]\nallowed_origins = ["evil"]\n', "broadcaster.allowed_origins: expected"),
+        ('[broadcaster]\ngroups = ["a b"]\n', "broadcaster.groups[0]"),
+    ],
+)
+def test_the_public_port_is_checked_before_anything_starts(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    text: str,
+    expected: str,
+) -> None:
+    monkeypatch.delenv("USERSTREAMD_TOKENS", raising=False)
+    assert expected in _error_of(tmp_path, text, capsys)

@@ -44,7 +44,16 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_check(config: Config, args: argparse.Namespace) -> int:
-    """Validate the config file and say so."""
+    """Validate the config file (and the tokens and TLS files it names) and say so."""
+    from .auth import load_tokens
+    from .edge import tls_context
+
+    try:
+        load_tokens(config)
+        tls_context(config)
+    except ConfigError as exc:
+        print(f"userstreamd: config error: {exc}", file=sys.stderr)
+        return 2
     print(f"{config.path}: ok")
     return 0
 
