@@ -92,8 +92,10 @@ async def test_hostile_clients_change_nothing_for_anyone_else(
 
     # The strangers got clear answers.
     assert answers["status_101"] >= 100, answers  # the ones that were let in
-    assert answers["half_open_429"] >= 300, answers  # beyond the per-IP limit
-    assert answers["half_open_none"] >= 100, answers  # closed at the handshake timeout
+    # Beyond the per-IP limit (150): a 429, or just a close while 64 answers are pending;
+    # within it: closed at the handshake timeout.
+    assert answers["half_open_429"] + answers["half_open_none"] == 500, answers
+    assert answers["half_open_429"] >= 100 and answers["half_open_none"] >= 150, answers
     assert answers["status_400"] >= 60 and answers["status_404"] >= 20, answers
     assert answers["status_403"] >= 20, answers  # ?group=db on the public port
     assert answers.get("close_1009", 0) + answers.get("send_refused", 0) >= 2, answers
