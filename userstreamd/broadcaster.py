@@ -201,15 +201,15 @@ class Broadcaster:
 
     def _ended(self, who: dict[str, str], why: str, detail: str | None) -> None:
         self.closed[why] += 1
-        if (suppressed := self._throttle.allow(why)) is not None:
-            get_logger().info(
-                "broadcaster.client_disconnected",
-                how=why,
-                detail=detail,
-                clients=self.hub.clients,
-                suppressed=suppressed,
-                **who,
-            )
+        self._throttle.log(
+            why,
+            "info",
+            "broadcaster.client_disconnected",
+            how=why,
+            detail=detail,
+            clients=self.hub.clients,
+            **who,
+        )
 
     async def _read_client(
         self, ws: WebSocketConnection, member: Member | None, private: bool
@@ -230,13 +230,13 @@ class Broadcaster:
                 get_logger().debug("broadcaster.stale_ack", error=str(exc))
             except ProtocolError as exc:
                 hub.bad_frames += 1
-                if (suppressed := self._throttle.allow("bad_frame")) is not None:
-                    get_logger().warning(
-                        "broadcaster.bad_frame",
-                        error=str(exc)[:200],
-                        size=len(frame),
-                        suppressed=suppressed,
-                    )
+                self._throttle.log(
+                    "bad_frame",
+                    "warning",
+                    "broadcaster.bad_frame",
+                    error=str(exc)[:200],
+                    size=len(frame),
+                )
 
     async def _keep_alive(self, ws: WebSocketConnection) -> None:
         """Ping every ping_interval_s; a peer that does not answer in time is dead."""

@@ -195,7 +195,7 @@ class Edge:
     async def _accept_loop(
         self, listener: trio.socket.SocketType, nursery: trio.Nursery, private: bool
     ) -> None:
-        log = get_logger()
+        get_logger()
         while True:
             try:
                 sock, address = await listener.accept()
@@ -205,13 +205,13 @@ class Edge:
                 if exc.errno not in _RESOURCE_ERRNOS:
                     raise
                 self.accept_errors += 1
-                if (suppressed := self._throttle.allow("accept")) is not None:
-                    log.error(
-                        "broadcaster.accept_failed",
-                        error=errno.errorcode.get(exc.errno or 0, str(exc.errno)),
-                        open_connections=self._open,
-                        suppressed=suppressed,
-                    )
+                self._throttle.log(
+                    "accept",
+                    "error",
+                    "broadcaster.accept_failed",
+                    error=errno.errorcode.get(exc.errno or 0, str(exc.errno)),
+                    open_connections=self._open,
+                )
                 with trio.move_on_after(0.1):
                     await self._slot_freed.wait()
                 continue
@@ -246,14 +246,14 @@ class Edge:
                 nursery.cancel_scope.cancel()
         except* Exception as group:  # nothing a client does escapes its own handler
             self.handler_errors += 1
-            if (suppressed := self._throttle.allow("handler")) is not None:
-                get_logger().error(
-                    "broadcaster.connection_failed",
-                    peer=peer,
-                    error=describe(group),
-                    exc_info=group,
-                    suppressed=suppressed,
-                )
+            self._throttle.log(
+                "handler",
+                "error",
+                "broadcaster.connection_failed",
+                peer=peer,
+                error=describe(group),
+                exc_info=group,
+            )
         finally:
             await trio.aclose_forcefully(stream)
             if not private:
@@ -300,25 +300,25 @@ class Edge:
                 return None
         if timeout.cancelled_caught:
             self.handshake_timeouts += 1
-            if (suppressed := self._throttle.allow("handshake_timeout")) is not None:
-                log.info(
-                    "broadcaster.handshake_timeout",
-                    peer=peer,
-                    after_s=self.settings.handshake_timeout_s,
-                    suppressed=suppressed,
-                )
+            self._throttle.log(
+                "handshake_timeout",
+                "info",
+                "broadcaster.handshake_timeout",
+                peer=peer,
+                after_s=self.settings.handshake_timeout_s,
+            )
         return None
 
     def _refuse_logged(self, peer: str, refused: Refused) -> None:
         self.refused[refused.status] += 1
-        if (suppressed := self._throttle.allow(f"refused-{refused.status}")) is not None:
-            get_logger().warning(
-                "broadcaster.refused",
-                peer=peer,
-                status=refused.status,
-                reason=refused.reason,
-                suppressed=suppressed,
-            )
+        self._throttle.log(
+            f"refused-{refused.status}",
+            "warning",
+            "broadcaster.refused",
+            peer=peer,
+            status=refused.status,
+            reason=refused.reason,
+        )
 
     def _turn_away(
         self, nursery: trio.Nursery, sock: trio.socket.SocketType, peer: str, status: int, why: str

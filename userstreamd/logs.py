@@ -94,6 +94,11 @@ class Throttle:
         self._windows[key] = (start, logged + 1, 0)
         return suppressed
 
+    def log(self, key: str, level: str, event: str, **fields: Any) -> None:
+        """Log `event` at `level` unless `key` is over its budget (with ``suppressed``)."""
+        if (suppressed := self.allow(key)) is not None:
+            getattr(structlog.get_logger(), level)(event, suppressed=suppressed, **fields)
+
 
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     """(Re)configure structlog; safe to call again on SIGHUP to change the level."""
