@@ -29,31 +29,14 @@ def _run_logged(main: Callable[..., Awaitable[int]], *args: Any) -> int:
 
 def cmd_run(config: Config, args: argparse.Namespace) -> int:
     """Run the daemon until SIGINT/SIGTERM."""
-    from .auth import load_tokens
     from .daemon import run_daemon
-    from .edge import tls_context
 
-    try:
-        tokens = load_tokens(config)
-        ssl_context = tls_context(config)
-    except ConfigError as exc:
-        print(f"userstreamd: config error: {exc}", file=sys.stderr)
-        return 2
-    add_secrets(*tokens.secrets())
-    return _run_logged(run_daemon, config, tokens, ssl_context)
+    add_secrets(*args.tokens.secrets())
+    return _run_logged(run_daemon, config, args.tokens, args.ssl_context)
 
 
 def cmd_check(config: Config, args: argparse.Namespace) -> int:
     """Validate the config file (and the tokens and TLS files it names) and say so."""
-    from .auth import load_tokens
-    from .edge import tls_context
-
-    try:
-        load_tokens(config)
-        tls_context(config)
-    except ConfigError as exc:
-        print(f"userstreamd: config error: {exc}", file=sys.stderr)
-        return 2
     print(f"{config.path}: ok")
     return 0
 
@@ -133,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_bench(args)
     try:
         config = load_config(args.config)
+        if args.command in ("run", "check"):  # the public port's files, before anything starts
+            from .auth import load_tokens
+            from .edge import tls_context
+
+            args.tokens, args.ssl_context = load_tokens(config), tls_context(config)
     except ConfigError as exc:
         print(f"userstreamd: config error: {exc}", file=sys.stderr)
         return 2
