@@ -35,26 +35,39 @@ from .fakeapi import FakeRandomUserAPI
 class PostgresForTests:
     """The tests' PostgreSQL server: embedded (ours to stop and start) or external."""
 
-    def __init__(self) -> None:
-        self.external = os.environ.get("USERSTREAMD_TEST_DSN")
+    def __init__(self, data_dir: Path | None = None) -> None:
+        """The session's server; or, given `data_dir`, the embedded server a daemon left."""
+        self.external = None if data_dir else os.environ.get("USERSTREAMD_TEST_DSN")
         self.server: EmbeddedPostgres | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         if self.external:
             self.dsn = self.external
             return
-        self.server = EmbeddedPostgres(Path(tempfile.mkdtemp(prefix="usd-pg-")) / "data")
+        data_dir = data_dir or Path(tempfile.mkdtemp(prefix="usd-pg-")) / "data"
+        self.server = EmbeddedPostgres(data_dir)
         self.server.prepare()
         self.start()
-        self.dsn = make_conninfo(self.server.dsn, dbname="postgres")
+        self.dsn = self.server.dsn
+
+    def __enter__(self) -> PostgresForTests:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
     def start(self) -> None:
         assert self.server is not None
-        self.proc = self.server.start()
+        with self.server.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.server.command(), stdin=subprocess.PIPE, **self.server.process_options(log)
+            )
         self.server.wait_ready(self.proc)
 
     def stop(self) -> None:
-        if self.server is not None and self.proc is not None:
-            self.server.stop(self.proc)
+        """Close the server's lifeline (a fast shutdown) and wait for it."""
+        if self.proc is not None and self.proc.stdin is not None:
+            self.proc.stdin.close()
+            self.proc.wait(60)
 
     def outage(self, dbname: str, seconds: float) -> None:
         """PostgreSQL gone for `seconds`: the embedded server is stopped and started again;
@@ -87,7 +100,7 @@ def postgres() -> Iterator[PostgresForTests]:
 @pytest.fixture(scope="session")
 def pg_server(postgres: PostgresForTests) -> str:
     """DSN of a PostgreSQL server the tests may create databases on."""
-    return postgres.dsn
+    return postgres.external or make_conninfo(postgres.dsn, dbname="postgres")
 
 
 @pytest.fixture

@@ -7,9 +7,8 @@ from typing import Any
 import pytest
 
 from userstreamd.sources.synthetic import synthetic_user
-from userstreamd.store.embedded import EmbeddedPostgres
 
-from .conftest import assert_rows_match, daemon_tables, query, stream_then_sigint
+from .conftest import PostgresForTests, assert_rows_match, daemon_tables, query, stream_then_sigint
 from .fakeapi import FakeRandomUserAPI
 
 pytestmark = pytest.mark.e2e
@@ -31,13 +30,8 @@ def test_synthetic_source_end_to_end(
         assert daemon.events("database.ready")[0]["embedded"] is True
         assert daemon.events("database.embedded_stopped")[0]["exit_code"] == 0
         # The daemon stopped its server; start it again to read what it left.
-        server = EmbeddedPostgres(tmp_path / "state" / "postgres")
-        proc = server.start()
-        try:
-            server.wait_ready(proc)
+        with PostgresForTests(tmp_path / "state" / "postgres") as server:
             assert_rows_match(server.dsn, published)
-        finally:
-            server.stop(proc)
     else:
         assert_rows_match(dsn, published)
     stopped = daemon.events("daemon.stopped")[0]

@@ -1,170 +1,46 @@
-"""The pipeline, assembled: database -> broadcaster -> consumers -> producer.
+"""The daemon's life cycle: start the pipeline in order, keep it supervised, stop it.
 
-`run_daemon` starts the components in that order under one `Supervisor`, each reporting
-readiness, and on SIGINT/SIGTERM stops them in reverse: the producer first, then waits
-(bounded) until every consumer has committed and acknowledged the last published user,
-then the consumers, the broadcaster and the database. A second signal exits at once.
-SIGHUP re-reads the config file and applies the log level and the producer rate.
+`Daemon.run` starts the components in order under one `Supervisor`, each reporting
+readiness: database -> broadcaster -> consumers -> producer (what each is made of comes
+from `wiring`). On SIGINT/SIGTERM, or when the `shutdown_trigger` given to `run`
+returns, it stops them in reverse: the producer first, then waits (bounded) until every
+consumer has committed and acknowledged the last published user, writes the group's
+final checkpoint, then stops the consumers (together), the broadcaster and the database.
+A second signal exits at once. When the supervisor gives up on a component, nothing is
+drained: everything is stopped at once and the exit code is 1. SIGHUP re-reads the config
+file and applies the keys in `config.RELOADABLE`; other changed keys are logged as
+needing a restart.
 """
 
 from __future__ import annotations
 
 import signal
 import ssl
-import uuid
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
-import httpx
+import msgspec
 import trio
 
-from . import __version__
-from .admission import Policy
+from . import __version__, wiring
 from .auth import Tokens, is_loopback
 from .broadcaster import Broadcaster
-from .config import Config, load_config
-from .consumer import Consumer, Milestones, make_consumer
-from .deadletters import DeadLetters
+from .config import RELOADABLE, Config, changed_keys, load_config
+from .consumer import Consumer
 from .edge import private_socket_path
 from .errors import ConfigError
-from .hub import Hub
 from .logs import bind, configure_logging, get_logger
-from .producer import Producer, Source, page_size_for
-from .sources.randomuser import RandomUserSource, UserBudget
-from .sources.synthetic import SyntheticSource
-from .store.embedded import EmbeddedPostgres
-from .store.postgres import PostgresStore
-from .supervisor import ComponentFn, Intensity, RestartPolicy, Supervisor
+from .producer import Producer
+from .store.bootstrap import run_database
+from .store.postgres import StreamCheckpoint
+from .store.streams import Stream, open_stream, save_checkpoint
+from .supervisor import Supervisor
 from .systemd import Notifier
-from .workers import run_consumer_process
-
-
-async def run_database(config: Config, *, task_status: trio.TaskStatus[str]) -> None:
-    """Provide a migrated database: the configured DSN, or an embedded server we own."""
-    bind(component="database")
-    log = get_logger()
-    dsn = config.database.dsn
-    embedded = None if dsn else EmbeddedPostgres(config.state_path / "postgres")
-    proc = None
-    try:
-        if embedded is not None:
-            if await trio.to_thread.run_sync(embedded.prepare):
-                log.info("database.initialised", data_dir=str(embedded.data_dir))
-            proc = await trio.to_thread.run_sync(embedded.start)
-            await trio.to_thread.run_sync(embedded.wait_ready, proc)
-            dsn = embedded.dsn
-            log.info("database.embedded_started", pid=proc.pid, data_dir=str(embedded.data_dir))
-        store = PostgresStore(
-            dsn, password=config.db_password(), application_name="userstreamd-migrate"
-        )
-        try:
-            applied = await trio.to_thread.run_sync(store.migrate)
-        finally:
-            store.close()
-        log.info("database.ready", migrations_applied=applied, embedded=embedded is not None)
-        task_status.started(dsn)
-        if proc is None:
-            await trio.sleep_forever()
-        code = await trio.to_thread.run_sync(proc.wait, abandon_on_cancel=True)
-        raise RuntimeError(f"embedded postgres exited with code {code}")
-    finally:
-        if embedded is not None and proc is not None:
-            with trio.CancelScope(shield=True):
-                code = await trio.to_thread.run_sync(embedded.stop, proc)
-                log.info("database.embedded_stopped", exit_code=code)
-
-
-@dataclass(frozen=True)
-class Stream:
-    """Where the stream starts: the epoch, the seed that regenerates it, and the last
-    (seq, source position) its consumer group committed."""
-
-    epoch: str
-    seed: str
-    seq: int
-    position: int
-    resumed: bool
 
 
 def _client_host(host: str) -> str:
     return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-
-
-def open_stream(config: Config, dsn: str) -> Stream:
-    """Resume the stream from the consumer group's last checkpoint, or begin a new epoch.
-
-    Resuming needs the same source and seed (an empty configured seed accepts the stored
-    one); the producer then regenerates everything after the checkpoint's position."""
-    p = config.producer
-    store = PostgresStore(dsn, password=config.db_password(), application_name="userstreamd")
-    log = get_logger()
-    try:
-        found = store.last_checkpoint(config.consumers.group)
-        if found is not None:
-            checkpoint, seed, source = found
-            if source == p.source and p.seed in ("", seed):
-                log.info(
-                    "daemon.stream_resumed",
-                    epoch=checkpoint.epoch,
-                    seq=checkpoint.seq,
-                    position=checkpoint.position,
-                    seed=seed,
-                )
-                return Stream(
-                    checkpoint.epoch, seed, checkpoint.seq, checkpoint.position, resumed=True
-                )
-            log.info(
-                "daemon.stream_not_resumed", epoch=checkpoint.epoch, reason="source or seed changed"
-            )
-        epoch = uuid.uuid4().hex[:16]
-        seed = p.seed or epoch
-        store.begin_stream(epoch, seed, p.source)
-        log.info("daemon.stream_started", epoch=epoch, seed=seed, source=p.source)
-        return Stream(epoch, seed, 0, 0, resumed=False)
-    finally:
-        store.close()
-
-
-def _make_producer(
-    config: Config, hub: Hub, http: httpx.AsyncClient, stream: Stream, dsn: str
-) -> Producer:
-    p, ru = config.producer, config.randomuser
-    seed = stream.seed
-    synthetic = SyntheticSource(seed=seed, nats=p.nat)
-    page_size = ru.page_size or min(page_size_for(p.rate_per_s), ru.budget_users)
-    primary: Source = synthetic
-    fallback: Source | None = None
-    if p.source == "randomuser":
-        primary = RandomUserSource(
-            http,
-            ru.url,
-            seed=seed,
-            page_size=page_size,
-            nats=p.nat,
-            inc=ru.inc,
-            exc=ru.exc,
-            budget=UserBudget(ru.budget_users, ru.budget_window_s),
-        )
-        fallback = synthetic if p.fallback == "synthetic" else None
-    store = PostgresStore(
-        dsn, password=config.db_password(), application_name="userstreamd-dead-letters"
-    )
-    return Producer(
-        hub,
-        primary,
-        rate_per_s=p.rate_per_s,
-        page_size=page_size,
-        fallback=fallback,
-        failures_before_fallback=ru.failures_before_fallback,
-        probe_interval_s=ru.probe_interval_s,
-        retry_max_s=ru.retry_max_s,
-        keep_credentials=p.keep_credentials,
-        log_each_user_below_per_s=p.log_each_user_below_per_s,
-        dead_letters=DeadLetters(store),
-        start_position=stream.position + 1,
-        stop_at_position=p.stop_at_position,
-    )
 
 
 class Daemon:
@@ -174,47 +50,36 @@ class Daemon:
         tokens: Tokens | None = None,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        self.config = config
+        self.config = config  # as started; a reload changes only the RELOADABLE keys
         self.tokens = tokens or Tokens((), required=False)
         self.ssl_context = ssl_context
-        self.hub = self._new_hub(Stream(uuid.uuid4().hex[:16], "", 0, 0, resumed=False))
+        self.hub = wiring.hub(config, Stream.new())
         self.broadcaster: Broadcaster | None = None
         self.consumers: list[Consumer] = []
         self.producer: Producer | None = None
         self.notifier = Notifier.from_environ()
         self.supervisor: Supervisor | None = None
         self.worker_processes: set[trio.Process] = set()
+        self.dsn = ""
+        self.url = ""
         self.exit_code = 0
+        self.giving_up = False
+        self.ready = trio.Event()
         self._stop = trio.Event()
         self._startup = trio.CancelScope()
 
-    async def run(self) -> int:
+    async def run(self, shutdown_trigger: Callable[[], Awaitable[Any]] | None = None) -> int:
+        """Run until SIGINT/SIGTERM, or until `shutdown_trigger` returns (then no signal
+        handlers are installed: for running the daemon inside another program or test)."""
         c = self.config
         bind(component="daemon")
         log = get_logger()
-        timeout = httpx.Timeout(c.randomuser.timeout_s, connect=min(5.0, c.randomuser.timeout_s))
-        sc = c.supervisor
-        async with (
-            httpx.AsyncClient(
-                timeout=timeout,
-                follow_redirects=True,
-                headers={"user-agent": f"userstreamd/{__version__}"},
-            ) as http,
-            trio.open_nursery() as root,
-        ):
-            sup = self.supervisor = Supervisor(
-                root,
-                policy=RestartPolicy(
-                    "permanent",
-                    sc.restart_delay_min_s,
-                    sc.restart_delay_max_s,
-                    sc.restart_reset_after_s,
-                ),
-                intensity=Intensity(sc.max_restarts, sc.max_restarts_window_s),
-                stop_timeout_s=sc.stop_timeout_s,
-                on_escalate=self._escalate,
-            )
-            root.start_soon(self._watch_signals, root.cancel_scope)
+        async with wiring.http_client(c) as http, trio.open_nursery() as root:
+            sup = self.supervisor = wiring.supervisor(c, root, self._escalate)
+            if shutdown_trigger is None:
+                root.start_soon(self._watch_signals, root.cancel_scope)
+            else:
+                root.start_soon(self._stop_after, shutdown_trigger)
             log.info(
                 "daemon.starting",
                 version=__version__,
@@ -224,26 +89,33 @@ class Daemon:
                 consumer_processes=c.consumer_processes,
             )
             with self._startup:
-                dsn = await sup.start("database", partial(run_database, c))
-                stream = await trio.to_thread.run_sync(open_stream, c, dsn)
-                self.hub = self._new_hub(stream)
+                self.dsn = await sup.start("database", partial(run_database, c))
+                stream = await trio.to_thread.run_sync(open_stream, c, self.dsn)
+                self.hub = wiring.hub(c, stream)
                 b = c.broadcaster
                 if b.auth == "none" and not is_loopback(b.host):
                     log.warning("daemon.no_auth", host=b.host, reason='auth = "none"')
                 self.broadcaster = Broadcaster(
-                    self.hub, b, self._policy(), ssl_context=self.ssl_context
+                    self.hub, b, wiring.policy(c, self.tokens), ssl_context=self.ssl_context
                 )
                 private = private_socket_path(c.state_path)
                 port = await sup.start(
                     "broadcaster", partial(self.broadcaster.run, b.host, b.port, private)
                 )
                 scheme = "wss" if self.ssl_context else "ws"
-                url = f"{scheme}://{_client_host(b.host)}:{port}/"
-                await self._start_consumers(sup, f"ws+unix://{private}", dsn)
-                self.producer = _make_producer(c, self.hub, http, stream, dsn)
+                self.url = f"{scheme}://{_client_host(b.host)}:{port}/"
+                own = f"ws+unix://{private}"
+                for name, run, consumer in wiring.consumers(
+                    c, own, self.dsn, self.worker_processes
+                ):
+                    if consumer is not None:
+                        self.consumers.append(consumer)
+                    await sup.start(name, run)
+                self.producer = wiring.producer(c, self.hub, http, stream, self.dsn)
                 await sup.start("producer", self.producer.run)
-                log.info("daemon.ready", url=url, consumers=c.consumers.count)
+                log.info("daemon.ready", url=self.url, consumers=c.consumers.count)
                 self.notifier.ready(self._status())
+                self.ready.set()
                 root.start_soon(self._log_stats)
                 root.start_soon(self._keep_systemd_informed)
             await self._stop.wait()
@@ -251,73 +123,40 @@ class Daemon:
             root.cancel_scope.cancel()
         return self.exit_code
 
-    async def _start_consumers(self, sup: Supervisor, url: str, dsn: str) -> None:
-        c = self.config
-        milestones = Milestones(c.database.milestone_every)
-        for worker in range(1, c.consumers.count + 1):
-            run: ComponentFn
-            if c.consumer_processes:
-                run = partial(
-                    run_consumer_process,
-                    c,
-                    worker,
-                    url,
-                    dsn,
-                    stop_timeout_s=c.supervisor.stop_timeout_s,
-                    running=self.worker_processes,
-                )
-            else:
-                consumer = make_consumer(c, url, dsn, worker, milestones)
-                self.consumers.append(consumer)
-                run = consumer.run
-            await sup.start(f"consumer-{worker}", run)
+    def stop(self) -> None:
+        """Begin a graceful stop (as SIGTERM does)."""
+        self._stop.set()
+        self._startup.cancel()
 
-    def _new_hub(self, stream: Stream) -> Hub:
-        b = self.config.broadcaster
-        hub = Hub(
-            stream.epoch,
-            first_seq=stream.seq + 1,
-            buffer_messages=b.buffer_messages,
-            buffer_bytes=b.buffer_bytes,
-            client_lag_max=b.client_lag_max,
-            group_lag_max=b.group_lag_max,
-            window=self.config.consumers.window,
-        )
-        hub.declare_group(
-            self.config.consumers.group,
-            watermark=stream.seq,
-            position=stream.position,
-            holds_producer=True,
-        )
-        for name in b.groups:
-            hub.declare_group(name)
-        return hub
-
-    def _policy(self) -> Policy:
-        b = self.config.broadcaster
-        return Policy(
-            self.tokens,
-            own_group=self.config.consumers.group,
-            groups=frozenset(b.groups),
-            allow_ad_hoc_groups=b.allow_ad_hoc_groups,
-            allowed_origins=frozenset(o.lower() for o in b.allowed_origins),
-            default_window=self.config.consumers.window,
-        )
+    async def _stop_after(self, trigger: Callable[[], Awaitable[Any]]) -> None:
+        await trigger()
+        get_logger().info("daemon.shutdown_triggered")
+        self.stop()
 
     def _escalate(self, reason: str) -> None:
         """The supervisor gave up on a component: stop everything, exit non-zero."""
         get_logger().error("daemon.giving_up", reason=reason)
         self.exit_code = 1
+        self.giving_up = True
         self.notifier.status(f"failed: {reason}")
-        self._stop.set()
-        self._startup.cancel()
+        self.stop()
 
     async def _shutdown(self, sup: Supervisor) -> None:
         log = get_logger()
-        log.info("daemon.stopping")
-        self.notifier.stopping("stopping: draining consumers")
-        if self.producer is not None:
-            await sup.stop("producer")
+        log.info("daemon.stopping", giving_up=self.giving_up)
+        self.notifier.stopping("stopping" if self.giving_up else "stopping: draining consumers")
+        await sup.stop("producer")
+        if not self.giving_up:  # (what cannot drain is not waited for)
+            await self._drain()
+        self.hub.close()
+        await sup.stop(*(f"consumer-{n}" for n in range(1, self.config.consumers.count + 1)))
+        await sup.stop_all()
+        log.info("daemon.stopped", exit_code=self.exit_code, **self._totals())
+
+    async def _drain(self) -> None:
+        """Wait (bounded) until the group has committed everything published, then store
+        its final checkpoint."""
+        log = get_logger()
         with trio.move_on_after(self.config.supervisor.drain_timeout_s) as drain:
             await self.hub.wait_drained()
         log.info(
@@ -325,9 +164,19 @@ class Daemon:
             last_seq=self.hub.last_seq,
             committed_through=self._committed_through(),
         )
-        self.hub.close()
-        await sup.stop_all()
-        log.info("daemon.stopped", exit_code=self.exit_code, **self._totals())
+        group = self.config.consumers.group
+        if self.config.consumers.count == 0 or not self.hub.has_group(group):
+            return
+        seq, position = self.hub.watermark(group)
+        if seq == 0:
+            return
+        checkpoint = StreamCheckpoint(group, self.hub.epoch, seq, position)
+        with trio.move_on_after(self.config.supervisor.stop_timeout_s):
+            try:
+                await save_checkpoint(self.config, self.dsn, checkpoint)
+                log.info("daemon.checkpoint_saved", seq=seq, position=position)
+            except Exception as exc:  # the consumers' checkpoint stands; nothing is lost
+                log.warning("daemon.checkpoint_not_saved", seq=seq, error=str(exc))
 
     def _totals(self) -> dict[str, Any]:
         producer = self.producer.statistics() if self.producer else None
@@ -344,7 +193,8 @@ class Daemon:
         return totals
 
     def _committed_through(self) -> int:
-        return self.hub.watermark(self.config.consumers.group)[0]
+        group = self.config.consumers.group
+        return self.hub.watermark(group)[0] if self.hub.has_group(group) else 0
 
     def _status(self) -> str:
         """The one-line summary systemd shows (STATUS=)."""
@@ -386,6 +236,7 @@ class Daemon:
                     root.cancel()
 
     def _reload(self) -> None:
+        """Apply the RELOADABLE keys of the file as it is now; never fails."""
         log = get_logger()
         self.notifier.reloading()
         try:
@@ -394,13 +245,30 @@ class Daemon:
             log.error("daemon.reload_rejected", error=str(exc))
             self.notifier.ready(self._status())
             return
-        configure_logging(new.daemon.log_level, new.daemon.log_format)
+        changed = changed_keys(self.config, new)
+        applied = [key for key in changed if key in RELOADABLE]
+        ignored = [key for key in changed if key not in RELOADABLE]
+        d = new.daemon
+        configure_logging(d.log_level, d.log_format)
         if self.producer is not None:
             self.producer.set_rate(new.producer.rate_per_s)
-        self.config = new
-        log.info(
-            "daemon.reloaded", log_level=new.daemon.log_level, rate_per_s=new.producer.rate_per_s
+        self.config = msgspec.structs.replace(
+            self.config,
+            daemon=msgspec.structs.replace(
+                self.config.daemon, log_level=d.log_level, log_format=d.log_format
+            ),
+            producer=msgspec.structs.replace(
+                self.config.producer, rate_per_s=new.producer.rate_per_s
+            ),
         )
+        log.info(
+            "daemon.reloaded",
+            applied=applied,
+            log_level=d.log_level,
+            rate_per_s=new.producer.rate_per_s,
+        )
+        if ignored:
+            log.warning("daemon.reload_needs_restart", keys=ignored)
         self.notifier.ready(self._status())
 
     async def _log_stats(self) -> None:

@@ -17,7 +17,7 @@ The model is Erlang/OTP's, in one trio nursery:
     sup = Supervisor(nursery, policy=RestartPolicy(), intensity=Intensity(5, 60))
     dsn = await sup.start("database", run_database)   # returns what the component
     await sup.start("broadcaster", run_broadcaster)    # passed to task_status.started()
-    await sup.stop("producer")                          # one component, bounded
+    await sup.stop("producer")                          # bounded; several stop together
     await sup.stop_all()                                # the rest, in reverse order
 """
 
@@ -181,20 +181,23 @@ class Supervisor:
                 c.state = "stopped"
             c.done.set()
 
-    async def stop(self, name: str) -> None:
-        """Cancel one component and wait (bounded) until it has finished its cleanup."""
-        c = self._components[name]
-        if c.done.is_set():
-            return
-        if c.state != "failed":
-            c.state = "stopping"
-        c.scope.cancel()
-        with trio.move_on_after(self.stop_timeout_s) as timeout:
-            await c.done.wait()
-        if timeout.cancelled_caught:
-            get_logger().error(
-                "supervisor.stop_timeout", component=name, timeout_s=self.stop_timeout_s
-            )
+    async def stop(self, *names: str) -> None:
+        """Cancel these components together and wait (bounded) until each has finished
+        its cleanup."""
+        stopping = [self._components[n] for n in names if n in self._components]
+        stopping = [c for c in stopping if not c.done.is_set()]
+        for c in stopping:
+            if c.state != "failed":
+                c.state = "stopping"
+            c.scope.cancel()
+        with trio.move_on_after(self.stop_timeout_s):
+            for c in stopping:
+                await c.done.wait()
+        for c in stopping:
+            if not c.done.is_set():
+                get_logger().error(
+                    "supervisor.stop_timeout", component=c.name, timeout_s=self.stop_timeout_s
+                )
 
     async def stop_all(self) -> None:
         """Stop every component still running, newest first."""

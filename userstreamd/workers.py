@@ -4,23 +4,24 @@ Parent side, `run_consumer_process` is a supervised component: it starts
 ``python -m userstreamd --config FILE consumer-worker --worker N --url URL --ready-fd FD``
 in a session of its own (a terminal's ^C reaches only the daemon, which stops children
 in order), reports ready when the child writes ``ready`` to the pipe, and raises when the
-child dies, so the supervisor restarts it. Stopping sends SIGTERM, then SIGKILL after
+child dies, so the supervisor restarts it. The child holds a lifeline
+(`userstreamd.lifeline`): stopping it closes the lifeline, then SIGKILLs it after
 ``stop_timeout_s``. The DSN travels in the environment, never on the command line.
 
-Child side, `run_consumer_worker`: one `Consumer`; SIGTERM/SIGINT commit what was
-received and exit 0; the child also exits when its parent disappears (kill -9 of the
-daemon), so no orphan keeps writing.
+Child side, `run_consumer_worker`: one `Consumer`; the end of the lifeline, SIGTERM or
+SIGINT commit what was received and exit 0. The lifeline also ends when the daemon dies
+(kill -9), so no orphan keeps writing.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 
 import trio
 
+from . import lifeline
 from .config import Config
 from .consumer import Milestones, make_consumer
 from .errors import UserstreamdError
@@ -32,10 +33,6 @@ READY = b"ready\n"
 
 class WorkerExited(UserstreamdError):
     """A worker process ended on its own."""
-
-
-def _how(code: int) -> str:
-    return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
 
 
 async def run_consumer_process(
@@ -53,73 +50,63 @@ async def run_consumer_process(
     daemon can SIGKILL every worker at once on a forced exit."""
     log = get_logger().bind(worker=worker)
     running = set() if running is None else running
+    command = [
+        sys.executable,
+        "-m",
+        "userstreamd",
+        "--config",
+        config.path,
+        "consumer-worker",
+        "--worker",
+        str(worker),
+        "--url",
+        url,
+    ]
     read_fd, write_fd = os.pipe()
-    try:
-        proc = await trio.lowlevel.open_process(
-            [
-                sys.executable,
-                "-m",
-                "userstreamd",
-                "--config",
-                config.path,
-                "consumer-worker",
-                "--worker",
-                str(worker),
-                "--url",
-                url,
-                "--ready-fd",
-                str(write_fd),
-            ],
-            pass_fds=(write_fd,),
-            env={**os.environ, WORKER_DSN_ENV: dsn},
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    finally:
-        os.close(write_fd)
-    running.add(proc)
-    log.info("supervisor.process_started", pid=proc.pid)
-    try:
-        async with trio.lowlevel.FdStream(read_fd) as pipe:
-            said = b""
-            with trio.move_on_after(ready_timeout_s):
-                while not said.endswith(b"\n") and (chunk := await pipe.receive_some()):
-                    said += chunk
-        if said != READY:
-            with trio.move_on_after(1):  # the pipe closed: the child is on its way out
-                await proc.wait()
-            how = (
-                f"not ready within {ready_timeout_s:g} s"
-                if proc.returncode is None
-                else _how(proc.returncode)
+    async with trio.open_nursery() as nursery:
+        try:
+            proc = await lifeline.run_child(
+                nursery,
+                [*command, "--ready-fd", str(write_fd)],
+                stop_timeout_s=stop_timeout_s,
+                pass_fds=(write_fd,),
+                env={**os.environ, WORKER_DSN_ENV: dsn},
+                start_new_session=True,
             )
-            raise WorkerExited(f"consumer worker {worker} (pid {proc.pid}) was never ready: {how}")
-        task_status.started(proc.pid)
-        code = await proc.wait()
-        if code != 0:
-            raise WorkerExited(f"consumer worker {worker} (pid {proc.pid}) {_how(code)}")
-        log.info("supervisor.process_exited", pid=proc.pid, code=code)
-    finally:
-        if proc.returncode is None:
+        finally:
+            os.close(write_fd)
+        running.add(proc)
+        log.info("supervisor.process_started", pid=proc.pid)
+        try:
+            async with trio.lowlevel.FdStream(read_fd) as pipe:
+                said = b""
+                with trio.move_on_after(ready_timeout_s):
+                    while not said.endswith(b"\n") and (chunk := await pipe.receive_some()):
+                        said += chunk
+            if said != READY:
+                with trio.move_on_after(1):  # the pipe closed: the child is on its way out
+                    await proc.wait()
+                how = (
+                    f"not ready within {ready_timeout_s:g} s"
+                    if proc.returncode is None
+                    else lifeline.how(proc.returncode)
+                )
+                raise WorkerExited(
+                    f"consumer worker {worker} (pid {proc.pid}) was never ready: {how}"
+                )
+            task_status.started(proc.pid)
+            code = await proc.wait()
+            if code != 0:
+                raise WorkerExited(
+                    f"consumer worker {worker} (pid {proc.pid}) {lifeline.how(code)}"
+                )
+            log.info("supervisor.process_exited", pid=proc.pid, code=code)
+        finally:
+            running.discard(proc)
             with trio.CancelScope(shield=True):
-                proc.send_signal(signal.SIGTERM)
-                with trio.move_on_after(stop_timeout_s):
-                    await proc.wait()
-                if proc.returncode is None:
-                    log.error("supervisor.process_killed", pid=proc.pid, after_s=stop_timeout_s)
-                    proc.kill()
-                    await proc.wait()
-            stopped = proc.poll()
-            assert stopped is not None  # waited for above, under the shield
-            log.info("supervisor.process_stopped", pid=proc.pid, how=_how(stopped))
-        running.discard(proc)
-
-
-async def _exit_with_parent(parent: int, scope: trio.CancelScope) -> None:
-    while os.getppid() == parent:  # noqa: ASYNC110 (no event exists for "parent died")
-        await trio.sleep(0.5)
-    get_logger().warning("worker.parent_gone", parent=parent)
-    scope.cancel()
+                nursery.cancel_scope.cancel()
+                code = await proc.wait()  # the lifeline's end, then SIGKILL if need be
+                log.info("supervisor.process_stopped", pid=proc.pid, how=lifeline.how(code))
 
 
 async def _stop_on_signal(scope: trio.CancelScope) -> None:
@@ -138,7 +125,7 @@ async def run_consumer_worker(config: Config, worker: int, url: str, ready_fd: i
         raise WorkerExited(f"{WORKER_DSN_ENV} is not set: consumer-worker is internal")
     consumer = make_consumer(config, url, dsn, worker, Milestones(config.database.milestone_every))
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_exit_with_parent, os.getppid(), nursery.cancel_scope)
+        nursery.start_soon(lifeline.watch, nursery.cancel_scope)
         nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
         await nursery.start(consumer.run)
         os.write(ready_fd, READY)

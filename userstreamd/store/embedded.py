@@ -21,10 +21,13 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import IO, Any
 
 import psycopg
+import trio
 
 from ..errors import EmbeddedPostgresError
 from ..logs import get_logger
@@ -114,10 +117,15 @@ class EmbeddedPostgres:
     def dsn(self) -> str:
         return f"host={self.data_dir} port={_PORT} user=postgres dbname={DATABASE}"
 
-    def _run_as(self) -> dict[str, object]:
+    def _run_as(self) -> dict[str, Any]:
         if self._user is None:
             return {}
         return {"user": self._user.pw_uid, "group": self._user.pw_gid, "extra_groups": []}
+
+    def _run_as_args(self) -> list[str]:
+        if self._user is None:
+            return []
+        return ["--user", str(self._user.pw_uid), "--group", str(self._user.pw_gid)]
 
     def prepare(self) -> bool:
         """Create the data directory and run initdb on first use; True if it did."""
@@ -147,7 +155,7 @@ class EmbeddedPostgres:
             text=True,
             cwd="/",
             **self._run_as(),
-        )  # type: ignore[call-overload]
+        )
         if result.returncode != 0:
             raise EmbeddedPostgresError(f"initdb failed: {result.stderr.strip()[-2000:]}")
         return True
@@ -167,36 +175,41 @@ class EmbeddedPostgres:
         while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
             time.sleep(0.05)
 
-    def start(self) -> subprocess.Popen[bytes]:
-        """Start the server as a child in its own session (a terminal's ^C is ours to handle)."""
+    def command(self) -> list[str]:
+        """The server under a lifeline guard (`userstreamd.lifeline`): it gets a fast
+        shutdown (SIGINT) when the daemon stops it or dies, SIGKILL 30 s later."""
         self._stop_stale()
-        log = self.log_path.open("ab")
-        try:
-            return subprocess.Popen(
-                [
-                    str(self.bin / "postgres"),
-                    "-D",
-                    str(self.data_dir),
-                    "-p",
-                    str(_PORT),
-                    "-c",
-                    "listen_addresses=",
-                    "-c",
-                    f"unix_socket_directories={self.data_dir}",
-                    "-c",
-                    "max_connections=200",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                cwd="/",
-                start_new_session=True,
-                **self._run_as(),
-            )  # type: ignore[call-overload]
-        finally:
-            log.close()
+        return [
+            sys.executable,
+            "-m",
+            "userstreamd.lifeline",
+            "--stop-signal",
+            "INT",
+            "--timeout",
+            "30",
+            *self._run_as_args(),
+            "--",
+            str(self.bin / "postgres"),
+            "-D",
+            str(self.data_dir),
+            "-p",
+            str(_PORT),
+            "-c",
+            "listen_addresses=",
+            "-c",
+            f"unix_socket_directories={self.data_dir}",
+            "-c",
+            "max_connections=200",
+        ]
 
-    def wait_ready(self, proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
+    def process_options(self, log: IO[bytes]) -> dict[str, Any]:
+        """For `lifeline.run_child`: its own session (a terminal's ^C is ours to handle) and
+        output to the server log. (The guard runs as we do, the server as `_run_as`.)"""
+        return {"stdout": log, "stderr": log, "cwd": "/", "start_new_session": True}
+
+    def wait_ready(
+        self, proc: trio.Process | subprocess.Popen[bytes], timeout_s: float = 60.0
+    ) -> None:
         """Block until the server accepts connections, then make sure our database exists."""
         deadline = time.monotonic() + timeout_s
         admin = f"host={self.data_dir} port={_PORT} user=postgres dbname=postgres"
@@ -217,16 +230,6 @@ class EmbeddedPostgres:
                 if time.monotonic() > deadline:
                     raise EmbeddedPostgresError(f"postgres not ready: {exc}") from exc
                 time.sleep(0.05)
-
-    def stop(self, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> int:
-        """Fast shutdown (SIGINT): roll back open transactions, checkpoint, exit."""
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                return proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        return proc.wait()
 
     def _log_tail(self) -> str:
         try:

@@ -1,0 +1,56 @@
+"""The database component: the configured DSN, or an embedded server the daemon owns,
+migrated before anything else starts."""
+
+from __future__ import annotations
+
+import trio
+
+from ..config import Config
+from ..lifeline import how, run_child
+from ..logs import bind, get_logger
+from .embedded import EmbeddedPostgres
+from .postgres import PostgresStore
+
+
+async def migrate(config: Config, dsn: str) -> list[int]:
+    store = PostgresStore(
+        dsn, password=config.db_password(), application_name="userstreamd-migrate"
+    )
+    try:
+        return await trio.to_thread.run_sync(store.migrate)
+    finally:
+        store.close()
+
+
+async def run_database(config: Config, *, task_status: trio.TaskStatus[str]) -> None:
+    """Provide a migrated database; with an embedded server, raise if the server exits."""
+    bind(component="database")
+    log = get_logger()
+    if config.database.dsn:
+        applied = await migrate(config, config.database.dsn)
+        log.info("database.ready", migrations_applied=applied, embedded=False)
+        task_status.started(config.database.dsn)
+        await trio.sleep_forever()
+    embedded = EmbeddedPostgres(config.state_path / "postgres")
+    if await trio.to_thread.run_sync(embedded.prepare):
+        log.info("database.initialised", data_dir=str(embedded.data_dir))
+    proc: trio.Process | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            with embedded.log_path.open("ab") as server_log:
+                proc = await run_child(
+                    nursery,
+                    embedded.command(),
+                    stop_timeout_s=35,
+                    **embedded.process_options(server_log),
+                )
+            log.info("database.embedded_started", pid=proc.pid, data_dir=str(embedded.data_dir))
+            await trio.to_thread.run_sync(embedded.wait_ready, proc)
+            applied = await migrate(config, embedded.dsn)
+            log.info("database.ready", migrations_applied=applied, embedded=True)
+            task_status.started(embedded.dsn)
+            code = await proc.wait()
+            raise RuntimeError(f"embedded postgres {how(code)}")
+    finally:
+        if proc is not None and proc.returncode is not None:
+            log.info("database.embedded_stopped", exit_code=proc.returncode)

@@ -1,0 +1,149 @@
+"""From one `Config` to the pipeline's parts: every constructor call the daemon needs,
+so that `daemon.py` is the life cycle only."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import httpx
+import trio
+
+from . import __version__
+from .admission import Policy
+from .auth import Tokens
+from .config import Config
+from .consumer import Consumer, Milestones, make_consumer
+from .deadletters import DeadLetters
+from .hub import Hub
+from .producer import Producer, Source, page_size_for
+from .sources.randomuser import RandomUserSource, UserBudget
+from .sources.synthetic import SyntheticSource
+from .store.postgres import PostgresStore
+from .store.streams import Stream
+from .supervisor import ComponentFn, Intensity, RestartPolicy, Supervisor
+from .workers import run_consumer_process
+
+
+def http_client(config: Config) -> httpx.AsyncClient:
+    r = config.randomuser
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(r.timeout_s, connect=min(5.0, r.timeout_s)),
+        follow_redirects=True,
+        headers={"user-agent": f"userstreamd/{__version__}"},
+    )
+
+
+def supervisor(
+    config: Config, nursery: trio.Nursery, on_escalate: Callable[[str], None]
+) -> Supervisor:
+    s = config.supervisor
+    return Supervisor(
+        nursery,
+        policy=RestartPolicy(
+            "permanent", s.restart_delay_min_s, s.restart_delay_max_s, s.restart_reset_after_s
+        ),
+        intensity=Intensity(s.max_restarts, s.max_restarts_window_s),
+        stop_timeout_s=s.stop_timeout_s,
+        on_escalate=on_escalate,
+    )
+
+
+def hub(config: Config, stream: Stream) -> Hub:
+    """The hub; the daemon's own group holds the producer back only when it has consumers
+    (a broadcast-only daemon waits for nobody)."""
+    b, c = config.broadcaster, config.consumers
+    new = Hub(
+        stream.epoch,
+        first_seq=stream.seq + 1,
+        buffer_messages=b.buffer_messages,
+        buffer_bytes=b.buffer_bytes,
+        client_lag_max=b.client_lag_max,
+        group_lag_max=b.group_lag_max,
+        window=c.window,
+        lead_max=c.max_lead,
+    )
+    if c.count > 0:
+        new.declare_group(
+            c.group, watermark=stream.seq, position=stream.position, holds_producer=True
+        )
+    for name in b.groups:
+        new.declare_group(name)
+    return new
+
+
+def policy(config: Config, tokens: Tokens) -> Policy:
+    b = config.broadcaster
+    return Policy(
+        tokens,
+        own_group=config.consumers.group,
+        groups=frozenset(b.groups),
+        allow_ad_hoc_groups=b.allow_ad_hoc_groups,
+        allowed_origins=frozenset(o.lower() for o in b.allowed_origins),
+        default_window=config.consumers.window,
+    )
+
+
+def producer(
+    config: Config, hub: Hub, http: httpx.AsyncClient, stream: Stream, dsn: str
+) -> Producer:
+    p, ru = config.producer, config.randomuser
+    synthetic = SyntheticSource(seed=stream.seed, nats=p.nat)
+    page_size = ru.page_size or min(page_size_for(p.rate_per_s), ru.budget_users)
+    primary: Source = synthetic
+    fallback: Source | None = None
+    if p.source == "randomuser":
+        primary = RandomUserSource(
+            http,
+            ru.url,
+            seed=stream.seed,
+            page_size=page_size,
+            nats=p.nat,
+            inc=ru.inc,
+            exc=ru.exc,
+            budget=UserBudget(ru.budget_users, ru.budget_window_s),
+        )
+        fallback = synthetic if p.fallback == "synthetic" else None
+    store = PostgresStore(
+        dsn, password=config.db_password(), application_name="userstreamd-dead-letters"
+    )
+    return Producer(
+        hub,
+        primary,
+        rate_per_s=p.rate_per_s,
+        page_size=page_size,
+        fallback=fallback,
+        failures_before_fallback=ru.failures_before_fallback,
+        probe_interval_s=ru.probe_interval_s,
+        retry_max_s=ru.retry_max_s,
+        keep_credentials=p.keep_credentials,
+        log_each_user_below_per_s=p.log_each_user_below_per_s,
+        dead_letters=DeadLetters(store),
+        start_position=stream.position + 1,
+        stop_at_position=p.stop_at_position,
+    )
+
+
+def consumers(
+    config: Config, url: str, dsn: str, running: set[trio.Process]
+) -> list[tuple[str, ComponentFn, Consumer | None]]:
+    """(component name, its run function, the in-process Consumer or None) per consumer."""
+    c = config.consumers
+    milestones = Milestones(config.database.milestone_every)
+    found: list[tuple[str, ComponentFn, Consumer | None]] = []
+    for worker in range(1, c.count + 1):
+        if config.consumer_processes:
+            run = partial(
+                run_consumer_process,
+                config,
+                worker,
+                url,
+                dsn,
+                stop_timeout_s=config.supervisor.stop_timeout_s,
+                running=running,
+            )
+            found.append((f"consumer-{worker}", run, None))
+        else:
+            consumer = make_consumer(config, url, dsn, worker, milestones)
+            found.append((f"consumer-{worker}", consumer.run, consumer))
+    return found
