@@ -23,7 +23,7 @@ def test_synthetic_source_end_to_end(
     daemon = daemon_factory(tables)
     published = stream_then_sigint(daemon)
 
-    assert 200 <= len(published) <= 400  # ~5 s at 50/s, paced, not bursted
+    assert published  # (the pace itself is tested on a virtual clock: test_producer.py)
     seqs = [e["seq"] for e in published]
     assert seqs == list(range(1, len(seqs) + 1))
     if database == "embedded":

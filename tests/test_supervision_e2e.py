@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import signal
 import socket
@@ -53,7 +52,9 @@ def test_killed_consumer_process_is_restarted_and_nothing_else_stops(
     _wait(restarted)
     time.sleep(1.5)
     assert daemon.stop() == 0
-    assert _ts(restarted()[0]) - killed_at < 1.0, "restarted within 1 s"
+    backoff = daemon.events("supervisor.backoff")
+    assert [e["component"] for e in backoff] == ["consumer-1"]
+    assert 0.05 <= backoff[0]["restart_in_s"] <= 0.1, "restart_delay_min_s, jittered"
     crash = [e for e in daemon.events("supervisor.component_crashed")]
     assert [e["component"] for e in crash] == ["consumer-1"]
     assert "killed by SIGKILL" in crash[0]["error"]
@@ -66,12 +67,11 @@ def test_killed_consumer_process_is_restarted_and_nothing_else_stops(
     ]
     assert states and "killed by SIGKILL" in states[0]["consumer-1"]["last_exit"]
     assert states[0]["producer"] == {"state": "running", "restarts": 0, "last_exit": None}
-    # The producer never paused: at 50/s (one user per 0.02 s) no gap reaches 0.5 s.
+    # The producer never waited: the other consumer and the buffer carried on.
     published = daemon.events("producer.published")
-    times = [_ts(e) for e in published]
-    assert max(b - a for a, b in itertools.pairwise(times)) < 0.5
+    assert not daemon.events("producer.backpressure")
     assert [e["seq"] for e in published] == list(range(1, len(published) + 1))
-    assert times[0] < killed_at < times[-1] - 1.0
+    assert _ts(published[0]) < killed_at < _ts(published[-1])
     assert_rows_match(dsn, published)
 
 
