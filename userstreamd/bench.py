@@ -3,8 +3,11 @@
 Each benchmark runs the real code on `users` synthetic users and reports users per
 second (best of `repeat` runs): generation, validation into rows, the hub's publish and
 fan-out, delivery over a real WebSocket on 127.0.0.1 to a consumer-group member that
-acks, and batch inserts into a real PostgreSQL (an embedded server in a temporary
-directory unless a DSN is given). Figures print as a table; ``--json FILE`` writes them.
+acks, batch inserts into a real PostgreSQL (an embedded server in a temporary directory
+unless a DSN is given), and the whole daemon end to end (in-process, with 2 consumer
+processes and its own embedded server: from ready until `users` are committed). Each run
+also counts the rows it left in the table (``verified``). Figures print as a table;
+``--json FILE`` writes them.
 """
 
 from __future__ import annotations
@@ -123,11 +126,59 @@ def bench_insert(n: int, users: list[dict[str, Any]], dsn: str) -> float:
         start = time.perf_counter()
         for i in range(0, len(rows), 500):
             store.insert_users(rows[i : i + 500])
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        _verified["postgres_rows"] = store.query("SELECT count(*) FROM incoming_users")[0][0]
+        return elapsed
     finally:
         store.close()
         with psycopg.connect(dsn, autocommit=True) as admin:
             admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+_E2E_CONFIG = """
+[daemon]
+state_dir = "state"
+log_level = "warning"
+[producer]
+source = "synthetic"
+seed = "bench"
+rate_per_s = 100000
+stop_at_position = {n}
+[broadcaster]
+port = 0
+[consumers]
+count = 2
+processes = true
+"""
+
+
+async def _bench_end_to_end(n: int) -> float:
+    """The whole daemon, in-process, with 2 consumer processes and its embedded server:
+    seconds from ready until the group has committed `n` users."""
+    from .config import load_config
+    from .daemon import Daemon
+
+    with tempfile.TemporaryDirectory(prefix="usd-bench-") as folder:
+        path = Path(folder) / "bench.toml"
+        path.write_text(_E2E_CONFIG.format(n=n))
+        daemon = Daemon(load_config(path))
+        group = daemon.config.consumers.group
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(daemon.run, stop.wait)
+            await daemon.ready.wait()
+            start = time.perf_counter()
+            while daemon.hub.watermark(group)[0] < n:  # noqa: ASYNC110 (a poll is the probe)
+                await trio.sleep(0.005)
+            elapsed = time.perf_counter() - start
+            store = PostgresStore(daemon.dsn)
+            count = await trio.to_thread.run_sync(
+                store.query, "SELECT count(*) FROM incoming_users"
+            )
+            store.close()
+            _verified["end_to_end_rows"] = count[0][0]
+            stop.set()
+        return elapsed
 
 
 async def _on_embedded_database(work: Callable[[str], float]) -> float:
@@ -140,6 +191,10 @@ async def _on_embedded_database(work: Callable[[str], float]) -> float:
                 return await trio.to_thread.run_sync(work, dsn)
             finally:
                 nursery.cancel_scope.cancel()
+
+
+# What the last run of each stage verifiably did (rows counted in the table afterwards).
+_verified: dict[str, int] = {}
 
 
 def _best(fn: Callable[[], float], repeat: int) -> float:
@@ -162,6 +217,7 @@ def run_benchmarks(n: int = 20_000, repeat: int = 3, dsn: str = "") -> dict[str,
         results["postgres_insert_rows_per_s"] = n / trio.run(
             _on_embedded_database, lambda dsn: _best(lambda: bench_insert(n, users, dsn), repeat)
         )
+    results["end_to_end_users_per_s"] = n / _best(lambda: trio.run(_bench_end_to_end, n), repeat)
     return {
         "version": __version__,
         "users": n,
@@ -170,6 +226,7 @@ def run_benchmarks(n: int = 20_000, repeat: int = 3, dsn: str = "") -> dict[str,
         "cpus": os.cpu_count(),
         "database": "external" if dsn else "embedded",
         "results": {k: round(v, 1) for k, v in results.items()},
+        "verified": dict(_verified),
     }
 
 
