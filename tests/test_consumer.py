@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import trio
+from structlog.contextvars import merge_contextvars
+from structlog.testing import capture_logs
+from trio_websocket import WebSocketRequest, serve_websocket
 
 from userstreamd.admission import Policy
 from userstreamd.auth import Tokens
@@ -14,10 +18,15 @@ from userstreamd.broadcaster import run_broadcaster
 from userstreamd.config import BroadcasterConfig
 from userstreamd.consumer import Consumer
 from userstreamd.hub import Hub
+from userstreamd.records import SECRET_LOGIN_FIELDS
 from userstreamd.sources.synthetic import synthetic_user
+from userstreamd.store.calls import RetryPolicy
 from userstreamd.store.postgres import PostgresStore
 
 from .conftest import query
+from .helpers import eventually, table_locked
+
+FAST = RetryPolicy(wait_initial_s=0.01, wait_max_s=0.05, wait_jitter_s=0.01)
 
 
 def _block_connections(admin_dsn: str, dbname: str, blocked: bool) -> None:
@@ -54,17 +63,21 @@ async def _start_private(nursery: trio.Nursery, hub: Hub, tmp_path: Path) -> str
     return f"ws+unix://{path}?group=db"
 
 
-async def _wait_rows(dsn: str, count: int) -> None:
-    sql = "SELECT count(*) FROM incoming_users"
+async def _wait_rows(dsn: str, count: int, table: str = "incoming_users") -> None:
+    sql = f"SELECT count(*) FROM {table}"
     while (await trio.to_thread.run_sync(query, dsn, sql))[0][0] < count:  # noqa: ASYNC110
         await trio.sleep(0.05)
+
+
+async def _wait_logged(logs: list[dict[str, Any]], event: str, count: int = 1) -> None:
+    await eventually(lambda: sum(e["event"] == event for e in logs) >= count)
 
 
 async def test_database_outage_loses_nothing(dsn: str, pg_server: str, tmp_path: Path) -> None:
     _migrate(dsn)
     dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
     hub = _own_group_hub()
-    consumer = Consumer("", PostgresStore(dsn), batch_size=20, batch_interval_s=0.05)
+    consumer = Consumer("", PostgresStore(dsn), batch_size=20, batch_interval_s=0.05, retry=FAST)
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             consumer.url = await _start_private(nursery, hub, tmp_path)
@@ -119,14 +132,22 @@ async def test_consumer_reconnects_after_the_broadcaster_restarts(dsn: str) -> N
     assert consumer.statistics().reconnects >= 1
 
 
-async def test_a_row_the_database_refuses_goes_to_dead_letters_and_the_rest_flows(
-    dsn: str, tmp_path: Path
-) -> None:
+def _refusing_bob(dsn: str) -> list[dict[str, Any]]:
+    """30 users; the operator's constraint refuses the 10th (valid for us). They keep the
+    fake credentials, as with `keep_credentials = true`."""
     _migrate(dsn)
     with psycopg.connect(dsn) as conn:
         conn.execute("ALTER TABLE incoming_users ADD CONSTRAINT no_bob CHECK (first_name <> 'Bob')")
     users = [synthetic_user("refused", p) for p in range(1, 31)]
-    users[9]["name"]["first"] = "Bob"  # valid for us, refused by the operator's constraint
+    users[9]["name"]["first"] = "Bob"
+    assert set(SECRET_LOGIN_FIELDS) <= set(users[9]["login"])
+    return users
+
+
+async def test_a_row_the_database_refuses_goes_to_dead_letters_and_the_rest_flows(
+    dsn: str, tmp_path: Path
+) -> None:
+    users = _refusing_bob(dsn)
     hub = _own_group_hub()
     consumer = Consumer("", PostgresStore(dsn), batch_size=50, batch_interval_s=0.05)
     with trio.fail_after(30):
@@ -140,11 +161,86 @@ async def test_a_row_the_database_refuses_goes_to_dead_letters_and_the_rest_flow
             nursery.cancel_scope.cancel()
     stored = {r[0] for r in query(dsn, "SELECT uuid::text FROM incoming_users")}
     assert stored == {u["login"]["uuid"] for i, u in enumerate(users) if i != 9}
-    letters = query(dsn, "SELECT source, position, error, raw FROM dead_letters")
+    letters = query(dsn, "SELECT source, position, seq, error, raw FROM dead_letters")
     assert len(letters) == 1
-    source, position, error, raw = letters[0]
-    assert (source, position) == ("consumer", 10) and "no_bob" in error
+    source, position, seq, error, raw = letters[0]
+    assert (source, position, seq) == ("consumer", None, 10) and "no_bob" in error
     assert raw["name"]["first"] == "Bob"
+    assert not set(SECRET_LOGIN_FIELDS) & set(raw["login"]), "fake credentials in a dead letter"
+
+
+async def test_a_dead_letter_write_that_fails_is_retried_not_fatal(
+    dsn: str, tmp_path: Path
+) -> None:
+    users = _refusing_bob(dsn)
+    hub = _own_group_hub()
+    store = PostgresStore(dsn, statement_timeout_s=0.2)  # a blocked write fails, transiently
+    consumer = Consumer("", store, batch_size=50, batch_interval_s=0.05, retry=FAST)
+    with capture_logs() as logs, trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            consumer.url = await _start_private(nursery, hub, tmp_path)
+            await nursery.start(consumer.run)
+            async with table_locked(dsn, "dead_letters"):
+                for p, user in enumerate(users, 1):
+                    hub.publish_nowait(user, "synthetic", p)
+                await _wait_logged(logs, "dead_letters.insert_failed", 2)
+            await hub.wait_drained()
+            await _wait_rows(dsn, 1, "dead_letters")
+            nursery.cancel_scope.cancel()
+    assert query(dsn, "SELECT seq FROM dead_letters") == [(10,)]
+    assert query(dsn, "SELECT count(*) FROM incoming_users") == [(29,)]
+
+
+async def test_a_blocked_database_is_reported_while_it_blocks(dsn: str, tmp_path: Path) -> None:
+    _migrate(dsn)
+    hub = _own_group_hub()
+    store = PostgresStore(dsn, stall_warning_s=0.2)
+    consumer = Consumer("", store, worker=3, batch_size=10, batch_interval_s=0.05)
+    with capture_logs(processors=[merge_contextvars]) as logs, trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            consumer.url = await _start_private(nursery, hub, tmp_path)
+            await nursery.start(consumer.run)
+            async with table_locked(dsn, "incoming_users"):
+                for p in range(1, 6):
+                    hub.publish_nowait(synthetic_user("stall", p), "synthetic", p)
+                await _wait_logged(logs, "database.stalled", 2)  # again at the interval
+            await _wait_rows(dsn, 5)
+            await hub.wait_drained()
+            nursery.cancel_scope.cancel()
+    stalled = [e for e in logs if e["event"] == "database.stalled"]
+    assert stalled[0]["log_level"] == "warning"
+    assert (stalled[0]["action"], stalled[0]["worker"]) == ("insert_users", 3)
+    assert stalled[1]["waited_s"] > stalled[0]["waited_s"] >= 0.2
+    [ended] = [e for e in logs if e["event"] == "database.stall_ended"]
+    assert ended["ok"] is True and ended["waited_s"] >= stalled[-1]["waited_s"]
+    assert consumer.statistics().inserted == 5
+
+
+async def test_a_server_that_closes_at_once_is_retried_ever_more_slowly() -> None:
+    """A handshake alone (a daemon stopping accepts, then closes with 1001) does not reset
+    the reconnect backoff; only a connection that carried users does."""
+    attempts = 0
+
+    async def accept_and_close(request: WebSocketRequest) -> None:
+        nonlocal attempts
+        attempts += 1
+        ws = await request.accept()
+        await ws.aclose(1001, "stopping")
+
+    consumer = Consumer(
+        "", PostgresStore("host=127.0.0.1 port=1"), reconnect_min_s=0.1, reconnect_max_s=5.0
+    )
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(serve_websocket, accept_and_close, "127.0.0.1", 0, None)
+            consumer.url = f"ws://127.0.0.1:{server.port}/"
+            nursery.start_soon(consumer.run)
+            await trio.sleep(2.0)
+            nursery.cancel_scope.cancel()
+    # Backoff 0.1 s doubling, each sleep at least half: attempts start no earlier than
+    # 0, 0.05, 0.15, 0.35, 0.75, 1.55, 3.15 s - at most 6 in 2 s (a reset each time: ~25).
+    assert 2 <= attempts <= 6, attempts
+    assert consumer.statistics().reconnects >= attempts - 1
 
 
 async def test_records_with_sql_or_script_in_them_are_stored_verbatim(

@@ -12,7 +12,13 @@ import pytest
 
 from userstreamd.records import parse_user
 from userstreamd.sources.synthetic import synthetic_user
-from userstreamd.store.postgres import Envelope, PostgresStore, StreamCheckpoint, row_values
+from userstreamd.store.postgres import (
+    DeadLetter,
+    Envelope,
+    PostgresStore,
+    StreamCheckpoint,
+    row_values,
+)
 
 GRAFANA = Path(__file__).resolve().parent.parent / "grafana"
 DASHBOARD = json.loads((GRAFANA / "userstreamd.json").read_text())
@@ -38,7 +44,9 @@ def filled(dsn: str) -> str:
         raw = synthetic_user("grafana", p)
         rows.append(row_values(parse_user(raw), raw, Envelope(p, "ep", "synthetic", now, now)))
     store.insert_users(rows, StreamCheckpoint("db", "ep", 200, 200))
-    store.insert_dead_letters([("randomuser", 7, "login.uuid missing", {"login": {}})])
+    store.insert_dead_letters(
+        [DeadLetter("randomuser", 7, None, "login.uuid missing", {"login": {}})]
+    )
     store.close()
     return dsn
 

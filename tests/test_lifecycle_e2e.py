@@ -63,43 +63,33 @@ def test_kill_9_of_the_daemon_leaves_no_process_behind(tmp_path: Path, daemon_fa
         5,
         "children gone",
     )
-    
 
 
 def test_a_guarded_program_stops_when_the_lifeline_ends(tmp_path: Path) -> None:
     """The guard on its own: the end of stdin sends the stop signal; the exit status is
     the program's."""
     script = "import signal, sys, time; signal.signal(signal.SIGINT, lambda *a: sys.exit(3)); print('up', flush=True); time.sleep(60)"
-    guard = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "userstreamd.lifeline",
-            "--stop-signal",
-            "INT",
-            "--",
-            sys.executable,
-            "-c",
-            script,
-        ],
+    command = ["--stop-signal", "INT", "--", sys.executable, "-c", script]
+    with subprocess.Popen(
+        [sys.executable, "-m", "userstreamd.lifeline", *command],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-    )
-    assert guard.stdout is not None and guard.stdout.readline() == b"up\n"
-    assert guard.stdin is not None
-    guard.stdin.close()
-    assert guard.wait(10) == 3
+    ) as guard:
+        assert guard.stdout is not None and guard.stdout.readline() == b"up\n"
+        assert guard.stdin is not None
+        guard.stdin.close()
+        assert guard.wait(10) == 3
 
 
 def test_a_guarded_program_dies_with_its_guard(tmp_path: Path) -> None:
-    guard = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-m", "userstreamd.lifeline", "--", "sleep", "60"],
         stdin=subprocess.PIPE,
-    )
-    wait_until(lambda: bool(_descendants(guard.pid)), 10, "sleep started")
-    (child,) = _descendants(guard.pid)
-    os.kill(guard.pid, signal.SIGKILL)
-    guard.wait()
+    ) as guard:
+        wait_until(lambda: bool(_descendants(guard.pid)), 10, "sleep started")
+        (child,) = _descendants(guard.pid)
+        os.kill(guard.pid, signal.SIGKILL)
+        guard.wait()
     wait_until(lambda: not _alive(child), 5, "sleep killed with its guard")
 
 

@@ -2,26 +2,44 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
 
 import pytest
+import trio
 
 from userstreamd.errors import StoreError
-from userstreamd.records import parse_user
+from userstreamd.records import SECRET_LOGIN_FIELDS, parse_user
 from userstreamd.sources.synthetic import synthetic_user
-from userstreamd.store.postgres import Envelope, PostgresStore, migrations, row_values
+from userstreamd.store import postgres
+from userstreamd.store.postgres import (
+    COLUMNS,
+    DeadLetter,
+    Envelope,
+    PostgresStore,
+    UserRow,
+    migrations,
+    row_values,
+)
 
 from .conftest import query
+from .helpers import table_locked
 
 
-def _rows(positions: range, seed: str = "store") -> list[tuple[Any, ...]]:
-    now = datetime.now(UTC)
+def _rows(positions: range, seed: str = "store", at: datetime | None = None) -> list[UserRow]:
+    now = at or datetime.now(UTC)
     rows = []
     for p in positions:
         raw = synthetic_user(seed, p)
         rows.append(row_values(parse_user(raw), raw, Envelope(p, "ep", "synthetic", now, now)))
     return rows
+
+
+def test_a_row_is_typed_and_its_values_follow_the_columns() -> None:
+    row = _rows(range(7, 8))[0]
+    assert dict(zip(COLUMNS, row.values(), strict=True)) == {
+        name: getattr(row, name) for name in COLUMNS
+    }
+    assert (row.seq, row.epoch, row.source) == (7, "ep", "synthetic")
 
 
 def test_migrations_apply_once(dsn: str) -> None:
@@ -87,10 +105,78 @@ def test_dead_letters_keep_even_what_jsonb_refuses(dsn: str) -> None:
     store.migrate()
     store.insert_dead_letters(
         [
-            ("randomuser", 3, "NUL", {"name": "a\x00b"}),
-            ("randomuser", 4, "not an object", "just text"),
+            DeadLetter("randomuser", 3, None, "NUL", {"name": "a\x00b"}),
+            DeadLetter("randomuser", 4, None, "not an object", "just text"),
+            DeadLetter("consumer", None, 17, "refused", {"login": {"uuid": "x"}}),
         ]
     )
     store.close()
-    rows = query(dsn, "SELECT position, raw FROM dead_letters ORDER BY position")
-    assert rows == [(3, {"name": "a\\u0000b"}), (4, "just text")]
+    rows = query(dsn, "SELECT source, position, seq, raw FROM dead_letters ORDER BY id")
+    assert rows == [
+        ("randomuser", 3, None, {"name": "a\\u0000b"}),
+        ("randomuser", 4, None, "just text"),
+        ("consumer", None, 17, {"login": {"uuid": "x"}}),
+    ]
+
+
+def test_dead_letters_never_keep_the_fake_credentials(dsn: str) -> None:
+    store = PostgresStore(dsn)
+    store.migrate()
+    raw = synthetic_user("letters", 1)
+    assert set(SECRET_LOGIN_FIELDS) <= set(raw["login"])
+    store.insert_dead_letters([DeadLetter("randomuser", 1, None, "bad", raw)])
+    store.close()
+    [(login,)] = query(dsn, "SELECT raw->'login' FROM dead_letters")
+    assert set(login) == {"uuid", "username"}
+    assert set(SECRET_LOGIN_FIELDS) <= set(raw["login"]), "the caller's record is untouched"
+
+
+def test_a_stream_position_holds_one_user_whatever_the_source(dsn: str) -> None:
+    store = PostgresStore(dsn)
+    store.migrate()
+    assert store.insert_users(_rows(range(1, 6), seed="api")) == 5
+    # A restart regenerates 4..8 from the other source: other users at the same seqs.
+    assert store.insert_users(_rows(range(4, 9), seed="fallback")) == 3
+    # Two users for one seq within one batch: one of them.
+    assert store.insert_users(_rows(range(9, 10), seed="a") + _rows(range(9, 10), seed="b")) == 1
+    store.close()
+    rows = query(dsn, "SELECT seq, uuid::text FROM incoming_users ORDER BY seq")
+    assert [seq for seq, _ in rows] == list(range(1, 10))
+    expected = [synthetic_user("api", p) for p in range(1, 6)]
+    expected += [synthetic_user("fallback", p) for p in range(6, 9)]
+    assert [uuid for _, uuid in rows[:8]] == [u["login"]["uuid"] for u in expected]
+    assert rows[8][1] in {synthetic_user(seed, 9)["login"]["uuid"] for seed in "ab"}
+
+
+def test_migration_005_keeps_the_first_user_of_each_position(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    every = migrations()
+    store = PostgresStore(dsn)
+    with monkeypatch.context() as m:  # the schema as it was: (epoch, seq) not yet unique
+        m.setattr(postgres, "migrations", lambda: [x for x in every if x[0] < 5])
+        store.migrate()
+    first = datetime.now(UTC) - timedelta(hours=1)
+    assert store.insert_users(_rows(range(1, 11), seed="api", at=first)) == 10
+    assert store.insert_users(_rows(range(6, 16), seed="fallback")) == 10  # 6..10 twice
+    assert query(dsn, "SELECT count(*) FROM incoming_users") == [(20,)]
+    assert 5 in store.migrate()
+    store.close()
+    rows = query(dsn, "SELECT seq, uuid::text FROM incoming_users ORDER BY seq")
+    kept = [synthetic_user("api", p) for p in range(1, 11)]
+    kept += [synthetic_user("fallback", p) for p in range(11, 16)]
+    assert rows == [(p, u["login"]["uuid"]) for p, u in enumerate(kept, 1)]
+
+
+async def test_a_statement_blocked_past_the_timeout_is_a_transient_store_error(
+    dsn: str,
+) -> None:
+    store = PostgresStore(dsn, statement_timeout_s=0.2)
+    await trio.to_thread.run_sync(store.migrate)  # migrations are not bounded by it
+    with trio.fail_after(30):
+        async with table_locked(dsn, "incoming_users"):
+            with pytest.raises(StoreError, match="statement timeout") as caught:
+                await trio.to_thread.run_sync(store.insert_users, _rows(range(1, 3)))
+        assert caught.value.transient
+        assert await trio.to_thread.run_sync(store.insert_users, _rows(range(1, 3))) == 2
+    store.close()

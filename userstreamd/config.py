@@ -18,6 +18,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from .errors import ConfigError
+from .sources.randomuser import reserved_seed_reason
 
 DEFAULT_RANDOMUSER_URL = "https://randomuser.me/api/1.4/"
 DEFAULT_PORT = 8765
@@ -116,12 +117,16 @@ class ConsumersConfig(_Table, frozen=True):
     batch_interval_s: Positive = 0.25
     reconnect_min_s: Positive = 0.1
     reconnect_max_s: Positive = 5.0
+    max_lead: Annotated[int, msgspec.Meta(ge=1)] = 20_000
 
 
 class DatabaseConfig(_Table, frozen=True):
     dsn: str = ""
     password_env: str = DEFAULT_PASSWORD_ENV
     milestone_every: Annotated[int, msgspec.Meta(ge=1)] = 1000
+    connect_timeout_s: Annotated[int, msgspec.Meta(ge=2)] = 5  # libpq: whole seconds, >= 2
+    statement_timeout_s: NonNegative = 30.0
+    stall_warning_s: Positive = 5.0
 
 
 class SupervisorConfig(_Table, frozen=True):
@@ -190,6 +195,11 @@ def _explain(path: Path, exc: msgspec.ValidationError) -> ConfigError:
 
 def _check(path: Path, config: Config) -> None:
     """Rules a type cannot express."""
+    if (reason := reserved_seed_reason(config.producer.seed)) is not None:
+        raise ConfigError(
+            f"{path}: producer.seed: expected any length but 18 characters, "
+            f"got {config.producer.seed!r}: {reason}"
+        )
     bad_nats = [n for n in config.producer.nat if n.upper() not in NATIONALITIES]
     if bad_nats:
         raise ConfigError(
@@ -275,3 +285,20 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
     return parse_config(text, path)
+
+
+# The keys SIGHUP applies to a running daemon; a change to any other key is logged as
+# needing a restart and left alone.
+RELOADABLE = frozenset({"daemon.log_level", "daemon.log_format", "producer.rate_per_s"})
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """The dotted keys whose values differ between two configs."""
+    a, b = msgspec.to_builtins(old), msgspec.to_builtins(new)
+    return sorted(
+        f"{table}.{key}"
+        for table in a
+        if isinstance(a[table], dict)
+        for key in a[table].keys() | b[table].keys()
+        if a[table].get(key) != b[table].get(key)
+    )

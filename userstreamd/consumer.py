@@ -4,8 +4,11 @@ Two tasks per consumer: the *receiver* keeps a connection to the broadcaster (re
 with exponential backoff and jitter) and turns frames into rows; the *writer* takes rows
 in batches (``batch_size`` or ``batch_interval_s``, whichever comes first), inserts each
 batch in one statement and one transaction, then acknowledges the batch's highest seq.
-A failed insert keeps its batch and retries it: rows are never dropped for a DB outage.
-The writer outlives connections, so a reconnect does not lose rows already received.
+A failed insert keeps its batch and retries it (`StoreCalls.retrying`): rows are never
+dropped for a DB outage. The writer outlives connections, so a reconnect does not lose
+rows already received. The reconnect backoff starts over only after a connection has
+carried users: a server that accepts and closes at once (a daemon stopping) is retried
+ever more slowly, not in a tight loop.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import contextlib
 import random
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 from urllib.parse import urlencode
 
 import msgspec
@@ -26,12 +28,20 @@ from .errors import InvalidRecord, ProtocolError, StoreError
 from .logs import bind, get_logger
 from .messages import Ack, Checkpoint, UserMessage, Welcome, decode_server, encode
 from .records import parse_user
-from .store.postgres import Envelope, PostgresStore, StreamCheckpoint, row_values
+from .store.calls import DEFAULT_RETRY, RetryPolicy, StoreCalls
+from .store.postgres import (
+    DeadLetter,
+    Envelope,
+    PostgresStore,
+    StreamCheckpoint,
+    UserRow,
+    row_values,
+)
 from .wsclient import open_ws
 
 ACK_CHUNK = 4096
-Row = tuple[Any, ...]
-Item = tuple[int, Row | None]  # (seq, row); None: invalid, acknowledged without a row
+FINAL_FLUSH_S = 3.0  # at stop, the time to commit what was received
+Item = tuple[int, UserRow | None]  # (seq, row); None: invalid, acknowledged without a row
 
 
 @dataclass(frozen=True)
@@ -68,8 +78,8 @@ def make_consumer(
 ) -> Consumer:
     """A member of the configured consumer group, as the config describes it."""
     c = config.consumers
-    store = PostgresStore(
-        dsn, password=config.db_password(), application_name=f"userstreamd-consumer-{worker}"
+    store = PostgresStore.from_config(
+        config, dsn, application_name=f"userstreamd-consumer-{worker}"
     )
     member_url = f"{url}?{urlencode({'group': c.group, 'window': c.window})}"
     return Consumer(
@@ -98,21 +108,26 @@ class Consumer:
         milestones: Milestones | None = None,
         token: str | None = None,
         ca_file: str | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
         self.url = url
         self.token, self.ca_file = token, ca_file
         self.store = store
+        self.db = StoreCalls(store, retry=retry)
         self.worker = worker
         self.batch_size = batch_size
         self.batch_interval_s = batch_interval_s
         self.reconnect_min_s, self.reconnect_max_s = reconnect_min_s, reconnect_max_s
         self.milestones = milestones or Milestones(1000)
         self.received = self.inserted = self.duplicates = self.batches = 0
-        self.invalid = self.db_errors = self.reconnects = 0
+        self.invalid = self.reconnects = 0
         self.last_seq = self.acked_seq = 0
         self._ws: WebSocketConnection | None = None
         self._checkpoint: StreamCheckpoint | None = None
-        self._limiter = trio.CapacityLimiter(1)
+
+    @property
+    def db_errors(self) -> int:
+        return self.db.failures
 
     def statistics(self) -> ConsumerStatistics:
         return ConsumerStatistics(
@@ -137,8 +152,7 @@ class Consumer:
                 nursery.start_soon(self._write_batches, receive)
                 await self._receive_forever(send, task_status)
         finally:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self.store.close)
+            await self.db.aclose()
 
     # -- receiver ------------------------------------------------------------------------
 
@@ -149,9 +163,9 @@ class Consumer:
         delay = self.reconnect_min_s
         started = False
         while True:
+            received = self.received
             try:
                 async with open_ws(self.url, token=self.token, ca_file=self.ca_file) as ws:
-                    delay = self.reconnect_min_s
                     self._ws = ws
                     if not started:
                         task_status.started()
@@ -164,6 +178,8 @@ class Consumer:
                 trio.TooSlowError,
                 trio.BrokenResourceError,
             ) as exc:
+                if self.received > received:  # it carried users: the backoff starts over
+                    delay = self.reconnect_min_s
                 going_away = (
                     isinstance(exc, ConnectionClosed)
                     and exc.reason is not None
@@ -207,7 +223,7 @@ class Consumer:
             else:
                 log.warning("consumer.unexpected_message", type=type(message).__name__)
 
-    def _to_row(self, message: UserMessage) -> Row | None:
+    def _to_row(self, message: UserMessage) -> UserRow | None:
         self.received += 1
         self.last_seq = message.seq
         try:
@@ -221,33 +237,34 @@ class Consumer:
         )
         return row_values(user, message.user, env)
 
-    async def _insert(self, rows: list[Row], checkpoint: StreamCheckpoint | None) -> int:
-        return await trio.to_thread.run_sync(
-            self.store.insert_users, rows, checkpoint, limiter=self._limiter
+    async def _insert(self, rows: list[UserRow], checkpoint: StreamCheckpoint | None) -> int:
+        """Insert (and write the checkpoint), retrying through outages; a refusal raises."""
+        return await self.db.retrying(
+            "consumer.insert_failed", self.store.insert_users, rows, checkpoint, rows=len(rows)
         )
 
-    async def _insert_one_by_one(self, rows: list[Row], checkpoint: StreamCheckpoint | None) -> int:
+    async def _insert_one_by_one(
+        self, rows: list[UserRow], checkpoint: StreamCheckpoint | None
+    ) -> int:
         """The database refused a batch: store it row by row, and each row it refuses in
         the dead letters, so one bad row neither blocks the stream nor takes others down.
         (Connection trouble meanwhile is retried as usual.)"""
         inserted = 0
         for row in rows:
-            while True:
-                try:
-                    inserted += await self._insert([row], None)
-                    break
-                except StoreError as exc:
-                    if exc.transient:
-                        await trio.sleep(1.0)
-                        continue
-                    self.invalid += 1
-                    get_logger().error("consumer.row_refused", seq=row[1], error=str(exc))
-                    # (seq, the raw record: the row's last column, as JSON text)
-                    letter = ("consumer", row[1], str(exc), msgspec.json.decode(row[-1]))
-                    await trio.to_thread.run_sync(
-                        self.store.insert_dead_letters, [letter], limiter=self._limiter
-                    )
-                    break
+            try:
+                inserted += await self._insert([row], None)
+            except StoreError as exc:
+                self.invalid += 1
+                get_logger().error("consumer.row_refused", seq=row.seq, error=str(exc))
+                letter = DeadLetter(
+                    "consumer", None, row.seq, str(exc), msgspec.json.decode(row.raw)
+                )
+                await self.db.retrying(
+                    "dead_letters.insert_failed",
+                    self.store.insert_dead_letters,
+                    [letter],
+                    letters=1,
+                )
         if checkpoint is not None:
             await self._insert([], checkpoint)
         return inserted
@@ -265,8 +282,9 @@ class Consumer:
                 await self._write(batch)
                 batch = []
         finally:
-            # Shutdown: commit what was received (bounded), so a stop loses nothing in hand.
-            with trio.move_on_after(10, shield=True):
+            # Shutdown: commit what was received (bounded: what is left is not acknowledged,
+            # so the daemon regenerates it from the stored checkpoint at its next start).
+            with trio.move_on_after(FINAL_FLUSH_S, shield=True):
                 while True:
                     try:
                         batch.append(receive.receive_nowait())
@@ -279,22 +297,11 @@ class Consumer:
         log = get_logger()
         rows = [row for _, row in batch if row is not None]
         checkpoint = self._checkpoint
-        delay = 0.1
-        while True:
-            try:
-                inserted = await self._insert(rows, checkpoint)
-                break
-            except StoreError as exc:
-                self.db_errors += 1
-                if not exc.transient:
-                    log.error("consumer.batch_refused", rows=len(rows), error=str(exc))
-                    inserted = await self._insert_one_by_one(rows, checkpoint)
-                    break
-                log.warning(
-                    "consumer.insert_failed", rows=len(rows), error=str(exc), retry_in_s=delay
-                )
-                await trio.sleep(delay)
-                delay = min(5.0, delay * 2)
+        try:
+            inserted = await self._insert(rows, checkpoint)
+        except StoreError as exc:
+            log.error("consumer.batch_refused", rows=len(rows), error=str(exc))
+            inserted = await self._insert_one_by_one(rows, checkpoint)
         seqs = [seq for seq, _ in batch]
         self.inserted += inserted
         self.duplicates += len(rows) - inserted

@@ -104,9 +104,7 @@ def producer(
             budget=UserBudget(ru.budget_users, ru.budget_window_s),
         )
         fallback = synthetic if p.fallback == "synthetic" else None
-    store = PostgresStore(
-        dsn, password=config.db_password(), application_name="userstreamd-dead-letters"
-    )
+    store = PostgresStore.from_config(config, dsn, application_name="userstreamd-dead-letters")
     return Producer(
         hub,
         primary,

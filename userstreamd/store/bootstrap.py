@@ -13,9 +13,7 @@ from .postgres import PostgresStore
 
 
 async def migrate(config: Config, dsn: str) -> list[int]:
-    store = PostgresStore(
-        dsn, password=config.db_password(), application_name="userstreamd-migrate"
-    )
+    store = PostgresStore.from_config(config, dsn, application_name="userstreamd-migrate")
     try:
         return await trio.to_thread.run_sync(store.migrate)
     finally:

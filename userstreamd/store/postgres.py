@@ -1,8 +1,12 @@
-"""The PostgreSQL side: versioned migrations and the idempotent batch writer.
+"""The PostgreSQL side: versioned migrations, the typed rows and the idempotent writer.
 
-psycopg's async API is asyncio-only, so this module is plain blocking code; callers run
-it with ``trio.to_thread.run_sync`` on one connection per worker. psycopg errors become
-`StoreError` here.
+psycopg's async API is asyncio-only, so this module is plain blocking code; trio tasks
+call it through `store.calls.StoreCalls` (a worker thread per connection, stall warnings,
+retries). psycopg errors become `StoreError` here. Every statement is bounded by the
+server's ``statement_timeout`` and every connection attempt by libpq's
+``connect_timeout``: a statement blocked on a lock, or a server that does not answer a
+connection, ends in a transient `StoreError`. A server that stops answering mid-statement
+(SIGSTOP) times nothing out; that is what the callers' stall watchdog reports.
 """
 
 from __future__ import annotations
@@ -14,26 +18,74 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 import msgspec
 import psycopg
 
+from ..config import Config, DatabaseConfig
 from ..errors import StoreError
-from ..records import User
+from ..records import User, scrub
 
 _MIGRATION_LOCK = 0x75_73_72_64  # "usrd": serialises concurrent migrators
 
-# The columns a row fills, in the order `row_values` returns them.
-# fmt: off
-COLUMNS: tuple[str, ...] = (
-    "uuid", "seq", "epoch", "source", "gender", "title",
-    "first_name", "last_name", "email", "username", "phone", "cell",
-    "street_number", "street_name", "city", "state", "country", "postcode",
-    "latitude", "longitude", "timezone_offset", "dob", "age", "registered",
-    "id_name", "id_value", "nat", "picture_large", "picture_medium", "picture_thumb",
-    "produced_at", "received_at", "raw",
-)
-# fmt: on
+
+class UserRow(msgspec.Struct, frozen=True, gc=False):
+    """One row of ``incoming_users``; the fields are the columns, in COLUMNS order."""
+
+    uuid: UUID
+    seq: int
+    epoch: str
+    source: str
+    gender: str | None
+    title: str | None
+    first_name: str | None
+    last_name: str | None
+    email: str | None
+    username: str
+    phone: str | None
+    cell: str | None
+    street_number: int | None
+    street_name: str | None
+    city: str | None
+    state: str | None
+    country: str | None
+    postcode: str | None
+    latitude: float | None
+    longitude: float | None
+    timezone_offset: str | None
+    dob: datetime | None
+    age: int | None
+    registered: datetime | None
+    id_name: str | None
+    id_value: str | None
+    nat: str | None
+    picture_large: str | None
+    picture_medium: str | None
+    picture_thumb: str | None
+    produced_at: datetime
+    received_at: datetime
+    raw: str  # the record as JSON text
+
+    def values(self) -> tuple[Any, ...]:
+        """The values in COLUMNS order (what COPY writes)."""
+        return msgspec.structs.astuple(self)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A record kept out of ``incoming_users``, with the reason. `position` is the
+    source's (a record the producer could not validate), `seq` the stream's (a row the
+    database refused); either may be unknown."""
+
+    source: str
+    position: int | None
+    seq: int | None
+    error: str
+    raw: Any
+
+
+COLUMNS: tuple[str, ...] = UserRow.__struct_fields__
 _NAMES = ", ".join(COLUMNS)
 # A batch is COPYed into a per-connection temporary table, then moved with one
 # INSERT ... ON CONFLICT DO NOTHING: about five times the rows/s of a multi-row INSERT
@@ -43,9 +95,11 @@ _STAGE = (
     "(LIKE incoming_users INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
 )
 _COPY = f"COPY incoming_users_batch ({_NAMES}) FROM STDIN"
+# No conflict target: a uuid already stored and a stream position (epoch, seq) already
+# taken by another user are both skipped.
 _MOVE = (
     f"INSERT INTO incoming_users ({_NAMES}) SELECT {_NAMES} FROM incoming_users_batch "
-    "ON CONFLICT (uuid) DO NOTHING"
+    "ON CONFLICT DO NOTHING"
 )
 
 _CHECKPOINT = """INSERT INTO stream_checkpoints (group_name, epoch, seq, position)
@@ -55,6 +109,7 @@ SET seq = excluded.seq, position = excluded.position, updated_at = now()
 WHERE stream_checkpoints.seq < excluded.seq"""
 
 _json = msgspec.json.Encoder()
+_DEFAULTS = DatabaseConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,45 +133,45 @@ class Envelope:
     received_at: datetime
 
 
-def row_values(user: User, raw: dict[str, Any], env: Envelope) -> tuple[Any, ...]:
-    """The values of one row, in COLUMNS order."""
-    name, loc, street = user.name, user.location, user.location and user.location.street
-    pic, doc = user.picture, user.id
-    postcode = None if loc is None or loc.postcode is None else str(loc.postcode)
-    return (
-        user.login.uuid,
-        env.seq,
-        env.epoch,
-        env.source,
-        user.gender,
-        name and name.title,
-        name and name.first,
-        name and name.last,
-        user.email,
-        user.login.username,
-        user.phone,
-        user.cell,
-        street and street.number,
-        street and street.name,
-        loc and loc.city,
-        loc and loc.state,
-        loc and loc.country,
-        postcode,
-        user.latitude,
-        user.longitude,
-        loc and loc.timezone and loc.timezone.offset,
-        user.dob and user.dob.date,
-        user.dob and user.dob.age,
-        user.registered and user.registered.date,
-        doc and doc.name,
-        doc and doc.value,
-        user.nat,
-        pic and pic.large,
-        pic and pic.medium,
-        pic and pic.thumbnail,
-        env.produced_at,
-        env.received_at,
-        _json.encode(raw).decode(),
+def row_values(user: User, raw: dict[str, Any], env: Envelope) -> UserRow:
+    """The row of one validated user (a part the record lacks gives NULL columns)."""
+    name, loc, pic, doc, dob = user.name, user.location, user.picture, user.id, user.dob
+    street = loc.street if loc else None
+    zone = loc.timezone if loc else None
+    return UserRow(
+        uuid=user.login.uuid,
+        seq=env.seq,
+        epoch=env.epoch,
+        source=env.source,
+        gender=user.gender,
+        title=name.title if name else None,
+        first_name=name.first if name else None,
+        last_name=name.last if name else None,
+        email=user.email,
+        username=user.login.username,
+        phone=user.phone,
+        cell=user.cell,
+        street_number=street.number if street else None,
+        street_name=street.name if street else None,
+        city=loc.city if loc else None,
+        state=loc.state if loc else None,
+        country=loc.country if loc else None,
+        postcode=None if loc is None or loc.postcode is None else str(loc.postcode),
+        latitude=user.latitude,
+        longitude=user.longitude,
+        timezone_offset=zone.offset if zone else None,
+        dob=dob.date if dob else None,
+        age=dob.age if dob else None,
+        registered=user.registered.date if user.registered else None,
+        id_name=doc.name if doc else None,
+        id_value=doc.value if doc else None,
+        nat=user.nat,
+        picture_large=pic.large if pic else None,
+        picture_medium=pic.medium if pic else None,
+        picture_thumb=pic.thumbnail if pic else None,
+        produced_at=env.produced_at,
+        received_at=env.received_at,
+        raw=_json.encode(raw).decode(),
     )
 
 
@@ -148,7 +203,11 @@ def _without_nul(json_text: str) -> str:
 
 
 class PostgresStore:
-    """One connection; reconnects lazily after a failure."""
+    """One connection; reconnects lazily after a failure.
+
+    `statement_timeout_s` (0: none) bounds every statement on the server; `stall_warning_s`
+    is for the callers' watchdog (`StoreCalls`), which the server cannot bound (a stopped
+    server does not time anything out)."""
 
     def __init__(
         self,
@@ -156,21 +215,48 @@ class PostgresStore:
         *,
         password: str | None = None,
         application_name: str = "userstreamd",
-        connect_timeout_s: float = 5.0,
+        connect_timeout_s: float = _DEFAULTS.connect_timeout_s,
+        statement_timeout_s: float = _DEFAULTS.statement_timeout_s,
+        stall_warning_s: float = _DEFAULTS.stall_warning_s,
     ) -> None:
         self._dsn = dsn
         self._kwargs: dict[str, Any] = {
             "application_name": application_name,
-            "connect_timeout": max(1, round(connect_timeout_s)),
+            "connect_timeout": max(1, round(connect_timeout_s)),  # libpq: whole seconds
         }
         if password:
             self._kwargs["password"] = password
+        self._statement_timeout = f"{round(statement_timeout_s * 1000)}ms"
+        self.stall_warning_s = stall_warning_s
         self._conn: psycopg.Connection[Any] | None = None
+
+    @classmethod
+    def from_config(cls, config: Config, dsn: str, *, application_name: str) -> PostgresStore:
+        """A store with the password and the timeouts the config names."""
+        d = config.database
+        return cls(
+            dsn,
+            password=config.db_password(),
+            application_name=application_name,
+            connect_timeout_s=d.connect_timeout_s,
+            statement_timeout_s=d.statement_timeout_s,
+            stall_warning_s=d.stall_warning_s,
+        )
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
             with _mapped("connect"):
-                self._conn = psycopg.connect(self._dsn, **self._kwargs)
+                conn = psycopg.connect(self._dsn, **self._kwargs)
+                try:  # SET, not the `options` parameter: that would replace the DSN's own
+                    conn.execute(
+                        "SELECT set_config('statement_timeout', %s, false)",
+                        (self._statement_timeout,),
+                    )
+                    conn.commit()
+                except BaseException:
+                    conn.close()
+                    raise
+            self._conn = conn
         return self._conn
 
     def _run(self, action: str, work: Any) -> Any:
@@ -187,6 +273,8 @@ class PostgresStore:
         """Apply the migrations this database has not seen; return their versions."""
 
         def work(conn: psycopg.Connection[Any]) -> list[int]:
+            # A migration may rewrite a large table: statement_timeout is for the stream.
+            conn.execute("SET LOCAL statement_timeout = 0")
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
             conn.execute("""CREATE TABLE IF NOT EXISTS schema_migrations (
                 version integer PRIMARY KEY, name text NOT NULL,
@@ -206,10 +294,11 @@ class PostgresStore:
         return self._run("migrate", work)
 
     def insert_users(
-        self, rows: Sequence[tuple[Any, ...]], checkpoint: StreamCheckpoint | None = None
+        self, rows: Sequence[UserRow], checkpoint: StreamCheckpoint | None = None
     ) -> int:
         """Insert a batch, and the group's checkpoint, in one transaction; return the rows
-        actually new (a uuid already in the table is skipped)."""
+        actually new (a uuid already in the table, or a (epoch, seq) already taken, is
+        skipped)."""
 
         def work(conn: psycopg.Connection[Any]) -> int:
             inserted = 0
@@ -218,7 +307,7 @@ class PostgresStore:
                     cur.execute(_STAGE)
                     with cur.copy(_COPY) as copy:
                         for row in rows:
-                            copy.write_row(row)
+                            copy.write_row(row.values())
                     inserted = cur.execute(_MOVE).rowcount
             if checkpoint is not None:
                 conn.execute(
@@ -257,18 +346,27 @@ class PostgresStore:
         epoch, seq, position, seed, source = row
         return StreamCheckpoint(group, epoch, seq, position), seed, source
 
-    def insert_dead_letters(self, letters: Sequence[tuple[str, int | None, str, Any]]) -> int:
-        """Store (source, position, error, raw) of records that failed validation."""
+    def insert_dead_letters(self, letters: Sequence[DeadLetter]) -> int:
+        """Store records kept out of incoming_users, without the API's fake credentials
+        (whatever `keep_credentials` says: a dead letter is for finding the fault)."""
         rows = [
-            (source, position, error, _without_nul(_json.encode(raw).decode()))
-            for source, position, error, raw in letters
+            (
+                x.source,
+                x.position,
+                x.seq,
+                x.error,
+                _without_nul(
+                    _json.encode(scrub(x.raw) if isinstance(x.raw, dict) else x.raw).decode()
+                ),
+            )
+            for x in letters
         ]
 
         def work(conn: psycopg.Connection[Any]) -> int:
             with conn.cursor() as cur:
                 cur.executemany(
-                    "INSERT INTO dead_letters (source, position, error, raw) "
-                    "VALUES (%s, %s, %s, %s::jsonb)",
+                    "INSERT INTO dead_letters (source, position, seq, error, raw) "
+                    "VALUES (%s, %s, %s, %s, %s::jsonb)",
                     rows,
                 )
             return len(rows)

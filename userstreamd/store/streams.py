@@ -31,7 +31,7 @@ class Stream:
 
 
 def _store(config: Config, dsn: str) -> PostgresStore:
-    return PostgresStore(dsn, password=config.db_password(), application_name="userstreamd")
+    return PostgresStore.from_config(config, dsn, application_name="userstreamd")
 
 
 def open_stream(config: Config, dsn: str) -> Stream:
