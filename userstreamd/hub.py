@@ -11,10 +11,11 @@ is full and `Hub.publish` waits: a group that cannot keep up slows the producer,
 loses users. The same buffer is the replay history for plain clients.
 
 **Plain clients** read with a cursor. One that reconnects with its last ``(epoch, seq)``
-resumes right after it if that frame is still buffered; otherwise it is told about the
-gap explicitly (`Gap`). A client more than ``client_lag_max`` frames behind, or whose next
-frame was evicted, is *slow* and is cut off (the broadcaster closes it with code 3008);
-it never holds anything up.
+resumes right after it if that frame is still buffered, or once it is published if the
+client is ahead (a restarted daemon regenerating its epoch from the stored checkpoint);
+otherwise it is told about the gap explicitly (`Gap`). A client more than
+``client_lag_max`` frames behind, or whose next frame was evicted, is *slow* and is cut
+off (the broadcaster closes it with code 3008); it never holds anything up.
 
 **Groups.** Each frame goes to one member of each group; members acknowledge after their
 database commit (``ack`` of explicit seqs). Each member has at most ``window`` frames in
@@ -160,8 +161,10 @@ class Hub:
         client_lag_max: int = 10_000,
         group_lag_max: int = 10_000,
         window: int = 1000,
+        lead_max: int = 0,
     ) -> None:
         self.epoch = epoch
+        self.lead_max = lead_max or buffer_messages
         self.last_seq = first_seq - 1
         self.buffer_messages, self.buffer_bytes = buffer_messages, buffer_bytes
         self.client_lag_max = client_lag_max
@@ -210,8 +213,16 @@ class Hub:
                 self._cut_off_group(group, "its next users left the buffer")
 
     def has_room(self) -> bool:
+        """Room for one more user: the buffer is not full, and the producer is fewer than
+        ``lead_max`` users ahead of the groups that hold it back (so that, when the loop
+        is saturated, their members get the time to catch up rather than falling further
+        behind)."""
         self._evict(room_for=1)
-        return len(self._entries) < self.buffer_messages and self._bytes < self.buffer_bytes
+        return (
+            len(self._entries) < self.buffer_messages
+            and self._bytes < self.buffer_bytes
+            and self.last_seq - self._floor() < self.lead_max
+        )
 
     def publish_nowait(
         self, user: dict[str, Any], source: str, position: int, produced_at: datetime | None = None
@@ -253,7 +264,11 @@ class Hub:
         sub = Subscription(next(self._ids), peer, self.last_seq + 1)
         if since is not None:
             epoch, seq = since
-            if epoch != self.epoch or seq > self.last_seq:
+            if epoch == self.epoch and self.last_seq < seq <= self.last_seq + self.client_lag_max:
+                # Ahead of us: this daemon restarted and regenerates the epoch from its
+                # stored checkpoint. Those seqs will be the same stream: wait for them.
+                sub.next_seq = seq + 1
+            elif epoch != self.epoch or seq > self.last_seq:
                 sub.gap = Gap(
                     epoch=self.epoch,
                     from_seq=None,
