@@ -21,6 +21,8 @@ from userstreamd.producer import Producer
 from userstreamd.sources.synthetic import SyntheticSource, synthetic_user
 from userstreamd.wsclient import open_ws
 
+from .helpers import eventually
+
 
 async def _start(nursery: trio.Nursery, hub: Hub, **settings: Any) -> str:
     port = await nursery.start(run_broadcaster, hub, "127.0.0.1", 0, BroadcasterConfig(**settings))
@@ -195,8 +197,7 @@ async def test_two_groups_and_three_plain_clients_with_one_stalled() -> None:
             nursery.start_soon(plain, "p2")
             async with _open_stalling_ws(url) as stalled:
                 await _receive(stalled)
-                while hub.clients < 8:  # noqa: ASYNC110 (bounded by fail_after)
-                    await trio.sleep(0.01)
+                await eventually(lambda: hub.clients >= 8)
                 await nursery.start(producer.run)
                 while hub.slow_disconnects == 0:
                     peak_bytes = max(peak_bytes, hub.statistics().buffered_bytes)

@@ -14,6 +14,7 @@ import pytest
 from userstreamd.sources.synthetic import synthetic_user
 
 from .conftest import PostgresForTests, daemon_tables, query
+from .helpers import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -27,13 +28,6 @@ def _kill_a_consumer(daemon: Any, worker: int) -> int:
     pid = started[-1]["pid"]
     os.kill(pid, signal.SIGKILL)
     return pid
-
-
-def _wait_for(predicate: Any, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 def test_chaos_run_loses_nothing_and_adds_nothing(
@@ -56,7 +50,7 @@ def test_chaos_run_loses_nothing_and_adds_nothing(
     killed = []
     for worker in (1, 2, 1):
         time.sleep(1.5)
-        _wait_for(
+        wait_until(
             lambda w=worker: any(
                 e["worker"] == w and e["pid"] not in killed
                 for e in first.events("supervisor.process_started")
@@ -80,7 +74,7 @@ def test_chaos_run_loses_nothing_and_adds_nothing(
     assert resumed["position"] > 0
     second.wait_for("producer.stopped_at_position", timeout_s=90)
     count = "SELECT count(*) FROM incoming_users"
-    _wait_for(lambda: query(dsn, count)[0][0] >= STOP_AT, 60)
+    wait_until(lambda: query(dsn, count)[0][0] >= STOP_AT, 60)
     assert second.stop() == 0
 
     uuids = [r[0] for r in query(dsn, "SELECT uuid::text FROM incoming_users")]

@@ -65,8 +65,9 @@ async def _start_private(nursery: trio.Nursery, hub: Hub, tmp_path: Path) -> str
 
 async def _wait_rows(dsn: str, count: int, table: str = "incoming_users") -> None:
     sql = f"SELECT count(*) FROM {table}"
-    while (await trio.to_thread.run_sync(query, dsn, sql))[0][0] < count:  # noqa: ASYNC110
-        await trio.sleep(0.05)
+    with trio.fail_after(60):
+        while (await trio.to_thread.run_sync(query, dsn, sql))[0][0] < count:  # noqa: ASYNC110
+            await trio.sleep(0.05)
 
 
 async def _wait_logged(logs: list[dict[str, Any]], event: str, count: int = 1) -> None:
@@ -88,8 +89,7 @@ async def test_database_outage_loses_nothing(dsn: str, pg_server: str, tmp_path:
             await trio.to_thread.run_sync(_block_connections, pg_server, dbname, True)
             for p in range(51, 151):
                 hub.publish_nowait(synthetic_user("outage", p), "synthetic", p)
-            while consumer.db_errors < 2:  # noqa: ASYNC110 (bounded by fail_after)
-                await trio.sleep(0.05)
+            await eventually(lambda: consumer.db_errors >= 2)
             await trio.to_thread.run_sync(_block_connections, pg_server, dbname, False)
             await _wait_rows(dsn, 150)
             await hub.wait_drained()
@@ -121,11 +121,9 @@ async def test_consumer_reconnects_after_the_broadcaster_restarts(dsn: str) -> N
             hub.publish_nowait(synthetic_user("re", 1), "synthetic", 1)
             await _wait_rows(dsn, 1)
             first.cancel()
-            while consumer.statistics().connected:  # noqa: ASYNC110 (bounded by fail_after)
-                await trio.sleep(0.01)
+            await eventually(lambda: not consumer.statistics().connected)
             await nursery.start(broadcaster, trio.CancelScope(), port)
-            while not consumer.statistics().connected:  # noqa: ASYNC110
-                await trio.sleep(0.01)
+            await eventually(lambda: consumer.statistics().connected)
             hub.publish_nowait(synthetic_user("re", 2), "synthetic", 2)
             await _wait_rows(dsn, 2)
             nursery.cancel_scope.cancel()

@@ -35,6 +35,7 @@ from userstreamd.store.postgres import PostgresStore
 from userstreamd.wsclient import open_ws
 
 from .conftest import query
+from .helpers import eventually
 
 READ = Token("viewer", "viewer-token-0123456789", frozenset({"read"}))
 AUDIT = Token("auditor", "auditor-token-0123456789", frozenset({"group:audit", "group:db"}))
@@ -214,8 +215,7 @@ async def test_abusive_clients_are_closed_with_their_code_and_others_carry_on() 
                     b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
                 )
-                while broadcaster.closed.get("dead_peer", 0) == 0:  # noqa: ASYNC110
-                    await trio.sleep(0.1)
+                await eventually(lambda: broadcaster.closed.get("dead_peer", 0) > 0)
                 assert await _eof_within(deaf, 2)
                 # Meanwhile the good client got every user in order, and pongs in time.
                 seqs = []
@@ -289,13 +289,12 @@ async def test_wss_consumers_verify_the_server_and_the_stream_flows(
                 async with open_ws(url, token=READ.secret):
                     pass
             assert isinstance(untrusted.value.__cause__, ssl.SSLCertVerificationError)
-            while broadcaster.statistics().edge.handshakes_failed == 0:  # noqa: ASYNC110
-                await trio.sleep(0.01)  # the server saw the failed handshake, and lives on
+            # The server saw the failed handshake, and lives on.
+            await eventually(lambda: broadcaster.statistics().edge.handshakes_failed > 0)
             consumer.url = f"{url}?group=audit"
             await nursery.start(consumer.run)
             _publish(hub, range(1, 21))
-            while hub.watermark("audit")[0] < 20:  # noqa: ASYNC110 (bounded by fail_after)
-                await trio.sleep(0.05)
+            await eventually(lambda: hub.watermark("audit")[0] >= 20)
             nursery.cancel_scope.cancel()
     rows = query(dsn, "SELECT count(*) FROM incoming_users")
     assert rows == [(20,)]

@@ -14,19 +14,13 @@ from typing import Any
 import pytest
 
 from .conftest import assert_rows_match, daemon_tables, toml_text
+from .helpers import wait_until
 
 pytestmark = pytest.mark.e2e
 
 
 def _ts(event: dict[str, Any]) -> float:
     return datetime.fromisoformat(event["timestamp"]).timestamp()
-
-
-def _wait(predicate: Any, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def test_killed_consumer_process_is_restarted_and_nothing_else_stops(
@@ -49,7 +43,7 @@ def test_killed_consumer_process_is_restarted_and_nothing_else_stops(
             if e["worker"] == 1 and e["pid"] != victim["pid"]
         ]
 
-    _wait(restarted)
+    wait_until(restarted)
     time.sleep(1.5)
     assert daemon.stop() == 0
     backoff = daemon.events("supervisor.backoff")

@@ -20,6 +20,7 @@ from trio_websocket import ConnectionRejected
 from userstreamd.wsclient import open_ws
 
 from .conftest import assert_rows_match, daemon_tables, query
+from .helpers import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -165,10 +166,12 @@ async def test_tokens_and_a_rogue_group_member_cannot_thin_the_stream(
                     if seen % 100 == 0:
                         ack = {"type": "ack", "seqs": list(range(seen - 99, seen + 1))}
                         await plain.send_message(json.dumps(ack))
-        while not daemon.events("daemon.stats") or (  # noqa: ASYNC110 (a log file: no event)
-            daemon.events("daemon.stats")[-1]["committed_through"] < 2000
-        ):
-            await trio.sleep(0.2)
+        await eventually(
+            lambda: (
+                bool(daemon.events("daemon.stats"))
+                and daemon.events("daemon.stats")[-1]["committed_through"] >= 2000
+            )
+        )
     assert await trio.to_thread.run_sync(daemon.stop) == 0
     assert query(dsn, "SELECT count(*) FROM incoming_users") == [(2000,)]
     refusals = daemon.events("broadcaster.refused")
