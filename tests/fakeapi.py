@@ -12,7 +12,10 @@ deterministic and page N of size R holds stream positions (N-1)*R+1 .. N*R.
 
 Behaviour copied from the real server (api/1.4/api.js): ``results`` outside 1..5000 or not an
 integer becomes 1; ``page`` outside 1..10000 becomes 1; no ``seed`` -> a random 16-char seed,
-reported in ``info.seed``; ``nat`` is a case-insensitive comma list and one invalid code drops
+reported in ``info.seed``; a seed of exactly 18 characters (UTF-16 units) is read as 16 seed
+characters plus a 2-hex-digit index into the nationality list, which overrides ``nat``, and an
+index outside the list (or not hex) fails generation: HTTP 500 with the API's generic error
+(the real server throws there, and as published its process goes down); ``nat`` is a case-insensitive comma list and one invalid code drops
 the filter; ``inc``/``exc`` select top-level keys; ``noinfo`` drops ``info``; repeated query
 keys use the last value; any other path is a plain-text 404. The rate limit counts *users* per
 window like the real one: a request is refused (429, "Whoa, ease up there cowboy") once the
@@ -38,16 +41,13 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from userstreamd.sources.synthetic import synthetic_page
+from userstreamd.sources.fields import FIELDS, select, selected
+from userstreamd.sources.synthetic import NATIONALITIES, synthetic_page
 
 __all__ = ["FIELDS", "FakeRandomUserAPI", "Fault", "RecordedRequest"]
 
 VERSION = "1.4"
 API_PATHS = frozenset({"/api/1.4/", "/api/1.4"})
-FIELDS = (
-    "gender", "name", "location", "email", "login", "registered",
-    "dob", "phone", "cell", "id", "picture", "nat",
-)  # fmt: skip
 MAX_RESULTS = 5000
 MAX_PAGE = 10000
 WHOA = (
@@ -68,12 +68,12 @@ class Fault:
 
     kind: str  # status | empty_results | html | truncated | error_json | hang
     code: int = 200
-    retry_after: float | None = None
+    retry_after: float | str | None = None  # seconds, or sent as is (an HTTP date)
     body: Any = None  # dict/list -> JSON, str/bytes -> sent as is
     seconds: float = 0.0
 
     @classmethod
-    def status(cls, code: int, retry_after: float | None = None, body: Any = None) -> Fault:
+    def status(cls, code: int, retry_after: float | str | None = None, body: Any = None) -> Fault:
         """HTTP `code` with a JSON error body (the real ones for 429 and 5xx by default)."""
         if body is None:
             if code == 429:
@@ -272,7 +272,13 @@ class FakeRandomUserAPI:
         if fault is None and (refused := self._over_budget()) is not None:
             return _body_reply(429, {"error": WHOA.format(users=refused)})
         nats = [c for c in params.get("nat", params.get("nationality", "")).split(",") if c]
-        users = [_select(u, params) for u in synthetic_page(seed, page, results, nats)]
+        if (nat_seed := _nat_seed(seed)) is not None:
+            seed, nat = nat_seed
+            if nat is None:  # the real server throws while generating
+                return _body_reply(500, {"error": UH_OH})
+            nats = [nat]
+        fields = _fields(params)
+        users = [select(u, fields) for u in synthetic_page(seed, page, results, nats)]
         if fault is None:
             self._apply_corruptions(users)
         document: dict[str, Any] = {"results": users, "info": info}
@@ -318,13 +324,34 @@ def _int_param(params: dict[str, str], name: str, maximum: int) -> int:
     return 1
 
 
-def _select(user: dict[str, Any], params: dict[str, str]) -> dict[str, Any]:
-    inc = [f.strip().lower() for f in (params.get("inc") or ",".join(FIELDS)).split(",")]
-    exc = {f.strip().lower() for f in params.get("exc", "").split(",")}
-    keep = {f for f in inc if f} - exc
-    if keep.issuperset(FIELDS):
-        return user
-    return {key: value for key, value in user.items() if key in keep}
+def _fields(params: dict[str, str]) -> frozenset[str]:
+    def names(key: str) -> list[str]:
+        return [f.strip().lower() for f in params.get(key, "").split(",") if f.strip()]
+
+    return selected(names("inc"), names("exc"))
+
+
+def _nat_seed(seed: str) -> tuple[str, str | None] | None:
+    """An 18-character seed read as the real server reads it: (the first 16 characters, the
+    nationality its last two pick, None when they pick none); None for any other seed."""
+    units = seed.encode("utf-16-le", errors="surrogatepass")
+    if len(units) != 2 * 18:
+        return None
+    base, suffix = (p.decode("utf-16-le", errors="surrogatepass") for p in (units[:32], units[32:]))
+    index = _js_parse_hex(suffix)
+    nat = NATIONALITIES[index] if index is not None and 0 <= index < len(NATIONALITIES) else None
+    return base, nat
+
+
+def _js_parse_hex(text: str) -> int | None:
+    """JavaScript's parseInt(text, 16): the leading hex digits after an optional sign and
+    "0x" (None for NaN)."""
+    text = text.lstrip()
+    sign = -1 if text.startswith("-") else 1
+    text = text[1:] if text[:1] in ("+", "-") else text
+    text = text[2:] if text[:2].lower() == "0x" else text
+    digits = len(text) - len(text.lstrip("0123456789abcdefABCDEF"))
+    return sign * int(text[:digits], 16) if digits else None
 
 
 def _body_reply(status: int, body: Any) -> _Reply:
@@ -337,8 +364,10 @@ def _body_reply(status: int, body: Any) -> _Reply:
 
 def _status_reply(fault: Fault) -> _Reply:
     reply = _body_reply(fault.code, fault.body)
-    if fault.retry_after is not None:
-        value = fault.retry_after
+    value = fault.retry_after
+    if isinstance(value, str):
+        reply.headers["Retry-After"] = value
+    elif value is not None:
         reply.headers["Retry-After"] = str(int(value)) if value == int(value) else str(value)
     return reply
 
@@ -365,7 +394,10 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in reply.headers.items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(reply.body)
+        try:
+            self.wfile.write(reply.body)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client gave up waiting (a timeout test)
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # quiet: tests read FakeRandomUserAPI.requests instead

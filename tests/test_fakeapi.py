@@ -6,6 +6,7 @@ import json
 import re
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -13,7 +14,7 @@ import trio
 
 from userstreamd.sources.synthetic import NATIONALITIES, synthetic_page
 
-from .fakeapi import FakeRandomUserAPI, Fault
+from .fakeapi import UH_OH, FakeRandomUserAPI, Fault
 
 TIMEOUT_S = 5.0  # every HTTP call in this module is bounded by this (the httpx client timeout)
 TOP_KEYS = {
@@ -39,7 +40,11 @@ def get(client: httpx.Client, api: FakeRandomUserAPI, **params: object) -> httpx
 
 
 def uuids(response: httpx.Response) -> list[str]:
-    return [u["login"]["uuid"] for u in response.json()["results"]]
+    return uuids_of(response.json())
+
+
+def uuids_of(body: dict[str, Any]) -> list[str]:
+    return [u["login"]["uuid"] for u in body["results"]]
 
 
 # -- normal service ------------------------------------------------------------------------------
@@ -105,6 +110,31 @@ def test_seed_and_page_are_deterministic(api: FakeRandomUserAPI, client: httpx.C
     expected = [u["login"]["uuid"] for u in synthetic_page("det", 1, 10)[5:]]
     assert uuids(first) == expected  # page 2 of 5 = stream positions 6..10
     assert set(uuids(first)).isdisjoint(uuids(get(client, api, results=5, seed="det", page=3)))
+
+
+@pytest.mark.parametrize(
+    ("suffix", "nat"), [("00", "AU"), ("0a", "IE"), ("14", "US"), ("7~", "FI")]
+)
+def test_an_18_character_seed_picks_a_nationality(
+    api: FakeRandomUserAPI, client: httpx.Client, suffix: str, nat: str
+) -> None:
+    """As the real server reads it: 16 seed characters, then a hex index into the
+    nationality list (JavaScript's parseInt: leading hex digits) that overrides ``nat``."""
+    users = get(client, api, results=5, seed="0123456789abcdef" + suffix, nat="gb").json()
+    assert {u["nat"] for u in users["results"]} == {nat}
+    assert uuids_of(users) == [
+        u["login"]["uuid"] for u in synthetic_page("0123456789abcdef", 1, 5, [nat])
+    ]
+
+
+@pytest.mark.parametrize("suffix", ["-1", "15", "ff", "~1", "zz", "0x"])
+def test_an_18_character_seed_without_a_nationality_fails(
+    api: FakeRandomUserAPI, client: httpx.Client, suffix: str
+) -> None:
+    response = get(client, api, results=5, seed="0123456789abcdef" + suffix)
+    assert response.status_code == 500
+    assert response.json() == {"error": UH_OH}
+    assert api.requests[-1].params["seed"] == "0123456789abcdef" + suffix  # recorded
 
 
 def test_missing_seed_gets_a_random_one(api: FakeRandomUserAPI, client: httpx.Client) -> None:

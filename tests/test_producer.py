@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import itertools
 import json
-from typing import Any
+from typing import Any, ClassVar
 
 import trio
 import trio.testing
+from structlog.testing import capture_logs
 
 from userstreamd.errors import BadResponse, SourceUnavailable
 from userstreamd.hub import Hub
@@ -24,17 +25,41 @@ class ScriptedSource:
 
     name = "randomuser"
 
-    def __init__(self, script: list[BaseException | None]) -> None:
+    def __init__(self, script: list[BaseException | None], *, ready_at: float = 0.0) -> None:
         self.script = script
         self.calls: list[float] = []
+        self.ready_at = ready_at  # like a spent budget: a request waits until then
+
+    def ready_in_s(self) -> float:
+        return max(0.0, self.ready_at - trio.current_time())
 
     async def fetch(self, start: int, count: int) -> list[dict[str, Any]]:
+        await trio.sleep(self.ready_in_s())  # as RandomUserSource waits for its budget
         self.calls.append(trio.current_time())
-        await trio.lowlevel.checkpoint()
         outcome = self.script.pop(0) if self.script else None
         if outcome is not None:
             raise outcome
         return [synthetic_user("scripted", p) for p in range(start, start + count)]
+
+
+class BusySource:
+    """The same few users over and over, built in 10 chunks that each take the loop for
+    `chunk_s` (the clock jumps: a CPU-bound generator yielding between chunks)."""
+
+    name = "synthetic"
+    users: ClassVar = [synthetic_user("repeat", p) for p in range(1, 11)]
+
+    def __init__(self, clock: trio.testing.MockClock, chunk_s: float) -> None:
+        self.clock, self.chunk_s = clock, chunk_s
+
+    def ready_in_s(self) -> float:
+        return 0.0
+
+    async def fetch(self, start: int, count: int) -> list[dict[str, Any]]:
+        for _ in range(10):
+            self.clock.jump(self.chunk_s)
+            await trio.lowlevel.checkpoint()
+        return [self.users[p % 10] for p in range(start, start + count)]
 
 
 async def _collect(hub: Hub, into: list[tuple[float, dict[str, Any]]]) -> None:
@@ -179,3 +204,87 @@ async def test_a_restarted_producer_resumes_at_the_first_unpublished_position(
     second = await _run_for(producer, 1.05)
     positions = [m["position"] for _, m in first + second]
     assert positions == list(range(1, 31)), "no position skipped, none repeated"
+
+
+async def test_the_rate_is_kept_when_the_loop_is_held_up(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The loop blocked for 0.15 s once a second (a busy CPU), and for 50 ms at a time while
+    the next page is built: the users that fell due meanwhile are caught up, so a minute
+    still delivers the configured rate."""
+    hub = Hub("e", buffer_messages=1000)
+    source = BusySource(autojump_clock, chunk_s=0.05)
+    producer = Producer(hub, source, rate_per_s=1000, page_size=1000)
+
+    async def hog() -> None:
+        while True:
+            await trio.sleep(1)
+            autojump_clock.jump(0.15)  # time passes and nobody else runs
+
+    with capture_logs():  # (60,000 lines not rendered)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hog)
+            await nursery.start(producer.run)
+            await trio.sleep(60)
+            nursery.cancel_scope.cancel()
+    assert 59_400 <= producer.published <= 60_001
+
+
+async def test_waiting_for_room_in_the_hub_is_not_owed(autojump_clock: trio.abc.Clock) -> None:
+    """The hub is full from ~5 s to 10 s (a group not acknowledging): afterwards the
+    producer goes on at its rate, without a burst for the time it was held back."""
+    hub = Hub("e", buffer_messages=50)
+    hub.declare_group("db", watermark=0, holds_producer=True)
+    member = hub.join("db", "consumer", window=1000)
+    producer = Producer(hub, SyntheticSource("full"), rate_per_s=10, page_size=100)
+
+    async def acknowledge_from_10_s() -> None:
+        await trio.sleep(10)
+        while True:
+            hub.ack(member, sorted(member.in_flight))
+            await trio.sleep(0.05)
+
+    got: list[tuple[float, dict[str, Any]]] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_collect, hub, got)
+        nursery.start_soon(acknowledge_from_10_s)
+        await trio.testing.wait_all_tasks_blocked()
+        await nursery.start(producer.run)
+        await trio.sleep(15.01)
+        nursery.cancel_scope.cancel()
+    assert producer.backpressure_waits >= 1
+    times = [t for t, _ in got]
+    assert len([t for t in times if t <= 10]) == 51  # 50 buffered, the 51st at 10 s
+    after = [t for t in times if t > 10]
+    assert 49 <= len(after) <= 51, "10/s after the stall, no catching up on it"
+    assert all(b - a > 0.05 for a, b in itertools.pairwise(after))
+
+
+async def test_a_probe_never_waits_for_the_budget_while_the_fallback_serves(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    primary = ScriptedSource([BadResponse("no users in results")] * 3)
+    producer = Producer(
+        Hub("e"),
+        primary,
+        rate_per_s=10,
+        page_size=10,
+        fallback=SyntheticSource("fb"),
+        failures_before_fallback=3,
+        probe_interval_s=5,
+    )
+    got: list[tuple[float, dict[str, Any]]] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_collect, producer.hub, got)
+        await trio.testing.wait_all_tasks_blocked()
+        await nursery.start(producer.run)
+        await trio.sleep(1)
+        assert producer.fallback_active
+        primary.ready_at = 100.0  # its budget is spent until then
+        await trio.sleep(109)
+        nursery.cancel_scope.cancel()
+    synthetic = [t for t, m in got if m["source"] == "synthetic"]
+    assert len([t for t in synthetic if 10 <= t < 90]) >= 795, "the fallback never stopped"
+    probe = primary.calls[3]
+    assert probe >= 100.0, "no probe before the budget had room"
+    assert got[-1][1]["source"] == "randomuser"

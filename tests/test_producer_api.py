@@ -16,8 +16,8 @@ import trio
 from userstreamd.hub import Hub
 from userstreamd.producer import Producer
 from userstreamd.records import parse_user
-from userstreamd.sources.randomuser import RandomUserSource, UserBudget
-from userstreamd.sources.synthetic import SyntheticSource, synthetic_user
+from userstreamd.sources.randomuser import RandomUserSource, UserBudget, era_seed
+from userstreamd.sources.synthetic import SyntheticSource, synthetic_page, synthetic_user
 
 from .fakeapi import FakeRandomUserAPI, Fault
 
@@ -41,18 +41,19 @@ async def producing(
     timeout_s: float = 2.0,
     fallback: bool = False,
     budget: UserBudget | None = None,
+    seed: str = "api",
     **kw: Any,
 ) -> AsyncIterator[Run]:
     hub = Hub("e")
     sub = hub.subscribe("test")
     async with httpx.AsyncClient(timeout=timeout_s) as client:
-        source = RandomUserSource(client, api.url, seed="api", page_size=page_size, budget=budget)
+        source = RandomUserSource(client, api.url, seed=seed, page_size=page_size, budget=budget)
         producer = Producer(
             hub,
             source,
             rate_per_s=rate_per_s,
             page_size=page_size,
-            fallback=SyntheticSource("api") if fallback else None,
+            fallback=SyntheticSource(seed) if fallback else None,
             **kw,
         )
         run = Run(producer)
@@ -93,13 +94,14 @@ async def test_every_trap_arrives_typed(fake_api: FakeRandomUserAPI) -> None:
 async def test_429_waits_before_the_next_request(
     fake_api: FakeRandomUserAPI, retry_after: float | None
 ) -> None:
+    """With Retry-After as long as it says; without (the API's own 429), a probe interval."""
     fake_api.push(Fault.status(429, retry_after=retry_after))
     with trio.fail_after(30):
-        async with producing(fake_api) as run:
+        async with producing(fake_api, probe_interval_s=1.0) as run:
             await run.wait_until(lambda: len(run.messages) >= 20)
     assert fake_api.requests[0].status == 429
     gap = _gaps(fake_api)[0]
-    assert gap >= (retry_after if retry_after is not None else 0.05)
+    assert gap >= (retry_after if retry_after is not None else 1.0)
     assert run.producer.statistics().failures_by_kind == {"http_429": 1}
     assert [m["seq"] for m in run.messages[:20]] == list(range(1, 21))
 
@@ -179,3 +181,52 @@ async def test_fallback_flows_then_the_api_returns(fake_api: FakeRandomUserAPI) 
             assert not run.producer.statistics().fallback_active
     seqs = [m["seq"] for m in run.messages]
     assert seqs == list(range(1, len(seqs) + 1))
+
+
+async def test_the_stream_crosses_page_10000_and_keeps_the_api(
+    fake_api: FakeRandomUserAPI,
+) -> None:
+    """One user per page from just before page 10,000: past it the seed changes era, and no
+    seed the API would read as seed + nationality index (18 characters) is ever sent."""
+    seed = "0123456789abcdef"  # the daemon's default: a 16-hex epoch
+    with trio.fail_after(60):
+        async with producing(
+            fake_api, seed=seed, rate_per_s=100, page_size=1, fallback=True, start_position=9_990
+        ) as run:
+            await run.wait_until(lambda: len(run.messages) >= 30)
+    seeds = [r.params["seed"] for r in fake_api.requests]
+    assert all(len(s) != 18 for s in seeds), sorted(set(seeds))
+    assert all(r.status == 200 for r in fake_api.requests)
+    assert run.producer.fetch_failures == 0
+    messages = run.messages[:30]
+    assert [m["position"] for m in messages] == list(range(9_990, 10_020))
+    assert {m["source"] for m in messages} == {"randomuser"}
+    # Each user is the API's user for the (seed, page) the mapping names.
+    assert [m["user"]["login"]["uuid"] for m in messages] == [
+        synthetic_page(era_seed(seed, (p - 1) // 10_000), (p - 1) % 10_000 + 1, 1)[0]["login"][
+            "uuid"
+        ]
+        for p in range(9_990, 10_020)
+    ]
+    assert {r.params["page"] for r in fake_api.requests} >= {"10000", "1", "19"}
+
+
+async def test_a_probe_waiting_for_the_budget_never_stops_the_fallback(
+    fake_api: FakeRandomUserAPI,
+) -> None:
+    """Two unreadable 200s (HTML from a proxy, which the API may have counted) spend the
+    whole budget; the probes that follow must not hold up the fallback stream."""
+    fake_api.push(Fault.html(), Fault.html())
+    budget = UserBudget(20, 300.0)
+    with trio.fail_after(30):
+        async with producing(
+            fake_api,
+            budget=budget,
+            fallback=True,
+            failures_before_fallback=2,
+            probe_interval_s=0.2,
+        ) as run:
+            await run.wait_until(lambda: len(run.messages) >= 100)
+            assert run.producer.statistics().fallback_active
+    assert {m["source"] for m in run.messages} == {"synthetic"}
+    assert len(fake_api.requests) == 2, "no request beyond the budget"

@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import email.utils
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
 import httpx
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from userstreamd.errors import BadResponse, SourceUnavailable
+from userstreamd.cli import main
+from userstreamd.config import load_config
+from userstreamd.errors import BadResponse, SourceError, SourceUnavailable
 from userstreamd.records import parse_user
-from userstreamd.sources.randomuser import RandomUserSource
-from userstreamd.sources.synthetic import synthetic_user
+from userstreamd.sources.randomuser import (
+    MAX_PAGE,
+    RandomUserSource,
+    UserBudget,
+    api_length,
+    era_seed,
+    page_params,
+    retry_after_s,
+)
+from userstreamd.sources.synthetic import SyntheticSource, synthetic_user
 
 from .fakeapi import FakeRandomUserAPI, Fault
 
@@ -108,3 +124,147 @@ async def test_connection_refused_then_back(fake_api: FakeRandomUserAPI) -> None
                 await source.fetch(1, 20)
             fake_api.up()
             assert len(await source.fetch(1, 20)) == 20
+
+
+# -- the era/page-to-seed mapping ----------------------------------------------------------------
+
+
+def _hashed(seed: str, page: int) -> str:
+    """What the API's server code seeds its generator with."""
+    return seed if page == 1 else f"{seed}{page}"
+
+
+def test_the_api_hashes_seed_and_page_together() -> None:
+    # Why the old mapping (S-1, S-2, ...) was wrong: era 1 page 23 was era 12 page 3.
+    assert _hashed("S-1", 23) == _hashed("S-12", 3)
+    assert _hashed(era_seed("S", 1), 23) != _hashed(era_seed("S", 12), 3)
+
+
+@pytest.mark.parametrize(
+    ("seed", "era", "sent"),
+    [
+        ("0123456789abcdef", 0, "0123456789abcdef"),  # era 0: the seed as always
+        ("0123456789abcdef", 1, "0123456789abcdef-1~"),  # the default seed: 19, not 18
+        ("0123456789abcde", 1, "0123456789abcde-1~~"),  # 18 with one "~": one more
+        ("0123456789abcd", 12, "0123456789abcd-12~~"),
+        ("0123456789abcd", 123, "0123456789abcd-123~"),
+        ("😀" * 6 + "abc", 1, "😀" * 6 + "abc-1~~"),  # JavaScript counts UTF-16 units
+    ],
+)
+def test_era_seeds(seed: str, era: int, sent: str) -> None:
+    assert era_seed(seed, era) == sent
+    assert api_length(sent) != 18
+
+
+@pytest.mark.parametrize("seed", ["0123456789abcdef", "0123456789abcde", "s", ""])
+def test_no_two_pages_of_the_first_eras_hash_alike(seed: str) -> None:
+    hashed = {_hashed(*page_params(seed, i)) for i in range(21 * MAX_PAGE)}
+    assert len(hashed) == 21 * MAX_PAGE
+    assert all(api_length(page_params(seed, i * MAX_PAGE)[0]) != 18 for i in range(1, 1000))
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    seed=st.text(max_size=24).filter(lambda s: api_length(s) != 18),
+    eras=st.tuples(st.integers(0, 10**6), st.integers(0, 10**6)),
+    pages=st.tuples(st.integers(0, MAX_PAGE - 1), st.integers(0, MAX_PAGE - 1)),
+)
+def test_property_no_18_character_seed_and_no_collision(
+    seed: str, eras: tuple[int, int], pages: tuple[int, int]
+) -> None:
+    (era_a, era_b), (page_a, page_b) = eras, pages
+    sent_a, number_a = page_params(seed, era_a * MAX_PAGE + page_a)
+    sent_b, number_b = page_params(seed, era_b * MAX_PAGE + page_b)
+    assert api_length(sent_a) != 18 and api_length(sent_b) != 18
+    if (era_a, page_a) != (era_b, page_b):
+        assert _hashed(sent_a, number_a) != _hashed(sent_b, number_b)
+
+
+def test_an_18_character_seed_is_refused() -> None:
+    with pytest.raises(ValueError, match="nationality index"):
+        RandomUserSource(
+            httpx.AsyncClient(), "http://127.0.0.1:1/api/1.4/", seed="x" * 18, page_size=1
+        )
+
+
+def test_check_rejects_an_18_character_seed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[producer]\nseed = "0123456789abcdef-1"\n')
+    assert main(["--config", str(path), "check"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: producer.seed: expected any length but 18 characters" in err
+    assert "nationality index" in err
+    path.write_text('[producer]\nseed = "0123456789abcdef-1~"\n')
+    assert load_config(path).producer.seed == "0123456789abcdef-1~"
+
+
+# -- the budget counts what the API served -------------------------------------------------------
+
+
+async def test_failed_requests_spend_no_budget(fake_api: FakeRandomUserAPI) -> None:
+    budget = UserBudget(40, 300.0)
+    fake_api.push(
+        Fault.status(429), Fault.status(503), Fault.empty_results(), Fault.error_json("Uh oh")
+    )
+    with trio.fail_after(20):
+        async with httpx.AsyncClient(timeout=5) as client:
+            source = _source(client, fake_api, budget=budget)
+            for _ in range(4):
+                with pytest.raises(SourceError):
+                    await source.fetch(1, 20)
+            fake_api.down()
+            with pytest.raises(SourceUnavailable, match="connection failed"):
+                await source.fetch(1, 20)
+            fake_api.up()
+            assert source.ready_in_s() == 0
+            assert len(await source.fetch(1, 20)) == 20
+            assert len(await source.fetch(21, 20)) == 20
+            assert source.ready_in_s() > 290, "what the API served is counted"
+
+
+# -- Retry-After ---------------------------------------------------------------------------------
+
+
+def test_retry_after_is_seconds_or_an_http_date() -> None:
+    now = datetime(2026, 10, 21, 7, 28, tzinfo=UTC)
+    assert retry_after_s("120", now) == 120
+    assert retry_after_s("1.5", now) == 1.5
+    assert retry_after_s("Wed, 21 Oct 2026 07:30:00 GMT", now) == 120
+    assert retry_after_s("Wed, 21 Oct 2026 07:30:00 -0000", now) == 120
+    assert retry_after_s("Wed, 21 Oct 2026 09:30:00 +0200", now) == 120
+    assert retry_after_s("Wed, 21 Oct 2026 07:00:00 GMT", now) == 0, "past: at once"
+    assert retry_after_s("-5", now) == 0
+    for unreadable in (None, "", "soon", "inf", "nan", "Wed, 99 Oct 2026"):
+        assert retry_after_s(unreadable, now) is None, unreadable
+
+
+async def test_retry_after_as_an_http_date(fake_api: FakeRandomUserAPI) -> None:
+    when = email.utils.format_datetime(datetime.now(UTC) + timedelta(seconds=120), usegmt=True)
+    fake_api.push(Fault.status(429, retry_after=when))
+    with trio.fail_after(20):
+        async with httpx.AsyncClient(timeout=5) as client:
+            with pytest.raises(SourceUnavailable) as caught:
+                await _source(client, fake_api).fetch(1, 20)
+    assert 100 < (caught.value.retry_after_s or 0) <= 120
+
+
+# -- both sources select the same fields ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("inc", "exc"),
+    [(["name", "email"], []), ([], ["picture", "location"]), (["name", "nat", "id"], ["nat"])],
+)
+async def test_both_sources_give_the_same_fields(
+    fake_api: FakeRandomUserAPI, inc: list[str], exc: list[str]
+) -> None:
+    with trio.fail_after(20):
+        async with httpx.AsyncClient(timeout=5) as client:
+            api_users = await _source(client, fake_api, inc=inc, exc=exc).fetch(1, 20)
+    synthetic_users = await SyntheticSource("s1", inc=inc, exc=exc).fetch(1, 20)
+    shapes = {frozenset(u) for u in api_users}
+    assert shapes == {frozenset(u) for u in synthetic_users}
+    assert all("login" in shape for shape in shapes), "login.uuid is the key"
+    assert api_users == synthetic_users  # the fake API serves the synthetic users

@@ -14,12 +14,14 @@ needing a restart.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import ssl
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
+import httpx
 import msgspec
 import trio
 
@@ -71,57 +73,65 @@ class Daemon:
     async def run(self, shutdown_trigger: Callable[[], Awaitable[Any]] | None = None) -> int:
         """Run until SIGINT/SIGTERM, or until `shutdown_trigger` returns (then no signal
         handlers are installed: for running the daemon inside another program or test)."""
-        c = self.config
         bind(component="daemon")
-        log = get_logger()
-        async with wiring.http_client(c) as http, trio.open_nursery() as root:
-            sup = self.supervisor = wiring.supervisor(c, root, self._escalate)
-            if shutdown_trigger is None:
-                root.start_soon(self._watch_signals, root.cancel_scope)
-            else:
-                root.start_soon(self._stop_after, shutdown_trigger)
-            log.info(
-                "daemon.starting",
-                version=__version__,
-                config=c.path,
-                source=c.producer.source,
-                rate_per_s=c.producer.rate_per_s,
-                consumer_processes=c.consumer_processes,
-            )
-            with self._startup:
-                self.dsn = await sup.start("database", partial(run_database, c))
-                stream = await trio.to_thread.run_sync(open_stream, c, self.dsn)
-                self.hub = wiring.hub(c, stream)
-                b = c.broadcaster
-                if b.auth == "none" and not is_loopback(b.host):
-                    log.warning("daemon.no_auth", host=b.host, reason='auth = "none"')
-                self.broadcaster = Broadcaster(
-                    self.hub, b, wiring.policy(c, self.tokens), ssl_context=self.ssl_context
-                )
-                private = private_socket_path(c.state_path)
-                port = await sup.start(
-                    "broadcaster", partial(self.broadcaster.run, b.host, b.port, private)
-                )
-                scheme = "wss" if self.ssl_context else "ws"
-                self.url = f"{scheme}://{_client_host(b.host)}:{port}/"
-                own = f"ws+unix://{private}"
-                for name, run, consumer in wiring.consumers(
-                    c, own, self.dsn, self.worker_processes
-                ):
-                    if consumer is not None:
-                        self.consumers.append(consumer)
-                    await sup.start(name, run)
-                self.producer = wiring.producer(c, self.hub, http, stream, self.dsn)
-                await sup.start("producer", self.producer.run)
-                log.info("daemon.ready", url=self.url, consumers=c.consumers.count)
-                self.notifier.ready(self._status())
-                self.ready.set()
-                root.start_soon(self._log_stats)
-                root.start_soon(self._keep_systemd_informed)
-            await self._stop.wait()
-            await self._shutdown(sup)
-            root.cancel_scope.cancel()
+        with contextlib.ExitStack() as resources:
+            async with wiring.http_client(self.config) as http, trio.open_nursery() as root:
+                await self._run(root, http, resources, shutdown_trigger)
+                root.cancel_scope.cancel()  # the stats and systemd tasks
         return self.exit_code
+
+    async def _run(
+        self,
+        root: trio.Nursery,
+        http: httpx.AsyncClient,
+        resources: contextlib.ExitStack,
+        shutdown_trigger: Callable[[], Awaitable[Any]] | None,
+    ) -> None:
+        c = self.config
+        log = get_logger()
+        sup = self.supervisor = wiring.supervisor(c, root, self._escalate)
+        if shutdown_trigger is None:
+            root.start_soon(self._watch_signals, root.cancel_scope)
+        else:
+            root.start_soon(self._stop_after, shutdown_trigger)
+        log.info(
+            "daemon.starting",
+            version=__version__,
+            config=c.path,
+            source=c.producer.source,
+            rate_per_s=c.producer.rate_per_s,
+            consumer_processes=c.consumer_processes,
+        )
+        with self._startup:
+            self.dsn = await sup.start("database", partial(run_database, c))
+            stream = await trio.to_thread.run_sync(open_stream, c, self.dsn)
+            self.hub = wiring.hub(c, stream)
+            b = c.broadcaster
+            if b.auth == "none" and not is_loopback(b.host):
+                log.warning("daemon.no_auth", host=b.host, reason='auth = "none"')
+            self.broadcaster = Broadcaster(
+                self.hub, b, wiring.policy(c, self.tokens), ssl_context=self.ssl_context
+            )
+            private = private_socket_path(c.state_path)
+            port = await sup.start(
+                "broadcaster", partial(self.broadcaster.run, b.host, b.port, private)
+            )
+            scheme = "wss" if self.ssl_context else "ws"
+            self.url = f"{scheme}://{_client_host(b.host)}:{port}/"
+            own = f"ws+unix://{private}"
+            for name, run, consumer in wiring.consumers(c, own, self.dsn, self.worker_processes):
+                if consumer is not None:
+                    self.consumers.append(consumer)
+                await sup.start(name, run)
+            self.producer = wiring.producer(c, self.hub, http, stream, self.dsn, resources)
+            await sup.start("producer", self.producer.run)
+            log.info("daemon.ready", url=self.url, consumers=c.consumers.count)
+            self.notifier.ready(self._status())
+            self.ready.set()
+            root.start_soon(self._log_stats)
+            root.start_soon(self._keep_systemd_informed)
+        await self._stop.wait()
+        await self._shutdown(sup)
 
     def stop(self) -> None:
         """Begin a graceful stop (as SIGTERM does)."""

@@ -4,14 +4,24 @@ Two tasks: the *fetcher* pulls whole pages from the active source one page ahead
 zero-capacity channel is the prefetch window), the *pacer* hands users to the hub
 smoothly - as many as are due at each wake-up, never a whole page at once.
 
-A failed fetch is retried after a delay that starts at 0.1 s and doubles up to
-``retry_max_s`` (equal jitter), or after the server's ``Retry-After``. After
-``failures_before_fallback`` failures in a row the circuit opens (``producer.circuit_open``);
-with a fallback configured the stream continues from it (``producer.fallback_on``, and
-each message's ``source`` says so) while the primary is probed every ``probe_interval_s``;
-the first good answer closes the circuit and switches back (``producer.fallback_off``).
-Records that fail validation are counted, logged and sent to the dead letters, never
-published.
+The pacer keeps the rate over time, not only between wake-ups: users that fell due while
+the loop was busy elsewhere (a slow page, a busy CPU) are a debt it pays back in bursts of
+at most `MAX_BURST_S` of the rate, with a checkpoint between bursts. The debt is capped at
+`MAX_DEBT_S` of the rate (beyond that the machine is not keeping up, and lost time is
+forgiven). Time spent waiting for room in the hub (backpressure) or for the next page (a
+source that is late or down) is never owed: no burst follows an outage.
+
+Failures of the primary source go through a `Circuit`. Closed: a failed fetch is retried
+after a delay that starts at 0.1 s and doubles up to ``retry_max_s`` (equal jitter), or
+after the server's ``Retry-After``. After ``failures_before_fallback`` failures in a row it
+opens (``producer.circuit_open``), and at once on a 429 without ``Retry-After`` (the API's
+rate limit: its window is minutes long and retrying sooner only earns more 429s; the next
+try waits ``probe_interval_s``). With a fallback configured the stream then continues from
+it (``producer.fallback_on``, and each message's ``source`` says so) while the primary is
+probed every ``probe_interval_s``, never waiting for the primary's budget (a probe that
+would wait is postponed); the first good answer closes the circuit and switches back
+(``producer.fallback_off``). Records that fail validation are counted, logged and sent to
+the dead letters, never published.
 """
 
 from __future__ import annotations
@@ -31,13 +41,19 @@ from .hub import Hub
 from .logs import bind, get_logger
 from .records import parse_user, scrub
 
-MAX_CATCH_UP_S = 0.1  # at most this much of the rate is published at once after a delay
+MAX_BURST_S = 0.1  # at most this much of the rate is published between two checkpoints
+MAX_DEBT_S = 3.0  # at most this much of the rate is owed after the loop was held up
+RETRY_MIN_S = 0.1  # the first retry delay of the closed circuit
 
 
 class Source(Protocol):
     name: str
 
     async def fetch(self, start: int, count: int) -> list[dict[str, Any]]: ...
+
+    def ready_in_s(self) -> float:
+        """Seconds before `fetch` would send a request without waiting (0: now)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -66,6 +82,86 @@ def page_size_for(rate_per_s: float) -> int:
     return max(1, min(5000, math.ceil(rate_per_s * 5)))
 
 
+class Circuit:
+    """When the primary source may be tried next, after its failures (no I/O, no sleeping).
+
+    Closed: every attempt goes to the primary; a failure waits `Retry-After` or the backoff
+    delay (a 429 without `Retry-After`: `probe_interval_s`). Open (after `failures_to_open`
+    failures in a row, or at once on a 429 without `Retry-After`): with a `fallback` the
+    primary is only probed, at most every `probe_interval_s`; without one, retries go on as
+    when closed. The first success closes it."""
+
+    def __init__(
+        self,
+        *,
+        failures_to_open: int,
+        probe_interval_s: float,
+        retry_max_s: float,
+        fallback: bool,
+    ) -> None:
+        self.failures_to_open = failures_to_open
+        self.probe_interval_s = probe_interval_s
+        self.retry_max_s = retry_max_s
+        self.fallback = fallback
+        self.is_open = False
+        self.failures = 0  # in a row
+        self.retry_at = -math.inf  # the primary is not tried before this time
+        self._delay = 0.0
+
+    def failed(self, now: float, *, retry_after_s: float | None, rate_limited: bool) -> float:
+        """Count a failure of the primary at `now`; the seconds until it may be tried again."""
+        self.failures += 1
+        self._delay = min(self.retry_max_s, max(RETRY_MIN_S, self._delay * 2))
+        if retry_after_s is not None:
+            wait = retry_after_s
+        elif rate_limited:  # the window is minutes long: sooner only earns more 429s
+            wait = self.probe_interval_s
+            self.is_open = True
+        else:  # equal jitter: the delay stays in [d/2, d], so delays still grow
+            wait = self._delay * random.uniform(0.5, 1.0)
+        if self.failures >= self.failures_to_open:
+            self.is_open = True
+        if self.is_open and self.fallback:
+            wait = max(wait, self.probe_interval_s)
+        self.retry_at = now + wait
+        return wait
+
+    def succeeded(self) -> bool:
+        """Count a success of the primary; True if that closed the circuit."""
+        was_open = self.is_open
+        self.is_open, self.failures, self._delay = False, 0, 0.0
+        self.retry_at = -math.inf
+        return was_open
+
+    def postpone(self, until: float) -> None:
+        """The primary cannot be tried before `until` (say, its budget is spent)."""
+        self.retry_at = max(self.retry_at, until)
+
+
+class _Schedule:
+    """Users due at `rate_per_s` since a start time, minus those sent: the pacer's debt."""
+
+    def __init__(self, rate_per_s: float, now: float) -> None:
+        self.rate_per_s, self.t0, self.sent = rate_per_s, now, 0
+
+    def due(self, now: float) -> int:
+        """Users due now, at most `MAX_DEBT_S` worth (older debt is forgiven)."""
+        # (+1e-6: a wake-up at the exact due time must not round down to "not yet")
+        due = int((now - self.t0) * self.rate_per_s + 1e-6) - self.sent
+        cap = max(1, int(self.rate_per_s * MAX_DEBT_S))
+        if due > cap:
+            self.t0 += (due - cap) / self.rate_per_s
+            due = cap
+        return due
+
+    def next_due_at(self) -> float:
+        return self.t0 + (self.sent + 1) / self.rate_per_s
+
+    def not_owed(self, seconds: float) -> None:
+        """`seconds` (waiting for room in the hub, or for a late page) are not owed."""
+        self.t0 += seconds
+
+
 class Producer:
     def __init__(
         self,
@@ -88,20 +184,30 @@ class Producer:
         self.primary, self.fallback = primary, fallback
         self.rate_per_s = rate_per_s
         self.page_size = page_size
-        self.failures_before_fallback = failures_before_fallback
-        self.probe_interval_s = probe_interval_s
-        self.retry_max_s = retry_max_s
+        self.circuit = Circuit(
+            failures_to_open=failures_before_fallback,
+            probe_interval_s=probe_interval_s,
+            retry_max_s=retry_max_s,
+            fallback=fallback is not None,
+        )
         self.keep_credentials = keep_credentials
         self.log_each_user_below_per_s = log_each_user_below_per_s
         self.position = start_position  # next position the fetcher asks for
         self.next_position = start_position  # next position to publish (or dead-letter)
         self.published = self.invalid = self.fetch_failures = 0
-        self.fallback_active = self.circuit_open = False
         self.failures_by_kind: dict[str, int] = {}
         self.dead_letters = dead_letters
         self.stop_at_position = stop_at_position
         self.backpressure_waits = 0
         self._rate_changed = trio.Event()
+
+    @property
+    def circuit_open(self) -> bool:
+        return self.circuit.is_open
+
+    @property
+    def fallback_active(self) -> bool:
+        return self.circuit.is_open and self.fallback is not None
 
     def statistics(self) -> ProducerStatistics:
         active = self.fallback if self.fallback_active and self.fallback else self.primary
@@ -145,117 +251,142 @@ class Producer:
     # -- fetcher -------------------------------------------------------------------------
 
     async def _fetch_pages(self, send: trio.MemorySendChannel[Page]) -> None:
-        log = get_logger()
-        failures, delay, next_probe = 0, 0.0, 0.0
         async with send:
             while True:
-                source = self.primary
-                probing = False
-                if self.fallback_active and self.fallback is not None:
-                    probing = trio.current_time() >= next_probe
-                    source = self.primary if probing else self.fallback
                 count = self.page_size
                 if self.stop_at_position:
                     count = min(count, self.stop_at_position - self.position + 1)
                     if count <= 0:
-                        log.info("producer.stopped_at_position", position=self.stop_at_position)
+                        get_logger().info(
+                            "producer.stopped_at_position", position=self.stop_at_position
+                        )
                         await trio.sleep_forever()
+                source = await self._next_source()
                 try:
                     users = await source.fetch(self.position, count)
                 except SourceError as exc:
-                    self.fetch_failures += 1
-                    self.failures_by_kind[exc.kind] = self.failures_by_kind.get(exc.kind, 0) + 1
-                    if probing:
-                        wait = max(self.probe_interval_s, exc.retry_after_s or 0.0)
-                        next_probe = trio.current_time() + wait
-                        log.info(
-                            "producer.probe_failed",
-                            source=source.name,
-                            error=str(exc),
-                            kind=exc.kind,
-                            next_probe_in_s=wait,
-                        )
-                        continue
-                    failures += 1
-                    delay = min(self.retry_max_s, max(0.1, delay * 2))
-                    # Equal jitter: the delay stays in [d/2, d], so delays still grow.
-                    wait = (
-                        exc.retry_after_s
-                        if exc.retry_after_s is not None
-                        else (delay * random.uniform(0.5, 1.0))
-                    )
-                    log.warning(
-                        "producer.fetch_failed",
-                        source=source.name,
-                        error=str(exc),
-                        kind=exc.kind,
-                        consecutive=failures,
-                        retry_in_s=round(wait, 3),
-                    )
-                    if failures == self.failures_before_fallback:
-                        self.circuit_open = True
-                        log.warning(
-                            "producer.circuit_open", source=source.name, after_failures=failures
-                        )
-                        if self.fallback is not None:
-                            self.fallback_active = True
-                            probe_in_s = max(self.probe_interval_s, wait)
-                            next_probe = trio.current_time() + probe_in_s
-                            log.warning(
-                                "producer.fallback_on",
-                                primary=self.primary.name,
-                                fallback=self.fallback.name,
-                                probe_in_s=round(probe_in_s, 3),
-                            )
-                            continue
-                    await trio.sleep(wait)
+                    await self._failed(source, exc)
                     continue
-                if source is self.primary and self.circuit_open:
-                    self.circuit_open = False
-                    log.warning("producer.circuit_closed", source=source.name)
-                    if self.fallback_active:
-                        self.fallback_active = False
-                        log.warning("producer.fallback_off", primary=self.primary.name)
-                if source is self.primary:
-                    failures, delay = 0, 0.0
+                if source is self.primary and self.circuit.succeeded():
+                    get_logger().warning("producer.circuit_closed", source=source.name)
+                    if self.fallback is not None:
+                        get_logger().warning("producer.fallback_off", primary=source.name)
                 await send.send(Page(source.name, self.position, users))
                 self.position += len(users)
+
+    async def _next_source(self) -> Source:
+        """The source of the next page. While the circuit keeps the primary waiting, that is
+        the fallback when there is one; else this waits for the primary."""
+        circuit, fallback = self.circuit, self.fallback
+        now = trio.current_time()
+        if fallback is not None and circuit.is_open:
+            if now < circuit.retry_at:
+                return fallback
+            # A probe is due. It must not wait (for the budget, say) while users are due.
+            if (wait := self.primary.ready_in_s()) > 0:
+                circuit.postpone(now + wait)
+                get_logger().info(
+                    "producer.probe_postponed", source=self.primary.name, probe_in_s=round(wait, 3)
+                )
+                return fallback
+        elif now < circuit.retry_at:
+            await trio.sleep_until(circuit.retry_at)
+        return self.primary
+
+    async def _failed(self, source: Source, exc: SourceError) -> None:
+        log = get_logger()
+        self.fetch_failures += 1
+        self.failures_by_kind[exc.kind] = self.failures_by_kind.get(exc.kind, 0) + 1
+        if source is not self.primary:  # the fallback failed: nothing else to turn to
+            log.warning("producer.fetch_failed", source=source.name, error=str(exc), kind=exc.kind)
+            await trio.sleep(RETRY_MIN_S)
+            return
+        circuit = self.circuit
+        probing = circuit.is_open and self.fallback is not None
+        was_open = circuit.is_open
+        wait = circuit.failed(
+            trio.current_time(),
+            retry_after_s=exc.retry_after_s,
+            rate_limited=exc.kind == "http_429",
+        )
+        if probing:
+            log.info(
+                "producer.probe_failed",
+                source=source.name,
+                error=str(exc),
+                kind=exc.kind,
+                next_probe_in_s=round(wait, 3),
+            )
+            return
+        log.warning(
+            "producer.fetch_failed",
+            source=source.name,
+            error=str(exc),
+            kind=exc.kind,
+            consecutive=circuit.failures,
+            retry_in_s=round(wait, 3),
+        )
+        if circuit.is_open and not was_open:
+            log.warning(
+                "producer.circuit_open", source=source.name, after_failures=circuit.failures
+            )
+            if self.fallback is not None:
+                log.warning(
+                    "producer.fallback_on",
+                    primary=source.name,
+                    fallback=self.fallback.name,
+                    probe_in_s=round(wait, 3),
+                )
 
     # -- pacer ---------------------------------------------------------------------------
 
     async def _pace(self, receive: trio.MemoryReceiveChannel[Page]) -> None:
-        """Publish users as they fall due: ``rate_per_s`` on average, no bursts."""
-        t0, sent = trio.current_time(), 0
+        """Publish users as they fall due: ``rate_per_s`` on average, in small bursts at
+        most (see the module docstring)."""
+        schedule = _Schedule(self.rate_per_s, trio.current_time())
         async with receive:
-            async for page in receive:
+            while True:
+                try:
+                    page = await self._next_page(receive, schedule)
+                except trio.EndOfChannel:
+                    return
                 index = 0
                 while index < len(page.users):
                     if self._rate_changed.is_set():
                         self._rate_changed = trio.Event()
-                        t0, sent = trio.current_time(), 0
-                    # (+1e-6: a wake-up at the exact due time must not round down to "not yet")
-                    due = int((trio.current_time() - t0) * self.rate_per_s + 1e-6) - sent
+                        schedule = _Schedule(self.rate_per_s, trio.current_time())
+                    due = schedule.due(trio.current_time())
                     if due <= 0:
-                        with trio.move_on_at(t0 + (sent + 1) / self.rate_per_s):
+                        with trio.move_on_at(schedule.next_due_at()):
                             await self._rate_changed.wait()
                         continue
-                    burst = max(1, int(self.rate_per_s * MAX_CATCH_UP_S))
-                    if due > burst:
-                        # Behind (a slow page, a full buffer, a busy CPU): go on at the rate
-                        # from here rather than making up for lost time in one burst.
-                        t0, sent, due = trio.current_time() - burst / self.rate_per_s, 0, burst
-                    batch = page.users[index : index + due]
+                    burst = max(1, int(self.rate_per_s * MAX_BURST_S))
+                    batch = page.users[index : index + min(due, burst)]
                     for offset, raw in enumerate(batch):
-                        await self._publish(raw, page.source, page.start + index + offset)
+                        waited = await self._publish(raw, page.source, page.start + index + offset)
+                        schedule.not_owed(waited)
                     index += len(batch)
-                    sent += len(batch)
+                    schedule.sent += len(batch)
                     await trio.lowlevel.checkpoint()
 
-    async def _publish(self, raw: dict[str, Any], source: str, position: int) -> None:
-        await self._publish_or_reject(raw, source, position)
-        self.next_position = position + 1
+    @staticmethod
+    async def _next_page(receive: trio.MemoryReceiveChannel[Page], schedule: _Schedule) -> Page:
+        """The next page; the time waited for a page not ready yet is not owed."""
+        try:
+            return receive.receive_nowait()
+        except trio.WouldBlock:
+            started = trio.current_time()
+            page = await receive.receive()
+            schedule.not_owed(trio.current_time() - started)
+            return page
 
-    async def _publish_or_reject(self, raw: dict[str, Any], source: str, position: int) -> None:
+    async def _publish(self, raw: dict[str, Any], source: str, position: int) -> float:
+        """Publish (or dead-letter) one user; the seconds it waited for room in the hub."""
+        waited = await self._publish_or_reject(raw, source, position)
+        self.next_position = position + 1
+        return waited
+
+    async def _publish_or_reject(self, raw: dict[str, Any], source: str, position: int) -> float:
         try:
             user = parse_user(raw)
         except InvalidRecord as exc:
@@ -265,13 +396,16 @@ class Producer:
             )
             if self.dead_letters is not None:
                 self.dead_letters.put(source, position, str(exc), raw)
-            return
+            return 0.0
+        waited = 0.0
         if not self.hub.has_room():
             self.backpressure_waits += 1
             get_logger().info(
                 "producer.backpressure", position=position, buffered=self.hub.statistics().buffered
             )
+            started = trio.current_time()
             await self.hub.wait_for_room()
+            waited = trio.current_time() - started
         message = self.hub.publish_nowait(
             raw if self.keep_credentials else scrub(raw), source, position
         )
@@ -288,3 +422,4 @@ class Producer:
             country=user.location.country if user.location else None,
             clients=self.hub.clients,
         )
+        return waited

@@ -3,6 +3,7 @@ so that `daemon.py` is the life cycle only."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from functools import partial
 
@@ -19,6 +20,7 @@ from .hub import Hub
 from .producer import Producer, Source, page_size_for
 from .sources.randomuser import RandomUserSource, UserBudget
 from .sources.synthetic import SyntheticSource
+from .store.ledger import BudgetLedger
 from .store.postgres import PostgresStore
 from .store.streams import Stream
 from .supervisor import ComponentFn, Intensity, RestartPolicy, Supervisor
@@ -85,10 +87,22 @@ def policy(config: Config, tokens: Tokens) -> Policy:
 
 
 def producer(
-    config: Config, hub: Hub, http: httpx.AsyncClient, stream: Stream, dsn: str
+    config: Config,
+    hub: Hub,
+    http: httpx.AsyncClient,
+    stream: Stream,
+    dsn: str,
+    resources: contextlib.ExitStack,
 ) -> Producer:
+    """The producer; the stores it holds are closed with `resources`."""
     p, ru = config.producer, config.randomuser
-    synthetic = SyntheticSource(seed=stream.seed, nats=p.nat)
+
+    def _store(application_name: str) -> PostgresStore:
+        store = PostgresStore.from_config(config, dsn, application_name=application_name)
+        resources.callback(store.close)
+        return store
+
+    synthetic = SyntheticSource(seed=stream.seed, nats=p.nat, inc=ru.inc, exc=ru.exc)
     page_size = ru.page_size or min(page_size_for(p.rate_per_s), ru.budget_users)
     primary: Source = synthetic
     fallback: Source | None = None
@@ -101,10 +115,13 @@ def producer(
             nats=p.nat,
             inc=ru.inc,
             exc=ru.exc,
-            budget=UserBudget(ru.budget_users, ru.budget_window_s),
+            budget=UserBudget(
+                ru.budget_users,
+                ru.budget_window_s,
+                ledger=BudgetLedger(_store("userstreamd-budget"), ru.url),
+            ),
         )
         fallback = synthetic if p.fallback == "synthetic" else None
-    store = PostgresStore.from_config(config, dsn, application_name="userstreamd-dead-letters")
     return Producer(
         hub,
         primary,
@@ -116,7 +133,7 @@ def producer(
         retry_max_s=ru.retry_max_s,
         keep_credentials=p.keep_credentials,
         log_each_user_below_per_s=p.log_each_user_below_per_s,
-        dead_letters=DeadLetters(store),
+        dead_letters=DeadLetters(_store("userstreamd-dead-letters")),
         start_position=stream.position + 1,
         stop_at_position=p.stop_at_position,
     )

@@ -1,19 +1,43 @@
 """The Random User API (https://randomuser.me/api/1.4/) as a replayable source.
 
-Position p of a stream with seed S is user ``(p - 1) % page_size`` of page
-``(p - 1) // page_size + 1`` for seed S: the API returns the same users for the same
-seed, page and parameters, so any position can be fetched again. Pages run 1..10000;
-past that the seed gets a suffix (``S-1``, ``S-2``, ...).
+Position p of a stream with seed S is user ``(p - 1) % page_size`` of page index
+``(p - 1) // page_size``: the API returns the same users for the same seed, page and
+parameters, so any position can be fetched again.
+
+Pages run 1..10000, so page index i is sent as page ``i % 10000 + 1`` of *era*
+``i // 10000``, and each era has a seed of its own (`era_seed`):
+
+- era 0 sends S itself (the seed streams have always used);
+- era e >= 1 sends ``S-e~``, and ``S-e~~`` when ``S-e~`` would be 18 characters long.
+
+Two rules of the API's server code shape this. It seeds its generator with the string
+``seed + str(page)`` (page 1: the seed alone), so two (seed, page) pairs whose strings are
+equal give the same users (``ab1`` page 23 is ``ab12`` page 3); and it reads a seed of
+exactly 18 characters (counted in UTF-16 units, as JavaScript does) as 16 characters plus a
+2-hex-digit nationality index, and throws on an index outside its list. With the mapping,
+every string the API hashes is S, then either digits (era 0) or ``-``, the era's digits and
+``~`` (one or two): the ``~`` ends the era's digits, so the page digits after it cannot be
+confused with them, and no two (era, page) pairs hash the same string. No era >= 1 sends 18
+characters; S itself must not have 18 (`reserved_seed_reason`; ``userstreamd check``
+rejects it).
 
 Every failure is mapped to `SourceUnavailable` (transport, timeout, 429, 5xx) or
 `BadResponse` (200 without users: empty results, HTML, truncated JSON, ``{"error": ...}``).
+
+The API counts the users it serves (per client IP and window, and a restart of this daemon
+does not reset it), so `UserBudget` counts only what a 200 response brought - a refused or
+failed request costs nothing - and can keep that count in a `Ledger` (PostgreSQL, see
+``store/ledger.py``) that outlives a restart.
 """
 
 from __future__ import annotations
 
+import email.utils
+import math
 from collections import deque
 from collections.abc import Sequence
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
 import httpx
 import msgspec
@@ -21,27 +45,94 @@ import trio
 
 from ..errors import BadResponse, SourceUnavailable
 from ..logs import get_logger
+from .fields import keyed_selection
 
 MAX_RESULTS = 5000
 MAX_PAGE = 10_000
+NAT_SEED_LENGTH = 18  # the API reads such a seed as 16 characters + a nationality index
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
+def api_length(text: str) -> int:
+    """The length of `text` as the API's JavaScript counts it (UTF-16 code units)."""
+    return len(text.encode("utf-16-le", errors="surrogatepass")) // 2
+
+
+def reserved_seed_reason(seed: str) -> str | None:
+    """Why the API cannot be sent `seed` unchanged, or None when it can."""
+    if api_length(seed) != NAT_SEED_LENGTH:
         return None
+    return (
+        f"the API reads an {NAT_SEED_LENGTH}-character seed as a 16-character seed plus a"
+        " 2-hex-digit nationality index, and its server fails on most of them"
+    )
+
+
+def era_seed(seed: str, era: int) -> str:
+    """The seed sent for pages of `era` (see the module docstring)."""
+    if era == 0:
+        return seed
+    mapped = f"{seed}-{era}~"
+    return mapped + "~" if api_length(mapped) == NAT_SEED_LENGTH else mapped
+
+
+def page_params(seed: str, page_index: int) -> tuple[str, int]:
+    """(seed, page) to send for the 0-based `page_index` of a stream with `seed`."""
+    era, page = divmod(page_index, MAX_PAGE)
+    return era_seed(seed, era), page + 1
+
+
+def retry_after_s(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds a ``Retry-After`` value asks for: delay-seconds or an HTTP date (None when
+    absent or unreadable)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:  # "-0000": UTC by RFC 5322
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+class Ledger(Protocol):
+    """Where spent budget outlives the process (`userstreamd.store.ledger.BudgetLedger`)."""
+
+    async def load(self, window_s: float) -> list[tuple[float, int]]:
+        """(seconds ago, users) of every spend in the last `window_s` seconds, oldest first."""
+        ...
+
+    async def record(self, users: int) -> None:
+        """Keep one spend of `users` now; never raises for a database failure."""
+        ...
 
 
 class UserBudget:
-    """At most `limit` users requested in any `window_s` seconds: the API rate-limits users,
-    not requests (20,000 per 5 minutes in its server code), then answers 429."""
+    """At most `limit` users served in any `window_s` seconds: the API rate-limits users,
+    not requests (20,000 per 5 minutes in its server code), then answers 429. Only what
+    the API served is counted; with a `ledger`, also what was spent before a restart."""
 
-    def __init__(self, limit: int, window_s: float) -> None:
+    def __init__(self, limit: int, window_s: float, *, ledger: Ledger | None = None) -> None:
         self.limit, self.window_s = limit, window_s
         self._spent: deque[tuple[float, int]] = deque()
         self._total = 0
+        self._ledger = ledger
+        self._loaded = ledger is None
+
+    async def load(self) -> None:
+        """Count the ledger's spends inside the window (once; before the first request)."""
+        if self._loaded or self._ledger is None:
+            return
+        self._loaded = True
+        now = trio.current_time()
+        for age_s, users in await self._ledger.load(self.window_s):
+            self.spend(users, now - age_s)
+        if self._total:
+            get_logger().info("producer.budget_restored", users=self._total, budget=self.limit)
 
     def delay_for(self, users: int, now: float) -> float:
         """Seconds until `users` more fit in the window (0 if they fit now)."""
@@ -60,11 +151,13 @@ class UserBudget:
         raise AssertionError("unreachable: users <= limit")
 
     def spend(self, users: int, now: float) -> None:
+        """Count `users` spent at `now` (in memory only)."""
         self._spent.append((now, users))
         self._total += users
 
-    async def acquire(self, users: int) -> None:
-        """Wait until `users` fit in the window, then spend them."""
+    async def wait_for_room(self, users: int) -> None:
+        """Return once `users` more fit in the window (spends nothing)."""
+        await self.load()
         while (delay := self.delay_for(users, trio.current_time())) > 0:
             get_logger().info(
                 "producer.budget_wait",
@@ -74,7 +167,31 @@ class UserBudget:
                 window_s=self.window_s,
             )
             await trio.sleep(delay)
+
+    async def record(self, users: int) -> None:
+        """The API served `users`: count them, and keep them in the ledger (bounded wait)."""
         self.spend(users, trio.current_time())
+        if self._ledger is not None:
+            await self._ledger.record(users)
+
+
+def _users(response: httpx.Response) -> list[Any]:
+    """The users of a 200 response; BadResponse when it holds none."""
+    try:
+        body = msgspec.json.decode(response.content)
+    except msgspec.DecodeError:
+        kind = response.headers.get("content-type", "?").split(";")[0]
+        raise BadResponse(
+            f"body is not JSON ({kind}, {len(response.content)} bytes)", kind="not_json"
+        ) from None
+    if not isinstance(body, dict):
+        raise BadResponse("body is not a JSON object", kind="not_json")
+    if "error" in body:
+        raise BadResponse(f"API error: {str(body['error'])[:200]}", kind="api_error")
+    results = body.get("results")
+    if not isinstance(results, list) or not results:
+        raise BadResponse("no users in results", kind="empty_results")
+    return results
 
 
 class RandomUserSource:
@@ -94,8 +211,9 @@ class RandomUserSource:
     ) -> None:
         if not 1 <= page_size <= MAX_RESULTS:
             raise ValueError(f"page_size must be 1..{MAX_RESULTS}, got {page_size}")
-        if "login" in exc:
-            raise ValueError("login cannot be excluded: login.uuid is the key")
+        if (reason := reserved_seed_reason(seed)) is not None:
+            raise ValueError(f"seed {seed!r} cannot be used: {reason}")
+        inc, exc = keyed_selection(inc, exc)
         self.page_size = page_size
         self._client = client
         self._url = url
@@ -103,22 +221,28 @@ class RandomUserSource:
         self._fixed: dict[str, str] = {}
         if nats:
             self._fixed["nat"] = ",".join(n.upper() for n in nats)
-        if inc:  # login (hence login.uuid) is always asked for
-            self._fixed["inc"] = ",".join(dict.fromkeys([*inc, "login"]))
+        if inc:
+            self._fixed["inc"] = ",".join(inc)
         if exc:
             self._fixed["exc"] = ",".join(exc)
         self._budget = budget
         self.requests = 0
 
     def _params(self, page_index: int) -> dict[str, str | int]:
-        era, page = divmod(page_index, MAX_PAGE)
-        params: dict[str, str | int] = {
-            "results": self.page_size,
-            "page": page + 1,
-            "seed": self._seed if era == 0 else f"{self._seed}-{era}",
-        }
+        seed, page = page_params(self._seed, page_index)
+        params: dict[str, str | int] = {"results": self.page_size, "page": page, "seed": seed}
         params.update(self._fixed)
         return params
+
+    def ready_in_s(self) -> float:
+        """Seconds until a request fits the budget (0: now)."""
+        if self._budget is None:
+            return 0.0
+        return self._budget.delay_for(self.page_size, trio.current_time())
+
+    async def _served(self, users: int) -> None:
+        if self._budget is not None and users:
+            await self._budget.record(users)
 
     async def fetch(self, start: int, count: int) -> list[dict[str, Any]]:
         """Users at positions start..start+count-1, stopping early at the end of the page
@@ -126,7 +250,7 @@ class RandomUserSource:
         page_index, offset = divmod(start - 1, self.page_size)
         count = min(count, self.page_size - offset)
         if self._budget is not None:
-            await self._budget.acquire(self.page_size)
+            await self._budget.wait_for_room(self.page_size)
         self.requests += 1
         try:
             response = await self._client.get(self._url, params=self._params(page_index))
@@ -136,32 +260,24 @@ class RandomUserSource:
             raise SourceUnavailable(
                 f"connection failed: {type(exc).__name__}: {exc}", kind="connect"
             ) from exc
+        retry_after = retry_after_s(response.headers.get("retry-after"))
         if response.status_code == 429:
             raise SourceUnavailable(
-                "HTTP 429 rate limited", kind="http_429", retry_after_s=_retry_after(response)
+                "HTTP 429 rate limited", kind="http_429", retry_after_s=retry_after
             )
         if response.status_code >= 500:
             raise SourceUnavailable(
-                f"HTTP {response.status_code}",
-                kind="http_5xx",
-                retry_after_s=_retry_after(response),
+                f"HTTP {response.status_code}", kind="http_5xx", retry_after_s=retry_after
             )
         if response.status_code != 200:
             raise BadResponse(f"HTTP {response.status_code}", kind="http_other")
         try:
-            body = msgspec.json.decode(response.content)
-        except msgspec.DecodeError:
-            kind = response.headers.get("content-type", "?").split(";")[0]
-            raise BadResponse(
-                f"body is not JSON ({kind}, {len(response.content)} bytes)", kind="not_json"
-            ) from None
-        if not isinstance(body, dict):
-            raise BadResponse("body is not a JSON object", kind="not_json")
-        if "error" in body:
-            raise BadResponse(f"API error: {str(body['error'])[:200]}", kind="api_error")
-        results = body.get("results")
-        if not isinstance(results, list) or not results:
-            raise BadResponse("no users in results", kind="empty_results")
+            results = _users(response)
+        except BadResponse as exc:
+            if exc.kind == "not_json":  # unreadable: the API may have counted a full page
+                await self._served(self.page_size)
+            raise
+        await self._served(len(results))
         if len(results) < offset + count:
             raise BadResponse(
                 f"asked for {self.page_size} users, got {len(results)}", kind="short_page"

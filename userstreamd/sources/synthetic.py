@@ -35,6 +35,8 @@ from typing import Any, TypeVar
 
 import trio
 
+from .fields import keyed_selection, select, selected
+
 __all__ = [
     "NATIONALITIES",
     "NO_ID_NATS",
@@ -516,22 +518,47 @@ def synthetic_page(
     return [_make_user(seed, p, pool, when) for p in range(first, first + results)]
 
 
+GENERATE_CHUNK = 128  # users generated between two yields to the event loop
+
+
 class SyntheticSource:
-    """A replayable cursor over synthetic users: no network, the same users for the same seed."""
+    """A replayable cursor over synthetic users: no network, the same users for the same seed.
+
+    `inc`/`exc` select fields as they do for the API (`fields.select`), ``login`` always
+    kept. A page is generated in chunks of `GENERATE_CHUNK` users with a checkpoint between
+    them, so a 5,000-user page does not hold up the event loop."""
 
     name = "synthetic"
 
-    def __init__(self, seed: str = "userstreamd", nats: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        seed: str = "userstreamd",
+        nats: Sequence[str] = (),
+        *,
+        inc: Sequence[str] = (),
+        exc: Sequence[str] = (),
+    ) -> None:
         self.seed = seed
         self.nats = _pool(nats)
+        self.fields = selected(*keyed_selection(inc, exc))
 
     def __repr__(self) -> str:
         return f"SyntheticSource(seed={self.seed!r}, nats={self.nats!r})"
+
+    def ready_in_s(self) -> float:
+        return 0.0
 
     async def fetch(self, start: int, count: int) -> list[dict[str, Any]]:
         """The users at positions start .. start+count-1."""
         if start < 1 or count < 0:
             raise ValueError(f"need start >= 1 and count >= 0, got start={start} count={count}")
-        await trio.lowlevel.checkpoint()
         now = datetime.now(UTC)
-        return [_make_user(self.seed, p, self.nats, now) for p in range(start, start + count)]
+        users: list[dict[str, Any]] = []
+        await trio.lowlevel.checkpoint()
+        for chunk in range(start, start + count, GENERATE_CHUNK):
+            users += [
+                select(_make_user(self.seed, p, self.nats, now), self.fields)
+                for p in range(chunk, min(chunk + GENERATE_CHUNK, start + count))
+            ]
+            await trio.lowlevel.checkpoint()
+        return users
