@@ -82,6 +82,7 @@ def bench_hub(n: int, users: list[dict[str, Any]]) -> float:
 
 async def _bench_websocket(n: int, users: list[dict[str, Any]]) -> float:
     hub = Hub("bench", buffer_messages=n + 1)
+    hub.declare_group("db", holds_producer=True)  # as the daemon's own: never cut off
     async with trio.open_nursery() as nursery:
         port = await nursery.start(run_broadcaster, hub, "127.0.0.1", 0)
         async with open_ws(f"ws://127.0.0.1:{port}/?group=db&window=2000") as ws:
