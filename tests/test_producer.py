@@ -1,7 +1,7 @@
 """Pacing, retries and fallback of the producer, on trio's autojump clock.
 
 The sources here are in-memory fakes (the clock can only jump when no real I/O is
-pending); the real HTTP paths are in test_randomuser.py and test_e2e.py.
+pending); the real HTTP paths are in sources/test_randomuser.py and test_e2e.py.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from .errors import ConfigError
+from .sources.fields import FIELDS
 from .sources.randomuser import reserved_seed_reason
 
 DEFAULT_RANDOMUSER_URL = "https://randomuser.me/api/1.4/"
@@ -28,10 +29,6 @@ DEFAULT_TOKENS_ENV = "USERSTREAMD_TOKENS"
 NATIONALITIES = frozenset((
     "AU", "BR", "CA", "CH", "DE", "DK", "ES", "FI", "FR", "GB", "IE",
     "IN", "IR", "MX", "NL", "NO", "NZ", "RS", "TR", "UA", "US",
-))
-FIELDS = frozenset((
-    "gender", "name", "location", "email", "login", "registered",
-    "dob", "phone", "cell", "id", "picture", "nat",
 ))
 # fmt: on
 
@@ -214,7 +211,7 @@ def _check(path: Path, config: Config) -> None:
             f"{path}: randomuser.url: expected the version-pinned path /api/1.4/, got {ru.url!r}"
         )
     for key, fields in (("inc", ru.inc), ("exc", ru.exc)):
-        unknown = sorted(set(fields) - FIELDS)
+        unknown = sorted(set(fields) - set(FIELDS))
         if unknown:
             raise ConfigError(
                 f"{path}: randomuser.{key}: unknown field {unknown[0]!r}, "

@@ -27,7 +27,7 @@ from userstreamd.sources.randomuser import (
 )
 from userstreamd.sources.synthetic import SyntheticSource, synthetic_user
 
-from .fakeapi import FakeRandomUserAPI, Fault
+from ..fakeapi import FakeRandomUserAPI, Fault
 
 
 def _source(client: httpx.AsyncClient, api: FakeRandomUserAPI, **kw: object) -> RandomUserSource:

@@ -21,8 +21,8 @@ from userstreamd.store.postgres import (
     row_values,
 )
 
-from .conftest import query
-from .helpers import table_locked
+from ..conftest import query
+from ..helpers import table_locked
 
 
 def _rows(positions: range, seed: str = "store", at: datetime | None = None) -> list[UserRow]:

@@ -15,8 +15,8 @@ from userstreamd.sources.randomuser import RandomUserSource, UserBudget
 from userstreamd.store.ledger import BudgetLedger
 from userstreamd.store.postgres import PostgresStore
 
-from .conftest import query
-from .fakeapi import FakeRandomUserAPI
+from ..conftest import query
+from ..fakeapi import FakeRandomUserAPI
 
 
 @pytest.fixture
