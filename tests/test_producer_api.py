@@ -123,8 +123,10 @@ async def test_server_errors_timeouts_and_refusals_retry_with_growing_delays(
     kinds = run.producer.statistics().failures_by_kind
     assert kinds["http_5xx"] == 4 and kinds["timeout"] == 1 and kinds["connect"] >= 2
     gaps = _gaps(fake_api)[:4]
-    assert gaps == sorted(gaps), f"delays must grow: {gaps}"
-    assert gaps[0] >= 0.05 and gaps[3] >= 0.4
+    # Each delay is at least the lower end of its jitter range, [d/2, d] with d doubling
+    # from 0.1 s (a sleep never ends early; how much later it ends is the machine's).
+    for n, gap in enumerate(gaps):
+        assert gap >= 0.05 * 2**n, f"delays must grow: {gaps}"
     seqs = [m["seq"] for m in run.messages]
     assert seqs == list(range(1, len(seqs) + 1))
 
