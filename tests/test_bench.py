@@ -4,9 +4,12 @@ what is asserted is that each stage did the work it timed)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+from userstreamd.bench import LABELS
 
 
 def test_bench_prints_and_writes_every_figure(tmp_path: Path, pg_server: str) -> None:
@@ -33,20 +36,12 @@ def test_bench_prints_and_writes_every_figure(tmp_path: Path, pg_server: str) ->
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
-    names = {
-        "generate_users_per_s",
-        "validate_rows_per_s",
-        "hub_publish_fanout_per_s",
-        "websocket_group_delivery_per_s",
-        "postgres_insert_rows_per_s",
-        "end_to_end_users_per_s",
-    }
-    assert set(report["results"]) == names
+    assert set(report["results"]) == set(LABELS)
     assert all(value > 0 for value in report["results"].values())
     assert report["users"] == 300 and report["database"] == "external"
     assert report["verified"] == {"postgres_rows": 300, "end_to_end_rows": 300}
-    for name in names:
-        assert name in result.stdout
+    for label in LABELS.values():
+        assert label in result.stdout
     # The bench works in a schema of its own and leaves nothing behind.
     assert (
         "userstreamd_bench_"
@@ -63,3 +58,16 @@ def test_bench_prints_and_writes_every_figure(tmp_path: Path, pg_server: str) ->
             check=True,
         ).stdout
     )
+
+
+def test_every_speed_figure_in_the_readme_is_a_bench_figure() -> None:
+    """The README's speed table has exactly the stages `bench` measures, under the same
+    labels, next to the command that produced them (it used to quote figures no command
+    printed)."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Benchmarks", 1)[1].split("\n## ", 1)[0]
+    assert "`userstreamd bench --json bench.json`" in section
+    rows = re.findall(r"^\| (.+?) \| ([\d,]+) \|$", section, re.MULTILINE)
+    assert {label for label, _ in rows} == set(LABELS.values())
+    figures = re.findall(r"\b\d[\d,]* (?:users|rows)/s\b", readme)
+    assert not figures, f"speed figures outside the bench table: {figures}"

@@ -32,8 +32,12 @@ def test_synthetic_source_end_to_end(
         # The daemon stopped its server; start it again to read what it left.
         with PostgresForTests(tmp_path / "state" / "postgres") as server:
             assert_rows_match(server.dsn, published)
+            checkpoints = query(server.dsn, "SELECT seq FROM stream_checkpoints")
     else:
         assert_rows_match(dsn, published)
+        checkpoints = query(dsn, "SELECT seq FROM stream_checkpoints")
+    # After SIGINT the stored checkpoint is the last committed seq (it used to lag).
+    assert checkpoints == [(len(published),)]
     stopped = daemon.events("daemon.stopped")[0]
     assert stopped["published"] == len(published)
     assert daemon.events("consumer.milestone"), "no milestone logged"

@@ -39,6 +39,15 @@ from .store.postgres import Envelope, PostgresStore, UserRow, row_values
 from .wsclient import open_ws
 
 SEED = "bench"
+# Each figure's name in the JSON and its label in the printed table (and in the README's).
+LABELS = {
+    "generate_users_per_s": "synthetic generation",
+    "validate_rows_per_s": "validation into rows",
+    "hub_publish_fanout_per_s": "hub publish + fan-out (1 group, 2 readers)",
+    "websocket_group_delivery_per_s": "WebSocket delivery to one group member",
+    "postgres_insert_rows_per_s": "PostgreSQL batch insert (COPY + ON CONFLICT, 500/batch)",
+    "end_to_end_users_per_s": "the whole daemon, end to end into PostgreSQL",
+}
 
 
 def _users(n: int) -> list[dict[str, Any]]:
@@ -237,8 +246,9 @@ def print_report(report: dict[str, Any]) -> None:
         f"{report['repeat']}, Python {report['python']}, {report['cpus']} CPUs, "
         f"{report['database']} PostgreSQL"
     )
+    print(f"  {'stage':<58} {'users/s':>9}")
     for name, value in report["results"].items():
-        print(f"  {name:<34} {value:>12,.0f}")
+        print(f"  {LABELS[name]:<58} {value:>9,.0f}")
 
 
 def write_json(report: dict[str, Any], path: str) -> None:
