@@ -156,10 +156,9 @@ async def test_retry_delays_grow_and_retry_after_is_honoured(
     assert got[0][0] >= source.calls[5]
 
 
-async def test_fallback_takes_over_then_hands_back(autojump_clock: trio.abc.Clock) -> None:
-    failures: list[BaseException | None] = [BadResponse("no users in results")] * 3
-    primary = ScriptedSource([*failures, SourceUnavailable("HTTP 503"), None])
-    producer = Producer(
+def _with_fallback(primary: ScriptedSource) -> Producer:
+    """10 users/s in pages of 10; the circuit opens after 3 failures, probes every 5 s."""
+    return Producer(
         Hub("e"),
         primary,
         rate_per_s=10,
@@ -168,6 +167,12 @@ async def test_fallback_takes_over_then_hands_back(autojump_clock: trio.abc.Cloc
         failures_before_fallback=3,
         probe_interval_s=5,
     )
+
+
+async def test_fallback_takes_over_then_hands_back(autojump_clock: trio.abc.Clock) -> None:
+    failures: list[BaseException | None] = [BadResponse("no users in results")] * 3
+    primary = ScriptedSource([*failures, SourceUnavailable("HTTP 503"), None])
+    producer = _with_fallback(primary)
     got = await _run_for(producer, 14)
     sources = [m["source"] for _, m in got]
     first_synthetic = sources.index("synthetic")
@@ -264,15 +269,7 @@ async def test_a_probe_never_waits_for_the_budget_while_the_fallback_serves(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     primary = ScriptedSource([BadResponse("no users in results")] * 3)
-    producer = Producer(
-        Hub("e"),
-        primary,
-        rate_per_s=10,
-        page_size=10,
-        fallback=SyntheticSource("fb"),
-        failures_before_fallback=3,
-        probe_interval_s=5,
-    )
+    producer = _with_fallback(primary)
     got: list[tuple[float, dict[str, Any]]] = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_collect, producer.hub, got)
