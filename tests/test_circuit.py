@@ -17,7 +17,7 @@ import trio.testing
 
 from userstreamd.errors import SourceUnavailable
 from userstreamd.hub import Hub
-from userstreamd.producer import Circuit, Producer
+from userstreamd.producer import MAX_RETRY_AFTER_S, Circuit, Producer
 from userstreamd.sources.synthetic import SyntheticSource
 
 from .test_producer import ScriptedSource
@@ -96,6 +96,17 @@ async def test_postpone_never_brings_a_probe_forward(autojump_clock: trio.abc.Cl
 
 
 # -- the producer around a 429 without Retry-After -------------------------------------------
+
+
+async def test_a_huge_retry_after_is_capped_and_the_fallback_serves_meanwhile(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A careless or hostile server asking for 10^9 s must not stall the stream."""
+    circuit = _circuit(fallback=True, failures_to_open=100)
+    assert await _fail(circuit, retry_after_s=1e9) == MAX_RETRY_AFTER_S
+    assert circuit.is_open, "longer than a probe interval: the fallback serves meanwhile"
+    closed = _circuit(fallback=False, failures_to_open=100)
+    assert await _fail(closed, retry_after_s=1e9) == MAX_RETRY_AFTER_S
 
 
 async def _stream(producer: Producer, seconds: float) -> list[tuple[float, dict[str, Any]]]:

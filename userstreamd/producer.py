@@ -44,6 +44,7 @@ from .records import parse_user, scrub
 MAX_BURST_S = 0.1  # at most this much of the rate is published between two checkpoints
 MAX_DEBT_S = 3.0  # at most this much of the rate is owed after the loop was held up
 RETRY_MIN_S = 0.1  # the first retry delay of the closed circuit
+MAX_RETRY_AFTER_S = 600.0  # a longer Retry-After is read as this (the server may be wrong)
 
 
 class Source(Protocol):
@@ -85,9 +86,10 @@ def page_size_for(rate_per_s: float) -> int:
 class Circuit:
     """When the primary source may be tried next, after its failures (no I/O, no sleeping).
 
-    Closed: every attempt goes to the primary; a failure waits `Retry-After` or the backoff
-    delay (a 429 without `Retry-After`: `probe_interval_s`). Open (after `failures_to_open`
-    failures in a row, or at once on a 429 without `Retry-After`): with a `fallback` the
+    Closed: every attempt goes to the primary; a failure waits `Retry-After` (at most
+    `MAX_RETRY_AFTER_S`) or the backoff delay (a 429 without `Retry-After`:
+    `probe_interval_s`). Open (after `failures_to_open` failures in a row, or at once on a
+    429 without `Retry-After` or a `Retry-After` longer than `probe_interval_s`): with a `fallback` the
     primary is only probed, at most every `probe_interval_s`; without one, retries go on as
     when closed. The first success closes it."""
 
@@ -113,7 +115,9 @@ class Circuit:
         self.failures += 1
         self._delay = min(self.retry_max_s, max(RETRY_MIN_S, self._delay * 2))
         if retry_after_s is not None:
-            wait = retry_after_s
+            wait = min(retry_after_s, MAX_RETRY_AFTER_S)
+            if wait > self.probe_interval_s:  # too long to hold the stream: open
+                self.is_open = True
         elif rate_limited:  # the window is minutes long: sooner only earns more 429s
             wait = self.probe_interval_s
             self.is_open = True
