@@ -63,6 +63,23 @@ async def _start_private(nursery: trio.Nursery, hub: Hub, tmp_path: Path) -> str
     return f"ws+unix://{path}?group=db"
 
 
+async def _consume_all(
+    users: list[dict[str, Any]], dsn: str, tmp_path: Path, *, batch_size: int
+) -> Hub:
+    """Publish `users` to a consumer on the private socket; return once all are acked."""
+    hub = _own_group_hub()
+    consumer = Consumer("", PostgresStore(dsn), batch_size=batch_size, batch_interval_s=0.05)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            consumer.url = await _start_private(nursery, hub, tmp_path)
+            await nursery.start(consumer.run)
+            for p, user in enumerate(users, 1):
+                hub.publish_nowait(user, "synthetic", p)
+            await hub.wait_drained()
+            nursery.cancel_scope.cancel()
+    return hub
+
+
 async def _wait_rows(dsn: str, count: int, table: str = "incoming_users") -> None:
     sql = f"SELECT count(*) FROM {table}"
     with trio.fail_after(60):
@@ -146,17 +163,8 @@ async def test_a_row_the_database_refuses_goes_to_dead_letters_and_the_rest_flow
     dsn: str, tmp_path: Path
 ) -> None:
     users = _refusing_bob(dsn)
-    hub = _own_group_hub()
-    consumer = Consumer("", PostgresStore(dsn), batch_size=50, batch_interval_s=0.05)
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            consumer.url = await _start_private(nursery, hub, tmp_path)
-            await nursery.start(consumer.run)
-            for p, user in enumerate(users, 1):
-                hub.publish_nowait(user, "synthetic", p)
-            await hub.wait_drained()
-            assert hub.watermark("db")[0] == 30, "the refused row does not hold the group up"
-            nursery.cancel_scope.cancel()
+    hub = await _consume_all(users, dsn, tmp_path, batch_size=50)
+    assert hub.watermark("db")[0] == 30, "the refused row does not hold the group up"
     stored = {r[0] for r in query(dsn, "SELECT uuid::text FROM incoming_users")}
     assert stored == {u["login"]["uuid"] for i, u in enumerate(users) if i != 9}
     letters = query(dsn, "SELECT source, position, seq, error, raw FROM dead_letters")
@@ -250,16 +258,7 @@ async def test_records_with_sql_or_script_in_them_are_stored_verbatim(
     for user, text in zip(users, hostile, strict=True):
         user["name"]["first"] = text
         user["location"]["city"] = text
-    hub = _own_group_hub()
-    consumer = Consumer("", PostgresStore(dsn), batch_size=10, batch_interval_s=0.05)
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            consumer.url = await _start_private(nursery, hub, tmp_path)
-            await nursery.start(consumer.run)
-            for p, user in enumerate(users, 1):
-                hub.publish_nowait(user, "synthetic", p)
-            await hub.wait_drained()
-            nursery.cancel_scope.cancel()
+    await _consume_all(users, dsn, tmp_path, batch_size=10)
     rows = query(
         dsn, "SELECT first_name, city, raw->'name'->>'first' FROM incoming_users ORDER BY seq"
     )

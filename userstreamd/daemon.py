@@ -57,7 +57,8 @@ class Daemon:
         self.ssl_context = ssl_context
         self.hub = wiring.hub(config, Stream.new())
         self.broadcaster: Broadcaster | None = None
-        self.consumers: list[Consumer] = []
+        self.consumers: list[Consumer] = []  # in-process ones
+        self._consumer_names: list[str] = []
         self.producer: Producer | None = None
         self.notifier = Notifier.from_environ()
         self.supervisor: Supervisor | None = None
@@ -122,6 +123,7 @@ class Daemon:
             for name, run, consumer in wiring.consumers(c, own, self.dsn, self.worker_processes):
                 if consumer is not None:
                     self.consumers.append(consumer)
+                self._consumer_names.append(name)
                 await sup.start(name, run)
             self.producer = wiring.producer(c, self.hub, http, stream, self.dsn, resources)
             await sup.start("producer", self.producer.run)
@@ -159,7 +161,7 @@ class Daemon:
         if not self.giving_up:  # (what cannot drain is not waited for)
             await self._drain()
         self.hub.close()
-        await sup.stop(*(f"consumer-{n}" for n in range(1, self.config.consumers.count + 1)))
+        await sup.stop(*self._consumer_names)
         await sup.stop_all()
         log.info("daemon.stopped", exit_code=self.exit_code, **self._totals())
 
@@ -175,7 +177,7 @@ class Daemon:
             committed_through=self._committed_through(),
         )
         group = self.config.consumers.group
-        if self.config.consumers.count == 0 or not self.hub.has_group(group):
+        if not self.hub.has_group(group):  # (no consumers)
             return
         seq, position = self.hub.watermark(group)
         if seq == 0:

@@ -89,9 +89,9 @@ class Circuit:
     Closed: every attempt goes to the primary; a failure waits `Retry-After` (at most
     `MAX_RETRY_AFTER_S`) or the backoff delay (a 429 without `Retry-After`:
     `probe_interval_s`). Open (after `failures_to_open` failures in a row, or at once on a
-    429 without `Retry-After` or a `Retry-After` longer than `probe_interval_s`): with a `fallback` the
-    primary is only probed, at most every `probe_interval_s`; without one, retries go on as
-    when closed. The first success closes it."""
+    429 without `Retry-After` or a `Retry-After` longer than `probe_interval_s`): with a
+    `fallback` the primary is only probed, at most every `probe_interval_s`; without one,
+    retries go on as when closed. The first success closes it."""
 
     def __init__(
         self,

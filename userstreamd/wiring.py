@@ -94,19 +94,19 @@ def producer(
     dsn: str,
     resources: contextlib.ExitStack,
 ) -> Producer:
-    """The producer; the stores it holds are closed with `resources`."""
+    """The producer; the budget ledger's store is closed with `resources`."""
     p, ru = config.producer, config.randomuser
 
     def _store(application_name: str) -> PostgresStore:
-        store = PostgresStore.from_config(config, dsn, application_name=application_name)
-        resources.callback(store.close)
-        return store
+        return PostgresStore.from_config(config, dsn, application_name=application_name)
 
     synthetic = SyntheticSource(seed=stream.seed, nats=p.nat, inc=ru.inc, exc=ru.exc)
     page_size = ru.page_size or min(page_size_for(p.rate_per_s), ru.budget_users)
     primary: Source = synthetic
     fallback: Source | None = None
     if p.source == "randomuser":
+        ledger_store = _store("userstreamd-budget")
+        resources.callback(ledger_store.close)  # (the dead letters close their own)
         primary = RandomUserSource(
             http,
             ru.url,
@@ -118,7 +118,7 @@ def producer(
             budget=UserBudget(
                 ru.budget_users,
                 ru.budget_window_s,
-                ledger=BudgetLedger(_store("userstreamd-budget"), ru.url),
+                ledger=BudgetLedger(ledger_store, ru.url),
             ),
         )
         fallback = synthetic if p.fallback == "synthetic" else None
