@@ -12,6 +12,7 @@ import pytest
 
 from userstreamd.cli import main
 from userstreamd.config import Config, load_config
+from userstreamd.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -146,3 +147,107 @@ def test_the_public_port_is_checked_before_anything_starts(
 ) -> None:
     monkeypatch.delenv("USERSTREAMD_TOKENS", raising=False)
     assert expected in _error_of(tmp_path, text, capsys)
+
+
+def test_every_mistake_is_reported_with_its_line_and_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        '[daemon]\nlog_levle = "debug"\n\n[broadcaster]\nport = "8765"\n\n'
+        "[producer]\nrate_per_s = 0\npage_size = 5\n"
+    )
+    assert main(["check", "--config", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [
+        f"userstreamd: config error: {path}:2: daemon.log_levle: unknown key; did you mean 'log_level'?",
+        f"userstreamd: config error: {path}:5: broadcaster.port: expected `int`, got `str`",
+        f"userstreamd: config error: {path}:8: producer.rate_per_s: expected `float` > 0.0",
+        f"userstreamd: config error: {path}:9: producer.page_size: unknown key; it belongs in [randomuser]",
+    ]
+
+
+def test_a_cross_key_rule_still_runs_and_points_at_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[consumers]\nreconnect_min_s = 9.0\n\nreconnect_max_s = 1.0\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    assert str(caught.value).startswith(f"{path}:4: consumers.reconnect_max_s: expected >=")
+
+
+def test_the_environment_overrides_any_key(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[broadcaster]\nport = 8765\n\n[database]\ndsn = "host=a"\n')
+    environ = {
+        "USERSTREAMD_BROADCASTER_PORT": "9000",
+        "USERSTREAMD_PRODUCER_NAT": "US, gb",
+        "USERSTREAMD_CONSUMERS_PROCESSES": "auto",
+        "USERSTREAMD_DAEMON_LOG_FORMAT": "json",
+        "USERSTREAMD_DATABASE_DSN": "host=b port=5433",
+        "USERSTREAMD_RANDOMUSER_INC": '["name", "login"]',
+        "USERSTREAMD_PRODUCER_KEEP_CREDENTIALS": "true",
+        # Variables of other tables are not overrides, and not errors.
+        "USERSTREAMD_DB_PASSWORD": "x",
+        "USERSTREAMD_TOKENS": "x",
+        "USERSTREAMD_TEST_DSN": "x",
+    }
+    config = load_config(path, environ=environ)
+    assert config.broadcaster.port == 9000
+    assert config.producer.nat == ["US", "gb"]
+    assert config.consumers.processes == "auto"
+    assert config.daemon.log_format == "json"
+    assert config.database.dsn == "host=b port=5433"
+    assert config.randomuser.inc == ["name", "login"]
+    assert config.producer.keep_credentials is True
+    assert load_config(path, environ={}).broadcaster.port == 8765
+
+
+def test_a_bad_environment_override_is_reported_by_its_variable(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[broadcaster]\nport = 70000\n")
+    environ = {
+        "USERSTREAMD_CONSUMERS_COUNT": "many",
+        "USERSTREAMD_BROADCASTER_PORTT": "1",
+        "USERSTREAMD_PRODUCERS_RATE_PER_S": "5",
+    }
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ=environ)
+    assert str(caught.value).splitlines() == [
+        f"{path}:2: broadcaster.port: expected `int` <= 65535",
+        "$USERSTREAMD_BROADCASTER_PORTT: broadcaster.portt: unknown key; did you mean 'port'?",
+        "$USERSTREAMD_CONSUMERS_COUNT: consumers.count: expected `int`, got `str`",
+        "$USERSTREAMD_PRODUCERS_RATE_PER_S: producers: unknown table; did you mean 'producer'?",
+    ]
+    # A rule broken by an override names the variable, not the file.
+    environ = {"USERSTREAMD_RANDOMUSER_URL": "ftp://x/api/1.4/"}
+    with pytest.raises(ConfigError, match=r"^\$USERSTREAMD_RANDOMUSER_URL: randomuser.url: "):
+        load_config(REPO / "config.toml", environ=environ)
+
+
+def test_check_effective_fills_defaults_marks_overrides_and_masks_secrets(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[database]\ndsn = "postgresql://ingest:s3cret@db.example:5432/users"\n'
+        "[producer]\nrate_per_s = 50\n"
+    )
+    monkeypatch.setenv("USERSTREAMD_BROADCASTER_PORT", "9000")
+    assert main(["check", "--config", str(path), "--effective"]) == 0
+    out = capsys.readouterr().out
+    assert "s3cret" not in out
+    assert 'dsn = "postgresql://ingest:***@db.example:5432/users"' in out
+    assert "port = 9000  # from $USERSTREAMD_BROADCASTER_PORT" in out
+    # It is TOML, and loading it gives the same configuration (but for the masked secret).
+    effective = tmp_path / "effective.toml"
+    effective.write_text(out)
+    reloaded, original = load_config(effective), load_config(path)
+    assert tomllib.loads(out)["producer"]["rate_per_s"] == 50
+    for table in ("daemon", "producer", "randomuser", "broadcaster", "consumers", "supervisor"):
+        assert getattr(reloaded, table) == getattr(original, table), table
+    assert reloaded.database.dsn == "postgresql://ingest:***@db.example:5432/users"
+
+
+def test_the_packaged_default_config_is_the_shipped_one() -> None:
+    assert (REPO / "userstreamd" / "config.toml").read_text() == (REPO / "config.toml").read_text()

@@ -1,11 +1,16 @@
-"""The command line: ``userstreamd [--config FILE] [COMMAND]``; one function per command."""
+"""The command line: ``userstreamd [--config FILE] [COMMAND] [OPTIONS]``; one function per
+command. Without a command it runs the daemon. ``consumer-worker`` is internal (the daemon
+starts it) and hidden from ``--help``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, TextIO
 
 import trio
 
@@ -16,6 +21,7 @@ from .logs import add_secrets, configure_logging, get_logger
 from .supervisor import describe
 
 DEFAULT_CONFIG = "config.toml"
+TOKEN_ENV = "USERSTREAMD_TOKEN"
 
 
 def _run_logged(main: Callable[..., Awaitable[int]], *args: Any) -> int:
@@ -25,38 +31,6 @@ def _run_logged(main: Callable[..., Awaitable[int]], *args: Any) -> int:
     except Exception as exc:
         get_logger().error("daemon.failed", error=describe(exc), exc_info=exc)
         return 1
-
-
-def cmd_run(config: Config, args: argparse.Namespace) -> int:
-    """Run the daemon until SIGINT/SIGTERM."""
-    from .daemon import run_daemon
-
-    add_secrets(*args.tokens.secrets())
-    return _run_logged(run_daemon, config, args.tokens, args.ssl_context)
-
-
-def cmd_check(config: Config, args: argparse.Namespace) -> int:
-    """Validate the config file (and the tokens and TLS files it names) and say so."""
-    print(f"{config.path}: ok")
-    return 0
-
-
-def cmd_consumer_worker(config: Config, args: argparse.Namespace) -> int:
-    """Internal: one consumer as a child process of the daemon."""
-    from .workers import run_consumer_worker
-
-    return _run_logged(run_consumer_worker, config, args.worker, args.url, args.ready_fd)
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    """Measure each stage's throughput; print it, and write JSON with --json FILE."""
-    from .bench import print_report, run_benchmarks, write_json
-
-    report = run_benchmarks(args.users, args.repeat, args.dsn)
-    print_report(report)
-    if args.json:
-        write_json(report, args.json)
-    return 0
 
 
 def _dsn_secrets(dsn: str) -> list[str]:
@@ -69,63 +43,295 @@ def _dsn_secrets(dsn: str) -> list[str]:
         return []
 
 
-COMMANDS = {
-    "run": cmd_run,
-    "check": cmd_check,
-    "consumer-worker": cmd_consumer_worker,
-    "bench": None,
-}
+def _config(
+    args: argparse.Namespace, *, public_port: bool = False, logs: TextIO | None = None
+) -> Config:
+    """The config file (and, for the commands that open the public port, the tokens and
+    TLS files it names), logging set up from it (to `logs`, else stdout); ConfigError
+    before anything starts."""
+    config = load_config(args.config)
+    if public_port:
+        from .auth import load_tokens
+        from .edge import tls_context
+
+        args.tokens, args.ssl_context = load_tokens(config), tls_context(config)
+    configure_logging(config.daemon.log_level, config.daemon.log_format, logs)
+    add_secrets(config.db_password(), *_dsn_secrets(config.database.dsn))
+    return config
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the daemon until SIGINT/SIGTERM."""
+    from .daemon import run_daemon
+
+    config = _config(args, public_port=True)
+    add_secrets(*args.tokens.secrets())
+    return _run_logged(run_daemon, config, args.tokens, args.ssl_context)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate the config file (and the tokens and TLS files it names) and say so."""
+    config = _config(args, public_port=True, logs=sys.stderr)
+    if args.effective:
+        from .config import effective_toml
+
+        print(effective_toml(config), end="")
+    else:
+        print(f"{config.path}: ok")
+    return 0
+
+
+def cmd_init_config(args: argparse.Namespace) -> int:
+    """Write the commented default config file."""
+    from .config import default_config_text
+
+    text = default_config_text()
+    if args.path == "-":
+        sys.stdout.write(text)
+        return 0
+    path = Path(args.path)
+    try:
+        with path.open("w" if args.force else "x", encoding="utf-8") as file:
+            file.write(text)
+    except FileExistsError:
+        print(f"userstreamd: {path} exists; use --force to overwrite it", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"userstreamd: cannot write {path}: {exc.strerror}", file=sys.stderr)
+        return 1
+    print(f"wrote {path}; check it with: userstreamd check --config {path}")
+    return 0
+
+
+def _tail_url(args: argparse.Namespace) -> str:
+    """--url, else the config file's broadcaster (when the file exists), else the default."""
+    if args.url:
+        return str(args.url)
+    if args.config == DEFAULT_CONFIG and not Path(args.config).exists():
+        return "ws://127.0.0.1:8765/"
+    broadcaster = load_config(args.config).broadcaster
+    host = broadcaster.host if broadcaster.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    scheme = "wss" if broadcaster.tls_cert_file else "ws"
+    return f"{scheme}://{host}:{broadcaster.port}/"
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    """Print the stream in the terminal, resuming after a disconnect."""
+    from . import tail
+
+    url = _tail_url(args)
+    token = os.environ.get(TOKEN_ENV) or None
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            print(f"userstreamd: cannot read {args.token_file}: {exc.strerror}", file=sys.stderr)
+            return 2
+    return tail.run(
+        url,
+        json_lines=args.json,
+        since=args.since,
+        epoch=args.epoch,
+        group=args.group,
+        token=token,
+        ca_file=args.ca_file,
+    )
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    """Show the database's state, or apply its migrations."""
+    from .store import admin
+
+    config = _config(args, logs=sys.stderr)  # stdout is for the report
+    if args.action == "migrate":
+        return admin.migrate(config)
+    return admin.status(config, as_json=args.json)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Measure each stage's throughput; print it, and write JSON with --json FILE."""
+    from . import bench
+
+    if args.plot and (reason := bench.plot_available()) is not None:
+        print(f"userstreamd: --plot: {reason}", file=sys.stderr)
+        return 2
+    configure_logging("warning", stream=sys.stderr)  # stdout is for the figures
+    report = bench.run_benchmarks(args.users, args.repeat, args.dsn, progress=sys.stderr.isatty())
+    bench.print_report(report)
+    if args.json:
+        bench.write_json(report, args.json)
+    if args.plot:
+        bench.write_plot(report, args.plot)
+    return 0
+
+
+def cmd_consumer_worker(args: argparse.Namespace) -> int:
+    """Internal: one consumer as a child process of the daemon."""
+    from .workers import run_consumer_worker
+
+    config = _config(args)
+    return _run_logged(run_consumer_worker, config, args.worker, args.url, args.ready_fd)
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _command(
+    commands: Any, name: str, handler: Callable[[argparse.Namespace], int], examples: str
+) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows its docstring and `examples`; each one also takes
+    --config, so it may come before or after the command's name."""
+    summary = (handler.__doc__ or "").strip()
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name,
+        help=summary[0].lower() + summary[1:].rstrip("."),
+        description=summary,
+        epilog="examples:\n" + examples,
+        formatter_class=_Help,
+    )
+    _config_option(parser, argparse.SUPPRESS)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def _config_option(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--config",
+        "-c",
+        default=default,
+        metavar="FILE",
+        help=f"TOML config file (default: {DEFAULT_CONFIG}); any key may be overridden by "
+        "the environment variable USERSTREAMD_<TABLE>_<KEY>",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="userstreamd",
         description="Stream random users from an API over WebSocket into PostgreSQL.",
+        epilog="examples:\n"
+        "  userstreamd --config config.toml            run the daemon\n"
+        "  userstreamd check --config config.toml      validate a config file\n"
+        "  userstreamd COMMAND --help                  a command's options and examples",
+        formatter_class=_Help,
     )
-    parser.add_argument(
-        "--config",
-        "-c",
-        default=DEFAULT_CONFIG,
-        metavar="FILE",
-        help=f"TOML config file (default: {DEFAULT_CONFIG})",
-    )
+    _config_option(parser, DEFAULT_CONFIG)
     parser.add_argument("--version", action="version", version=f"userstreamd {__version__}")
-    parser.add_argument(
-        "command",
-        nargs="?",
-        default="run",
-        choices=sorted(COMMANDS),
-        help="run the daemon (default), check the config, or bench the pipeline's stages",
+    parser.set_defaults(handler=cmd_run)
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    _command(commands, "run", cmd_run, "  userstreamd run --config /etc/userstreamd/config.toml\n")
+
+    check = _command(
+        commands,
+        "check",
+        cmd_check,
+        "  userstreamd check --config config.toml\n"
+        "  USERSTREAMD_BROADCASTER_PORT=9000 userstreamd check --effective\n",
     )
-    bench = parser.add_argument_group("bench")
-    bench.add_argument("--users", type=int, default=20_000, help="users per benchmark")
-    bench.add_argument("--repeat", type=int, default=3, help="runs per benchmark (best wins)")
+    check.add_argument(
+        "--effective",
+        action="store_true",
+        help="print the configuration in effect: defaults filled in, environment overrides "
+        "applied and marked, secrets as ***",
+    )
+
+    init = _command(
+        commands,
+        "init-config",
+        cmd_init_config,
+        "  userstreamd init-config                     write ./config.toml\n"
+        "  userstreamd init-config /etc/userstreamd/config.toml --force\n"
+        "  userstreamd init-config - | less            print it\n",
+    )
+    init.add_argument(
+        "path",
+        nargs="?",
+        default=DEFAULT_CONFIG,
+        metavar="PATH",
+        help=f"where to write it (default: {DEFAULT_CONFIG}; - for standard output)",
+    )
+    init.add_argument("--force", action="store_true", help="overwrite PATH if it exists")
+
+    tail = _command(
+        commands,
+        "tail",
+        cmd_tail,
+        "  userstreamd tail                            the config file's broadcaster\n"
+        "  userstreamd tail --json | jq .user.email\n"
+        "  userstreamd tail --url ws://host:8765/ --since 4200\n"
+        f"  {TOKEN_ENV}=... userstreamd tail --group watchers\n",
+    )
+    tail.add_argument(
+        "--url",
+        help="the broadcaster's WebSocket URL (default: from the config file's [broadcaster], "
+        "else ws://127.0.0.1:8765/)",
+    )
+    tail.add_argument("--json", action="store_true", help="print each user frame as JSON")
+    tail.add_argument(
+        "--since", type=int, metavar="SEQ", help="start after this seq (resume from there)"
+    )
+    tail.add_argument("--epoch", help="the epoch --since refers to (default: the current one)")
+    tail.add_argument(
+        "--group", metavar="NAME", help="join this consumer group as a member (and ack)"
+    )
+    tail.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help=f"a file holding the token to present (default: ${TOKEN_ENV}, if set)",
+    )
+    tail.add_argument("--ca-file", metavar="FILE", help="CA certificates for a wss:// URL")
+
+    db = _command(
+        commands,
+        "db",
+        cmd_db,
+        "  userstreamd db status\n"
+        "  userstreamd db status --json | jq .rows\n"
+        "  userstreamd db migrate --config /etc/userstreamd/config.toml\n",
+    )
+    db.add_argument(
+        "action",
+        choices=("status", "migrate"),
+        help="status: rows, latest seq per epoch, checkpoints, ingest lag, dead letters; "
+        "migrate: apply the pending schema migrations",
+    )
+    db.add_argument("--json", action="store_true", help="status as one JSON object")
+
+    bench = _command(
+        commands,
+        "bench",
+        cmd_bench,
+        "  userstreamd bench\n"
+        "  userstreamd bench --users 5000 --repeat 1 --json bench.json --plot bench.png\n",
+    )
+    bench.add_argument(
+        "--users", type=int, default=20_000, help="users per benchmark (default: 20000)"
+    )
+    bench.add_argument(
+        "--repeat", type=int, default=3, help="runs per benchmark, best wins (default: 3)"
+    )
     bench.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    bench.add_argument("--plot", metavar="FILE.png", help="also draw the figures as a PNG")
     bench.add_argument("--dsn", default="", help="PostgreSQL to insert into (default: embedded)")
-    # consumer-worker's own options (internal: the daemon starts it).
-    parser.add_argument("--worker", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--url", default="", help=argparse.SUPPRESS)
-    parser.add_argument("--ready-fd", type=int, default=-1, help=argparse.SUPPRESS)
+
+    # Internal, started by the daemon: no help=, so it is not listed.
+    worker = commands.add_parser("consumer-worker")
+    _config_option(worker, argparse.SUPPRESS)
+    worker.set_defaults(handler=cmd_consumer_worker)
+    worker.add_argument("--worker", type=int, required=True)
+    worker.add_argument("--url", required=True)
+    worker.add_argument("--ready-fd", type=int, required=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "bench":
-        configure_logging("warning")
-        return cmd_bench(args)
     try:
-        config = load_config(args.config)
-        if args.command in ("run", "check"):  # the public port's files, before anything starts
-            from .auth import load_tokens
-            from .edge import tls_context
-
-            args.tokens, args.ssl_context = load_tokens(config), tls_context(config)
+        return int(args.handler(args))
     except ConfigError as exc:
-        print(f"userstreamd: config error: {exc}", file=sys.stderr)
+        for problem in str(exc).splitlines():
+            print(f"userstreamd: config error: {problem}", file=sys.stderr)
         return 2
-    configure_logging(config.daemon.log_level, config.daemon.log_format)
-    add_secrets(config.db_password(), *_dsn_secrets(config.database.dsn))
-    command = COMMANDS[args.command]
-    assert command is not None
-    return command(config, args)

@@ -1,8 +1,10 @@
 """One TOML file, typed and strict.
 
-Each TOML table is a frozen msgspec struct that forbids unknown fields, so a typo is an
-error rather than a silently ignored key. Every error names the file, the key and what
-was expected; `load_config` raises `ConfigError` before anything starts.
+Each TOML table is a frozen msgspec struct; a key it does not have is an error (with a
+suggestion), never silently ignored. `load_config` reports every problem at once, each
+naming the file, the line, the key and what was expected, in one `ConfigError` before
+anything starts. Any key may be overridden by an environment variable
+``USERSTREAMD_<TABLE>_<KEY>`` (``USERSTREAMD_BROADCASTER_PORT=9000``).
 
 The defaults below are the daemon's embedded defaults; the shipped ``config.toml``
 documents each key.
@@ -10,10 +12,15 @@ documents each key.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, get_type_hints
 
 import msgspec
 
@@ -176,103 +183,246 @@ class Config(_Table, frozen=True):
 
 
 _ORIGIN = re.compile(r"^(\*|[a-z][a-z0-9+.-]*://[^/?#\s]+|null)$")
-_AT = re.compile(r"^(?P<what>.*?)(?: - at `\$\.?(?P<key>[^`]*)`)?$")
+_AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<at>[^`]*)`)?$")
+ENV_PREFIX = "USERSTREAMD_"
 
 
-def _explain(path: Path, exc: msgspec.ValidationError) -> ConfigError:
+@dataclass(frozen=True)
+class Problem:
+    """One mistake: where (the file, or the environment variable), the dotted key, what
+    was expected, and the line in the file when known."""
+
+    where: str
+    key: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        at = f"{self.where}:{self.line}" if self.line else self.where
+        return f"{at}: {self.key}: {self.message}"
+
+
+def _tables() -> dict[str, dict[str, Any]]:
+    """{table: {key: type}}, from the structs above."""
+    return {
+        name: get_type_hints(table, include_extras=True)
+        for name, table in get_type_hints(Config).items()
+        if isinstance(table, type) and issubclass(table, _Table)
+    }
+
+
+TABLES = _tables()
+
+
+def _did_you_mean(name: str, table: str | None) -> str:
+    """A suggestion for a misspelled key (or table, when `table` is None)."""
+    candidates = list(TABLES) if table is None else list(TABLES[table])
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    if table is not None:  # a key written in the wrong table
+        elsewhere = [t for t, keys in TABLES.items() if name in keys]
+        if elsewhere:
+            return f"; it belongs in [{elsewhere[0]}]"
+    return "; see config.toml"
+
+
+def _explain(exc: msgspec.ValidationError) -> tuple[str, str]:
+    """What a value's error says was expected, and where inside the value (``[0]``)."""
     match = _AT.match(str(exc))
     assert match is not None  # the pattern matches any string
-    key, what = match["key"] or "", match["what"]
-    unknown = re.match(r"Object contains unknown field `(.*)`", what)
-    if unknown:
-        key = f"{key}.{unknown[1]}" if key else unknown[1]
-        return ConfigError(f"{path}: {key}: unknown key (check the spelling; see config.toml)")
-    return ConfigError(f"{path}: {key or '(top level)'}: {what[0].lower()}{what[1:]}")
+    return match["at"] or "", match["what"][0].lower() + match["what"][1:]
 
 
-def _check(path: Path, config: Config) -> None:
-    """Rules a type cannot express."""
+def _key_lines(text: str) -> dict[str, int]:
+    """The line each table header and each key is written on: {"producer": 3,
+    "producer.rate_per_s": 4} (a plain scan: dotted and inline-table keys are not found)."""
+    found: dict[str, int] = {}
+    table = ""
+    for number, line in enumerate(text.splitlines(), 1):
+        if header := re.match(r"^\s*\[\s*([A-Za-z0-9_-]+)\s*\]", line):
+            table = header[1]
+            found.setdefault(table, number)
+        elif key := re.match(r"^\s*([A-Za-z0-9_-]+)\s*=", line):
+            found.setdefault(f"{table}.{key[1]}" if table else key[1], number)
+    return found
+
+
+def _env_value(raw: str, kind: Any) -> Any:
+    """An environment variable's text as the key's type: strings as they are, lists
+    comma-separated (or a TOML array), anything else as a TOML value."""
+    info = msgspec.inspect.type_info(kind)
+    if isinstance(info, msgspec.inspect.StrType):
+        return raw
+    if isinstance(info, msgspec.inspect.ListType) and not raw.lstrip().startswith("["):
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    try:
+        return tomllib.loads(f"value = {raw}")["value"]
+    except tomllib.TOMLDecodeError:
+        return raw  # then validation says what was expected
+
+
+def env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, str], list[Problem]]:
+    """``USERSTREAMD_<TABLE>_<KEY>`` variables: {dotted key: variable}, and the variables
+    that look like overrides but name no key (variables of other tables, such as
+    ``USERSTREAMD_DB_PASSWORD``, are not overrides)."""
+    found: dict[str, str] = {}
+    problems = []
+    for variable in sorted(environ):
+        if not variable.startswith(ENV_PREFIX):
+            continue
+        table, _, key = variable[len(ENV_PREFIX) :].lower().partition("_")
+        if table not in TABLES:
+            close = difflib.get_close_matches(table, list(TABLES), n=1, cutoff=0.8)
+            if close and key:
+                problems.append(
+                    Problem(f"${variable}", table, f"unknown table; did you mean {close[0]!r}?")
+                )
+            continue
+        if key not in TABLES[table]:
+            problems.append(
+                Problem(f"${variable}", f"{table}.{key}", "unknown key" + _did_you_mean(key, table))
+            )
+            continue
+        found[f"{table}.{key}"] = variable
+    return found, problems
+
+
+def _validate(
+    document: dict[str, Any], source: Path, text: str, environ: Mapping[str, str]
+) -> tuple[dict[str, Any], list[Problem]]:
+    """Every problem in the file and the environment's overrides (not just the first),
+    and the valid rest with the overrides applied."""
+    lines = _key_lines(text)
+    overrides, problems = env_overrides(environ)
+    valid: dict[str, Any] = {}
+    for table, values in document.items():
+        if table not in TABLES:
+            problems.append(
+                Problem(
+                    str(source), table, "unknown key" + _did_you_mean(table, None), lines.get(table)
+                )
+            )
+        elif not isinstance(values, dict):
+            problems.append(
+                Problem(str(source), table, "expected a table ([" + table + "])", lines.get(table))
+            )
+        else:
+            valid[table] = {}
+            for key, value in values.items():
+                dotted = f"{table}.{key}"
+                if key not in TABLES[table]:
+                    message = "unknown key" + _did_you_mean(key, table)
+                    problems.append(Problem(str(source), dotted, message, lines.get(dotted)))
+                else:
+                    valid[table][key] = (str(source), lines.get(dotted), value)
+    for dotted, variable in overrides.items():
+        table, key = dotted.split(".")
+        value = _env_value(environ[variable], TABLES[table][key])
+        valid.setdefault(table, {})[key] = (f"${variable}", None, value)
+    checked: dict[str, Any] = {}
+    for table, values in valid.items():
+        checked[table] = {}
+        for key, (where, line, value) in values.items():
+            try:
+                checked[table][key] = msgspec.convert(value, TABLES[table][key])
+            except msgspec.ValidationError as exc:
+                at, what = _explain(exc)
+                problems.append(Problem(where, f"{table}.{key}{at}", what, line))
+    return checked, problems
+
+
+def _rules(config: Config) -> Iterator[tuple[str, str]]:
+    """Rules a type cannot express: (key, what was expected)."""
     if (reason := reserved_seed_reason(config.producer.seed)) is not None:
-        raise ConfigError(
-            f"{path}: producer.seed: expected any length but 18 characters, "
-            f"got {config.producer.seed!r}: {reason}"
+        yield (
+            "producer.seed",
+            f"expected any length but 18 characters, got {config.producer.seed!r}: {reason}",
         )
     bad_nats = [n for n in config.producer.nat if n.upper() not in NATIONALITIES]
     if bad_nats:
-        raise ConfigError(
-            f"{path}: producer.nat: unknown nationality {bad_nats[0]!r}, "
-            f"expected codes from {' '.join(sorted(NATIONALITIES))}"
+        yield (
+            "producer.nat",
+            f"unknown nationality {bad_nats[0]!r}, "
+            f"expected codes from {' '.join(sorted(NATIONALITIES))}",
         )
     ru = config.randomuser
     if not ru.url.startswith(("http://", "https://")):
-        raise ConfigError(f"{path}: randomuser.url: expected an http(s) URL, got {ru.url!r}")
-    if not ru.url.rstrip("/").endswith("/api/1.4"):
-        raise ConfigError(
-            f"{path}: randomuser.url: expected the version-pinned path /api/1.4/, got {ru.url!r}"
-        )
+        yield "randomuser.url", f"expected an http(s) URL, got {ru.url!r}"
+    elif not ru.url.rstrip("/").endswith("/api/1.4"):
+        yield "randomuser.url", f"expected the version-pinned path /api/1.4/, got {ru.url!r}"
     for key, fields in (("inc", ru.inc), ("exc", ru.exc)):
         unknown = sorted(set(fields) - set(FIELDS))
         if unknown:
-            raise ConfigError(
-                f"{path}: randomuser.{key}: unknown field {unknown[0]!r}, "
-                f"expected names from {' '.join(sorted(FIELDS))}"
+            yield (
+                f"randomuser.{key}",
+                f"unknown field {unknown[0]!r}, expected names from {' '.join(sorted(FIELDS))}",
             )
     if "login" in ru.exc:
-        raise ConfigError(
-            f"{path}: randomuser.exc: login cannot be excluded (login.uuid is the row key)"
-        )
+        yield "randomuser.exc", "login cannot be excluded (login.uuid is the row key)"
     if ru.page_size > ru.budget_users:
-        raise ConfigError(
-            f"{path}: randomuser.page_size: expected <= budget_users ({ru.budget_users}), "
-            f"got {ru.page_size}"
+        yield (
+            "randomuser.page_size",
+            f"expected <= budget_users ({ru.budget_users}), got {ru.page_size}",
         )
     sup = config.supervisor
     if sup.restart_delay_max_s < sup.restart_delay_min_s:
-        raise ConfigError(
-            f"{path}: supervisor.restart_delay_max_s: expected >= restart_delay_min_s "
-            f"({sup.restart_delay_min_s}), got {sup.restart_delay_max_s}"
+        yield (
+            "supervisor.restart_delay_max_s",
+            f"expected >= restart_delay_min_s ({sup.restart_delay_min_s}), "
+            f"got {sup.restart_delay_max_s}",
         )
     b = config.broadcaster
     if bool(b.tls_cert_file) != bool(b.tls_key_file):
         missing = "tls_key_file" if b.tls_cert_file else "tls_cert_file"
-        raise ConfigError(
-            f"{path}: broadcaster.{missing}: expected a file too (TLS needs a certificate and "
-            "its key)"
-        )
+        yield f"broadcaster.{missing}", "expected a file too (TLS needs a certificate and its key)"
     if config.consumers.group in b.groups:
-        raise ConfigError(
-            f"{path}: broadcaster.groups: {config.consumers.group!r} is the daemon's own group "
-            "(consumers.group); it cannot be opened to public clients"
+        yield (
+            "broadcaster.groups",
+            f"{config.consumers.group!r} is the daemon's own group (consumers.group); "
+            "it cannot be opened to public clients",
         )
     bad_origin = next((o for o in b.allowed_origins if not _ORIGIN.match(o)), None)
     if bad_origin is not None:
-        raise ConfigError(
-            f'{path}: broadcaster.allowed_origins: expected "*" or scheme://host[:port], '
-            f"got {bad_origin!r}"
+        yield (
+            "broadcaster.allowed_origins",
+            f'expected "*" or scheme://host[:port], got {bad_origin!r}',
         )
     c = config.consumers
     if c.reconnect_max_s < c.reconnect_min_s:
-        raise ConfigError(
-            f"{path}: consumers.reconnect_max_s: expected >= reconnect_min_s "
-            f"({c.reconnect_min_s}), got {c.reconnect_max_s}"
+        yield (
+            "consumers.reconnect_max_s",
+            f"expected >= reconnect_min_s ({c.reconnect_min_s}), got {c.reconnect_max_s}",
         )
 
 
-def parse_config(text: bytes, path: Path) -> Config:
+def parse_config(text: bytes, path: Path, environ: Mapping[str, str] | None = None) -> Config:
+    """The config in `text` (read from `path`), with the environment's overrides applied;
+    ConfigError listing every problem, one per line, each with file, key and line."""
+    environ = os.environ if environ is None else environ
     try:
-        config = msgspec.toml.decode(text, type=Config)
-    except msgspec.ValidationError as exc:
-        raise _explain(path, exc) from None
-    except msgspec.DecodeError as exc:
+        source = text.decode("utf-8")
+        document = tomllib.loads(source)
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    if config.path:
-        raise ConfigError(f"{path}: path: unknown key (check the spelling; see config.toml)")
+    values, problems = _validate(document, path, source, environ)
+    config = msgspec.convert(values, Config)  # each value was checked on its own
     config = msgspec.structs.replace(config, path=str(path.resolve()))
-    _check(path, config)
+    if not problems:
+        lines = _key_lines(source)
+        overrides, _ = env_overrides(environ)
+        for key, message in _rules(config):
+            if key in overrides:
+                problems.append(Problem(f"${overrides[key]}", key, message))
+            else:
+                problems.append(Problem(str(path), key, message, lines.get(key)))
+    if problems:
+        problems.sort(key=lambda p: (p.where != str(path), p.line or 0, p.key))
+        raise ConfigError("\n".join(map(str, problems)))
     return config
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
+def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
     """Read and validate the config file; raise ConfigError naming file and key."""
     path = Path(path)
     try:
@@ -281,7 +431,36 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"{path}: no such config file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
-    return parse_config(text, path)
+    return parse_config(text, path, environ)
+
+
+def effective_toml(config: Config, environ: Mapping[str, str] | None = None) -> str:
+    """The configuration in effect, as TOML: every key (defaults filled in), each
+    environment override marked, the database password as ***."""
+    from .logs import redact
+
+    overrides, _ = env_overrides(os.environ if environ is None else environ)
+    out = [
+        f"# The configuration in effect for {config.path}:",
+        "# defaults filled in, environment overrides marked, secrets as ***.",
+    ]
+    for table, values in msgspec.to_builtins(config).items():
+        if table not in TABLES:
+            continue
+        out += ["", f"[{table}]"]
+        for key, value in values.items():
+            if f"{table}.{key}" == "database.dsn":
+                value = redact(value)
+            line = f"{key} = {msgspec.json.encode(value).decode()}"  # JSON scalars are TOML
+            if variable := overrides.get(f"{table}.{key}"):
+                line += f"  # from ${variable}"
+            out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def default_config_text() -> str:
+    """The commented default config file (the same as the repository's config.toml)."""
+    return resources.files(__package__).joinpath("config.toml").read_text(encoding="utf-8")
 
 
 # The keys SIGHUP applies to a running daemon; a change to any other key is logged as

@@ -1,7 +1,13 @@
 """The only place that configures structlog.
 
 JSON lines on stdout (msgspec does the encoding), ISO UTC timestamps, tracebacks as
-dicts; a console renderer when stdout is a terminal and the format is "auto".
+dicts; a console renderer when stdout is a terminal and the format is "auto", in colour
+only on a terminal and never when ``NO_COLOR`` is set.
+
+Lines never tear: each one, however long, is written with one ``write()`` (looping only
+on a partial write), under a lock for the threads. Child processes do not share our
+stdout: they log JSON into a pipe and `forward` writes their lines whole, so lines of
+several processes never interleave, on a terminal, a pipe or the journal.
 Components bind ``component`` (and ``worker``) once when their task starts; trio gives
 every task its own copy of the context, so the binding stays with that task.
 
@@ -15,10 +21,13 @@ come out as the same JSON lines.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import select
 import sys
+import threading
 import time
-from typing import Any
+from typing import IO, Any
 
 import msgspec
 import structlog
@@ -100,19 +109,82 @@ class Throttle:
             getattr(structlog.get_logger(), level)(event, suppressed=suppressed, **fields)
 
 
-def configure_logging(level: str = "info", fmt: str = "auto") -> None:
-    """(Re)configure structlog; safe to call again on SIGHUP to change the level."""
-    console = fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
+class _LineWriter:
+    """Writes each line with one ``write()`` call: lines of several writers never mix."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        try:
+            self._fd: int | None = stream.fileno()
+        except (OSError, ValueError):  # not a file (a test's capture): its own write()
+            self._fd = None
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def write(self, line: bytes) -> None:
+        with self._lock:
+            try:
+                if self._fd is None:
+                    self._stream.write(line.decode("utf-8", "replace"))
+                    self._stream.flush()
+                    return
+                view = memoryview(line)
+                while view:
+                    try:
+                        view = view[os.write(self._fd, view) :]
+                    except BlockingIOError:  # someone made our stdout non-blocking
+                        select.select([], [self._fd], [])
+            except (OSError, ValueError):
+                pass  # nobody reads our logs any more (a closed pipe, a hung-up terminal,
+                # a full disk): the daemon lives on
+
+
+class _OneWriteLogger:
+    """A structlog logger: the rendered line plus its newline, in one write."""
+
+    def __init__(self, writer: _LineWriter) -> None:
+        self._writer = writer
+
+    def msg(self, message: str | bytes) -> None:
+        data = message if isinstance(message, bytes) else message.encode("utf-8", "replace")
+        self._writer.write(data + b"\n")
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
+_stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
+
+
+def _timestamp(logger: Any, method: str, event: Any) -> Any:
+    """ISO UTC timestamp, unless the line already has one (a child's, forwarded)."""
+    return event if "timestamp" in event else _stamp(logger, method, event)
+
+
+_writer: _LineWriter | None = None
+_console = False
+
+
+def configure_logging(
+    level: str = "info", fmt: str = "auto", stream: IO[str] | None = None
+) -> None:
+    """(Re)configure structlog to write to `stream` (stdout by default: the commands that
+    print results log to stderr); safe to call again on SIGHUP to change the level."""
+    global _writer, _console
+    stream = sys.stdout if stream is None else stream
+    tty = stream.isatty()
+    _console = console = fmt == "console" or (fmt == "auto" and tty)
+    _writer = writer = _LineWriter(stream)
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _timestamp,
     ]
     if console:
+        colors = tty and not os.environ.get("NO_COLOR")
         processors.append(
-            structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
+            structlog.dev.ConsoleRenderer(
+                colors=colors, exception_formatter=structlog.dev.plain_traceback
+            )
         )
-        factory: Any = structlog.PrintLoggerFactory(sys.stdout)
     else:
         processors += [
             structlog.processors.ExceptionRenderer(
@@ -120,17 +192,38 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
             ),
             structlog.processors.JSONRenderer(serializer=_serialize),
         ]
-        factory = structlog.BytesLoggerFactory(sys.stdout.buffer)
     processors.append(_redact_rendered)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=factory,
+        logger_factory=lambda *_: _OneWriteLogger(writer),
         cache_logger_on_first_use=False,
     )
     root = logging.getLogger()
     root.handlers = [_ToStructlog()]
     root.setLevel(logging.WARNING)
+
+
+_decode_line = msgspec.json.Decoder(dict[str, Any])
+
+
+def forward(line: bytes, **context: Any) -> None:
+    """One line a child process wrote (without its newline). Its JSON log lines pass
+    through whole (rendered for the console when we log to one); any other output (a
+    crash before its logging started) becomes a ``child.output`` line with `context`."""
+    try:
+        event = _decode_line.decode(line)
+    except msgspec.DecodeError:
+        get_logger().warning(
+            "child.output", line=line.decode("utf-8", "replace").rstrip(), **context
+        )
+        return
+    if _writer is not None and not _console:
+        _writer.write(redact(line.decode("utf-8", "replace")).encode() + b"\n")
+        return
+    level = _LEVELS.get(str(event.pop("level", "info")), logging.INFO)
+    name = str(event.pop("event", "child.log"))
+    get_logger().log(level, name, **event)
 
 
 def bind(**fields: Any) -> None:

@@ -3,8 +3,9 @@
 Parent side, `run_consumer_process` is a supervised component: it starts
 ``python -m userstreamd --config FILE consumer-worker --worker N --url URL --ready-fd FD``
 in a session of its own (a terminal's ^C reaches only the daemon, which stops children
-in order), reports ready when the child writes ``ready`` to the pipe, and raises when the
-child dies, so the supervisor restarts it. The child holds a lifeline
+in order), forwards the JSON lines it logs into a pipe (`logs.forward`: lines of several
+processes never tear), reports ready when the child writes ``ready`` to another pipe, and
+raises when the child dies, so the supervisor restarts it. The child holds a lifeline
 (`userstreamd.lifeline`): stopping it closes the lifeline, then SIGKILLs it after
 ``stop_timeout_s``. The DSN travels in the environment, never on the command line.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 
 import trio
@@ -25,9 +27,10 @@ from . import lifeline
 from .config import Config
 from .consumer import Milestones, make_consumer
 from .errors import UserstreamdError
-from .logs import bind, get_logger
+from .logs import bind, forward, get_logger
 
 WORKER_DSN_ENV = "USERSTREAMD_WORKER_DSN"
+LOG_FORMAT_ENV = "USERSTREAMD_DAEMON_LOG_FORMAT"  # workers log JSON; the parent forwards it
 READY = b"ready\n"
 
 
@@ -70,12 +73,17 @@ async def run_consumer_process(
                 [*command, "--ready-fd", str(write_fd)],
                 stop_timeout_s=stop_timeout_s,
                 pass_fds=(write_fd,),
-                env={**os.environ, WORKER_DSN_ENV: dsn},
+                env={**os.environ, WORKER_DSN_ENV: dsn, LOG_FORMAT_ENV: "json"},
                 start_new_session=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
             )
         finally:
             os.close(write_fd)
         running.add(proc)
+        for output in (proc.stdout, proc.stderr):
+            assert output is not None
+            nursery.start_soon(_relay, output, worker)
         log.info("supervisor.process_started", pid=proc.pid)
         try:
             async with trio.lowlevel.FdStream(read_fd) as pipe:
@@ -107,6 +115,22 @@ async def run_consumer_process(
                 nursery.cancel_scope.cancel()
                 code = await proc.wait()  # the lifeline's end, then SIGKILL if need be
                 log.info("supervisor.process_stopped", pid=proc.pid, how=lifeline.how(code))
+
+
+async def _relay(output: trio.abc.ReceiveStream, worker: int) -> None:
+    """A child's output, forwarded line by line until it closes (a stop does not cut it
+    short: the child's last lines say how it stopped)."""
+    pending = bytearray()
+    with trio.CancelScope(shield=True):
+        async with output:
+            while chunk := await output.receive_some():
+                pending += chunk
+                *lines, rest = pending.split(b"\n")
+                for line in lines:
+                    forward(bytes(line), worker=worker)
+                pending = bytearray(rest)
+    if pending:
+        forward(bytes(pending), worker=worker)
 
 
 async def _stop_on_signal(scope: trio.CancelScope) -> None:

@@ -194,7 +194,7 @@ def test_check_rejects_an_18_character_seed(
     path.write_text('[producer]\nseed = "0123456789abcdef-1"\n')
     assert main(["--config", str(path), "check"]) == 2
     err = capsys.readouterr().err
-    assert f"{path}: producer.seed: expected any length but 18 characters" in err
+    assert f"{path}:2: producer.seed: expected any length but 18 characters" in err
     assert "nationality index" in err
     path.write_text('[producer]\nseed = "0123456789abcdef-1~"\n')
     assert load_config(path).producer.seed == "0123456789abcdef-1~"

@@ -23,6 +23,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -96,6 +97,20 @@ def _lock(state_dir: Path) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _locks[state_dir] = fd
+
+
+@contextlib.contextmanager
+def hold_state_dir(state_dir: Path) -> Iterator[None]:
+    """The state directory's lock for a one-off command (``userstreamd db``): a daemon
+    cannot start meanwhile. EmbeddedPostgresError if a daemon holds it; released at the
+    end unless this process held it before."""
+    held = state_dir in _locks
+    _lock(state_dir)
+    try:
+        yield
+    finally:
+        if not held:
+            os.close(_locks.pop(state_dir))
 
 
 class EmbeddedPostgres:
