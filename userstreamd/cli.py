@@ -17,7 +17,7 @@ import trio
 from . import __version__
 from .config import Config, load_config
 from .errors import ConfigError
-from .logs import add_secrets, configure_logging, get_logger
+from .logs import add_secrets, configure_logging, dsn_secrets, get_logger
 from .supervisor import describe
 
 DEFAULT_CONFIG = "config.toml"
@@ -33,16 +33,6 @@ def _run_logged(main: Callable[..., Awaitable[int]], *args: Any) -> int:
         return 1
 
 
-def _dsn_secrets(dsn: str) -> list[str]:
-    """The password written into a DSN, if any (so that no log line shows it)."""
-    from psycopg.conninfo import conninfo_to_dict
-
-    try:
-        return [str(conninfo_to_dict(dsn).get("password") or "")]
-    except Exception:  # a DSN psycopg cannot parse: the patterns in logs.redact still apply
-        return []
-
-
 def _config(
     args: argparse.Namespace, *, public_port: bool = False, logs: TextIO | None = None
 ) -> Config:
@@ -56,7 +46,7 @@ def _config(
 
         args.tokens, args.ssl_context = load_tokens(config), tls_context(config)
     configure_logging(config.daemon.log_level, config.daemon.log_format, logs)
-    add_secrets(config.db_password(), *_dsn_secrets(config.database.dsn))
+    add_secrets(config.db_password(), *dsn_secrets(config.database.dsn))
     return config
 
 

@@ -60,6 +60,16 @@ def add_secrets(*secrets: str | None) -> None:
         _secrets.update({secret, _encoder.encode(secret).decode()[1:-1]})  # as JSON escapes it
 
 
+def dsn_secrets(dsn: str) -> list[str]:
+    """The password written into a DSN, if any (to pass to `add_secrets`)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        return [str(conninfo_to_dict(dsn).get("password") or "")]
+    except Exception:  # a DSN psycopg cannot parse: the patterns in `redact` still apply
+        return []
+
+
 def redact(text: str) -> str:
     for secret in sorted(_secrets, key=len, reverse=True):
         text = text.replace(secret, "***")

@@ -59,7 +59,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from ..config import Config
 from ..errors import EmbeddedPostgresError, StoreError, UserstreamdError
-from ..logs import add_secrets, redact
+from ..logs import add_secrets, dsn_secrets, redact
 from .embedded import EmbeddedPostgres, hold_state_dir
 from .postgres import PostgresStore, migrations
 
@@ -190,7 +190,7 @@ def _serving(server: EmbeddedPostgres) -> Iterator[None]:
 @contextlib.contextmanager
 def _open_database(config: Config, *, create: bool) -> Iterator[tuple[str, Database]]:
     """The DSN to use and what it is; `create`: initdb an embedded database if needed."""
-    add_secrets(config.db_password(), *_dsn_password(config.database.dsn))
+    add_secrets(config.db_password(), *dsn_secrets(config.database.dsn))
     if config.database.dsn:
         yield config.database.dsn, Database(describe_dsn(config.database.dsn), False, False)
         return
@@ -221,12 +221,6 @@ def _enter_embedded(stack: contextlib.ExitStack, server: EmbeddedPostgres) -> bo
     server.prepare()
     stack.enter_context(_serving(server))
     return True
-
-
-def _dsn_password(dsn: str) -> list[str]:
-    with contextlib.suppress(psycopg.Error):
-        return [str(conninfo_to_dict(dsn).get("password") or "")]
-    return []
 
 
 def _how(db: Database) -> str:
