@@ -104,3 +104,8 @@ def test_init_config_into_a_missing_folder_says_why(
 ) -> None:
     assert main(["init-config", str(tmp_path / "no" / "c.toml")]) == 1
     assert "cannot write" in capsys.readouterr().err
+
+
+def test_check_on_the_shipped_config_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check", "--config", str(REPO / "config.toml")]) == 0
+    assert capsys.readouterr().out == f"{REPO / 'config.toml'}: ok\n"
