@@ -201,3 +201,24 @@ async def test_long_lines_of_several_children_arrive_whole(
         (w, i) for w in range(4) for i in range(10)
     ]
     assert all(len(e["text"]) == 2**18 for e in events)
+
+
+async def test_output_without_newlines_is_forwarded_in_bounded_pieces(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """A child that writes 1 MiB with no newline: the daemon holds at most `max_line`
+    bytes of it, and every byte comes out, as lines of at most that size."""
+    import trio
+
+    from userstreamd.workers import _relay
+
+    configure_logging("info", "json")
+    child = "import sys; sys.stdout.write('x' * 2**20); sys.stdout.flush()"
+    proc = await trio.lowlevel.open_process([sys.executable, "-c", child], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    await _relay(proc.stdout, 7, max_line=2**16)
+    assert await proc.wait() == 0
+    events = [json.loads(line) for line in capfd.readouterr().out.splitlines()]
+    assert {e["event"] for e in events} == {"child.output"}
+    assert all(e["worker"] == 7 and len(e["line"]) <= 2**16 for e in events)
+    assert sum(len(e["line"]) for e in events) == 2**20

@@ -212,7 +212,7 @@ async def _follow_until(
     async def follow(task_status: trio.TaskStatus[tail.Tail]) -> None:
         codes.append(
             await tail.follow(
-                url, out, err, handle_signals=False, task_status=task_status, **options
+                tail.Tail(url, out, err, **options), handle_signals=False, task_status=task_status
             )
         )
 
@@ -393,7 +393,7 @@ async def test_a_closed_output_ends_it_quietly() -> None:
     async with trio.open_nursery() as nursery:
         server = await _serve(nursery, [stream])
         with trio.fail_after(10):
-            code = await tail.follow(server.url, out, err, handle_signals=False)
+            code = await tail.follow(tail.Tail(server.url, out, err), handle_signals=False)
         nursery.cancel_scope.cancel()
     assert code == 0 and len(_lines(out)) == 3
     assert "Broken" not in err.getvalue() and "Traceback" not in err.getvalue()
@@ -682,3 +682,67 @@ def test_a_refused_token_ends_tail_with_a_clear_message(
     assert "not-a-token" not in daemon.log_path.read_text()
     assert {e["status"] for e in daemon.events("broadcaster.refused")} == {401, 403}
     assert daemon.stop() == 0
+
+
+async def test_a_server_that_goes_silent_is_left_for_a_new_connection(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    """A server that completes the handshake, sends its welcome, then neither reads nor
+    answers pings (a vanished peer, no FIN): tail notices the missing pong and connects
+    again, on its own. (Virtual time: the clock jumps only while everything is idle.)"""
+    import base64
+    import hashlib
+
+    mock_clock.autojump_threshold = 0.1
+    connections: list[trio.SocketStream] = []
+    welcome = encode(Welcome(epoch="E", seq=0, clients=1)).encode()
+
+    second = trio.Event()
+
+    async def silent(stream: trio.SocketStream) -> None:
+        connections.append(stream)
+        if len(connections) == 2:
+            second.set()
+        request = b""
+        while b"\r\n\r\n" not in request:
+            if not (chunk := await stream.receive_some()):
+                return
+            request += chunk
+        key = next(
+            line.split(b":", 1)[1].strip()
+            for line in request.split(b"\r\n")
+            if line.lower().startswith(b"sec-websocket-key:")
+        )
+        accept = base64.b64encode(
+            hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
+        )
+        await stream.send_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: "
+            + accept
+            + b"\r\n\r\n"
+            + bytes([0x81, len(welcome)])
+            + welcome
+        )
+        await trio.sleep_forever()  # reads nothing, answers nothing
+
+    out, err = io.StringIO(), io.StringIO()
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        client = tail.Tail(f"ws://127.0.0.1:{port}/", out, err)
+        codes: list[int] = []
+
+        async def follow() -> None:
+            codes.append(await tail.follow(client, handle_signals=False))
+
+        with trio.fail_after(120):  # virtual seconds
+            async with trio.open_nursery() as following:
+                following.start_soon(follow)
+                await second.wait()
+                client.stop()  # then the block ends when follow returns
+        nursery.cancel_scope.cancel()
+    assert codes == [0] and out.getvalue() == ""
+    assert (
+        f"disconnected: no pong within {tail.PONG_TIMEOUT_S:g} s; reconnecting\n" in err.getvalue()
+    )

@@ -21,7 +21,7 @@ from .auth import Tokens
 
 MAX_TARGET_CHARS = 2048
 MAX_WINDOW = 100_000
-_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # an epoch or a group
 _QUERY_KEYS = frozenset({"epoch", "since", "group", "window", "token"})
 
 
@@ -102,10 +102,10 @@ def admit(
     epoch = query.get("epoch")
     if (since_seq is None) != (epoch is None):
         raise Refused(400, "epoch and since go together")
-    if epoch is not None and not _NAME.match(epoch):
+    if epoch is not None and not NAME.match(epoch):
         raise Refused(400, "epoch must be 1-64 letters, digits, '_', '.' or '-'")
     group = query.get("group")
-    if group is not None and not _NAME.match(group):
+    if group is not None and not NAME.match(group):
         raise Refused(400, "group must be 1-64 letters, digits, '_', '.' or '-'")
     window = _int(query, "window", 1, MAX_WINDOW)
     if window is not None and group is None:

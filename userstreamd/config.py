@@ -289,12 +289,15 @@ def env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, str], list[Prob
 
 
 def _validate(
-    document: dict[str, Any], source: Path, text: str, environ: Mapping[str, str]
+    document: dict[str, Any],
+    source: Path,
+    lines: dict[str, int],
+    overrides: dict[str, str],
+    environ: Mapping[str, str],
 ) -> tuple[dict[str, Any], list[Problem]]:
-    """Every problem in the file and the environment's overrides (not just the first),
-    and the valid rest with the overrides applied."""
-    lines = _key_lines(text)
-    overrides, problems = env_overrides(environ)
+    """Every problem in the file and in the environment's `overrides` (not just the
+    first), and the valid rest with the overrides applied."""
+    problems: list[Problem] = []
     valid: dict[str, Any] = {}
     for table, values in document.items():
         if table not in TABLES:
@@ -405,12 +408,13 @@ def parse_config(text: bytes, path: Path, environ: Mapping[str, str] | None = No
         document = tomllib.loads(source)
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    values, problems = _validate(document, path, source, environ)
+    lines = _key_lines(source)
+    overrides, problems = env_overrides(environ)
+    values, found = _validate(document, path, lines, overrides, environ)
+    problems += found
     config = msgspec.convert(values, Config)  # each value was checked on its own
     config = msgspec.structs.replace(config, path=str(path.resolve()))
     if not problems:
-        lines = _key_lines(source)
-        overrides, _ = env_overrides(environ)
         for key, message in _rules(config):
             if key in overrides:
                 problems.append(Problem(f"${overrides[key]}", key, message))

@@ -60,6 +60,15 @@ from trio_websocket import (
     WebSocketConnection,
 )
 
+from .admission import MAX_WINDOW, NAME
+from .broadcaster import (
+    CLOSE_ACK_TIMEOUT,
+    CLOSE_GOING_AWAY,
+    CLOSE_GROUP_LAGGING,
+    CLOSE_RATE,
+    CLOSE_SLOW,
+    CLOSE_TOO_BIG,
+)
 from .errors import ProtocolError
 from .logs import Throttle, redact
 from .messages import Ack, Gap, UserMessage, Welcome, decode_server, encode
@@ -75,11 +84,10 @@ PONG_TIMEOUT_S = 15.0
 ACK_INTERVAL_S = 0.2  # acks go out in batches, well under the server's message rate
 ACK_CHUNK = 4096
 FINAL_ACK_S = 1.0
-RECENT_SEQS = 100_000  # what a group member remembers printing (admission.MAX_WINDOW)
+RECENT_SEQS = MAX_WINDOW  # what a group member remembers printing (its largest window)
 FINAL_STATUSES = frozenset({400, 401, 403, 404, 414})  # retrying will not change them
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
-_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # epochs and groups (admission._NAME)
 _TOKEN = re.compile(r"^[!-~]+$")  # what a token file may hold (auth._TOKEN)
 # C0 and C1 controls (ESC, CSI, newline...), line/paragraph separators, bidi controls,
 # lone surrogates (unencodable).
@@ -90,14 +98,14 @@ _UNSAFE = re.compile(
 _UNSAFE_IN_JSON = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 _CLOSE_CODES = {
     1000: "closed by the server",
-    1001: "the server is stopping",
+    CLOSE_GOING_AWAY: "the server is stopping",
     1006: "connection lost",
-    1008: "too many messages from us",
-    1009: "a message from us was too big",
+    CLOSE_RATE: "too many messages from us",
+    CLOSE_TOO_BIG: "a message from us was too big",
     1011: "server error",
-    3008: "too far behind (slow)",
-    4000: "acked nothing within the server's ack_timeout_s",
-    4001: "the group fell too far behind and was cut off",
+    CLOSE_SLOW: "too far behind (slow)",
+    CLOSE_ACK_TIMEOUT: "acked nothing within the server's ack_timeout_s",
+    CLOSE_GROUP_LAGGING: "the group fell too far behind and was cut off",
 }
 
 
@@ -198,7 +206,7 @@ def _describe(exc: BaseException) -> str:
         return "timed out"
     if isinstance(exc, OSError) and exc.strerror:
         return clean(exc.strerror, 200)
-    cause = exc.__cause__ or exc.__context__
+    cause = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
     while isinstance(cause, BaseExceptionGroup) and cause.exceptions:  # trio's connect
         cause = cause.exceptions[0]
     if isinstance(cause, OSError) and cause.errno:
@@ -631,12 +639,12 @@ def check_arguments(
         return "--since must be a seq, 0 or more"
     if epoch is not None and since is None:
         return "--epoch goes with --since (the seq to start after)"
-    if epoch is not None and not _NAME.match(epoch):
+    if epoch is not None and not NAME.match(epoch):
         return "--epoch must be 1-64 letters, digits, '_', '.' or '-'"
     if group is not None:
         if since is not None:
             return "--since is not for group members: the group keeps their place"
-        if not _NAME.match(group):
+        if not NAME.match(group):
             return "--group must be 1-64 letters, digits, '_', '.' or '-'"
     if token is not None and not _TOKEN.match(token):  # (never show it)
         return "the token must be printable ASCII without spaces: is the token file one line?"
@@ -649,40 +657,14 @@ def check_arguments(
 
 
 async def follow(
-    url: str,
-    out: TextIO,
-    err: TextIO,
+    tail: Tail,
     *,
-    json_lines: bool = False,
-    since: int | None = None,
-    epoch: str | None = None,
-    group: str | None = None,
-    token: str | None = None,
-    ca_file: str | None = None,
     handle_signals: bool = True,
     task_status: trio.TaskStatus[Tail] = trio.TASK_STATUS_IGNORED,
 ) -> int:
     """`run` inside trio: follow the stream until SIGINT/SIGTERM (when `handle_signals`),
-    `Tail.stop` (the `Tail` is what `nursery.start` returns) or cancellation; the exit
-    code."""
-    tail = Tail(
-        url,
-        out,
-        err,
-        json_lines=json_lines,
-        since=since,
-        epoch=epoch,
-        group=group,
-        token=token,
-        ca_file=ca_file,
-    )
-    problem = check_arguments(
-        url, since=since, epoch=epoch, group=group, ca_file=ca_file, token=token
-    )
+    `Tail.stop` or cancellation; the exit code."""
     task_status.started(tail)
-    if problem is not None:
-        tail.notice(problem)
-        return EXIT_USAGE
     code = EXIT_OK
 
     async def follow_until_stopped(nursery: trio.Nursery) -> None:
@@ -696,7 +678,7 @@ async def follow(
             if not exc.quiet:
                 tail.notice(str(exc))
                 code = EXIT_FAILED
-            _discard_further_output(out)
+            _discard_further_output(tail.out)
         finally:
             nursery.cancel_scope.cancel()
 
@@ -751,8 +733,13 @@ def run(
     """``userstreamd tail``: print the stream at `url` until SIGINT/SIGTERM; the exit code."""
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
-    main = partial(
-        follow,
+    problem = check_arguments(
+        url, since=since, epoch=epoch, group=group, ca_file=ca_file, token=token
+    )
+    if problem is not None:
+        _notice(err, problem)
+        return EXIT_USAGE
+    client = Tail(
         url,
         out,
         err,
@@ -762,7 +749,9 @@ def run(
         group=group,
         token=token,
         ca_file=ca_file,
-        handle_signals=threading.current_thread() is threading.main_thread(),
+    )
+    main = partial(
+        follow, client, handle_signals=threading.current_thread() is threading.main_thread()
     )
     try:
         return trio.run(main)

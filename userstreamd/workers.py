@@ -32,6 +32,7 @@ from .logs import bind, forward, get_logger
 WORKER_DSN_ENV = "USERSTREAMD_WORKER_DSN"
 LOG_FORMAT_ENV = "USERSTREAMD_DAEMON_LOG_FORMAT"  # workers log JSON; the parent forwards it
 READY = b"ready\n"
+MAX_LINE_BYTES = 16 * 2**20  # a child's line longer than this is forwarded in pieces
 
 
 class WorkerExited(UserstreamdError):
@@ -117,9 +118,12 @@ async def run_consumer_process(
                 log.info("supervisor.process_stopped", pid=proc.pid, how=lifeline.how(code))
 
 
-async def _relay(output: trio.abc.ReceiveStream, worker: int) -> None:
+async def _relay(
+    output: trio.abc.ReceiveStream, worker: int, max_line: int = MAX_LINE_BYTES
+) -> None:
     """A child's output, forwarded line by line until it closes (a stop does not cut it
-    short: the child's last lines say how it stopped)."""
+    short: the child's last lines say how it stopped). Output that runs past `max_line`
+    without a newline goes out in pieces of that size: memory stays bounded."""
     pending = bytearray()
     with trio.CancelScope(shield=True):
         async with output:
@@ -128,6 +132,9 @@ async def _relay(output: trio.abc.ReceiveStream, worker: int) -> None:
                 *lines, rest = pending.split(b"\n")
                 for line in lines:
                     forward(bytes(line), worker=worker)
+                while len(rest) > max_line:
+                    forward(bytes(rest[:max_line]), worker=worker)
+                    rest = rest[max_line:]
                 pending = bytearray(rest)
     if pending:
         forward(bytes(pending), worker=worker)
