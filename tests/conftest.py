@@ -8,6 +8,7 @@ that asks for ``dsn`` gets a database of its own, dropped afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -69,13 +70,17 @@ class PostgresForTests:
             self.proc.stdin.close()
             self.proc.wait(60)
 
-    def outage(self, dbname: str, seconds: float) -> None:
-        """PostgreSQL gone for `seconds`: the embedded server is stopped and started again;
-        an external one (not ours to stop) refuses and drops connections to `dbname`."""
+    @contextlib.contextmanager
+    def down(self, dbname: str) -> Iterator[None]:
+        """PostgreSQL gone while the block runs: the embedded server is stopped, then
+        started again; an external one (not ours to stop) refuses and drops connections to
+        `dbname`."""
         if self.server is not None:
             self.stop()
-            time.sleep(seconds)
-            self.start()
+            try:
+                yield
+            finally:
+                self.start()
             return
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             conn.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
@@ -83,9 +88,16 @@ class PostgresForTests:
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
                 (dbname,),
             )
-        time.sleep(seconds)
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            conn.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+        try:
+            yield
+        finally:
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                conn.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+
+    def outage(self, dbname: str, seconds: float) -> None:
+        """PostgreSQL gone for `seconds`, then back."""
+        with self.down(dbname):
+            time.sleep(seconds)
 
 
 @pytest.fixture(scope="session")
@@ -232,6 +244,7 @@ def daemon_tables(tmp_path: Any, dsn: str) -> dict[str, dict[str, Any]]:
             "stats_interval_s": 1.0,
         },
         "broadcaster": {"port": 0},
+        "http": {"port": 0},
         "consumers": {"count": 2, "batch_interval_s": 0.1},
         "database": {"dsn": dsn, "milestone_every": 100},
     }

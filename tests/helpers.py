@@ -1,13 +1,21 @@
-"""Helpers the tests share: waiting for a condition, database blockers."""
+"""Helpers the tests share: waiting for a condition, database blockers, a daemon run
+in-process."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 import psycopg
 import trio
+
+from userstreamd.config import load_config
+from userstreamd.daemon import Daemon
+
+from .conftest import daemon_tables, toml_text
 
 
 @asynccontextmanager
@@ -38,3 +46,35 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = 60.0, what: str
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout_s} s: {what or predicate}")
         time.sleep(0.02)
+
+
+def write_config(tmp_path: Path, dsn: str, **tables: dict[str, Any]) -> Path:
+    """`tmp_path/config.toml`: the tests' daemon tables, with `tables` merged in."""
+    merged = daemon_tables(tmp_path, dsn)
+    for name, keys in tables.items():
+        merged[name] = {**merged.get(name, {}), **keys}
+    path = tmp_path / "config.toml"
+    path.write_text(toml_text(merged))
+    return path
+
+
+def in_process_daemon(tmp_path: Path, dsn: str, **tables: dict[str, Any]) -> Daemon:
+    return Daemon(load_config(write_config(tmp_path, dsn, **tables)))
+
+
+async def run_until(daemon: Daemon, done: Callable[[], Awaitable[None]]) -> int:
+    """Run `daemon` until `done()` returns (it is called once the daemon is ready); the
+    daemon's exit code."""
+    async with trio.open_nursery() as nursery:
+        finished = trio.Event()
+        codes: list[int] = []
+
+        async def run() -> None:
+            codes.append(await daemon.run(finished.wait))
+
+        nursery.start_soon(run)
+        with trio.fail_after(60):
+            await daemon.ready.wait()
+            await done()
+        finished.set()
+    return codes[0]

@@ -165,6 +165,7 @@ async def test_a_row_the_database_refuses_goes_to_dead_letters_and_the_rest_flow
     users = _refusing_bob(dsn)
     hub = await _consume_all(users, dsn, tmp_path, batch_size=50)
     assert hub.watermark("db")[0] == 30, "the refused row does not hold the group up"
+    assert hub.committed == {"synthetic": 29} and hub.rejected == {"synthetic": 1}  # /metrics
     stored = {r[0] for r in query(dsn, "SELECT uuid::text FROM incoming_users")}
     assert stored == {u["login"]["uuid"] for i, u in enumerate(users) if i != 9}
     letters = query(dsn, "SELECT source, position, seq, error, raw FROM dead_letters")

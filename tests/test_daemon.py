@@ -3,57 +3,24 @@ sockets, no signals."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import trio
 
-from userstreamd.config import load_config
-from userstreamd.daemon import Daemon
 from userstreamd.hub import Hub
 from userstreamd.messages import Gap, UserMessage, decode_server
 from userstreamd.wsclient import open_ws
 
-from .conftest import daemon_tables, query, toml_text
-from .helpers import eventually
-
-
-def _write_config(tmp_path: Path, dsn: str, **tables: dict[str, Any]) -> Path:
-    merged = daemon_tables(tmp_path, dsn)
-    for name, keys in tables.items():
-        merged[name] = {**merged.get(name, {}), **keys}
-    path = tmp_path / "config.toml"
-    path.write_text(toml_text(merged))
-    return path
-
-
-def _daemon(tmp_path: Path, dsn: str, **tables: dict[str, Any]) -> Daemon:
-    return Daemon(load_config(_write_config(tmp_path, dsn, **tables)))
-
-
-async def _runeventually(daemon: Daemon, done: Callable[[], Awaitable[None]]) -> int:
-    """Run `daemon` until `done()` returns (it is called once the daemon is ready)."""
-    async with trio.open_nursery() as nursery:
-        finished = trio.Event()
-        codes: list[int] = []
-
-        async def run() -> None:
-            codes.append(await daemon.run(finished.wait))
-
-        nursery.start_soon(run)
-        with trio.fail_after(60):
-            await daemon.ready.wait()
-            await done()
-        finished.set()
-    return codes[0]
+from .conftest import query
+from .helpers import eventually, in_process_daemon, run_until, write_config
 
 
 async def test_a_broadcast_only_daemon_waits_for_nobody(tmp_path: Path, dsn: str) -> None:
     """Item 17: with no consumers there is no group to hold the producer back, so it
     streams past the buffer instead of stopping once the buffer is full."""
-    daemon = _daemon(
+    daemon = in_process_daemon(
         tmp_path,
         dsn,
         consumers={"count": 0},
@@ -64,7 +31,7 @@ async def test_a_broadcast_only_daemon_waits_for_nobody(tmp_path: Path, dsn: str
     async def stream_past_the_buffer() -> None:
         await eventually(lambda: daemon.hub.last_seq > 2000)
 
-    assert await _runeventually(daemon, stream_past_the_buffer) == 0
+    assert await run_until(daemon, stream_past_the_buffer) == 0
     assert daemon.producer is not None
     assert daemon.producer.statistics().backpressure_waits == 0
 
@@ -73,7 +40,7 @@ async def test_the_producer_stays_within_max_lead_of_the_database(tmp_path: Path
     """Item 19: overloaded (50,000/s asked), the producer is never more than
     ``consumers.max_lead`` users ahead of what the group committed, so the consumers get
     the loop's time instead of the buffer filling first."""
-    daemon = _daemon(
+    daemon = in_process_daemon(
         tmp_path,
         dsn,
         consumers={"count": 1, "max_lead": 1000, "batch_size": 200},
@@ -87,7 +54,7 @@ async def test_the_producer_stays_within_max_lead_of_the_database(tmp_path: Path
             leads.append(daemon.hub.last_seq - daemon.hub.watermark(group)[0])
             await trio.sleep(0.005)
 
-    assert await _runeventually(daemon, watch_the_lead) == 0
+    assert await run_until(daemon, watch_the_lead) == 0
     assert max(leads) <= 1000
     assert daemon.producer is not None and daemon.producer.statistics().backpressure_waits > 0
     # The final checkpoint (item 9) is the last committed seq.
@@ -99,11 +66,11 @@ async def test_the_producer_stays_within_max_lead_of_the_database(tmp_path: Path
 async def test_reload_applies_only_reloadable_keys(tmp_path: Path, dsn: str) -> None:
     """Item 8: a reload after editing consumers.group used to swap the whole config and
     crash on the next status line; now only the reloadable keys apply."""
-    daemon = _daemon(tmp_path, dsn, producer={"source": "synthetic", "rate_per_s": 50})
+    daemon = in_process_daemon(tmp_path, dsn, producer={"source": "synthetic", "rate_per_s": 50})
     path = Path(daemon.config.path)
 
     async def edit_and_reload() -> None:
-        assert path == _write_config(
+        assert path == write_config(
             tmp_path,
             dsn,
             producer={"source": "synthetic", "rate_per_s": 80},
@@ -114,7 +81,7 @@ async def test_reload_applies_only_reloadable_keys(tmp_path: Path, dsn: str) -> 
         assert daemon.producer is not None and daemon.producer.rate_per_s == 80
         await eventually(lambda: daemon.hub.watermark("db")[0] > 20)
 
-    assert await _runeventually(daemon, edit_and_reload) == 0
+    assert await run_until(daemon, edit_and_reload) == 0
     assert daemon.config.consumers.group == "db"
     assert daemon.config.producer.rate_per_s == 80
 
@@ -149,7 +116,7 @@ async def test_a_client_resumes_across_a_restart_that_regenerates_seqs(
     duplicate."""
     tables = {"producer": {"source": "synthetic", "rate_per_s": 200, "seed": "restart"}}
     seen: list[int] = []
-    first = _daemon(tmp_path, dsn, **tables)
+    first = in_process_daemon(tmp_path, dsn, **tables)
 
     async def read_some() -> None:
         async with open_ws(first.url) as ws:
@@ -158,11 +125,11 @@ async def test_a_client_resumes_across_a_restart_that_regenerates_seqs(
                 if isinstance(message, UserMessage):
                     seen.append(message.seq)
 
-    assert await _runeventually(first, read_some) == 0
+    assert await run_until(first, read_some) == 0
     epoch, last = first.hub.epoch, seen[-1]
     with psycopg.connect(dsn) as conn:
         conn.execute("UPDATE stream_checkpoints SET seq = %s, position = %s", (last - 100,) * 2)
-    second = _daemon(tmp_path, dsn, **tables)
+    second = in_process_daemon(tmp_path, dsn, **tables)
     after: list[Any] = []
 
     async def resume() -> None:
@@ -173,5 +140,5 @@ async def test_a_client_resumes_across_a_restart_that_regenerates_seqs(
                 if isinstance(message, UserMessage | Gap):
                     after.append(message)
 
-    assert await _runeventually(second, resume) == 0
+    assert await run_until(second, resume) == 0
     assert [m.seq for m in after if isinstance(m, UserMessage)] == list(range(last + 1, last + 51))

@@ -1,14 +1,27 @@
-"""The shipped Grafana dashboard: every panel's SQL runs against the real schema."""
+"""The shipped Grafana dashboards.
+
+realtime_users.json (PostgreSQL): every panel's SQL, its macros expanded as Grafana's
+PostgreSQL datasource expands them, runs against the real schema filled by PostgresStore,
+and returns the columns its panel type draws. pipeline_health.json (Prometheus): every
+expression names only metrics a real daemon's /metrics serves, and every
+metric has a panel. Both: uid, title, refresh, time range,
+datasources, ids and layout.
+"""
 
 from __future__ import annotations
 
 import json
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
+import httpx
 import psycopg
 import pytest
+import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from userstreamd.records import parse_user
 from userstreamd.sources.synthetic import synthetic_user
@@ -20,47 +33,383 @@ from userstreamd.store.postgres import (
     row_values,
 )
 
+from .fakeapi import FakeRandomUserAPI
+from .helpers import eventually, in_process_daemon, run_until
+
 GRAFANA = Path(__file__).resolve().parent.parent / "grafana"
-DASHBOARD = json.loads((GRAFANA / "userstreamd.json").read_text())
-PANELS = [(p["title"], t["rawSql"]) for p in DASHBOARD["panels"] for t in p["targets"]]
+PROVISIONING = GRAFANA / "provisioning"
+PG = {"type": "grafana-postgresql-datasource", "uid": "userstreamd-pg"}
+PROM = {"type": "prometheus", "uid": "userstreamd-prom"}
 
 
-def _expand_macros(sql: str) -> str:
-    """What Grafana's PostgreSQL datasource does with $__timeFilter(column)."""
-    return re.sub(
-        r"\$__timeFilter\((\w+)\)",
-        r"\1 BETWEEN now() - interval '1 hour' AND now() + interval '1 minute'",
-        sql,
+def _dashboard(name: str) -> dict[str, Any]:
+    return json.loads((GRAFANA / name).read_text())
+
+
+REALTIME = _dashboard("realtime_users.json")
+HEALTH = _dashboard("pipeline_health.json")
+SQL_PANELS = REALTIME["panels"]
+PROM_TARGETS = [(p["title"], t["refId"], t["expr"]) for p in HEALTH["panels"] for t in p["targets"]]
+
+USERS = 200  # filled into the database, spread over the last USERS seconds
+
+
+# --- Grafana's PostgreSQL macros (pkg/tsdb/grafana-postgresql-datasource/macros.go) ---
+
+_MACRO = re.compile(r"\$__([_a-zA-Z0-9]+)\(([^)]*)\)")
+_UNITS_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_interval(text: str) -> float:
+    """Seconds of a Grafana interval ("200ms", "1s", "5m", ...)."""
+    match = re.fullmatch(r"(\d+)(ms|s|m|h|d|w)", text.strip().strip("'"))
+    assert match, f"not a Grafana interval: {text!r}"
+    return int(match[1]) * _UNITS_S[match[2]]
+
+
+def format_interval(seconds: float) -> str:
+    """What $__interval reads for an interval (gtime.FormatInterval): one whole unit."""
+    for unit in ("d", "h", "m", "s"):
+        if seconds >= _UNITS_S[unit]:
+            return f"{int(seconds // _UNITS_S[unit])}{unit}"
+    return f"{max(1, int(seconds * 1000))}ms"
+
+
+def _go_float(value: float) -> str:
+    """Go's %v for a float64 (Duration.Seconds()): 300 -> "300", 0.5 -> "0.5"."""
+    return str(int(value)) if value == int(value) else repr(value)
+
+
+def _rfc3339nano(when: datetime) -> str:
+    utc = when.astimezone(UTC)
+    fraction = f".{utc.microsecond:06d}".rstrip("0") if utc.microsecond else ""
+    return f"{utc:%Y-%m-%dT%H:%M:%S}{fraction}Z"
+
+
+def expand_macros(sql: str, start: datetime, end: datetime, interval_s: float) -> str:
+    """The SQL that Grafana sends to PostgreSQL for a query over [start, end] whose
+    interval ($__interval) is `interval_s`."""
+    sql = sql.replace("$__interval_ms", str(round(interval_s * 1000)))
+    sql = sql.replace("$__interval", format_interval(interval_s))
+    sql = sql.replace("$__unixEpochFrom()", str(int(start.timestamp())))
+    sql = sql.replace("$__unixEpochTo()", str(int(end.timestamp())))
+
+    def macro(match: re.Match[str]) -> str:
+        name, args = match[1], [a.strip() for a in match[2].split(",") if a.strip()]
+        if name == "time":
+            return f'{args[0]} AS "time"'
+        if name == "timeEpoch":
+            return f'extract(epoch from {args[0]}) as "time"'
+        if name == "timeFilter":
+            return f"{args[0]} BETWEEN '{_rfc3339nano(start)}' AND '{_rfc3339nano(end)}'"
+        if name == "timeFrom":
+            return f"'{_rfc3339nano(start)}'"
+        if name == "timeTo":
+            return f"'{_rfc3339nano(end)}'"
+        if name in ("timeGroup", "timeGroupAlias"):
+            assert len(args) in (2, 3), f"${name} needs a column, an interval and a fill"
+            assert len(args) == 2 or re.fullmatch(r"NULL|previous|-?[\d.]+", args[2]), args
+            secs = _go_float(parse_interval(args[1]))
+            group = f"floor(extract(epoch from {args[0]})/{secs})*{secs}"
+            return group + (' AS "time"' if name == "timeGroupAlias" else "")
+        if name == "unixEpochFilter":
+            col, lo, hi = args[0], int(start.timestamp()), int(end.timestamp())
+            return f"{col} >= {lo} AND {col} <= {hi}"
+        raise AssertionError(f"Grafana has no macro ${name} (or this test does not know it)")
+
+    return _MACRO.sub(macro, sql)
+
+
+def test_macros_expand_as_grafana_does() -> None:
+    start = datetime(2026, 1, 2, 3, 4, 5, 120000, tzinfo=UTC)
+    end = start + timedelta(minutes=5)
+    sql = "SELECT $__timeGroupAlias(t, '5m'), $__timeGroup(t, $__interval, 0) WHERE $__timeFilter(t) AND x < $__interval_ms"
+    assert expand_macros(sql, start, end, 0.5) == (
+        'SELECT floor(extract(epoch from t)/300)*300 AS "time", '
+        "floor(extract(epoch from t)/0.5)*0.5 WHERE "
+        "t BETWEEN '2026-01-02T03:04:05.12Z' AND '2026-01-02T03:09:05.12Z' AND x < 500"
     )
+    assert expand_macros("$__timeTo()", start, end, 1) == "'2026-01-02T03:09:05.12Z'"
+    assert format_interval(90) == "1m" and format_interval(0.2) == "200ms"
+
+
+# --- realtime_users.json against the real schema ---
 
 
 @pytest.fixture
 def filled(dsn: str) -> str:
+    """USERS users from two sources, spread over the last USERS seconds, with ingest
+    latencies from 0 to ~0.5 s; and one dead letter."""
     store = PostgresStore(dsn)
     store.migrate()
     now = datetime.now(UTC)
     rows = []
-    for p in range(1, 201):
+    for p in range(1, USERS + 1):
         raw = synthetic_user("grafana", p)
-        rows.append(row_values(parse_user(raw), raw, Envelope(p, "ep", "synthetic", now, now)))
-    store.insert_users(rows, StreamCheckpoint("db", "ep", 200, 200))
+        source = "randomuser" if p % 3 else "synthetic"
+        produced = now - timedelta(milliseconds=10 * (p % 50))
+        envelope = Envelope(p, "ep", source, produced, produced + timedelta(milliseconds=2))
+        rows.append(row_values(parse_user(raw), raw, envelope))
+    store.insert_users(rows, StreamCheckpoint("db", "ep", USERS, USERS))
     store.insert_dead_letters(
         [DeadLetter("randomuser", 7, None, "login.uuid missing", {"login": {}})]
     )
     store.close()
+    with psycopg.connect(dsn) as conn:  # one insert is one created_at: spread them
+        conn.execute(
+            "UPDATE incoming_users SET created_at = created_at - back, "
+            "produced_at = produced_at - back, received_at = received_at - back "
+            "FROM (SELECT uuid AS id, seq * interval '1 second' AS back FROM incoming_users) s "
+            "WHERE uuid = s.id"
+        )
     return dsn
 
 
-def test_dashboard_is_wired_to_the_provisioned_datasource() -> None:
-    provisioned = (GRAFANA / "provisioning" / "datasources" / "userstreamd.yaml").read_text()
-    uids = {p["datasource"]["uid"] for p in DASHBOARD["panels"]}
-    assert uids == {"userstreamd-pg"} and "uid: userstreamd-pg" in provisioned
-    assert len({p["id"] for p in DASHBOARD["panels"]}) == len(DASHBOARD["panels"])
+def _grafana_range(board: dict[str, Any]) -> tuple[datetime, datetime]:
+    """The dashboard's default time range ("now-5m" to "now"), as of now."""
+    match = re.fullmatch(r"now-(\w+)", board["time"]["from"])
+    assert match and board["time"]["to"] == "now", board["time"]
+    end = datetime.now(UTC)
+    return end - timedelta(seconds=parse_interval(match[1])), end
 
 
-@pytest.mark.parametrize(("title", "sql"), PANELS, ids=[t for t, _ in PANELS])
-def test_every_panel_query_runs_and_finds_data(filled: str, title: str, sql: str) -> None:
-    with psycopg.connect(filled) as conn:
-        rows = conn.execute(_expand_macros(sql)).fetchall()
-    assert rows, f"{title}: no rows"
-    assert all(value is not None for value in rows[0][:2]), f"{title}: {rows[0]}"
+def _panel_interval_s(panel: dict[str, Any], start: datetime, end: datetime) -> float:
+    """$__interval: the range over the panel's data points (~1000 here), not below the
+    panel's min interval. (Grafana also rounds it to a step; the minimum is what counts.)"""
+    minimum = parse_interval(panel["interval"]) if "interval" in panel else 0.001
+    return max(minimum, (end - start).total_seconds() / 1000)
+
+
+def _query(dsn: str, panel: dict[str, Any]) -> tuple[list[str], list[tuple[Any, ...]]]:
+    (target,) = panel["targets"]
+    start, end = _grafana_range(REALTIME)
+    sql = expand_macros(target["rawSql"], start, end, _panel_interval_s(panel, start, end))
+    assert "$__" not in sql, sql
+    with psycopg.connect(dsn) as conn, conn.cursor() as cur:
+        rows = cur.execute(sql).fetchall()
+        assert cur.description is not None
+        return [c.name for c in cur.description], rows
+
+
+def _numeric(values: list[Any]) -> bool:
+    return all(isinstance(v, int | float | Decimal) and not isinstance(v, bool) for v in values)
+
+
+def _text(values: list[Any]) -> bool:
+    return all(isinstance(v, str) for v in values)
+
+
+def assert_fits_panel(panel: dict[str, Any], names: list[str], rows: list[tuple[Any, ...]]) -> None:
+    """The columns are what the panel type draws."""
+    kind, target = panel["type"], panel["targets"][0]
+    assert rows, "no rows"
+    assert len(set(names)) == len(names), f"duplicate column names: {names}"
+    column = {name: [row[i] for row in rows] for i, name in enumerate(names)}
+    if kind == "timeseries":
+        assert target["format"] == "time_series"
+        assert "time" in column, names
+        times = column["time"]
+        assert _numeric(times) or all(isinstance(t, datetime) for t in times), times[:3]
+        assert times == sorted(times), "ORDER BY time"
+        values = [n for n in names if n != "time"]
+        assert any(_numeric(column[n]) for n in values), f"no numeric column: {names}"
+        assert all(_numeric(column[n]) or _text(column[n]) for n in values), rows[0]
+    elif kind == "stat":
+        assert len(rows) == 1 and len(names) == 1 and _numeric(column[names[0]]), rows
+    elif kind == "geomap":
+        (layer,) = panel["options"]["layers"]
+        assert layer["location"] == {
+            "mode": "coords",
+            "latitude": "latitude",
+            "longitude": "longitude",
+        }
+        assert {"latitude", "longitude"} <= set(names), names
+        assert _numeric(column["latitude"]) and _numeric(column["longitude"]), rows[0]
+        assert all(-90 <= v <= 90 for v in column["latitude"])
+        assert all(-180 <= v <= 180 for v in column["longitude"])
+    elif kind in ("piechart", "barchart"):
+        category, *values = names
+        assert _text(column[category]) and len(set(column[category])) == len(rows), rows
+        assert values and all(_numeric(column[n]) for n in values), rows[0]
+        assert panel["options"].get("xField", category) == category
+    else:
+        assert kind == "table", f"no check for panel type {kind}"
+
+
+@pytest.mark.parametrize("panel", SQL_PANELS, ids=[p["title"] for p in SQL_PANELS])
+def test_every_panel_query_runs_and_fits_its_panel(filled: str, panel: dict[str, Any]) -> None:
+    names, rows = _query(filled, panel)
+    assert_fits_panel(panel, names, rows)
+
+
+def _panel(board: dict[str, Any], title: str) -> dict[str, Any]:
+    (panel,) = [p for p in board["panels"] if p["title"] == title]
+    return panel
+
+
+def test_users_per_second_adds_up_to_the_users_stored(filled: str) -> None:
+    panel = _panel(REALTIME, "Users per second")
+    names, rows = _query(filled, panel)
+    start, end = _grafana_range(REALTIME)
+    bucket_s = _panel_interval_s(panel, start, end)
+    assert bucket_s >= 1, "a bucket under a second would not be a count per second"
+    rate = names.index("users_per_s")
+    assert sum(float(row[rate]) * bucket_s for row in rows) == pytest.approx(USERS)
+    assert {row[names.index("source")] for row in rows} == {"randomuser", "synthetic"}
+
+
+def test_counts_and_latency_read_the_filled_rows(filled: str) -> None:
+    def value(title: str) -> Any:
+        return _query(filled, _panel(REALTIME, title))[1][0][0]
+
+    assert value("Total users") == USERS
+    assert 55 <= value("Users in the last minute") <= 61  # one user a second, seq 1..60
+    assert value("Dead letters in range") == 1
+    assert 0 <= value("Ingest latency p95 in range") < 5
+    names, rows = _query(filled, _panel(REALTIME, "Latest 10 users"))
+    assert [row[names.index("seq")] for row in rows] == list(range(1, 11))
+
+
+# --- both dashboards: identity, datasources, layout ---
+
+BOARDS = [
+    ("realtime_users.json", REALTIME, "realtime_users_001", "Real-time users", "1s", PG),
+    (
+        "pipeline_health.json",
+        HEALTH,
+        "userstreamd_health",
+        "userstreamd pipeline health",
+        "5s",
+        PROM,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("board", "uid", "title", "refresh", "datasource"),
+    [b[1:] for b in BOARDS],
+    ids=[b[0] for b in BOARDS],
+)
+def test_dashboard_identity_datasource_and_layout(
+    board: dict[str, Any], uid: str, title: str, refresh: str, datasource: dict[str, str]
+) -> None:
+    assert (board["uid"], board["title"], board["refresh"]) == (uid, title, refresh)
+    if uid == "realtime_users_001":
+        assert board["time"] == {"from": "now-5m", "to": "now"}
+    panels = board["panels"]
+    assert panels
+    for panel in panels:
+        assert panel["datasource"] == datasource, panel["title"]
+        assert panel["targets"], panel["title"]
+        assert all(t["datasource"] == datasource for t in panel["targets"]), panel["title"]
+        assert panel["description"], f"{panel['title']}: say what it shows"
+    assert len({p["id"] for p in panels}) == len(panels), "panel ids must be unique"
+    boxes = [(p["title"], p["gridPos"]) for p in panels]
+    for i, (name, a) in enumerate(boxes):
+        assert a["x"] >= 0 and a["y"] >= 0 and a["x"] + a["w"] <= 24, name
+        for other, b in boxes[i + 1 :]:
+            apart = (
+                a["x"] + a["w"] <= b["x"]
+                or b["x"] + b["w"] <= a["x"]
+                or a["y"] + a["h"] <= b["y"]
+                or b["y"] + b["h"] <= a["y"]
+            )
+            assert apart, f"{name} overlaps {other}"
+
+
+def test_interval_panels_have_a_minimum_of_one_second() -> None:
+    for panel in SQL_PANELS:
+        if "$__interval" in panel["targets"][0]["rawSql"]:
+            assert parse_interval(panel["interval"]) >= 1, panel["title"]
+
+
+def test_latency_panel_says_how_latency_is_measured() -> None:
+    panel = _panel(REALTIME, "Ingest latency p50 / p95 / p99")
+    assert "created_at - produced_at" in panel["description"]
+    assert "created_at - produced_at" in panel["targets"][0]["rawSql"]
+
+
+def _provisioned_datasources() -> dict[str, str]:
+    text = (PROVISIONING / "datasources" / "userstreamd.yaml").read_text()
+    found = {}
+    for block in re.split(r"^  - name:", text, flags=re.MULTILINE)[1:]:
+        uid = re.search(r"^    uid: (\S+)", block, re.MULTILINE)
+        kind = re.search(r"^    type: (\S+)", block, re.MULTILINE)
+        assert uid and kind, block
+        found[uid[1]] = kind[1]
+    return found
+
+
+def test_provisioning_serves_both_dashboards_their_datasources() -> None:
+    assert _provisioned_datasources() == {PG["uid"]: PG["type"], PROM["uid"]: PROM["type"]}
+    datasources = (PROVISIONING / "datasources" / "userstreamd.yaml").read_text()
+    for variable in ("PG_HOST", "PG_USER", "PG_PASSWORD", "PROMETHEUS_URL"):
+        assert f"${{USERSTREAMD_{variable}}}" in datasources
+    dashboards = (PROVISIONING / "dashboards" / "userstreamd.yaml").read_text()
+    assert "path: /var/lib/grafana/dashboards/userstreamd" in dashboards
+    assert "realtime_users.json" in dashboards and "pipeline_health.json" in dashboards
+    shipped = sorted(p.name for p in GRAFANA.glob("*.json"))
+    assert shipped == ["pipeline_health.json", "realtime_users.json"]
+    assert not (GRAFANA / "userstreamd.json").exists(), "the old dashboard is replaced"
+
+
+# --- pipeline_health.json: only metrics the daemon exposes ---
+
+_PROMQL_METRIC = re.compile(r"\b(userstreamd_\w+)(?=[\s{\[)]|$)")
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """The userstreamd_* metric names a PromQL expression selects: an identifier followed
+    by a label matcher `{`, a range `[`, a closing `)`, whitespace or the end."""
+    return set(_PROMQL_METRIC.findall(expr))
+
+
+@pytest.fixture
+def exposed(tmp_path: Path, dsn: str, fake_api: FakeRandomUserAPI) -> set[str]:
+    """Every metric and sample name a real daemon's /metrics serves, scraped after it
+    fetched from the (fake) Random User API and committed some users."""
+    tables = {
+        "producer": {"source": "randomuser", "rate_per_s": 200},
+        "randomuser": {"url": fake_api.url},
+        "consumers": {"count": 1},
+    }
+    daemon = in_process_daemon(tmp_path, dsn, **tables)
+    scraped: list[str] = []
+
+    async def scrape() -> None:
+        await eventually(lambda: sum(daemon.hub.committed.values()) > 50)
+        async with httpx.AsyncClient() as client:
+            scraped.append((await client.get(f"{daemon.http_url}metrics")).text)
+
+    assert trio.run(run_until, daemon, scrape) == 0
+    families = list(text_string_to_metric_families(scraped[0]))
+    return {f.name for f in families} | {s.name for f in families for s in f.samples}
+
+
+def test_promql_metric_names() -> None:
+    assert promql_metric_names("rate(userstreamd_x_total[1m])") == {"userstreamd_x_total"}
+    assert promql_metric_names(
+        "histogram_quantile(0.99, sum by (le) (rate(userstreamd_y_bucket[5m])))"
+    ) == {"userstreamd_y_bucket"}
+    assert promql_metric_names(
+        'userstreamd_a{kind="plain"} - ignoring(group) group_right userstreamd_b'
+    ) == {"userstreamd_a", "userstreamd_b"}
+    assert promql_metric_names("sum(userstreamd_c) / sum(rate(up[1m]))") == {"userstreamd_c"}
+    assert promql_metric_names("rate(x_total[1m]) + my_userstreamd_d{}") == set()
+
+
+def test_every_expression_uses_exposed_metrics_and_every_metric_has_a_panel(
+    exposed: set[str],
+) -> None:
+    for title, ref, expr in PROM_TARGETS:
+        names = promql_metric_names(expr)
+        assert names, f"{title}/{ref} names no userstreamd metric: {expr}"
+        assert names <= exposed, f"{title}/{ref}: not exposed: {names - exposed}"
+        for counted in re.findall(r"(?:rate|increase)\((userstreamd_\w+)", expr):
+            assert counted.endswith(("_total", "_bucket", "_sum", "_count")), f"rate of {counted}"
+        if "histogram_quantile" in expr:
+            assert re.search(r"by \((le|le, \w+)\)", expr) and "_bucket[" in expr, expr
+    used = set().union(*(promql_metric_names(e) for _, _, e in PROM_TARGETS))
+    families = {re.sub(r"_(bucket|sum|count|created)$", "", n) for n in exposed}
+    unused = {f for f in families if not any(n.startswith(f) for n in used)}
+    assert not unused, f"no panel for {sorted(unused)}"

@@ -341,3 +341,35 @@ def test_every_seq_reaches_each_group_exactly_once_until_acked(ops: list[Op], wi
     for g in groups:
         assert sorted(acked[g]) == list(range(1, hub.last_seq + 1)), g
         assert hub.watermark(g)[0] == hub.last_seq
+
+
+# -- counts (what /metrics reports) ----------------------------------------------------------
+
+
+def test_each_committed_seq_is_counted_once_by_source_whoever_acks_it() -> None:
+    latencies: list[float] = []
+    hub = Hub("ep", window=10, on_committed=latencies.append)
+    hub.declare_group("db", watermark=0, holds_producer=True)
+    a, b = hub.join("db", "a"), hub.join("db", "b")
+    for p in range(1, 7):
+        hub.publish_nowait({"n": p}, "synthetic" if p % 2 else "randomuser", p)
+    held_by_a = _take(hub, a)
+    hub.ack(a, held_by_a[:1])
+    hub.leave(a)  # a dies before acknowledging the rest: they go to b
+    hub.ack(b, _take(hub, b), rejected={6})
+    with pytest.raises(StaleAck):
+        hub.ack(b, [1, 2])  # again, after a reconnect: counted once only
+    assert hub.published == {"synthetic": 3, "randomuser": 3}
+    assert hub.committed == {"synthetic": 3, "randomuser": 2}
+    assert hub.rejected == {"randomuser": 1}
+    assert len(latencies) == 5 and all(0 <= s < 60 for s in latencies)
+
+
+def test_acks_of_a_group_that_does_not_hold_the_producer_count_no_commit() -> None:
+    hub = Hub("ep")
+    hub.declare_group("audit")
+    member = hub.join("audit", "m")
+    _publish(hub, 3)
+    hub.ack(member, _take(hub, member), rejected={1})
+    assert hub.watermark("audit")[0] == 3
+    assert not hub.committed and not hub.rejected

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ssl
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from .edge import Edge, EdgeStatistics
 from .errors import ProtocolError
 from .hub import AckTimeout, GroupLagging, Hub, Member, Slow, StaleAck, Subscription
 from .logs import Throttle, bind, get_logger
-from .messages import Welcome, decode_client, encode
+from .messages import Batch, Welcome, decode_client, encode
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_RATE = 1008
@@ -89,11 +90,16 @@ class Broadcaster:
         policy: Policy,
         *,
         ssl_context: ssl.SSLContext | None = None,
+        on_batch: Callable[[Batch], None] | None = None,
     ) -> None:
+        """`on_batch` gets the batch reports of the daemon's own consumers (private
+        socket, the group that holds the producer)."""
         self.hub = hub
         self.settings = settings
         self.edge = Edge(settings, policy, self._session, ssl_context=ssl_context)
         self.closed: Counter[str] = Counter()
+        self.sent: Counter[str] = Counter()  # frames sent, by kind of client: plain, member
+        self.on_batch = on_batch
         self._throttle = Throttle()
 
     def statistics(self) -> BroadcasterStatistics:
@@ -171,7 +177,7 @@ class Broadcaster:
                 else:
                     assert sub is not None
                     nursery.start_soon(_abort_if_stuck, hub, sub)
-                    await _send_plain(ws, hub, sub)
+                    await self._send_plain(ws, sub)
         except* trio.EndOfChannel:
             code, reason = CLOSE_GOING_AWAY, "server stopping"
         except* Slow:
@@ -225,7 +231,10 @@ class Broadcaster:
                 ack = decode_client(frame)
                 if member is None:
                     raise ProtocolError("acks are for group members (connect with ?group=NAME)")
-                hub.ack(member, ack.seqs)
+                own = private and member.group.holds_producer  # (elsewhere reports are ignored)
+                if own and ack.batch is not None and self.on_batch is not None:
+                    self.on_batch(ack.batch)
+                hub.ack(member, ack.seqs, frozenset(ack.rejected) if own else ())
             except StaleAck as exc:
                 get_logger().debug("broadcaster.stale_ack", error=str(exc))
             except ProtocolError as exc:
@@ -250,13 +259,14 @@ class Broadcaster:
     async def _send_member(self, ws: WebSocketConnection, member: Member) -> None:
         while True:
             await ws.send_message(await self.hub.next_member_frame(member))
+            self.sent["member"] += 1
 
-
-async def _send_plain(ws: WebSocketConnection, hub: Hub, sub: Subscription) -> None:
-    if sub.gap is not None:
-        await ws.send_message(encode(sub.gap))
-    while True:
-        await ws.send_message(await hub.next_frame(sub))
+    async def _send_plain(self, ws: WebSocketConnection, sub: Subscription) -> None:
+        if sub.gap is not None:
+            await ws.send_message(encode(sub.gap))
+        while True:
+            await ws.send_message(await self.hub.next_frame(sub))
+            self.sent["plain"] += 1
 
 
 async def _abort_if_stuck(hub: Hub, sub: Subscription) -> None:

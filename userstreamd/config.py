@@ -30,6 +30,7 @@ from .sources.randomuser import reserved_seed_reason
 
 DEFAULT_RANDOMUSER_URL = "https://randomuser.me/api/1.4/"
 DEFAULT_PORT = 8765
+DEFAULT_HTTP_PORT = 8766
 DEFAULT_PASSWORD_ENV = "USERSTREAMD_DB_PASSWORD"
 DEFAULT_TOKENS_ENV = "USERSTREAMD_TOKENS"
 # fmt: off
@@ -143,6 +144,12 @@ class SupervisorConfig(_Table, frozen=True):
     stop_timeout_s: Positive = 10.0
 
 
+class HttpConfig(_Table, frozen=True):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Port = DEFAULT_HTTP_PORT
+
+
 class Config(_Table, frozen=True):
     daemon: DaemonConfig = msgspec.field(default_factory=DaemonConfig)
     producer: ProducerConfig = msgspec.field(default_factory=ProducerConfig)
@@ -151,6 +158,7 @@ class Config(_Table, frozen=True):
     consumers: ConsumersConfig = msgspec.field(default_factory=ConsumersConfig)
     database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
     supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
     # Where the file was read from: relative paths in it are relative to its folder.
     path: str = ""
 
@@ -391,6 +399,9 @@ def _rules(config: Config) -> Iterator[tuple[str, str]]:
             "broadcaster.allowed_origins",
             f'expected "*" or scheme://host[:port], got {bad_origin!r}',
         )
+    h = config.http
+    if h.enabled and h.port != 0 and h.port == b.port:
+        yield "http.port", f"expected a port other than broadcaster.port ({b.port})"
     c = config.consumers
     if c.reconnect_max_s < c.reconnect_min_s:
         yield (

@@ -26,7 +26,7 @@ from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 from .config import Config
 from .errors import InvalidRecord, ProtocolError, StoreError
 from .logs import bind, get_logger
-from .messages import Ack, Checkpoint, UserMessage, Welcome, decode_server, encode
+from .messages import Ack, Batch, Checkpoint, UserMessage, Welcome, decode_server, encode
 from .records import parse_user
 from .store.calls import DEFAULT_RETRY, RetryPolicy, StoreCalls
 from .store.postgres import (
@@ -244,17 +244,18 @@ class Consumer:
         )
 
     async def _insert_one_by_one(
-        self, rows: list[UserRow], checkpoint: StreamCheckpoint | None
+        self, rows: list[UserRow], checkpoint: StreamCheckpoint | None, refused: list[int]
     ) -> int:
         """The database refused a batch: store it row by row, and each row it refuses in
-        the dead letters, so one bad row neither blocks the stream nor takes others down.
-        (Connection trouble meanwhile is retried as usual.)"""
+        the dead letters (its seq added to `refused`), so one bad row neither blocks the
+        stream nor takes others down. (Connection trouble meanwhile is retried as usual.)"""
         inserted = 0
         for row in rows:
             try:
                 inserted += await self._insert([row], None)
             except StoreError as exc:
                 self.invalid += 1
+                refused.append(row.seq)
                 get_logger().error("consumer.row_refused", seq=row.seq, error=str(exc))
                 letter = DeadLetter(
                     "consumer", None, row.seq, str(exc), msgspec.json.decode(row.raw)
@@ -296,12 +297,15 @@ class Consumer:
     async def _write(self, batch: list[Item]) -> None:
         log = get_logger()
         rows = [row for _, row in batch if row is not None]
+        rejected = [seq for seq, row in batch if row is None]  # invalid records
         checkpoint = self._checkpoint
+        started = trio.current_time()
         try:
             inserted = await self._insert(rows, checkpoint)
         except StoreError as exc:
             log.error("consumer.batch_refused", rows=len(rows), error=str(exc))
-            inserted = await self._insert_one_by_one(rows, checkpoint)
+            inserted = await self._insert_one_by_one(rows, checkpoint, rejected)
+        report = Batch(rows=len(rows), inserted=inserted, commit_s=trio.current_time() - started)
         seqs = [seq for seq, _ in batch]
         self.inserted += inserted
         self.duplicates += len(rows) - inserted
@@ -322,7 +326,13 @@ class Consumer:
             # the uuid key absorbs the second insert.
             with contextlib.suppress(ConnectionClosed):
                 for start in range(0, len(seqs), ACK_CHUNK):  # frames stay well under 64 KiB
-                    await ws.send_message(encode(Ack(seqs=seqs[start : start + ACK_CHUNK])))
+                    chunk = seqs[start : start + ACK_CHUNK]
+                    ack = Ack(
+                        seqs=chunk,
+                        rejected=sorted(set(chunk).intersection(rejected)) if rejected else [],
+                        batch=report if start == 0 else None,
+                    )
+                    await ws.send_message(encode(ack))
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,11 +1,12 @@
 """The daemon's life cycle: start the pipeline in order, keep it supervised, stop it.
 
 `Daemon.run` starts the components in order under one `Supervisor`, each reporting
-readiness: database -> broadcaster -> consumers -> producer (what each is made of comes
-from `wiring`). On SIGINT/SIGTERM, or when the `shutdown_trigger` given to `run`
-returns, it stops them in reverse: the producer first, then waits (bounded) until every
-consumer has committed and acknowledged the last published user, writes the group's
-final checkpoint, then stops the consumers (together), the broadcaster and the database.
+readiness: the operations endpoint (`ops`: metrics, health, live page) -> database ->
+broadcaster -> consumers -> producer (what each is made of comes from `wiring`). On
+SIGINT/SIGTERM, or when the `shutdown_trigger` given to `run` returns, it stops them in
+reverse: the producer first, then waits (bounded) until every consumer has committed and
+acknowledged the last published user, writes the group's final checkpoint, then stops
+the consumers (together), the broadcaster, the database and the endpoint.
 A second signal exits at once. When the supervisor gives up on a component, nothing is
 drained: everything is stopped at once and the exit code is 1. SIGHUP re-reads the config
 file and applies the keys in `config.RELOADABLE`; other changed keys are logged as
@@ -32,7 +33,10 @@ from .config import RELOADABLE, Config, changed_keys, load_config
 from .consumer import Consumer
 from .edge import private_socket_path
 from .errors import ConfigError
+from .health import Health
 from .logs import bind, configure_logging, get_logger
+from .metrics import DaemonCollector, Metrics
+from .ops import OpsApp, serve_ops
 from .producer import Producer
 from .store.bootstrap import run_database
 from .store.postgres import StreamCheckpoint
@@ -45,6 +49,10 @@ def _client_host(host: str) -> str:
     return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
 
 
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 class Daemon:
     def __init__(
         self,
@@ -55,7 +63,10 @@ class Daemon:
         self.config = config  # as started; a reload changes only the RELOADABLE keys
         self.tokens = tokens or Tokens((), required=False)
         self.ssl_context = ssl_context
-        self.hub = wiring.hub(config, Stream.new())
+        self.metrics = Metrics()
+        self.metrics.watch(DaemonCollector(self))
+        self.health = Health(self)
+        self.hub = wiring.hub(config, Stream.new(), self.metrics)
         self.broadcaster: Broadcaster | None = None
         self.consumers: list[Consumer] = []  # in-process ones
         self._consumer_names: list[str] = []
@@ -65,6 +76,8 @@ class Daemon:
         self.worker_processes: set[trio.Process] = set()
         self.dsn = ""
         self.url = ""
+        self.ws_port: int | None = None
+        self.http_url = ""
         self.exit_code = 0
         self.giving_up = False
         self.ready = trio.Event()
@@ -104,36 +117,59 @@ class Daemon:
             consumer_processes=c.consumer_processes,
         )
         with self._startup:
+            page_origins: list[str] = []
+            if c.http.enabled:
+                h = c.http
+                http_port = await sup.start(
+                    "http", partial(serve_ops, OpsApp(self), h.host, h.port)
+                )
+                self.http_url = f"http://{_url_host(_client_host(h.host))}:{http_port}/"
+                page_origins = wiring.page_origins(h.host, http_port)
+                log.info("daemon.http_listening", url=self.http_url)
+            root.start_soon(self.health.probe_database)
             self.dsn = await sup.start("database", partial(run_database, c))
+            self.health.probe_now()
             stream = await trio.to_thread.run_sync(open_stream, c, self.dsn)
-            self.hub = wiring.hub(c, stream)
+            self.hub = wiring.hub(c, stream, self.metrics)
             b = c.broadcaster
             if b.auth == "none" and not is_loopback(b.host):
                 log.warning("daemon.no_auth", host=b.host, reason='auth = "none"')
             self.broadcaster = Broadcaster(
-                self.hub, b, wiring.policy(c, self.tokens), ssl_context=self.ssl_context
+                self.hub,
+                b,
+                wiring.policy(c, self.tokens, page_origins),
+                ssl_context=self.ssl_context,
+                on_batch=self.metrics.batch,
             )
             private = private_socket_path(c.state_path)
-            port = await sup.start(
+            port = self.ws_port = await sup.start(
                 "broadcaster", partial(self.broadcaster.run, b.host, b.port, private)
             )
             scheme = "wss" if self.ssl_context else "ws"
-            self.url = f"{scheme}://{_client_host(b.host)}:{port}/"
+            self.url = f"{scheme}://{_url_host(_client_host(b.host))}:{port}/"
             own = f"ws+unix://{private}"
             for name, run, consumer in wiring.consumers(c, own, self.dsn, self.worker_processes):
                 if consumer is not None:
                     self.consumers.append(consumer)
                 self._consumer_names.append(name)
                 await sup.start(name, run)
-            self.producer = wiring.producer(c, self.hub, http, stream, self.dsn, resources)
+            self.producer = wiring.producer(
+                c, self.hub, http, stream, self.dsn, resources, self.metrics
+            )
             await sup.start("producer", self.producer.run)
-            log.info("daemon.ready", url=self.url, consumers=c.consumers.count)
+            log.info(
+                "daemon.ready", url=self.url, http_url=self.http_url, consumers=c.consumers.count
+            )
             self.notifier.ready(self._status())
             self.ready.set()
             root.start_soon(self._log_stats)
             root.start_soon(self._keep_systemd_informed)
         await self._stop.wait()
         await self._shutdown(sup)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
     def stop(self) -> None:
         """Begin a graceful stop (as SIGTERM does)."""
@@ -174,7 +210,7 @@ class Daemon:
         log.info(
             "daemon.drained" if not drain.cancelled_caught else "daemon.drain_timeout",
             last_seq=self.hub.last_seq,
-            committed_through=self._committed_through(),
+            committed_through=self.committed_through(),
         )
         group = self.config.consumers.group
         if not self.hub.has_group(group):  # (no consumers)
@@ -198,35 +234,41 @@ class Daemon:
             "fetch_failures": dict(producer.failures_by_kind) if producer else {},
             "backpressure_waits": producer.backpressure_waits if producer else 0,
             "last_seq": self.hub.last_seq,
-            "committed_through": self._committed_through(),
+            "committed_through": self.committed_through(),
+            "committed": sum(self.hub.committed.values()),  # by every consumer, process or not
+            "rows_inserted": self.metrics.rows_inserted,
         }
-        if self.consumers:  # in-process consumers: their counts are ours to report
-            totals["rows_inserted"] = sum(c.inserted for c in self.consumers)
         return totals
 
-    def _committed_through(self) -> int:
+    def committed_through(self) -> int:
         group = self.config.consumers.group
         return self.hub.watermark(group)[0] if self.hub.has_group(group) else 0
 
     def _status(self) -> str:
-        """The one-line summary systemd shows (STATUS=)."""
+        """The one-line summary systemd shows (STATUS=): what /readyz says is wrong, if
+        anything, then the stream."""
         producer = self.producer.statistics() if self.producer else None
         source = producer.active_source if producer else "-"
         rate = producer.rate_per_s if producer else 0
-        return (
+        problems = self.health.readiness().problems
+        summary = (
             f"{self.hub.last_seq} users streamed at {rate:g}/s from {source}, "
-            f"{self.hub.clients} clients, committed through seq {self._committed_through()}"
+            f"{self.hub.clients} clients, committed through seq {self.committed_through()}"
         )
+        if not problems:
+            return summary
+        return "not ready: " + ", ".join(f"{k}: {v}" for k, v in problems.items()) + "; " + summary
 
     async def _keep_systemd_informed(self) -> None:
-        """STATUS= every few seconds; WATCHDOG=1 only while every component is running."""
+        """STATUS= every few seconds; WATCHDOG=1 only while the daemon's own parts are fine
+        (`Readiness.alive`, what /healthz answers)."""
         if not self.notifier.enabled:
             return
         interval = min(5.0, self.notifier.watchdog_interval_s or 5.0)
         while True:
             await trio.sleep(interval)
             self.notifier.status(self._status())
-            if self.notifier.watchdog_interval_s and self.supervisor and self.supervisor.healthy():
+            if self.notifier.watchdog_interval_s and self.health.readiness().alive:
                 self.notifier.watchdog()
 
     async def _watch_signals(self, root: trio.CancelScope) -> None:

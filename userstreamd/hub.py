@@ -32,6 +32,11 @@ off*: its members end with `GroupLagging`, it restarts at the live end, and the 
 member to join learns what the group missed from a `Gap`. A member holding frames that
 acknowledges nothing for ``ack_timeout_s`` is evicted (`evict_silent_members`) and what
 it held is redelivered.
+
+**Counts.** Users published and, for the groups that hold the producer, committed or
+set aside (`rejected` in their acks) are counted by source; each seq is counted once,
+whoever acknowledges it. `on_committed` (if given) gets each committed user's seconds
+from production to acknowledgement: the end-to-end latency.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
+from collections import Counter
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -81,6 +88,8 @@ class _Entry:
     seq: int
     position: int
     frame: str
+    source: str
+    produced: float  # Unix time
 
 
 @dataclass(eq=False)
@@ -162,6 +171,7 @@ class Hub:
         group_lag_max: int = 10_000,
         window: int = 1000,
         lead_max: int = 0,
+        on_committed: Callable[[float], None] | None = None,
     ) -> None:
         self.epoch = epoch
         self.lead_max = lead_max or buffer_messages
@@ -172,6 +182,10 @@ class Hub:
         self.window = window
         self.slow_disconnects = self.bad_frames = 0
         self.groups_cut_off = self.members_evicted = 0
+        self.published: Counter[str] = Counter()  # by source
+        self.committed: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()
+        self.on_committed = on_committed
         self._entries: dict[int, _Entry] = {}
         self._oldest = first_seq
         self._bytes = 0
@@ -229,15 +243,17 @@ class Hub:
     ) -> UserMessage:
         """Append one user (the caller checked `has_room`, or accepts going over)."""
         self.last_seq += 1
+        produced_at = produced_at or datetime.now(UTC)
         message = UserMessage(
             epoch=self.epoch,
             seq=self.last_seq,
             position=position,
-            produced_at=produced_at or datetime.now(UTC),
+            produced_at=produced_at,
             source=source,
             user=user,
         )
-        entry = _Entry(self.last_seq, position, encode(message))
+        entry = _Entry(self.last_seq, position, encode(message), source, produced_at.timestamp())
+        self.published[source] += 1
         self._entries[entry.seq] = entry
         self._bytes += len(entry.frame)
         self._evict()
@@ -477,15 +493,24 @@ class Hub:
             await self._wait()
         return frame
 
-    def ack(self, member: Member, seqs: list[int]) -> None:
-        """The member committed these seqs. StaleAck names any it did not hold."""
+    def ack(self, member: Member, seqs: list[int], rejected: Collection[int] = ()) -> None:
+        """The member committed these seqs (stored, or `rejected`: set aside instead).
+        StaleAck names any it did not hold."""
         group = member.group
         stale = [s for s in seqs if s not in member.in_flight]
+        now = time.time()
         for seq in seqs:
             if seq in member.in_flight:
                 member.in_flight.discard(seq)
                 group.acked_above.add(seq)
                 member.silent_since = _now()
+                if group.holds_producer and (entry := self._entries.get(seq)) is not None:
+                    if seq in rejected:
+                        self.rejected[entry.source] += 1
+                    else:
+                        self.committed[entry.source] += 1
+                        if self.on_committed is not None:
+                            self.on_committed(now - entry.produced)
         advanced = False
         while group.watermark + 1 in group.acked_above:
             group.watermark += 1

@@ -24,6 +24,11 @@ Client -> server::
 
     {"type": "ack", "seqs": [42, 45, 46]}    group members, after their database commit
 
+The daemon's own consumers (on the private socket) add what the metrics need: the seqs
+they set aside instead of storing (``rejected``: invalid, or refused by the database and
+dead-lettered) and, once per batch, ``batch``: ``{"rows": 500, "inserted": 498,
+"commit_s": 0.012}``. Elsewhere both are ignored.
+
 Anything else a client sends is counted and logged as a bad frame, then ignored.
 """
 
@@ -74,8 +79,16 @@ class Checkpoint(msgspec.Struct, tag="checkpoint", frozen=True, kw_only=True):
     position: int
 
 
-class Ack(msgspec.Struct, tag="ack", frozen=True, kw_only=True):
+class Batch(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    rows: Annotated[int, msgspec.Meta(ge=0)]
+    inserted: Annotated[int, msgspec.Meta(ge=0)]
+    commit_s: Annotated[float, msgspec.Meta(ge=0)]
+
+
+class Ack(msgspec.Struct, tag="ack", frozen=True, kw_only=True, omit_defaults=True):
     seqs: list[Seq]
+    rejected: list[Seq] = []
+    batch: Batch | None = None
 
 
 ServerMessage = Welcome | UserMessage | Gap | Checkpoint

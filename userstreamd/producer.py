@@ -66,6 +66,7 @@ class ProducerStatistics:
     fallback_active: bool
     circuit_open: bool
     failures_by_kind: Mapping[str, int]
+    invalid_by_source: Mapping[str, int]
     rate_per_s: float
     position: int
     backpressure_waits: int
@@ -200,6 +201,7 @@ class Producer:
         self.next_position = start_position  # next position to publish (or dead-letter)
         self.published = self.invalid = self.fetch_failures = 0
         self.failures_by_kind: dict[str, int] = {}
+        self.invalid_by_source: dict[str, int] = {}
         self.dead_letters = dead_letters
         self.stop_at_position = stop_at_position
         self.backpressure_waits = 0
@@ -223,6 +225,7 @@ class Producer:
             self.fallback_active,
             self.circuit_open,
             MappingProxyType(dict(self.failures_by_kind)),
+            MappingProxyType(dict(self.invalid_by_source)),
             self.rate_per_s,
             self.position,
             self.backpressure_waits,
@@ -395,6 +398,7 @@ class Producer:
             user = parse_user(raw)
         except InvalidRecord as exc:
             self.invalid += 1
+            self.invalid_by_source[source] = self.invalid_by_source.get(source, 0) + 1
             get_logger().warning(
                 "producer.invalid_record", source=source, position=position, error=str(exc)
             )

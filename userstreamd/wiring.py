@@ -4,7 +4,7 @@ so that `daemon.py` is the life cycle only."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import httpx
@@ -17,6 +17,7 @@ from .config import Config
 from .consumer import Consumer, Milestones, make_consumer
 from .deadletters import DeadLetters
 from .hub import Hub
+from .metrics import Metrics
 from .producer import Producer, Source, page_size_for
 from .sources.randomuser import RandomUserSource, UserBudget
 from .sources.synthetic import SyntheticSource
@@ -51,7 +52,7 @@ def supervisor(
     )
 
 
-def hub(config: Config, stream: Stream) -> Hub:
+def hub(config: Config, stream: Stream, metrics: Metrics | None = None) -> Hub:
     """The hub; the daemon's own group holds the producer back only when it has consumers
     (a broadcast-only daemon waits for nobody)."""
     b, c = config.broadcaster, config.consumers
@@ -64,6 +65,7 @@ def hub(config: Config, stream: Stream) -> Hub:
         group_lag_max=b.group_lag_max,
         window=c.window,
         lead_max=c.max_lead,
+        on_committed=metrics.committed if metrics else None,
     )
     if c.count > 0:
         new.declare_group(
@@ -74,16 +76,32 @@ def hub(config: Config, stream: Stream) -> Hub:
     return new
 
 
-def policy(config: Config, tokens: Tokens) -> Policy:
+def policy(config: Config, tokens: Tokens, page_origins: Sequence[str] = ()) -> Policy:
+    """Who may connect; the live page's own origins (`page_origins`) may too."""
     b = config.broadcaster
     return Policy(
         tokens,
         own_group=config.consumers.group,
         groups=frozenset(b.groups),
         allow_ad_hoc_groups=b.allow_ad_hoc_groups,
-        allowed_origins=frozenset(o.lower() for o in b.allowed_origins),
+        allowed_origins=frozenset(o.lower() for o in [*b.allowed_origins, *page_origins]),
         default_window=config.consumers.window,
     )
+
+
+def page_origins(host: str, port: int) -> list[str]:
+    """The origins a browser gives the live page served on `host`:`port`: the names of
+    loopback for a loopback or wildcard address, else the address itself (any other name
+    goes in broadcaster.allowed_origins)."""
+    names = {
+        "": ["127.0.0.1", "localhost", "[::1]"],
+        "0.0.0.0": ["127.0.0.1", "localhost"],
+        "::": ["127.0.0.1", "localhost", "[::1]"],
+        "127.0.0.1": ["127.0.0.1", "localhost"],
+        "::1": ["[::1]", "localhost"],
+        "localhost": ["localhost", "127.0.0.1", "[::1]"],
+    }.get(host, [f"[{host}]" if ":" in host else host])
+    return [f"http://{name}:{port}" for name in names]
 
 
 def producer(
@@ -93,6 +111,7 @@ def producer(
     stream: Stream,
     dsn: str,
     resources: contextlib.ExitStack,
+    metrics: Metrics | None = None,
 ) -> Producer:
     """The producer; the budget ledger's store is closed with `resources`."""
     p, ru = config.producer, config.randomuser
@@ -120,6 +139,7 @@ def producer(
                 ru.budget_window_s,
                 ledger=BudgetLedger(ledger_store, ru.url),
             ),
+            on_request=metrics.api_request if metrics else None,
         )
         fallback = synthetic if p.fallback == "synthetic" else None
     return Producer(

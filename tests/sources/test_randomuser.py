@@ -107,6 +107,30 @@ async def test_failures_are_classified(
         assert caught.value.retry_after_s == retry_after  # type: ignore[attr-defined]
 
 
+async def test_each_request_reports_its_outcome_and_duration(fake_api: FakeRandomUserAPI) -> None:
+    reported: list[tuple[str, float]] = []
+    fake_api.push(Fault.status(503))
+    fake_api.push(Fault.html())
+    with trio.fail_after(20):
+        async with httpx.AsyncClient(timeout=5) as client:
+            source = _source(client, fake_api, on_request=lambda *r: reported.append(r))
+            for _ in range(2):
+                with pytest.raises(SourceError):
+                    await source.fetch(1, 20)
+            await source.fetch(1, 20)
+    assert [outcome for outcome, _ in reported] == ["http_5xx", "not_json", "ok"]
+    assert all(seconds >= 0 for _, seconds in reported)
+
+
+def test_the_budget_says_what_remains_in_its_window() -> None:
+    budget = UserBudget(100, 60.0)
+    budget.spend(30, now=10.0)
+    budget.spend(50, now=40.0)
+    assert budget.remaining(45.0) == 20
+    assert budget.remaining(75.0) == 50  # the first spend left the window
+    assert budget.remaining(200.0) == 100
+
+
 async def test_hanging_response_times_out(fake_api: FakeRandomUserAPI) -> None:
     fake_api.push(Fault.hang(5))
     with trio.fail_after(20):

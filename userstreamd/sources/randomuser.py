@@ -35,7 +35,7 @@ from __future__ import annotations
 import email.utils
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -43,7 +43,7 @@ import httpx
 import msgspec
 import trio
 
-from ..errors import BadResponse, SourceUnavailable
+from ..errors import BadResponse, SourceError, SourceUnavailable
 from ..logs import get_logger
 from .fields import keyed_selection
 
@@ -150,6 +150,11 @@ class UserBudget:
                 return at + self.window_s - now
         raise AssertionError("unreachable: users <= limit")
 
+    def remaining(self, now: float) -> int:
+        """Users the API may still serve in the window ending `now`."""
+        self.delay_for(0, now)  # (forgets the spends that left the window)
+        return max(0, self.limit - self._total)
+
     def spend(self, users: int, now: float) -> None:
         """Count `users` spent at `now` (in memory only)."""
         self._spent.append((now, users))
@@ -208,7 +213,10 @@ class RandomUserSource:
         inc: Sequence[str] = (),
         exc: Sequence[str] = (),
         budget: UserBudget | None = None,
+        on_request: Callable[[str, float], None] | None = None,
     ) -> None:
+        """`on_request` gets each request's outcome ("ok" or the failure's kind) and
+        its seconds."""
         if not 1 <= page_size <= MAX_RESULTS:
             raise ValueError(f"page_size must be 1..{MAX_RESULTS}, got {page_size}")
         if (reason := reserved_seed_reason(seed)) is not None:
@@ -225,7 +233,8 @@ class RandomUserSource:
             self._fixed["inc"] = ",".join(inc)
         if exc:
             self._fixed["exc"] = ",".join(exc)
-        self._budget = budget
+        self.budget = budget
+        self.on_request = on_request
         self.requests = 0
 
     def _params(self, page_index: int) -> dict[str, str | int]:
@@ -236,22 +245,33 @@ class RandomUserSource:
 
     def ready_in_s(self) -> float:
         """Seconds until a request fits the budget (0: now)."""
-        if self._budget is None:
+        if self.budget is None:
             return 0.0
-        return self._budget.delay_for(self.page_size, trio.current_time())
+        return self.budget.delay_for(self.page_size, trio.current_time())
 
     async def _served(self, users: int) -> None:
-        if self._budget is not None and users:
-            await self._budget.record(users)
+        if self.budget is not None and users:
+            await self.budget.record(users)
 
     async def fetch(self, start: int, count: int) -> list[dict[str, Any]]:
         """Users at positions start..start+count-1, stopping early at the end of the page
         that holds `start` (a resumed stream need not start on a page boundary)."""
         page_index, offset = divmod(start - 1, self.page_size)
         count = min(count, self.page_size - offset)
-        if self._budget is not None:
-            await self._budget.wait_for_room(self.page_size)
+        if self.budget is not None:
+            await self.budget.wait_for_room(self.page_size)
         self.requests += 1
+        started, outcome = trio.current_time(), "ok"
+        try:
+            return await self._request(page_index, offset, count)
+        except SourceError as exc:
+            outcome = exc.kind
+            raise
+        finally:
+            if self.on_request is not None:
+                self.on_request(outcome, trio.current_time() - started)
+
+    async def _request(self, page_index: int, offset: int, count: int) -> list[dict[str, Any]]:
         try:
             response = await self._client.get(self._url, params=self._params(page_index))
         except httpx.TimeoutException as exc:

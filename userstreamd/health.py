@@ -1,0 +1,140 @@
+"""Is the daemon ready to do its job? One answer for ``/readyz``, the ``ready`` metric, the
+live page and systemd.
+
+`Health.readiness` names every check and what is wrong with it:
+
+- ``daemon``: started (not starting, not stopping);
+- ``database``: accepts writes, as a probe every `PROBE_INTERVAL_S` finds it (reachable
+  within `PROBE_TIMEOUT_S`, not in recovery, not read-only);
+- ``broadcaster``: its component runs, so it listens;
+- ``consumers``: the consumer group has members (when the config has consumers).
+
+The first and third are the daemon's own parts; the other two are what it depends on.
+systemd's watchdog is fed while the daemon's own parts are fine (`Readiness.alive`): an
+outage of the database makes ``/readyz`` answer 503, but restarting the daemon would not
+bring the database back, so the watchdog does not ask for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+import trio
+
+from .logs import get_logger
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+PROBE_INTERVAL_S = 1.0
+PROBE_TIMEOUT_S = 2.0
+OWN_CHECKS = frozenset({"daemon", "broadcaster"})
+OK = "ok"
+
+
+@dataclass(frozen=True)
+class Readiness:
+    checks: dict[str, str]  # name -> "ok", or what is wrong
+
+    @property
+    def ready(self) -> bool:
+        return all(v == OK for v in self.checks.values())
+
+    @property
+    def alive(self) -> bool:
+        """The daemon's own parts are fine (dependencies aside)."""
+        return all(v == OK for k, v in self.checks.items() if k in OWN_CHECKS)
+
+    @property
+    def problems(self) -> dict[str, str]:
+        return {k: v for k, v in self.checks.items() if v != OK}
+
+
+class Health:
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.database = "not checked yet"
+        self._limiter = trio.CapacityLimiter(1)  # one probe at a time, even one abandoned
+        self._wake = trio.Event()
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def readiness(self) -> Readiness:
+        d = self.daemon
+        checks = {"daemon": OK, "database": self.database, "broadcaster": OK}
+        if d.stopping:
+            checks["daemon"] = "stopping"
+        elif not d.ready.is_set():
+            checks["daemon"] = "starting"
+        states = {c.name: c.state for c in d.supervisor.snapshot()} if d.supervisor else {}
+        if (state := states.get("broadcaster", "not started")) != "running":
+            checks["broadcaster"] = state
+        group = d.config.consumers.group
+        if d.config.consumers.count > 0:
+            members = next((g.members for g in d.hub.statistics().groups if g.name == group), 0)
+            checks["consumers"] = OK if members else f"no member of group {group!r} connected"
+        return Readiness(checks)
+
+    async def probe_database(self) -> None:
+        """Check the database every PROBE_INTERVAL_S until cancelled."""
+        log = get_logger()
+        try:
+            while True:
+                with trio.move_on_after(PROBE_TIMEOUT_S) as waited:
+                    found = await trio.to_thread.run_sync(
+                        self._probe, abandon_on_cancel=True, limiter=self._limiter
+                    )
+                if waited.cancelled_caught:
+                    found = f"no answer within {PROBE_TIMEOUT_S:g} s"
+                if found != self.database:
+                    if found == OK:
+                        log.info("health.database_ready")
+                    elif self.daemon.dsn:
+                        log.warning("health.database_not_ready", problem=found)
+                    self.database = found
+                with trio.move_on_after(PROBE_INTERVAL_S):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+        finally:
+            self.database = "not checked"
+            if self._conn is not None and self._limiter.borrowed_tokens == 0:
+                self._conn.close()
+
+    def probe_now(self) -> None:
+        """Probe without waiting for the interval (the database just started)."""
+        self._wake.set()
+
+    def _probe(self) -> str:
+        dsn = self.daemon.dsn
+        if not dsn:
+            return "not started"
+        try:
+            if self._conn is None or self._conn.closed:
+                extra: dict[str, Any] = {"application_name": "userstreamd-health"}
+                if password := self.daemon.config.db_password():
+                    extra["password"] = password
+                self._conn = psycopg.connect(
+                    dsn,
+                    autocommit=True,
+                    connect_timeout=max(2, int(PROBE_TIMEOUT_S)),  # (libpq: >= 2 s)
+                    **extra,
+                )
+                # SET, not the `options` parameter: that would replace the DSN's own.
+                self._conn.execute(
+                    "SELECT set_config('statement_timeout', %s, false)",
+                    (f"{PROBE_TIMEOUT_S:g}s",),
+                )
+            row = self._conn.execute(
+                "SELECT pg_is_in_recovery(), current_setting('transaction_read_only')"
+            ).fetchone()
+        except psycopg.Error as exc:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            return f"unreachable: {str(exc).strip().splitlines()[0][:200]}"
+        if row is None or row[0]:
+            return "in recovery: read-only"
+        if row[1] == "on":
+            return "read-only (transaction_read_only)"
+        return OK
