@@ -178,6 +178,19 @@ async def test_hostile_http_gets_an_answer_and_the_endpoint_carries_on(
             # And everyone else is still served.
             assert (await client.get(f"{daemon.http_url}healthz")).status_code == 200
         await idle.aclose()
+        # Clients closing with the slow-client code, or sending acks with made-up batch
+        # reports, count for nothing.
+        for _ in range(3):
+            async with open_websocket_url(daemon.url) as ws:
+                await ws.get_message()
+                await ws.send_message(
+                    '{"type":"ack","seqs":[1],"batch":{"rows":9999,"inserted":9999,"commit_s":1}}'
+                )
+                await ws.aclose(3008, "slow")
+        found = await scrape(daemon)
+        assert found[("userstreamd_websocket_slow_closes_total", ())] == 0
+        assert found[("userstreamd_consumer_batch_size_count", ())] == 0
+        assert daemon.metrics.rows_inserted == 0
 
     assert await run_until(daemon, attack) == 0
 
@@ -274,3 +287,32 @@ def test_committed_counter_equals_the_rows_across_a_kill_9_of_a_worker(
     wait_until(lambda: any(e["committed"] == 4000 for e in daemon.events("daemon.stats")), 10)
     assert daemon.stop() == 0
     assert daemon.events("daemon.stopped")[0]["committed"] == 4000
+
+
+async def test_a_probe_stuck_in_a_silent_database_gives_its_connection_back(
+    tmp_path: Path, dsn: str, postgres: PostgresForTests
+) -> None:
+    """The probe's server process stops answering (SIGSTOP): /readyz says so within the
+    probe's timeout; once it answers again after the daemon stopped, the abandoned probe
+    closes its connection instead of leaving it open."""
+    if postgres.server is None:
+        pytest.skip("SIGSTOP needs the embedded server's processes (USERSTREAMD_TEST_DSN is set)")
+    daemon = in_process_daemon(
+        tmp_path, dsn, consumers={"count": 0}, producer={"source": "synthetic"}
+    )
+    dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    probe_pid = "SELECT pid FROM pg_stat_activity WHERE application_name = 'userstreamd-health' AND datname = %s"
+    pids: list[int] = []
+
+    async def stop_the_probe_backend() -> None:
+        await eventually(lambda: bool(query(dsn, probe_pid, (dbname,))))
+        pids.append(query(dsn, probe_pid, (dbname,))[0][0])
+        os.kill(pids[0], signal.SIGSTOP)
+        await eventually(lambda: "no answer" in daemon.health.readiness().checks["database"], 10)
+
+    try:
+        assert await run_until(daemon, stop_the_probe_backend) == 0
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    await eventually(lambda: not query(dsn, probe_pid, (dbname,)), 10)

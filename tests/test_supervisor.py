@@ -81,7 +81,7 @@ async def test_intensity_limit_escalates_naming_the_component(
         await sup.start("crashy", _crasher(starts))
         await trio.sleep(30)
         state = sup.snapshot()[0]
-        assert not sup.healthy()
+        assert sup.failure is not None
         await sup.stop_all()
     assert len(starts) == 4  # the first start and 3 restarts; the 4th is refused
     assert state.state == "failed"

@@ -259,11 +259,12 @@ class Broadcaster:
     async def _send_member(self, ws: WebSocketConnection, member: Member) -> None:
         while True:
             await ws.send_message(await self.hub.next_member_frame(member))
-            self.sent["member"] += 1
+            self.sent["member"] += 1  # (users, and the gaps and checkpoints among them)
 
     async def _send_plain(self, ws: WebSocketConnection, sub: Subscription) -> None:
         if sub.gap is not None:
             await ws.send_message(encode(sub.gap))
+            self.sent["plain"] += 1
         while True:
             await ws.send_message(await self.hub.next_frame(sub))
             self.sent["plain"] += 1

@@ -36,7 +36,7 @@ from .errors import ConfigError
 from .health import Health
 from .logs import bind, configure_logging, get_logger
 from .metrics import DaemonCollector, Metrics
-from .ops import OpsApp, serve_ops
+from .ops import OpsApp, serve_ops, url_host
 from .producer import Producer
 from .store.bootstrap import run_database
 from .store.postgres import StreamCheckpoint
@@ -47,10 +47,6 @@ from .systemd import Notifier
 
 def _client_host(host: str) -> str:
     return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
 
 
 class Daemon:
@@ -123,7 +119,7 @@ class Daemon:
                 http_port = await sup.start(
                     "http", partial(serve_ops, OpsApp(self), h.host, h.port)
                 )
-                self.http_url = f"http://{_url_host(_client_host(h.host))}:{http_port}/"
+                self.http_url = f"http://{url_host(_client_host(h.host))}:{http_port}/"
                 page_origins = wiring.page_origins(h.host, http_port)
                 log.info("daemon.http_listening", url=self.http_url)
             root.start_soon(self.health.probe_database)
@@ -146,7 +142,7 @@ class Daemon:
                 "broadcaster", partial(self.broadcaster.run, b.host, b.port, private)
             )
             scheme = "wss" if self.ssl_context else "ws"
-            self.url = f"{scheme}://{_url_host(_client_host(b.host))}:{port}/"
+            self.url = f"{scheme}://{url_host(_client_host(b.host))}:{port}/"
             own = f"ws+unix://{private}"
             for name, run, consumer in wiring.consumers(c, own, self.dsn, self.worker_processes):
                 if consumer is not None:
@@ -160,8 +156,8 @@ class Daemon:
             log.info(
                 "daemon.ready", url=self.url, http_url=self.http_url, consumers=c.consumers.count
             )
-            self.notifier.ready(self._status())
             self.ready.set()
+            self.notifier.ready(self._status())
             root.start_soon(self._log_stats)
             root.start_soon(self._keep_systemd_informed)
         await self._stop.wait()
@@ -235,7 +231,7 @@ class Daemon:
             "backpressure_waits": producer.backpressure_waits if producer else 0,
             "last_seq": self.hub.last_seq,
             "committed_through": self.committed_through(),
-            "committed": sum(self.hub.committed.values()),  # by every consumer, process or not
+            "committed": self.hub.users_committed,  # by every consumer, process or not
             "rows_inserted": self.metrics.rows_inserted,
         }
         return totals

@@ -32,6 +32,7 @@ PROBE_INTERVAL_S = 1.0
 PROBE_TIMEOUT_S = 2.0
 OWN_CHECKS = frozenset({"daemon", "broadcaster"})
 OK = "ok"
+NOT_CHECKED = "not checked"
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,11 @@ class Readiness:
 class Health:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
-        self.database = "not checked yet"
+        self.database = NOT_CHECKED
         self._limiter = trio.CapacityLimiter(1)  # one probe at a time, even one abandoned
         self._wake = trio.Event()
-        self._conn: psycopg.Connection[Any] | None = None
+        self._conn: psycopg.Connection[Any] | None = None  # used by one probe thread at a time
+        self._closing = False
 
     def readiness(self) -> Readiness:
         d = self.daemon
@@ -97,44 +99,69 @@ class Health:
                     await self._wake.wait()
                 self._wake = trio.Event()
         finally:
-            self.database = "not checked"
-            if self._conn is not None and self._limiter.borrowed_tokens == 0:
-                self._conn.close()
+            self.database = NOT_CHECKED
+            self._closing = True  # (a probe thread still running closes it when it ends)
+            if self._limiter.borrowed_tokens == 0:
+                self._close()
 
     def probe_now(self) -> None:
         """Probe without waiting for the interval (the database just started)."""
         self._wake.set()
 
     def _probe(self) -> str:
-        dsn = self.daemon.dsn
-        if not dsn:
-            return "not started"
+        """One probe, in a worker thread: "ok" or what is wrong. Never raises."""
         try:
-            if self._conn is None or self._conn.closed:
-                extra: dict[str, Any] = {"application_name": "userstreamd-health"}
-                if password := self.daemon.config.db_password():
-                    extra["password"] = password
-                self._conn = psycopg.connect(
-                    dsn,
-                    autocommit=True,
-                    connect_timeout=max(2, int(PROBE_TIMEOUT_S)),  # (libpq: >= 2 s)
-                    **extra,
-                )
-                # SET, not the `options` parameter: that would replace the DSN's own.
-                self._conn.execute(
-                    "SELECT set_config('statement_timeout', %s, false)",
-                    (f"{PROBE_TIMEOUT_S:g}s",),
-                )
-            row = self._conn.execute(
-                "SELECT pg_is_in_recovery(), current_setting('transaction_read_only')"
-            ).fetchone()
-        except psycopg.Error as exc:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-            return f"unreachable: {str(exc).strip().splitlines()[0][:200]}"
+            if not self.daemon.dsn:
+                return "not started"
+            fresh = self._conn is None
+            try:
+                return self._ask()
+            except psycopg.Error as exc:
+                self._close()
+                if fresh:
+                    return f"unreachable: {_first_line(exc)}"
+            try:  # the connection was from before a restart of the server: once more
+                return self._ask()
+            except psycopg.Error as exc:
+                self._close()
+                return f"unreachable: {_first_line(exc)}"
+        except Exception as exc:  # (a credential file that cannot be read, ...)
+            self._close()
+            return f"probe failed: {type(exc).__name__}: {_first_line(exc)}"
+        finally:
+            if self._closing:
+                self._close()
+
+    def _ask(self) -> str:
+        if self._conn is None:
+            extra: dict[str, Any] = {"application_name": "userstreamd-health"}
+            if password := self.daemon.config.db_password():
+                extra["password"] = password
+            self._conn = psycopg.connect(
+                self.daemon.dsn,
+                autocommit=True,
+                connect_timeout=max(2, int(PROBE_TIMEOUT_S)),  # (libpq: >= 2 s)
+                **extra,
+            )
+            # SET, not the `options` parameter: that would replace the DSN's own.
+            self._conn.execute(
+                "SELECT set_config('statement_timeout', %s, false)", (f"{PROBE_TIMEOUT_S:g}s",)
+            )
+        row = self._conn.execute(
+            "SELECT pg_is_in_recovery(), current_setting('transaction_read_only')"
+        ).fetchone()
         if row is None or row[0]:
             return "in recovery: read-only"
         if row[1] == "on":
             return "read-only (transaction_read_only)"
         return OK
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:200]

@@ -201,6 +201,10 @@ class Hub:
     def clients(self) -> int:
         return len(self._subs) + sum(len(g.members) for g in self._groups.values())
 
+    @property
+    def users_committed(self) -> int:
+        return sum(self.committed.values())
+
     def _floor(self) -> int:
         """Every seq at or below this is acknowledged by every group that holds the producer."""
         return min(

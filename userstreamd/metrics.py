@@ -81,7 +81,7 @@ class Metrics:
         self.commit_seconds.observe(report.commit_s)
         self.rows_inserted += report.inserted
 
-    def committed(self, seconds: float) -> None:
+    def end_to_end(self, seconds: float) -> None:
         self.end_to_end_seconds.observe(max(0.0, seconds))
 
     def watch(self, collector: Collector) -> None:
@@ -149,16 +149,16 @@ class DaemonCollector(Collector):
         b = d.broadcaster
         yield _counter(
             "websocket_messages_sent",
-            "Frames of users sent to WebSocket clients, by kind of client",
+            "Frames sent to WebSocket clients after their welcome (users, gaps, checkpoints), "
+            "by kind of client",
             ["kind"],
             {(k,): n for k, n in (b.sent if b else {}).items()},
         )
-        slow = CounterMetricFamily(
+        yield CounterMetricFamily(
             f"{PREFIX}websocket_slow_closes",
-            "Plain clients closed with 3008 for falling too far behind",
-            value=b.closed["closed_3008"] if b else 0,
+            "Plain clients cut off (closed with 3008) for falling too far behind",
+            value=stats.slow_disconnects,
         )
-        yield slow
         clients = GaugeMetricFamily(
             f"{PREFIX}websocket_clients", "Connected WebSocket clients, by kind", labels=["kind"]
         )

@@ -115,7 +115,7 @@ class OpsApp:
             "stream": {
                 "epoch": stats.epoch if d.broadcaster else None,  # (None: not open yet)
                 "last_seq": stats.last_seq,
-                "committed": sum(d.hub.committed.values()),  # since the daemon started
+                "committed": d.hub.users_committed,  # since the daemon started
                 "committed_through": d.committed_through(),
                 "rate_per_s": producer.rate_per_s if producer else 0,
                 "source": producer.active_source if producer else None,
@@ -137,8 +137,9 @@ async def _lifespan(receive: Receive, send: Send) -> None:
             return
 
 
-def _bind(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def url_host(host: str) -> str:
+    """A host as a URL has it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
 
 
 async def serve_ops(
@@ -150,7 +151,7 @@ async def serve_ops(
 ) -> None:
     """Serve `app` until cancelled; reports the bound port."""
     config = HypercornConfig()
-    config.bind = [_bind(host, port)]
+    config.bind = [f"{url_host(host)}:{port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")  # (into our logs, warnings up)
     config.graceful_timeout = 1.0

@@ -102,10 +102,6 @@ class Supervisor:
         """Every component's state, in start order."""
         return [c.snapshot() for c in self._components.values()]
 
-    def healthy(self) -> bool:
-        """True while every component is running (none starting, in backoff or failed)."""
-        return self.failure is None and all(c.state == "running" for c in self._components.values())
-
     async def start(self, name: str, fn: ComponentFn, policy: RestartPolicy | None = None) -> Any:
         """Start `fn` supervised; return once it reports ready (its started() value)."""
         if name in self._components:

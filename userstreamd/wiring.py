@@ -18,6 +18,7 @@ from .consumer import Consumer, Milestones, make_consumer
 from .deadletters import DeadLetters
 from .hub import Hub
 from .metrics import Metrics
+from .ops import url_host
 from .producer import Producer, Source, page_size_for
 from .sources.randomuser import RandomUserSource, UserBudget
 from .sources.synthetic import SyntheticSource
@@ -65,7 +66,7 @@ def hub(config: Config, stream: Stream, metrics: Metrics | None = None) -> Hub:
         group_lag_max=b.group_lag_max,
         window=c.window,
         lead_max=c.max_lead,
-        on_committed=metrics.committed if metrics else None,
+        on_committed=metrics.end_to_end if metrics else None,
     )
     if c.count > 0:
         new.declare_group(
@@ -100,7 +101,7 @@ def page_origins(host: str, port: int) -> list[str]:
         "127.0.0.1": ["127.0.0.1", "localhost"],
         "::1": ["[::1]", "localhost"],
         "localhost": ["localhost", "127.0.0.1", "[::1]"],
-    }.get(host, [f"[{host}]" if ":" in host else host])
+    }.get(host, [url_host(host)])
     return [f"http://{name}:{port}" for name in names]
 
 

@@ -261,15 +261,18 @@ class RandomUserSource:
         if self.budget is not None:
             await self.budget.wait_for_room(self.page_size)
         self.requests += 1
-        started, outcome = trio.current_time(), "ok"
+        started = trio.current_time()
         try:
-            return await self._request(page_index, offset, count)
+            users = await self._request(page_index, offset, count)
         except SourceError as exc:
-            outcome = exc.kind
+            self._report(exc.kind, started)
             raise
-        finally:
-            if self.on_request is not None:
-                self.on_request(outcome, trio.current_time() - started)
+        self._report("ok", started)
+        return users
+
+    def _report(self, outcome: str, started: float) -> None:
+        if self.on_request is not None:
+            self.on_request(outcome, trio.current_time() - started)
 
     async def _request(self, page_index: int, offset: int, count: int) -> list[dict[str, Any]]:
         try:
