@@ -186,6 +186,8 @@ rate_per_s = 100000
 stop_at_position = {n}
 [broadcaster]
 port = 0
+[http]
+port = 0
 [consumers]
 count = 2
 processes = true

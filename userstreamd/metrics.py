@@ -22,6 +22,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from .messages import Batch
+from .producer import ProducerStatistics
 from .sources.randomuser import RandomUserSource
 
 if TYPE_CHECKING:
@@ -176,22 +177,22 @@ class DaemonCollector(Collector):
         for g in stats.groups:
             oldest.add_metric([g.name], g.watermark + 1)
         yield oldest
-        yield from self._producer()
+        yield from self._producer(producer)
         yield from self._components()
         yield _gauge("ready", "1 while /readyz answers 200", float(d.health.readiness().ready))
 
-    def _producer(self) -> Iterator[Metric]:
-        producer = self.daemon.producer
+    def _producer(self, stats: ProducerStatistics | None) -> Iterator[Metric]:
         yield _gauge(
             "upstream_circuit_open",
             "1 while the Random User API's circuit is open",
-            float(producer is not None and producer.circuit_open),
+            float(stats is not None and stats.circuit_open),
         )
         yield _gauge(
             "producer_fallback_active",
             "1 while the fallback source serves",
-            float(producer is not None and producer.fallback_active),
+            float(stats is not None and stats.fallback_active),
         )
+        producer = self.daemon.producer
         primary = producer.primary if producer else None
         if isinstance(primary, RandomUserSource) and primary.budget is not None:
             yield _gauge(
