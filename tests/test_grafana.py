@@ -1,17 +1,20 @@
 """The shipped Grafana dashboards.
 
 realtime_users.json (PostgreSQL): every panel's SQL, its macros expanded as Grafana's
-PostgreSQL datasource expands them, runs against the real schema filled by PostgresStore,
-and returns the columns its panel type draws. pipeline_health.json (Prometheus): every
-expression names only metrics a real daemon's /metrics serves, and every
-metric has a panel. Both: uid, title, refresh, time range,
-datasources, ids and layout.
+PostgreSQL datasource expands them, runs against the real schema and returns the columns
+its panel type draws: on rows written by PostgresStore with known values (the figures are
+checked too), and on the rows of a real daemon's short run. pipeline_health.json
+(Prometheus): every expression names only metrics that run's /metrics served, and every
+metric has a panel. Both: uid, title, refresh, time range, datasources, ids and layout.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -22,6 +25,7 @@ import psycopg
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
+from psycopg.conninfo import make_conninfo
 
 from userstreamd.records import parse_user
 from userstreamd.sources.synthetic import synthetic_user
@@ -33,6 +37,7 @@ from userstreamd.store.postgres import (
     row_values,
 )
 
+from .conftest import query
 from .fakeapi import FakeRandomUserAPI
 from .helpers import eventually, in_process_daemon, run_until
 
@@ -364,26 +369,50 @@ def promql_metric_names(expr: str) -> set[str]:
     return set(_PROMQL_METRIC.findall(expr))
 
 
-@pytest.fixture
-def exposed(tmp_path: Path, dsn: str, fake_api: FakeRandomUserAPI) -> set[str]:
-    """Every metric and sample name a real daemon's /metrics serves, scraped after it
-    fetched from the (fake) Random User API and committed some users."""
-    tables = {
-        "producer": {"source": "randomuser", "rate_per_s": 200},
-        "randomuser": {"url": fake_api.url},
-        "consumers": {"count": 1},
-    }
-    daemon = in_process_daemon(tmp_path, dsn, **tables)
-    scraped: list[str] = []
+@dataclass(frozen=True)
+class ShortRun:
+    dsn: str  # the database the daemon filled
+    exposed: set[str]  # every metric and sample name its /metrics served
 
-    async def scrape() -> None:
-        await eventually(lambda: sum(daemon.hub.committed.values()) > 50)
-        async with httpx.AsyncClient() as client:
-            scraped.append((await client.get(f"{daemon.http_url}metrics")).text)
 
-    assert trio.run(run_until, daemon, scrape) == 0
+@pytest.fixture(scope="module")
+def short_run(pg_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ShortRun]:
+    """A real daemon's short run: users from the (fake) Random User API, two of them
+    broken (dead letters), committed by a consumer; then a scrape of its /metrics."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    dsn = make_conninfo(pg_server, dbname=name)
+    with FakeRandomUserAPI() as api:
+        api.corrupt(2, "missing_uuid")
+        tables = {
+            "producer": {"source": "randomuser", "rate_per_s": 200},
+            "randomuser": {"url": api.url},
+            "consumers": {"count": 1},
+        }
+        daemon = in_process_daemon(tmp_path_factory.mktemp("short-run"), dsn, **tables)
+        scraped: list[str] = []
+
+        async def scrape() -> None:
+            await eventually(lambda: daemon.hub.users_committed > 100)
+            letters = "SELECT count(*) FROM dead_letters"
+            await eventually(lambda: query(dsn, letters)[0][0] == 2)
+            async with httpx.AsyncClient() as client:
+                scraped.append((await client.get(f"{daemon.http_url}metrics")).text)
+
+        assert trio.run(run_until, daemon, scrape) == 0
     families = list(text_string_to_metric_families(scraped[0]))
-    return {f.name for f in families} | {s.name for f in families for s in f.samples}
+    yield ShortRun(dsn, {f.name for f in families} | {s.name for f in families for s in f.samples})
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.mark.parametrize("panel", SQL_PANELS, ids=[p["title"] for p in SQL_PANELS])
+def test_every_panel_fits_its_panel_after_a_short_run(
+    short_run: ShortRun, panel: dict[str, Any]
+) -> None:
+    names, rows = _query(short_run.dsn, panel)
+    assert_fits_panel(panel, names, rows)
 
 
 def test_promql_metric_names() -> None:
@@ -399,8 +428,9 @@ def test_promql_metric_names() -> None:
 
 
 def test_every_expression_uses_exposed_metrics_and_every_metric_has_a_panel(
-    exposed: set[str],
+    short_run: ShortRun,
 ) -> None:
+    exposed = short_run.exposed
     for title, ref, expr in PROM_TARGETS:
         names = promql_metric_names(expr)
         assert names, f"{title}/{ref} names no userstreamd metric: {expr}"
