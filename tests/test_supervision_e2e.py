@@ -151,11 +151,13 @@ def test_sd_notify_ready_watchdog_status_stopping(
         assert daemon.stop_when_exited() == 0
     ready = next(m for _, m in messages if "READY=1" in m)
     assert f"MAINPID={daemon.proc.pid}" in ready and "STATUS=" in ready
+    assert "not ready" not in ready, ready  # the STATUS= line says what /readyz says
     ready_at = next(t for t, m in messages if "READY=1" in m)
     assert ready_at >= _ts(ready_event) - 0.05, "READY=1 only once every component is up"
     assert sum("WATCHDOG=1" in m for _, m in messages) >= 3  # every 0.5 s
     statuses = [m for _, m in messages if m.startswith("STATUS=")]
     assert statuses and "users streamed at 20/s from synthetic" in statuses[-1]
+    assert not any("not ready" in m for m in statuses), statuses
     assert messages[-1][1].startswith("STOPPING=1")
 
 
