@@ -1,8 +1,11 @@
 """Helpers the tests share: waiting for a condition, database blockers, a daemon run
-in-process."""
+in-process, reading a pseudo-terminal."""
 
 from __future__ import annotations
 
+import os
+import select
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -78,3 +81,22 @@ async def run_until(daemon: Daemon, done: Callable[[], Awaitable[None]]) -> int:
             await done()
         finished.set()
     return codes[0]
+
+
+def drain(fd: int, into: bytearray, stop: threading.Event) -> None:
+    """Read `fd` (a pseudo-terminal's master side) into `into` until every writer has
+    closed it, or `stop` is set and it has been quiet for 0.1 s (a grandchild might still
+    hold it). For a reader thread."""
+    while True:
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if not ready:
+            if stop.is_set():
+                return
+            continue
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: every writer is gone
+            return
+        if not chunk:
+            return
+        into += chunk

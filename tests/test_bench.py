@@ -8,7 +8,6 @@ import fcntl
 import json
 import os
 import re
-import select
 import struct
 import subprocess
 import sys
@@ -23,6 +22,8 @@ import pytest
 from userstreamd import bench
 from userstreamd.bench import LABELS
 from userstreamd.cli import main
+
+from .helpers import drain
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPORT: dict[str, Any] = {
@@ -105,24 +106,6 @@ def test_every_speed_figure_in_the_readme_is_a_bench_figure() -> None:
     assert not figures, f"speed figures outside the bench table: {figures}"
 
 
-def _drain(fd: int, into: bytearray, stop: threading.Event) -> None:
-    """Read `fd` into `into` until every writer has closed it, or `stop` is set and it has
-    been quiet for 0.1 s (a grandchild might still hold it)."""
-    while True:
-        ready, _, _ = select.select([fd], [], [], 0.1)
-        if not ready:
-            if stop.is_set():
-                return
-            continue
-        try:
-            chunk = os.read(fd, 65536)
-        except OSError:  # EIO: every writer is gone
-            return
-        if not chunk:
-            return
-        into += chunk
-
-
 def _run_with_stderr_on_a_terminal(command: list[str]) -> tuple[int, str, str]:
     """`command` with stdout a pipe and stderr a 120-column pseudo-terminal: its exit code,
     its stdout and what its terminal showed."""
@@ -138,7 +121,7 @@ def _run_with_stderr_on_a_terminal(command: list[str]) -> tuple[int, str, str]:
     )
     os.close(slave)
     terminal, stop = bytearray(), threading.Event()
-    reader = threading.Thread(target=_drain, args=(master, terminal, stop))
+    reader = threading.Thread(target=drain, args=(master, terminal, stop))
     reader.start()
     try:
         stdout, _ = proc.communicate(timeout=300)

@@ -21,6 +21,7 @@ import structlog
 from userstreamd.logs import configure_logging, forward, get_logger
 
 from .conftest import daemon_tables, toml_text
+from .helpers import drain
 
 ANSI = re.compile(rb"\x1b\[[0-9;]*m")
 TIMESTAMP = re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
@@ -34,19 +35,8 @@ def _under_pty(command: list[str], env: dict[str, str], run_s: float | None) -> 
         command, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env={**os.environ, **env}
     )
     os.close(slave)
-    chunks: list[bytes] = []
-
-    def read() -> None:
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # EIO: every writer is gone
-                return
-            if not chunk:
-                return
-            chunks.append(chunk)
-
-    reader = threading.Thread(target=read)
+    output, stop = bytearray(), threading.Event()
+    reader = threading.Thread(target=drain, args=(master, output, stop))
     reader.start()
     try:
         if run_s is not None:
@@ -55,9 +45,10 @@ def _under_pty(command: list[str], env: dict[str, str], run_s: float | None) -> 
         assert proc.wait(60) == 0
     finally:
         proc.kill()
+        stop.set()
         reader.join(10)
         os.close(master)
-    return b"".join(chunks)
+    return bytes(output)
 
 
 def _log_one_line(fmt: str) -> list[str]:

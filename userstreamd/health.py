@@ -18,12 +18,13 @@ bring the database back, so the watchdog does not ask for it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import psycopg
 import trio
 
+from .errors import StoreError
 from .logs import get_logger
+from .store.postgres import PostgresStore
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -59,7 +60,7 @@ class Health:
         self.database = NOT_CHECKED
         self._limiter = trio.CapacityLimiter(1)  # one probe at a time, even one abandoned
         self._wake = trio.Event()
-        self._conn: psycopg.Connection[Any] | None = None  # used by one probe thread at a time
+        self._store: PostgresStore | None = None  # used by one probe thread at a time
         self._closing = False
 
     def readiness(self) -> Readiness:
@@ -113,17 +114,15 @@ class Health:
         try:
             if not self.daemon.dsn:
                 return "not started"
-            fresh = self._conn is None
+            fresh = self._store is None
             try:
                 return self._ask()
-            except psycopg.Error as exc:
-                self._close()
+            except StoreError as exc:
                 if fresh:
                     return f"unreachable: {_first_line(exc)}"
             try:  # the connection was from before a restart of the server: once more
                 return self._ask()
-            except psycopg.Error as exc:
-                self._close()
+            except StoreError as exc:
                 return f"unreachable: {_first_line(exc)}"
         except Exception as exc:  # (a credential file that cannot be read, ...)
             self._close()
@@ -133,33 +132,27 @@ class Health:
                 self._close()
 
     def _ask(self) -> str:
-        if self._conn is None:
-            extra: dict[str, Any] = {"application_name": "userstreamd-health"}
-            if password := self.daemon.config.db_password():
-                extra["password"] = password
-            self._conn = psycopg.connect(
+        if self._store is None:
+            self._store = PostgresStore(
                 self.daemon.dsn,
-                autocommit=True,
-                connect_timeout=max(2, int(PROBE_TIMEOUT_S)),  # (libpq: >= 2 s)
-                **extra,
+                password=self.daemon.config.db_password(),
+                application_name="userstreamd-health",
+                connect_timeout_s=PROBE_TIMEOUT_S,
+                statement_timeout_s=PROBE_TIMEOUT_S,
             )
-            # SET, not the `options` parameter: that would replace the DSN's own.
-            self._conn.execute(
-                "SELECT set_config('statement_timeout', %s, false)", (f"{PROBE_TIMEOUT_S:g}s",)
-            )
-        row = self._conn.execute(
+        ((in_recovery, read_only),) = self._store.query(
             "SELECT pg_is_in_recovery(), current_setting('transaction_read_only')"
-        ).fetchone()
-        if row is None or row[0]:
+        )
+        if in_recovery:
             return "in recovery: read-only"
-        if row[1] == "on":
+        if read_only == "on":
             return "read-only (transaction_read_only)"
         return OK
 
     def _close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
+        store, self._store = self._store, None
+        if store is not None:
+            store.close()
 
 
 def _first_line(exc: BaseException) -> str:
