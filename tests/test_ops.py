@@ -178,6 +178,27 @@ async def test_hostile_http_gets_an_answer_and_the_endpoint_carries_on(
             # And everyone else is still served.
             assert (await client.get(f"{daemon.http_url}healthz")).status_code == 200
         await idle.aclose()
+        # Requests cut off half-way, then a flood of 200 at once: the endpoint answers the
+        # flood and the stream flows on.
+        for _ in range(20):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"GET /metr")
+            await stream.aclose()
+        published = daemon.hub.last_seq
+        codes: list[int] = []
+
+        async def one(client: httpx.AsyncClient) -> None:
+            codes.append((await client.get(f"{daemon.http_url}metrics")).status_code)
+
+        limits = httpx.Limits(max_connections=200)
+        async with (
+            httpx.AsyncClient(limits=limits, timeout=30) as client,
+            trio.open_nursery() as flood,
+        ):
+            for _ in range(200):
+                flood.start_soon(one, client)
+        assert codes == [200] * 200
+        await eventually(lambda: daemon.hub.last_seq > published, 10)
         # Clients closing with the slow-client code, or sending acks with made-up batch
         # reports, count for nothing.
         for _ in range(3):
@@ -191,6 +212,7 @@ async def test_hostile_http_gets_an_answer_and_the_endpoint_carries_on(
         assert found[("userstreamd_websocket_slow_closes_total", ())] == 0
         assert found[("userstreamd_consumer_batch_size_count", ())] == 0
         assert daemon.metrics.rows_inserted == 0
+        assert daemon.hub.bad_frames == 3  # (acks from plain clients: logged, counted)
 
     assert await run_until(daemon, attack) == 0
 
