@@ -119,7 +119,7 @@ class ConsumersConfig(_Table, frozen=True):
     group: GroupName = "db"
     window: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 2000
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=50_000)] = 500
-    batch_interval_s: Positive = 0.25
+    batch_interval_s: NonNegative = 0.0  # 0: group commit, no wait
     reconnect_min_s: Positive = 0.1
     reconnect_max_s: Positive = 5.0
     max_lead: Annotated[int, msgspec.Meta(ge=1)] = 20_000

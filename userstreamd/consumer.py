@@ -2,8 +2,9 @@
 
 Two tasks per consumer: the *receiver* keeps a connection to the broadcaster (reconnecting
 with exponential backoff and jitter) and turns frames into rows; the *writer* takes rows
-in batches (``batch_size`` or ``batch_interval_s``, whichever comes first), inserts each
-batch in one statement and one transaction, then acknowledges the batch's highest seq.
+in batches (group commit: all rows received while the previous batch was written, up
+to ``batch_size``; ``batch_interval_s`` > 0 lingers for more), inserts each batch in one
+transaction, then acknowledges its seqs.
 A failed insert keeps its batch and retries it (`StoreCalls.retrying`): rows are never
 dropped for a DB outage. The writer outlives connections, so a reconnect does not lose
 rows already received. The reconnect backoff starts over only after a connection has
@@ -102,7 +103,7 @@ class Consumer:
         *,
         worker: int = 1,
         batch_size: int = 500,
-        batch_interval_s: float = 0.25,
+        batch_interval_s: float = 0.0,
         reconnect_min_s: float = 0.1,
         reconnect_max_s: float = 5.0,
         milestones: Milestones | None = None,
@@ -277,9 +278,15 @@ class Consumer:
         try:
             while True:
                 batch.append(await receive.receive())
-                with trio.move_on_after(self.batch_interval_s):
-                    while len(batch) < self.batch_size:
-                        batch.append(await receive.receive())
+                if self.batch_interval_s > 0:  # linger for a fuller batch
+                    with trio.move_on_after(self.batch_interval_s):
+                        while len(batch) < self.batch_size:
+                            batch.append(await receive.receive())
+                while len(batch) < self.batch_size:  # group commit: all that came meanwhile
+                    try:
+                        batch.append(receive.receive_nowait())
+                    except trio.WouldBlock:
+                        break
                 await self._write(batch)
                 batch = []
         finally:

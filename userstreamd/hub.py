@@ -48,8 +48,9 @@ from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
+import msgspec
 import trio
 
 from .messages import Checkpoint, Gap, UserMessage, encode
@@ -243,7 +244,11 @@ class Hub:
         )
 
     def publish_nowait(
-        self, user: dict[str, Any], source: str, position: int, produced_at: datetime | None = None
+        self,
+        user: dict[str, Any] | msgspec.Raw,
+        source: str,
+        position: int,
+        produced_at: datetime | None = None,
     ) -> UserMessage:
         """Append one user (the caller checked `has_room`, or accepts going over)."""
         self.last_seq += 1
@@ -254,7 +259,7 @@ class Hub:
             position=position,
             produced_at=produced_at,
             source=source,
-            user=user,
+            user=cast(dict[str, Any], user),  # a Raw is encoded as it is
         )
         entry = _Entry(self.last_seq, position, encode(message), source, produced_at.timestamp())
         self.published[source] += 1
@@ -272,7 +277,9 @@ class Hub:
         while not self.has_room():
             await self._wait()
 
-    async def publish(self, user: dict[str, Any], source: str, position: int) -> UserMessage:
+    async def publish(
+        self, user: dict[str, Any] | msgspec.Raw, source: str, position: int
+    ) -> UserMessage:
         """Append one user, first waiting while the buffer is full of unacknowledged frames."""
         await self.wait_for_room()
         return self.publish_nowait(user, source, position)

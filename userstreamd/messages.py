@@ -13,12 +13,17 @@ Server -> client::
     {"type": "gap", "epoch": "9c2f...", "from_seq": 3, "to_seq": 1041,
      "reason": "no longer in the replay buffer"}
     {"type": "checkpoint", "group": "db", "epoch": "9c2f...", "seq": 40, "position": 40}
+    {"type": "users", "items": [{"type": "user", "seq": 43, ...}, {"type": "user", ...}]}
 
 ``seq`` increases by one per user within an ``epoch``; ``position`` is the user's place
 in its source (replayable). The welcome's ``seq`` is where the stream stands: a plain
 client's next user is ``seq + 1`` unless it resumed. ``gap`` says which seqs a resuming
 client will never get (``from_seq`` null: an unknown epoch). ``checkpoint`` tells group
 members the group's watermark: every seq up to it is committed by some member.
+
+``users`` carries several user messages, in seq order, in one frame. Only a client that
+asked for it at the handshake (``?batch=N``: at most N users per frame) ever gets one;
+the daemon's own consumers always ask. Everyone else gets one ``user`` per frame.
 
 Client -> server::
 
@@ -62,7 +67,11 @@ class UserMessage(msgspec.Struct, tag="user", frozen=True, kw_only=True):
     position: int
     produced_at: datetime
     source: str
-    user: dict[str, Any]
+    user: dict[str, Any]  # (the hub may be given it pre-encoded: msgspec.Raw)
+
+
+class Users(msgspec.Struct, tag="users", frozen=True, kw_only=True):
+    items: list[UserMessage]
 
 
 class Gap(msgspec.Struct, tag="gap", frozen=True, kw_only=True):
@@ -91,7 +100,7 @@ class Ack(msgspec.Struct, tag="ack", frozen=True, kw_only=True, omit_defaults=Tr
     batch: Batch | None = None
 
 
-ServerMessage = Welcome | UserMessage | Gap | Checkpoint
+ServerMessage = Welcome | UserMessage | Users | Gap | Checkpoint
 
 _encoder = msgspec.json.Encoder()
 _server_decoder = msgspec.json.Decoder(ServerMessage)
@@ -103,7 +112,12 @@ def encode(message: Welcome | UserMessage | Gap | Checkpoint | Ack) -> str:
     return _encoder.encode(message).decode()
 
 
-def decode_server(frame: str | bytes) -> Welcome | UserMessage | Gap | Checkpoint:
+def users_frame(frames: list[str]) -> str:
+    """One ``users`` frame from encoded ``user`` frames (no decoding, no re-encoding)."""
+    return '{"type":"users","items":[' + ",".join(frames) + "]}"
+
+
+def decode_server(frame: str | bytes) -> Welcome | UserMessage | Users | Gap | Checkpoint:
     """Decode a frame a client received; ProtocolError if it is not ours."""
     try:
         return _server_decoder.decode(frame)
