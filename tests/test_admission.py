@@ -52,6 +52,11 @@ def _status(target: str, policy: Policy = OPEN, headers: list | None = None) -> 
         ("/?" + "a" * 3000, 414),
         ("/?%zz", 400),
         ("/?a=1&&b", 400),
+        ("/?batch=0", 400),
+        ("/?batch=1001", 400),
+        ("/?batch=ten", 400),
+        ("/?batch=", 400),
+        ("/?batch=2&batch=3", 400),
     ],
 )
 def test_malformed_paths_and_queries_are_refused_with_their_status(
@@ -66,6 +71,9 @@ def test_good_requests_are_admitted_with_what_they_asked_for() -> None:
     assert resumed.since == ("9c2f", 41) and resumed.who == "anonymous"
     member = admit("/?group=audit&window=50", [], OPEN, private=False)
     assert (member.group, member.window) == ("audit", 50)
+    assert member.batch == 1  # one user per frame unless asked
+    assert admit("/?batch=200", [], OPEN, private=False).batch == 200
+    assert admit("/?group=db&batch=500", [], OPEN, private=True).batch == 500
 
 
 def test_the_daemons_own_group_is_refused_on_the_public_port_whatever_the_token() -> None:

@@ -221,3 +221,64 @@ async def test_two_groups_and_three_plain_clients_with_one_stalled() -> None:
         assert min(shares.values()) > 3000 / len(names) / 3, shares
     assert peak_bytes <= 8 * 2**20
     assert hub.statistics().buffered <= 2000
+
+
+async def _users_of(ws: Any, count: int, frames: list[dict[str, Any]]) -> list[int]:
+    """The seqs of the next `count` users, whether one per frame or in ``users`` frames."""
+    seqs: list[int] = []
+    while len(seqs) < count:
+        message = await _receive(ws)
+        frames.append(message)
+        items = message["items"] if message["type"] == "users" else [message]
+        assert all(item["type"] == "user" for item in items)
+        seqs += [item["seq"] for item in items]
+    return seqs
+
+
+async def test_batch_clients_get_users_frames_and_the_others_never_do() -> None:
+    """Both clients resume 300 users behind and then follow bursts: the one that asked
+    for ``batch=50`` gets ``users`` frames of at most 50, the plain one only ``user``
+    frames; both get every seq once, in order, with the same records."""
+    hub = Hub("e")
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            url = await _start(nursery, hub)
+            _publish(hub, range(1, 301))
+            async with (
+                open_ws(f"{url}?epoch=e&since=0&batch=50") as batched,
+                open_ws(f"{url}?epoch=e&since=0") as plain,
+            ):
+                await _receive(batched), await _receive(plain)
+                got_batched: list[dict[str, Any]] = []
+                got_plain: list[dict[str, Any]] = []
+                seqs_b = await _users_of(batched, 300, got_batched)
+                seqs_p = await _users_of(plain, 300, got_plain)
+                for burst in range(301, 1001, 100):
+                    _publish(hub, range(burst, burst + 100))
+                    seqs_b += await _users_of(batched, 100, got_batched)
+                    seqs_p += await _users_of(plain, 100, got_plain)
+            nursery.cancel_scope.cancel()
+    assert seqs_b == seqs_p == list(range(1, 1001))
+    assert {m["type"] for m in got_plain} == {"user"}
+    sizes = [len(m["items"]) for m in got_batched if m["type"] == "users"]
+    assert sizes and max(sizes) == 50 and len(got_batched) < 1000 / 10
+    records = [item for m in got_batched for item in (m.get("items") or [m])]
+    assert records == got_plain
+
+
+async def test_frames_of_every_length_class_reach_clients_intact() -> None:
+    """Payloads up to 64 KiB and beyond (the two longer length encodings of the frame
+    header; the welcome and gaps are shorter than 126 bytes), sent several per write,
+    arrive whole and in order."""
+    hub = Hub("e")
+    notes = ["x" * 200, "y" * 70_000, "z" * 60_000, "é" * 40_000]
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            url = await _start(nursery, hub)
+            async with open_ws(url) as ws:
+                await _receive(ws)
+                for p, note in enumerate(notes, 1):
+                    hub.publish_nowait({"note": note}, "synthetic", p)
+                got = [await _receive(ws) for _ in notes]
+            nursery.cancel_scope.cancel()
+    assert [m["user"]["note"] for m in got] == notes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -373,3 +374,135 @@ def test_acks_of_a_group_that_does_not_hold_the_producer_count_no_commit() -> No
     hub.ack(member, _take(hub, member), rejected={1})
     assert hub.watermark("audit")[0] == 3
     assert not hub.committed and not hub.rejected
+
+
+# -- wake-ups, coalescing, several frames at once -----------------------------------------
+
+
+def test_next_frames_takes_what_is_due_in_order_up_to_the_limit() -> None:
+    hub = Hub("e")
+    sub = hub.subscribe("s")
+    assert hub.next_frames_nowait(sub, 10) is None
+    _publish(hub, 7)
+    first = hub.next_frames_nowait(sub, 5) or []
+    rest = hub.next_frames_nowait(sub, 5) or []
+    assert [json.loads(f)["seq"] for f in first] == [1, 2, 3, 4, 5]
+    assert [json.loads(f)["seq"] for f in rest] == [6, 7]
+    assert hub.next_frames_nowait(sub, 5) is None
+
+
+def test_a_member_takes_its_checkpoint_and_its_users_at_once() -> None:
+    hub = Hub("e")
+    hub.declare_group("db", watermark=0)
+    member = hub.join("db", "m")
+    _publish(hub, 3)
+    due = hub.next_member_frames_nowait(member, 10)
+    assert due is not None and due.control == []
+    assert [json.loads(f)["seq"] for f in due.users] == [1, 2, 3]
+    hub.ack(member, [1, 2])
+    _publish(hub, 2)
+    due = hub.next_member_frames_nowait(member, 10)
+    assert due is not None
+    assert [json.loads(f)["type"] for f in due.control] == ["checkpoint"]
+    assert json.loads(due.control[0])["seq"] == 2
+    assert [json.loads(f)["seq"] for f in due.users] == [4, 5]
+
+
+async def _read_paced(
+    hub: Hub, sub: Subscription, until: int, into: list[tuple[float, list[int]]]
+) -> None:
+    seq = 0
+    while seq < until:
+        frames = await hub.next_frames(sub, 1000)
+        seqs = [json.loads(f)["seq"] for f in frames]
+        into.append((trio.current_time(), seqs))
+        seq = seqs[-1]
+
+
+@pytest.mark.parametrize("coalesce_s", [0.002, 0.005])
+async def test_coalescing_keeps_order_loses_nothing_and_bounds_the_delay(
+    autojump_clock: trio.testing.MockClock, coalesce_s: float
+) -> None:
+    """Publishes at irregular moments (bursts, pauses) while `pace` runs: the reader gets
+    every seq once, in order, each at most `coalesce_s` after it was published, and in
+    fewer wake-ups than users."""
+    hub = Hub("e")
+    sub = hub.subscribe("s")
+    published_at: dict[int, float] = {}
+    reads: list[tuple[float, list[int]]] = []
+    gaps = [0.0, 0.0, 0.0005, 0.001, 0.0003, 0.01, 0.0, 0.2, 0.0001] * 30
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.pace, coalesce_s)
+        nursery.start_soon(_read_paced, hub, sub, len(gaps), reads)
+        for gap in gaps:
+            await trio.sleep(gap)
+            hub.publish_nowait({}, "synthetic", hub.last_seq + 1)
+            published_at[hub.last_seq] = trio.current_time()
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    received = [seq for _, seqs in reads for seq in seqs]
+    assert received == list(range(1, len(gaps) + 1))
+    for at, seqs in reads:
+        assert all(0 <= at - published_at[seq] <= coalesce_s + 1e-9 for seq in seqs)
+    assert len(reads) < len(gaps) * 0.7
+
+
+async def test_without_pace_a_publish_wakes_the_reader_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hub = Hub("e")
+    sub = hub.subscribe("s")
+    reads: list[tuple[float, list[int]]] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_read_paced, hub, sub, 3, reads)
+        for _ in range(3):
+            await trio.sleep(1)
+            hub.publish_nowait({}, "synthetic", hub.last_seq + 1)
+    assert reads == [(1.0, [1]), (2.0, [2]), (3.0, [3])]
+
+
+class _Wakes(trio.abc.Instrument):
+    """How often each named task was scheduled."""
+
+    def __init__(self) -> None:
+        self.count: Counter[str] = Counter()
+
+    def task_scheduled(self, task: trio.lowlevel.Task) -> None:
+        self.count[task.name] += 1
+
+
+async def test_acks_wake_neither_plain_clients_nor_other_groups() -> None:
+    """Per-waiter wake-ups: 200 acks (and the checkpoints they bring) schedule no plain
+    reader and no member of another group; a publish schedules each of them once."""
+    hub = Hub("e")
+    hub.declare_group("db", watermark=0, holds_producer=True)
+    hub.declare_group("other", watermark=0)
+    acker, idle = hub.join("db", "acker"), hub.join("other", "idle")
+    sub = hub.subscribe("plain")
+    _publish(hub, 200)
+    wakes = _Wakes()
+
+    async def drain_plain() -> None:
+        while True:
+            await hub.next_frames(sub, 1000)
+
+    async def drain_member() -> None:
+        while True:
+            await hub.next_member_frames(idle, 1000)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(drain_plain, name="plain")
+        nursery.start_soon(drain_member, name="other-member")
+        await trio.testing.wait_all_tasks_blocked()
+        trio.lowlevel.add_instrument(wakes)
+        for seq in range(1, 201):
+            hub.ack(acker, [seq])
+            await trio.lowlevel.checkpoint()
+        await trio.testing.wait_all_tasks_blocked()
+        assert wakes.count["plain"] == wakes.count["other-member"] == 0
+        assert hub.watermark("db")[0] == 200
+        hub.publish_nowait({}, "synthetic", 201)
+        await trio.testing.wait_all_tasks_blocked()
+        trio.lowlevel.remove_instrument(wakes)
+        nursery.cancel_scope.cancel()
+    assert wakes.count["plain"] == wakes.count["other-member"] == 1

@@ -6,7 +6,9 @@ Checks, in order: path (404), query (400), Origin (403), token (401), permission
 
 The query accepts exactly these keys, each at most once: ``epoch`` and ``since``
 (resume after that seq; both or neither), ``group`` and ``window`` (join a consumer
-group, holding at most ``window`` unacknowledged users), ``token`` (for browsers).
+group, holding at most ``window`` unacknowledged users), ``batch`` (at most that many
+users per frame, in ``users`` frames; 1, the default, is one ``user`` per frame) and
+``token`` (for browsers).
 The daemon's own group (``consumers.group``) is joined only through the private
 socket; on the public port it is refused whatever the token says.
 """
@@ -21,8 +23,9 @@ from .auth import Tokens
 
 MAX_TARGET_CHARS = 2048
 MAX_WINDOW = 100_000
+MAX_BATCH = 1000
 NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # an epoch or a group
-_QUERY_KEYS = frozenset({"epoch", "since", "group", "window", "token"})
+_QUERY_KEYS = frozenset({"epoch", "since", "group", "window", "batch", "token"})
 
 
 class Refused(Exception):
@@ -40,6 +43,7 @@ class Admission:
     window: int
     since: tuple[str, int] | None
     who: str  # the token's name; "anonymous" without one; "private" on the private socket
+    batch: int = 1  # users per frame at most (above 1: ``users`` frames)
 
 
 @dataclass(frozen=True)
@@ -113,7 +117,8 @@ def admit(
     if group is not None and since_seq is not None:
         raise Refused(400, "group members do not resume by seq: the group keeps their place")
     since = (epoch, since_seq) if epoch is not None and since_seq is not None else None
-    admission = Admission(group, window or policy.default_window, since, "private")
+    batch = _int(query, "batch", 1, MAX_BATCH) or 1
+    admission = Admission(group, window or policy.default_window, since, "private", batch)
     if private:
         return admission
     origin = _header(headers, b"origin")
@@ -138,7 +143,7 @@ def admit(
             raise Refused(403, f"unknown group {group!r} (broadcaster.groups)")
         if token is not None and not token.may_join(group):
             raise Refused(403, f"token {who!r} may not join group {group!r}")
-    return Admission(group, admission.window, since, who)
+    return Admission(group, admission.window, since, who, batch)
 
 
 def _bearer(headers: list[tuple[bytes, bytes]]) -> str | None:

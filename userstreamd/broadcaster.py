@@ -39,7 +39,8 @@ from .edge import Edge, EdgeStatistics
 from .errors import ProtocolError
 from .hub import AckTimeout, GroupLagging, Hub, Member, Slow, StaleAck, Subscription
 from .logs import Throttle, bind, get_logger
-from .messages import Batch, Welcome, decode_client, encode
+from .messages import Batch, Welcome, decode_client, encode, users_frame
+from .wsframes import send_frames
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_RATE = 1008
@@ -48,6 +49,8 @@ CLOSE_SLOW = 3008
 CLOSE_ACK_TIMEOUT = 4000
 CLOSE_GROUP_LAGGING = 4001
 SLOW_CLOSE_TIMEOUT_S = 10.0
+FRAMES_PER_WRITE = 256  # at most, to one client in one write (about 256 KiB of users)
+USERS_FRAME_MAX_BYTES = 256 * 1024  # a ``users`` frame stops growing here
 
 
 class RateExceeded(Exception):
@@ -120,6 +123,7 @@ class Broadcaster:
             if private_path is not None:
                 await nursery.start(self.edge.serve_unix, private_path)
             nursery.start_soon(self._evict_silent_members)
+            nursery.start_soon(self.hub.pace, self.settings.coalesce_ms / 1000)
             get_logger().info(
                 "broadcaster.listening",
                 host=host,
@@ -173,11 +177,11 @@ class Broadcaster:
                 nursery.start_soon(self._read_client, ws, member, private)
                 nursery.start_soon(self._keep_alive, ws)
                 if member is not None:
-                    await self._send_member(ws, member)
+                    await self._send_member(ws, member, admission.batch)
                 else:
                     assert sub is not None
-                    nursery.start_soon(_abort_if_stuck, hub, sub)
-                    await self._send_plain(ws, sub)
+                    nursery.start_soon(_abort_if_stuck, sub)
+                    await self._send_plain(ws, sub, admission.batch)
         except* trio.EndOfChannel:
             code, reason = CLOSE_GOING_AWAY, "server stopping"
         except* Slow:
@@ -256,24 +260,51 @@ class Broadcaster:
                 continue
             raise DeadPeer
 
-    async def _send_member(self, ws: WebSocketConnection, member: Member) -> None:
-        while True:
-            await ws.send_message(await self.hub.next_member_frame(member))
-            self.sent["member"] += 1  # (users, and the gaps and checkpoints among them)
+    # Each wake-up sends everything due to the client (up to FRAMES_PER_WRITE) in one
+    # write: a client that is behind catches up in few writes, one that asked for
+    # ``batch`` gets its users in ``users`` frames.
 
-    async def _send_plain(self, ws: WebSocketConnection, sub: Subscription) -> None:
+    async def _send_member(self, ws: WebSocketConnection, member: Member, batch: int) -> None:
+        limit = max(FRAMES_PER_WRITE, batch)
+        while True:
+            due = await self.hub.next_member_frames(member, limit)
+            frames = due.control + _in_frames(due.users, batch)
+            await send_frames(ws, frames)
+            self.sent["member"] += len(frames)  # (users, and the gaps and checkpoints)
+
+    async def _send_plain(self, ws: WebSocketConnection, sub: Subscription, batch: int) -> None:
         if sub.gap is not None:
             await ws.send_message(encode(sub.gap))
             self.sent["plain"] += 1
+        limit = max(FRAMES_PER_WRITE, batch)
         while True:
-            await ws.send_message(await self.hub.next_frame(sub))
-            self.sent["plain"] += 1
+            frames = _in_frames(await self.hub.next_frames(sub, limit), batch)
+            await send_frames(ws, frames)
+            self.sent["plain"] += len(frames)
 
 
-async def _abort_if_stuck(hub: Hub, sub: Subscription) -> None:
+def _in_frames(users: list[bytes], batch: int) -> list[bytes]:
+    """One frame per user, or, for a client that asked for `batch` > 1, ``users``
+    frames of up to `batch` users (and USERS_FRAME_MAX_BYTES); a lone user goes as is."""
+    if batch == 1 or len(users) < 2:
+        return users
+    frames: list[bytes] = []
+    chunk: list[bytes] = []
+    size = 0
+    for user in users:
+        if chunk and (len(chunk) == batch or size + len(user) > USERS_FRAME_MAX_BYTES):
+            frames.append(users_frame(chunk) if len(chunk) > 1 else chunk[0])
+            chunk, size = [], 0
+        chunk.append(user)
+        size += len(user) + 1
+    frames.append(users_frame(chunk) if len(chunk) > 1 else chunk[0])
+    return frames
+
+
+async def _abort_if_stuck(sub: Subscription) -> None:
     """A cut-off client normally learns it at its next frame (close 3008). One whose
     socket takes nothing more for SLOW_CLOSE_TIMEOUT_S is dropped without ceremony."""
-    await hub.wait_cut_off(sub)
+    await sub.cut.wait()
     await trio.sleep(SLOW_CLOSE_TIMEOUT_S)
     raise Slow(f"stuck: took nothing for {SLOW_CLOSE_TIMEOUT_S:g} s after it was cut off")
 

@@ -33,6 +33,12 @@ member to join learns what the group missed from a `Gap`. A member holding frame
 acknowledges nothing for ``ack_timeout_s`` is evicted (`evict_silent_members`) and what
 it held is redelivered.
 
+**Wake-ups.** Nothing waits on a shared "something changed": plain clients wait for
+new frames (woken by publishing, at most once per ``coalesce_s`` while `pace` runs, so a
+sender takes several frames at once instead of one wake-up per user), each member for
+frames assigned to it, the producer and `wait_drained` for acks. Senders take every frame
+that is due at once (`next_frames`, `next_member_frames`).
+
 **Counts.** Users published and, for the groups that hold the producer, committed or
 set aside (`rejected` in their acks) are counted by source; each seq is counted once,
 whoever acknowledges it. `on_committed` (if given) gets each committed user's seconds
@@ -53,7 +59,9 @@ from typing import Any, cast
 import msgspec
 import trio
 
-from .messages import Checkpoint, Gap, UserMessage, encode
+from .messages import Checkpoint, Gap, UserMessage
+
+_encoder = msgspec.json.Encoder()
 
 
 def _now() -> float:
@@ -88,9 +96,25 @@ class AckTimeout(MemberEnded):
 class _Entry:
     seq: int
     position: int
-    frame: str
+    frame: bytes  # the encoded ``user`` message (UTF-8 JSON)
     source: str
     produced: float  # Unix time
+
+
+class _Signal:
+    """Wakes every task waiting on it (each `wait` parks on the event of the moment)."""
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
 
 
 @dataclass(eq=False)
@@ -102,6 +126,7 @@ class Subscription:
     next_seq: int
     gap: Gap | None = None
     slow: bool = False
+    cut: trio.Event = field(default_factory=trio.Event)  # set when it is cut off
 
 
 @dataclass(eq=False)
@@ -116,6 +141,7 @@ class Member:
     gap: Gap | None = None  # what its group missed before it joined: sent first
     ended: MemberEnded | None = None
     silent_since: float = 0.0  # when it last acknowledged something (or began to hold)
+    due: _Signal = field(default_factory=_Signal)  # something to send (or it ended)
 
 
 @dataclass(eq=False)
@@ -134,6 +160,14 @@ class Group:
 
     def __post_init__(self) -> None:
         self.next_seq = self.next_seq or self.watermark + 1
+
+
+@dataclass(slots=True)
+class Due:
+    """What a member is to be sent: encoded gap/checkpoint messages, then users."""
+
+    control: list[bytes]
+    users: list[bytes]
 
 
 @dataclass(frozen=True)
@@ -193,7 +227,10 @@ class Hub:
         self._subs: dict[int, Subscription] = {}
         self._groups: dict[str, Group] = {}
         self._ids = itertools.count()
-        self._changed = trio.Event()
+        self._frames = _Signal()  # plain clients: new frames (or the end)
+        self._acks = _Signal()  # the producer and drain: acks, leaves, cut-offs
+        self._published = _Signal()  # for `pace`
+        self._pacing = False
         self.closed = False
 
     # -- publishing ------------------------------------------------------------------------
@@ -261,7 +298,8 @@ class Hub:
             source=source,
             user=cast(dict[str, Any], user),  # a Raw is encoded as it is
         )
-        entry = _Entry(self.last_seq, position, encode(message), source, produced_at.timestamp())
+        frame = _encoder.encode(message)
+        entry = _Entry(self.last_seq, position, frame, source, produced_at.timestamp())
         self.published[source] += 1
         self._entries[entry.seq] = entry
         self._bytes += len(entry.frame)
@@ -269,13 +307,29 @@ class Hub:
         for group in self._groups.values():
             self._dispatch(group)
         self._cut_off_laggards()
-        self._notify()
+        if self._pacing:
+            self._published.fire()
+        else:
+            self._frames.fire()
         return message
+
+    async def pace(self, coalesce_s: float) -> None:
+        """Until cancelled: wake plain clients at most once per `coalesce_s` after a
+        publish (instead of at each), so each sender takes what came meanwhile at once."""
+        self._pacing = coalesce_s > 0
+        try:
+            while self._pacing:
+                await self._published.wait()
+                await trio.sleep(coalesce_s)
+                self._frames.fire()
+        finally:
+            self._pacing = False
+            self._frames.fire()
 
     async def wait_for_room(self) -> None:
         """Return once the buffer has room (at once when it has)."""
         while not self.has_room():
-            await self._wait()
+            await self._acks.wait()
 
     async def publish(
         self, user: dict[str, Any] | msgspec.Raw, source: str, position: int
@@ -327,33 +381,38 @@ class Hub:
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
-        if self._subs.pop(sub.id, None) is not None:
-            self._notify()
+        self._subs.pop(sub.id, None)
 
-    def next_frame_nowait(self, sub: Subscription) -> str | None:
-        """The subscriber's next frame, None if it is at the live end; Slow if cut off."""
+    def next_frames_nowait(self, sub: Subscription, limit: int = 1) -> list[bytes] | None:
+        """Up to `limit` of the subscriber's next frames, in order; None if it is at the
+        live end; Slow if it was cut off."""
         if sub.slow or sub.next_seq < self._oldest:
             self._cut_off(sub)
             raise Slow(f"fell {self.last_seq - sub.next_seq + 1} frames behind")
-        if sub.next_seq > self.last_seq:
+        first = sub.next_seq
+        last = min(self.last_seq, first + limit - 1)
+        if first > last:
             return None
-        frame = self._entries[sub.next_seq].frame
-        sub.next_seq += 1
-        return frame
+        entries = self._entries
+        sub.next_seq = last + 1
+        return [entries[seq].frame for seq in range(first, last + 1)]
 
-    async def next_frame(self, sub: Subscription) -> str:
-        """Wait for the subscriber's next frame; trio.EndOfChannel once the hub is closed
-        and the subscriber has everything."""
-        while (frame := self.next_frame_nowait(sub)) is None:
+    async def next_frames(self, sub: Subscription, limit: int = 1) -> list[bytes]:
+        """Wait for the subscriber's next frames (at most `limit`); trio.EndOfChannel
+        once the hub is closed and the subscriber has everything."""
+        while (frames := self.next_frames_nowait(sub, limit)) is None:
             if self.closed:
                 raise trio.EndOfChannel
-            await self._wait()
-        return frame
+            await self._frames.wait()
+        return frames
 
-    async def wait_cut_off(self, sub: Subscription) -> None:
-        """Return once the subscriber has been cut off."""
-        while not sub.slow:
-            await self._wait()
+    def next_frame_nowait(self, sub: Subscription) -> str | None:
+        """The subscriber's next frame, None if it is at the live end; Slow if cut off."""
+        frames = self.next_frames_nowait(sub)
+        return None if frames is None else frames[0].decode()
+
+    async def next_frame(self, sub: Subscription) -> str:
+        return (await self.next_frames(sub))[0].decode()
 
     def _cut_off_laggards(self) -> None:
         for sub in list(self._subs.values()):
@@ -367,6 +426,7 @@ class Hub:
         if not sub.slow:
             sub.slow = True
             self.slow_disconnects += 1
+            sub.cut.set()
 
     # -- groups ------------------------------------------------------------------------------
 
@@ -397,7 +457,8 @@ class Hub:
         member.gap, group.gap = group.gap, None
         group.members[member.id] = member
         self._dispatch(group)
-        self._notify()
+        if member.gap is not None:
+            member.due.fire()
         return member
 
     def leave(self, member: Member) -> None:
@@ -413,7 +474,8 @@ class Hub:
             del self._groups[group.name]  # nobody to deliver to: it no longer holds frames
         else:
             self._dispatch(group)
-        self._notify()
+        member.due.fire()
+        self._acks.fire()
 
     def _end(self, member: Member, ended: MemberEnded) -> None:
         member.ended = ended
@@ -430,6 +492,7 @@ class Hub:
             member.ended = GroupLagging(f"group {group.name!r} cut off: {reason}")
             member.in_flight.clear()
             member.outbox.clear()
+            member.due.fire()
         group.members.clear()
         group.watermark, group.next_seq = self.last_seq, self.last_seq + 1
         group.redeliver.clear()
@@ -438,7 +501,7 @@ class Hub:
             group.gap = missed
         else:
             del self._groups[group.name]
-        self._notify()
+        self._acks.fire()
 
     def evict_silent_members(self, timeout_s: float) -> list[Member]:
         """End every member that holds frames and has acknowledged none for `timeout_s`;
@@ -457,6 +520,7 @@ class Hub:
 
     def _dispatch(self, group: Group) -> None:
         """Assign waiting frames to the members with room, in turn."""
+        woken: set[int] = set()
         while group.members:
             if group.redeliver:
                 seq = group.redeliver[0]
@@ -477,32 +541,55 @@ class Hub:
                 group.next_seq += 1
             member.in_flight.add(seq)
             heapq.heappush(member.outbox, seq)
+            if member.id not in woken:
+                woken.add(member.id)
+                member.due.fire()
 
-    def next_member_frame_nowait(self, member: Member) -> str | None:
-        """The member's next frame, None if it has nothing due; MemberEnded once it ended."""
+    def next_member_frames_nowait(self, member: Member, limit: int = 1) -> Due | None:
+        """What the member is due: a gap it missed and its group's checkpoint, then up to
+        `limit` users in seq order. None if nothing is due; MemberEnded once it ended."""
         if member.ended is not None:
             raise member.ended
+        control = []
         if member.gap is not None:
-            gap, member.gap = member.gap, None
-            return encode(gap)
+            control.append(_encoder.encode(member.gap))
+            member.gap = None
         if member.checkpoint_due:
             member.checkpoint_due = False
             group = member.group
-            return encode(
-                Checkpoint(
-                    group=group.name, epoch=self.epoch, seq=group.watermark, position=group.position
+            control.append(
+                _encoder.encode(
+                    Checkpoint(
+                        group=group.name,
+                        epoch=self.epoch,
+                        seq=group.watermark,
+                        position=group.position,
+                    )
                 )
             )
-        if not member.outbox:
-            return None
-        return self._entries[heapq.heappop(member.outbox)].frame
+        outbox, entries = member.outbox, self._entries
+        users = [entries[heapq.heappop(outbox)].frame for _ in range(min(limit, len(outbox)))]
+        return Due(control, users) if control or users else None
 
-    async def next_member_frame(self, member: Member) -> str:
-        while (frame := self.next_member_frame_nowait(member)) is None:
+    async def next_member_frames(self, member: Member, limit: int = 1) -> Due:
+        while (due := self.next_member_frames_nowait(member, limit)) is None:
             if self.closed:
                 raise trio.EndOfChannel
-            await self._wait()
-        return frame
+            await member.due.wait()
+        return due
+
+    def next_member_frame_nowait(self, member: Member) -> str | None:
+        """The member's next frame, one at a time (gap, checkpoint, users)."""
+        if member.gap is not None or member.checkpoint_due:
+            due = self.next_member_frames_nowait(member, 0)
+        else:
+            due = self.next_member_frames_nowait(member, 1)
+        if due is None:
+            return None
+        frames = due.control + due.users
+        if len(frames) > 1:  # a gap and a checkpoint: give the checkpoint back
+            member.checkpoint_due = True
+        return frames[0].decode()
 
     def ack(self, member: Member, seqs: list[int], rejected: Collection[int] = ()) -> None:
         """The member committed these seqs (stored, or `rejected`: set aside instead).
@@ -532,8 +619,9 @@ class Hub:
             if entry is not None:
                 group.position = entry.position
             member.checkpoint_due = True
+            member.due.fire()
         self._dispatch(group)
-        self._notify()
+        self._acks.fire()
         if stale:
             raise StaleAck(f"not held by this member: {stale[:5]}")
 
@@ -551,12 +639,16 @@ class Hub:
 
     async def wait_drained(self) -> None:
         while not self.drained():
-            await self._wait()
+            await self._acks.wait()
 
     def close(self) -> None:
         """Clients get what is theirs to read, then the end of the stream."""
         self.closed = True
-        self._notify()
+        self._frames.fire()
+        self._acks.fire()
+        for group in self._groups.values():
+            for member in group.members.values():
+                member.due.fire()
 
     def statistics(self) -> HubStatistics:
         groups = tuple(
@@ -582,10 +674,3 @@ class Hub:
             self.members_evicted,
             groups,
         )
-
-    async def _wait(self) -> None:
-        await self._changed.wait()
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()

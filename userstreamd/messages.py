@@ -112,9 +112,9 @@ def encode(message: Welcome | UserMessage | Gap | Checkpoint | Ack) -> str:
     return _encoder.encode(message).decode()
 
 
-def users_frame(frames: list[str]) -> str:
+def users_frame(frames: list[bytes]) -> bytes:
     """One ``users`` frame from encoded ``user`` frames (no decoding, no re-encoding)."""
-    return '{"type":"users","items":[' + ",".join(frames) + "]}"
+    return b'{"type":"users","items":[' + b",".join(frames) + b"]}"
 
 
 def decode_server(frame: str | bytes) -> Welcome | UserMessage | Users | Gap | Checkpoint:

@@ -1,0 +1,64 @@
+"""Server-to-client text frames, framed here and written several per socket write.
+
+trio-websocket frames each message through wsproto and writes it on its own: one frame
+built and one ``send`` per message per client. A broadcast sends the same encoded frame
+to every client, so the broadcaster frames it here (RFC 6455 section 5.2: FIN, opcode
+text, unmasked, the payload's length; no extension is ever negotiated) and writes all
+the frames due to a client in one ``send_all``, under the connection's own write lock,
+so that they never interleave with its pings, pongs or close frame. A client sees the
+same frames either way: `send_frames` only changes how many reach the kernel at once.
+
+This reaches into trio-websocket's connection (`_stream`, `_stream_lock`,
+`_close_reason`); the dependency is pinned below its next minor version, and
+`send_frames` falls back to one `send_message` per frame when those are missing.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+_TEXT_FIN = 0x81
+_SHORT = struct.Struct("!BB")
+_MEDIUM = struct.Struct("!BBH")
+_LONG = struct.Struct("!BBQ")
+
+
+def header(length: int) -> bytes:
+    """The header of an unmasked, final text frame carrying `length` bytes."""
+    if length < 126:
+        return _SHORT.pack(_TEXT_FIN, length)
+    if length < 65536:
+        return _MEDIUM.pack(_TEXT_FIN, 126, length)
+    return _LONG.pack(_TEXT_FIN, 127, length)
+
+
+def frames(payloads: list[bytes]) -> bytes:
+    """The payloads (UTF-8 JSON), each as one text frame, back to back."""
+    parts = []
+    for payload in payloads:
+        parts.append(header(len(payload)))
+        parts.append(payload)
+    return b"".join(parts)
+
+
+async def send_frames(ws: WebSocketConnection, payloads: list[bytes]) -> None:
+    """Send each payload as one text frame, all of them in one write; ConnectionClosed
+    as `send_message` would raise it."""
+    stream = getattr(ws, "_stream", None)
+    lock = getattr(ws, "_stream_lock", None)
+    if stream is None or lock is None or not hasattr(ws, "_close_reason"):
+        for payload in payloads:
+            await ws.send_message(payload.decode())
+        return
+    if ws._close_reason is not None:
+        raise ConnectionClosed(ws._close_reason)
+    data = frames(payloads)
+    async with lock:
+        try:
+            await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await ws._abort_web_socket()
+            raise ConnectionClosed(ws._close_reason) from None
