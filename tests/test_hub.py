@@ -76,15 +76,26 @@ def test_resume_from_another_epoch_is_a_gap_and_continues_live() -> None:
     assert _read(hub, sub) == []
 
 
-def test_a_lagging_client_is_cut_off_and_nobody_waits_for_it() -> None:
+def test_a_lagging_client_is_cut_off_at_its_next_read_and_nobody_waits_for_it() -> None:
     hub = Hub("ep", client_lag_max=5)
     slow, fast = hub.subscribe("slow"), hub.subscribe("fast")
     for _ in range(8):
         _publish(hub, 1)
         _read(hub, fast)
-    assert slow.slow and not fast.slow and hub.slow_disconnects == 1
     with pytest.raises(Slow):
         hub.next_frame_nowait(slow)
+    assert slow.slow and slow.cut.is_set() and not fast.slow and hub.slow_disconnects == 1
+
+
+def test_a_lagging_client_that_never_reads_is_cut_off_within_64_publishes() -> None:
+    """(A sender stuck in a write never reads: the scan every 64 publishes finds it, so
+    its watchdog can drop it.)"""
+    hub = Hub("ep", client_lag_max=5)
+    stuck = hub.subscribe("stuck")
+    _publish(hub, 63)
+    assert not stuck.slow
+    _publish(hub, 1)
+    assert stuck.slow and stuck.cut.is_set() and hub.slow_disconnects == 1
 
 
 # -- groups ----------------------------------------------------------------------------------

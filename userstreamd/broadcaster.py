@@ -27,19 +27,23 @@ import ssl
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from urllib.parse import urlencode
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 
 from .admission import Admission, Policy
 from .auth import Tokens
 from .config import BroadcasterConfig
-from .edge import Edge, EdgeStatistics
+from .edge import Edge, EdgeStatistics, reuse_port_sockets
 from .errors import ProtocolError
 from .hub import AckTimeout, GroupLagging, Hub, Member, Slow, StaleAck, Subscription
 from .logs import Throttle, bind, get_logger
 from .messages import Batch, Welcome, decode_client, encode, users_frame
+from .supervisor import describe
+from .wsclient import open_ws
 from .wsframes import send_frames
 
 CLOSE_GOING_AWAY = 1001
@@ -94,10 +98,14 @@ class Broadcaster:
         *,
         ssl_context: ssl.SSLContext | None = None,
         on_batch: Callable[[Batch], None] | None = None,
+        relay: str | None = None,
     ) -> None:
         """`on_batch` gets the batch reports of the daemon's own consumers (private
-        socket, the group that holds the producer)."""
+        socket, the group that holds the producer). With `relay` (a fan-out worker: the
+        daemon's private socket), group members are admitted here and then relayed to the
+        daemon, which holds the groups; `hub` is a mirror that serves the plain clients."""
         self.hub = hub
+        self.relay = relay
         self.settings = settings
         self.edge = Edge(settings, policy, self._session, ssl_context=ssl_context)
         self.closed: Counter[str] = Counter()
@@ -114,12 +122,21 @@ class Broadcaster:
         port: int,
         private_path: Path | None = None,
         *,
+        public: bool = True,
+        reuse_port: bool = False,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve until cancelled; reports the bound public port once both doors listen."""
+        """Serve until cancelled; reports the bound public port once both doors listen.
+        With `public` false the port is only held (fan-out workers serve it: each with
+        `reuse_port`)."""
         bind(component="broadcaster")
         async with trio.open_nursery() as nursery:
-            bound = await nursery.start(self.edge.serve_tcp, host, port)
+            if public:
+                bound = await nursery.start(
+                    partial(self.edge.serve_tcp, host, port, reuse_port=reuse_port)
+                )
+            else:
+                bound = await nursery.start(_hold_port, host, port)
             if private_path is not None:
                 await nursery.start(self.edge.serve_unix, private_path)
             nursery.start_soon(self._evict_silent_members)
@@ -128,6 +145,7 @@ class Broadcaster:
                 "broadcaster.listening",
                 host=host,
                 port=bound,
+                public=public,
                 tls=self.edge.ssl_context is not None,
                 auth=self.edge.policy.tokens.required,
                 private=private_path and str(private_path),
@@ -155,8 +173,13 @@ class Broadcaster:
         hub = self.hub
         who = {"peer": peer, "who": admission.who}
         group = admission.group
+        if group and self.relay:
+            await self._relay_session(ws, admission, who)
+            return
         member = hub.join(group, peer, admission.window) if group else None
-        sub = None if member else hub.subscribe(peer, admission.since)
+        # (A fan-out worker's feed, on the private socket, is bounded by the buffer only.)
+        lag = hub.buffer_messages if private else None
+        sub = None if member else hub.subscribe(peer, admission.since, lag_max=lag)
         if (suppressed := self._throttle.allow("connected")) is not None or private:
             get_logger().info(
                 "broadcaster.client_connected",
@@ -208,6 +231,54 @@ class Broadcaster:
             self._ended(who, f"closed_{code}", reason)
             with trio.move_on_after(self.settings.close_timeout_s):
                 await ws.aclose(code, reason)
+
+    async def _relay_session(
+        self, ws: WebSocketConnection, admission: Admission, who: dict[str, str]
+    ) -> None:
+        """A group member on a fan-out worker: admitted here, served by the daemon
+        (through its private socket, to which this worker relays frames both ways, with
+        this side's message rate limit); the daemon's close code is passed on."""
+        assert self.relay is not None and admission.group is not None
+        query = {"group": admission.group, "window": admission.window, "batch": admission.batch}
+        code, reason = CLOSE_GOING_AWAY, "server stopping"  # a close we pass on or start
+        ended: tuple[str, str | None] | None = None  # or how it ended without one
+        try:
+            async with (
+                open_ws(f"{self.relay}?{urlencode(query)}") as upstream,
+                trio.open_nursery() as nursery,
+            ):
+                nursery.start_soon(self._keep_alive, ws)
+                nursery.start_soon(self._relay_acks, ws, upstream)
+                while True:
+                    message = await upstream.get_message()
+                    await send_frames(ws, [_utf8(message)])
+        except* RateExceeded:
+            code, reason = CLOSE_RATE, "message rate exceeded"
+        except* DeadPeer:
+            ended = ("dead_peer", f"no pong within {self.settings.pong_timeout_s:g} s")
+        except* ConnectionClosed as group:
+            if (closed := ws.closed) is not None:  # the client went away
+                ended = (f"closed_{closed.code}", closed.reason)
+            elif isinstance(exc := group.exceptions[0], ConnectionClosed) and exc.reason:
+                code, reason = exc.reason.code, exc.reason.reason or ""
+        except* (OSError, HandshakeError, trio.TooSlowError) as group:
+            get_logger().warning("broadcaster.relay_failed", error=describe(group), **who)
+            reason = "upstream unavailable"
+        if ended is not None:
+            self._ended(who, *ended)
+            return
+        self._ended(who, f"closed_{code}", reason)
+        with trio.move_on_after(self.settings.close_timeout_s):
+            await ws.aclose(code, reason)
+
+    async def _relay_acks(self, ws: WebSocketConnection, upstream: WebSocketConnection) -> None:
+        rate = self.settings.max_messages_per_s
+        bucket = TokenBucket(rate, max(10.0, rate))
+        while True:
+            frame = await ws.get_message()
+            if not bucket.take():
+                raise RateExceeded
+            await upstream.send_message(frame)
 
     def _ended(self, who: dict[str, str], why: str, detail: str | None) -> None:
         self.closed[why] += 1
@@ -274,13 +345,17 @@ class Broadcaster:
 
     async def _send_plain(self, ws: WebSocketConnection, sub: Subscription, batch: int) -> None:
         if sub.gap is not None:
-            await ws.send_message(encode(sub.gap))
+            await send_frames(ws, [encode(sub.gap).encode()])
             self.sent["plain"] += 1
         limit = max(FRAMES_PER_WRITE, batch)
         while True:
             frames = _in_frames(await self.hub.next_frames(sub, limit), batch)
             await send_frames(ws, frames)
             self.sent["plain"] += len(frames)
+
+
+def _utf8(message: str | bytes) -> bytes:
+    return message.encode() if isinstance(message, str) else message
 
 
 def _in_frames(users: list[bytes], batch: int) -> list[bytes]:
@@ -299,6 +374,19 @@ def _in_frames(users: list[bytes], batch: int) -> list[bytes]:
         size += len(user) + 1
     frames.append(users_frame(chunk) if len(chunk) > 1 else chunk[0])
     return frames
+
+
+async def _hold_port(
+    host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Hold `port` (bound with SO_REUSEPORT, not listening) until cancelled."""
+    sockets = await trio.to_thread.run_sync(partial(reuse_port_sockets, host, port, listen=False))
+    try:
+        task_status.started(sockets[0].getsockname()[1])
+        await trio.sleep_forever()
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 async def _abort_if_stuck(sub: Subscription) -> None:

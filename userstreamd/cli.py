@@ -1,6 +1,6 @@
 """The command line: ``userstreamd [--config FILE] [COMMAND] [OPTIONS]``; one function per
-command. Without a command it runs the daemon. ``consumer-worker`` is internal (the daemon
-starts it) and hidden from ``--help``.
+command. Without a command it runs the daemon. ``consumer-worker`` and ``fanout-worker`` are
+internal (the daemon starts them) and hidden from ``--help``.
 """
 
 from __future__ import annotations
@@ -164,6 +164,26 @@ def cmd_consumer_worker(args: argparse.Namespace) -> int:
     return _run_logged(run_consumer_worker, config, args.worker, args.url, args.ready_fd)
 
 
+def cmd_fanout_worker(args: argparse.Namespace) -> int:
+    """Internal: one fan-out worker (a share of the public port) as a child process."""
+    from .fanout import run_fanout_worker
+
+    config = _config(args, public_port=True)
+    add_secrets(*args.tokens.secrets())
+    origins = [o for o in args.origins.split(",") if o]
+    return _run_logged(
+        run_fanout_worker,
+        config,
+        args.worker,
+        args.upstream,
+        args.port,
+        origins,
+        args.tokens,
+        args.ssl_context,
+        args.ready_fd,
+    )
+
+
 class _Help(argparse.RawDescriptionHelpFormatter):
     pass
 
@@ -314,6 +334,14 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--worker", type=int, required=True)
     worker.add_argument("--url", required=True)
     worker.add_argument("--ready-fd", type=int, required=True)
+    fanout = commands.add_parser("fanout-worker")
+    _config_option(fanout, argparse.SUPPRESS)
+    fanout.set_defaults(handler=cmd_fanout_worker)
+    fanout.add_argument("--worker", type=int, required=True)
+    fanout.add_argument("--upstream", required=True)
+    fanout.add_argument("--port", type=int, required=True)
+    fanout.add_argument("--origins", default="")
+    fanout.add_argument("--ready-fd", type=int, required=True)
     return parser
 
 

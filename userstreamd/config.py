@@ -91,6 +91,7 @@ class BroadcasterConfig(_Table, frozen=True):
     buffer_bytes: Annotated[int, msgspec.Meta(ge=65536)] = 256 * 2**20
     client_lag_max: Annotated[int, msgspec.Meta(ge=2)] = 10_000
     coalesce_ms: Annotated[float, msgspec.Meta(ge=0, le=100)] = 2.0
+    workers: Annotated[int, msgspec.Meta(ge=0, le=64)] = 0
     # who may connect
     auth: Literal["auto", "token", "none"] = "auto"
     tokens_file: str = ""

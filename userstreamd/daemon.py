@@ -138,12 +138,18 @@ class Daemon:
                 on_batch=self.metrics.batch,
             )
             private = private_socket_path(c.state_path)
+            public = b.workers == 0  # else the fan-out workers serve the port
             port = self.ws_port = await sup.start(
-                "broadcaster", partial(self.broadcaster.run, b.host, b.port, private)
+                "broadcaster",
+                partial(self.broadcaster.run, b.host, b.port, private, public=public),
             )
             scheme = "wss" if self.ssl_context else "ws"
             self.url = f"{scheme}://{url_host(_client_host(b.host))}:{port}/"
             own = f"ws+unix://{private}"
+            for name, run in wiring.fanout_workers(
+                c, own, port, page_origins, self.worker_processes
+            ):
+                await sup.start(name, run)
             for name, run, consumer in wiring.consumers(c, own, self.dsn, self.worker_processes):
                 if consumer is not None:
                     self.consumers.append(consumer)

@@ -121,6 +121,32 @@ def _unlink(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
+def reuse_port_sockets(host: str, port: int, *, listen: bool) -> list[socket.socket]:
+    """Sockets bound to `host`:`port` with SO_REUSEPORT, so that several processes can
+    listen on the same port (the kernel spreads new connections over the listening ones).
+    Bound without `listen`, a socket only holds the port (it is given no connections):
+    how the daemon reserves the port its fan-out workers share."""
+    sockets = []
+    try:
+        for family, kind, proto, _, address in socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        ):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            if listen:
+                sock.listen(1024)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
 class Edge:
     def __init__(
         self,
@@ -160,7 +186,12 @@ class Edge:
     # -- listeners -----------------------------------------------------------------------
 
     async def serve_tcp(
-        self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+        self,
+        host: str,
+        port: int,
+        *,
+        reuse_port: bool = False,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         self.max_connections = raise_fd_limit(self.settings.max_connections)
         if self.max_connections < self.settings.max_connections:
@@ -170,15 +201,24 @@ class Edge:
                 effective=self.max_connections,
                 hint="raise LimitNOFILE (ulimit -n) to allow max_connections",
             )
-        listeners = await trio.open_tcp_listeners(port, host=host, backlog=1024)
+        if reuse_port:
+            sockets = [
+                trio.socket.from_stdlib_socket(sock)
+                for sock in reuse_port_sockets(host, port, listen=True)
+            ]
+        else:
+            sockets = [
+                listener.socket
+                for listener in await trio.open_tcp_listeners(port, host=host, backlog=1024)
+            ]
         try:
             async with trio.open_nursery() as nursery:
-                for listener in listeners:
-                    nursery.start_soon(self._accept_loop, listener.socket, nursery, False)
-                task_status.started(listeners[0].socket.getsockname()[1])
+                for sock in sockets:
+                    nursery.start_soon(self._accept_loop, sock, nursery, False)
+                task_status.started(sockets[0].getsockname()[1])
         finally:
-            for listener in listeners:
-                listener.socket.close()
+            for sock in sockets:
+                sock.close()
 
     async def serve_unix(
         self, path: Path, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -124,6 +124,7 @@ class Subscription:
     id: int
     peer: str
     next_seq: int
+    lag_max: int
     gap: Gap | None = None
     slow: bool = False
     cut: trio.Event = field(default_factory=trio.Event)  # set when it is cut off
@@ -307,11 +308,31 @@ class Hub:
         for group in self._groups.values():
             self._dispatch(group)
         self._cut_off_laggards()
+        self._wake_readers()
+        return message
+
+    def _wake_readers(self) -> None:
         if self._pacing:
             self._published.fire()
         else:
             self._frames.fire()
-        return message
+
+    def append(self, seq: int, frame: bytes, source: str, position: int) -> None:
+        """Mirror another hub: append its encoded ``user`` frame as it numbered it. A seq
+        that does not follow the last one starts the buffer over at it (clients still
+        reading the old part are cut off, and learn what they missed when they resume)."""
+        if seq != self.last_seq + 1:
+            self._entries.clear()
+            self._bytes = 0
+            self._oldest = seq
+        self.last_seq = seq
+        entry = _Entry(seq, position, frame, source, time.time())
+        self.published[source] += 1
+        self._entries[seq] = entry
+        self._bytes += len(frame)
+        self._evict()
+        self._cut_off_laggards()
+        self._wake_readers()
 
     async def pace(self, coalesce_s: float) -> None:
         """Until cancelled: wake plain clients at most once per `coalesce_s` after a
@@ -340,9 +361,12 @@ class Hub:
 
     # -- plain clients -----------------------------------------------------------------------
 
-    def subscribe(self, peer: str, since: tuple[str, int] | None = None) -> Subscription:
-        """A cursor after `since` = (epoch, last seq received), or at the live end."""
-        sub = Subscription(next(self._ids), peer, self.last_seq + 1)
+    def subscribe(
+        self, peer: str, since: tuple[str, int] | None = None, *, lag_max: int | None = None
+    ) -> Subscription:
+        """A cursor after `since` = (epoch, last seq received), or at the live end; it may
+        fall `lag_max` frames behind (default ``client_lag_max``)."""
+        sub = Subscription(next(self._ids), peer, self.last_seq + 1, lag_max or self.client_lag_max)
         if since is not None:
             epoch, seq = since
             if epoch == self.epoch and self.last_seq < seq <= self.last_seq + self.client_lag_max:
@@ -386,7 +410,7 @@ class Hub:
     def next_frames_nowait(self, sub: Subscription, limit: int = 1) -> list[bytes] | None:
         """Up to `limit` of the subscriber's next frames, in order; None if it is at the
         live end; Slow if it was cut off."""
-        if sub.slow or sub.next_seq < self._oldest:
+        if sub.slow or sub.next_seq < self._oldest or self.last_seq - sub.next_seq >= sub.lag_max:
             self._cut_off(sub)
             raise Slow(f"fell {self.last_seq - sub.next_seq + 1} frames behind")
         first = sub.next_seq
@@ -415,9 +439,12 @@ class Hub:
         return (await self.next_frames(sub))[0].decode()
 
     def _cut_off_laggards(self) -> None:
-        for sub in list(self._subs.values()):
-            if self.last_seq - sub.next_seq >= self.client_lag_max:
-                self._cut_off(sub)
+        # Plain clients: checked every 64 publishes here (a scan of them all), and at each
+        # read in `next_frames_nowait`.
+        if not self.last_seq & 63:
+            for sub in list(self._subs.values()):
+                if self.last_seq - sub.next_seq >= sub.lag_max:
+                    self._cut_off(sub)
         for group in list(self._groups.values()):
             if not group.holds_producer and self.last_seq - group.watermark > self.group_lag_max:
                 self._cut_off_group(group, f"more than {self.group_lag_max} users behind")

@@ -13,7 +13,7 @@ import trio
 from . import __version__
 from .admission import Policy
 from .auth import Tokens
-from .config import Config
+from .config import BroadcasterConfig, Config
 from .consumer import Consumer, Milestones, make_consumer
 from .deadletters import DeadLetters
 from .hub import Hub
@@ -26,7 +26,7 @@ from .store.ledger import BudgetLedger
 from .store.postgres import PostgresStore
 from .store.streams import Stream
 from .supervisor import ComponentFn, Intensity, RestartPolicy, Supervisor
-from .workers import run_consumer_process
+from .workers import run_consumer_process, run_worker_process
 
 
 def http_client(config: Config) -> httpx.AsyncClient:
@@ -75,6 +75,39 @@ def hub(config: Config, stream: Stream, metrics: Metrics | None = None) -> Hub:
     for name in b.groups:
         new.declare_group(name)
     return new
+
+
+def mirror_hub(settings: BroadcasterConfig, epoch: str, first_seq: int) -> Hub:
+    """A fan-out worker's hub: the daemon's stream from `first_seq` on, the same bounds."""
+    return Hub(
+        epoch,
+        first_seq=first_seq,
+        buffer_messages=settings.buffer_messages,
+        buffer_bytes=settings.buffer_bytes,
+        client_lag_max=settings.client_lag_max,
+    )
+
+
+def fanout_workers(
+    config: Config, upstream: str, port: int, origins: Sequence[str], running: set[trio.Process]
+) -> list[tuple[str, ComponentFn]]:
+    """(component name, its run function) per fan-out worker process."""
+    arguments = ["--upstream", upstream, "--port", str(port), "--origins", ",".join(origins)]
+    return [
+        (
+            f"fanout-{worker}",
+            partial(
+                run_worker_process,
+                config,
+                "fanout",
+                worker,
+                arguments,
+                stop_timeout_s=config.supervisor.stop_timeout_s,
+                running=running,
+            ),
+        )
+        for worker in range(1, config.broadcaster.workers + 1)
+    ]
 
 
 def policy(config: Config, tokens: Tokens, page_origins: Sequence[str] = ()) -> Policy:

@@ -1,13 +1,14 @@
-"""Consumers as child processes: the same program, started with an internal subcommand.
+"""Worker processes: the same program, started with an internal subcommand.
 
-Parent side, `run_consumer_process` is a supervised component: it starts
-``python -m userstreamd --config FILE consumer-worker --worker N --url URL --ready-fd FD``
-in a session of its own (a terminal's ^C reaches only the daemon, which stops children
-in order), forwards the JSON lines it logs into a pipe (`logs.forward`: lines of several
-processes never tear), reports ready when the child writes ``ready`` to another pipe, and
-raises when the child dies, so the supervisor restarts it. The child holds a lifeline
-(`userstreamd.lifeline`): stopping it closes the lifeline, then SIGKILLs it after
-``stop_timeout_s``. The DSN travels in the environment, never on the command line.
+Parent side, `run_worker_process` is a supervised component: it starts
+``python -m userstreamd --config FILE KIND-worker --worker N ... --ready-fd FD`` (KIND:
+``consumer``, or ``fanout``: see `fanout`) in a session of its own (a terminal's ^C
+reaches only the daemon, which stops children in order), forwards the JSON lines it logs
+into a pipe (`logs.forward`: lines of several processes never tear), reports ready when
+the child writes ``ready`` to another pipe, and raises when the child dies, so the
+supervisor restarts it. The child holds a lifeline (`userstreamd.lifeline`): stopping it
+closes the lifeline, then SIGKILLs it after ``stop_timeout_s``. The DSN travels in the
+environment, never on the command line.
 
 Child side, `run_consumer_worker`: one `Consumer`; the end of the lifeline, SIGTERM or
 SIGINT commit what was received and exit 0. The lifeline also ends when the daemon dies
@@ -50,7 +51,33 @@ async def run_consumer_process(
     running: set[trio.Process] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """One consumer child process; `running` (if given) holds it while it lives, so the
+    """One consumer child process (the DSN in its environment)."""
+    await run_worker_process(
+        config,
+        "consumer",
+        worker,
+        ["--url", url],
+        env={WORKER_DSN_ENV: dsn},
+        stop_timeout_s=stop_timeout_s,
+        ready_timeout_s=ready_timeout_s,
+        running=running,
+        task_status=task_status,
+    )
+
+
+async def run_worker_process(
+    config: Config,
+    kind: str,
+    worker: int,
+    arguments: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    stop_timeout_s: float = 10.0,
+    ready_timeout_s: float = 60.0,
+    running: set[trio.Process] | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """One `kind` worker process; `running` (if given) holds it while it lives, so the
     daemon can SIGKILL every worker at once on a forced exit."""
     log = get_logger().bind(worker=worker)
     running = set() if running is None else running
@@ -60,11 +87,10 @@ async def run_consumer_process(
         "userstreamd",
         "--config",
         config.path,
-        "consumer-worker",
+        f"{kind}-worker",
         "--worker",
         str(worker),
-        "--url",
-        url,
+        *arguments,
     ]
     read_fd, write_fd = os.pipe()
     async with trio.open_nursery() as nursery:
@@ -74,7 +100,7 @@ async def run_consumer_process(
                 [*command, "--ready-fd", str(write_fd)],
                 stop_timeout_s=stop_timeout_s,
                 pass_fds=(write_fd,),
-                env={**os.environ, WORKER_DSN_ENV: dsn, LOG_FORMAT_ENV: "json"},
+                env={**os.environ, **(env or {}), LOG_FORMAT_ENV: "json"},
                 start_new_session=True,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -101,14 +127,12 @@ async def run_consumer_process(
                     else lifeline.how(proc.returncode)
                 )
                 raise WorkerExited(
-                    f"consumer worker {worker} (pid {proc.pid}) was never ready: {how}"
+                    f"{kind} worker {worker} (pid {proc.pid}) was never ready: {how}"
                 )
             task_status.started(proc.pid)
             code = await proc.wait()
             if code != 0:
-                raise WorkerExited(
-                    f"consumer worker {worker} (pid {proc.pid}) {lifeline.how(code)}"
-                )
+                raise WorkerExited(f"{kind} worker {worker} (pid {proc.pid}) {lifeline.how(code)}")
             log.info("supervisor.process_exited", pid=proc.pid, code=code)
         finally:
             running.discard(proc)
@@ -140,7 +164,7 @@ async def _relay(
         forward(bytes(pending), worker=worker)
 
 
-async def _stop_on_signal(scope: trio.CancelScope) -> None:
+async def stop_on_signal(scope: trio.CancelScope) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             get_logger().info("worker.signal", signal=signal.Signals(signum).name)
@@ -157,7 +181,7 @@ async def run_consumer_worker(config: Config, worker: int, url: str, ready_fd: i
     consumer = make_consumer(config, url, dsn, worker, Milestones(config.database.milestone_every))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(lifeline.watch, nursery.cancel_scope)
-        nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+        nursery.start_soon(stop_on_signal, nursery.cancel_scope)
         await nursery.start(consumer.run)
         os.write(ready_fd, READY)
         os.close(ready_fd)

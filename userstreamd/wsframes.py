@@ -20,6 +20,7 @@ import struct
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
+WRITE_TIMEOUT_S = 10.0  # a write that takes longer is given up, the connection aborted
 _TEXT_FIN = 0x81
 _SHORT = struct.Struct("!BB")
 _MEDIUM = struct.Struct("!BBH")
@@ -44,9 +45,16 @@ def frames(payloads: list[bytes]) -> bytes:
     return b"".join(parts)
 
 
-async def send_frames(ws: WebSocketConnection, payloads: list[bytes]) -> None:
+async def send_frames(
+    ws: WebSocketConnection, payloads: list[bytes], timeout_s: float = WRITE_TIMEOUT_S
+) -> None:
     """Send each payload as one text frame, all of them in one write; ConnectionClosed
-    as `send_message` would raise it."""
+    as `send_message` would raise it.
+
+    The write is not cancelled half-way (a torn frame would turn the close frame that
+    follows into garbage for the client): a cancellation waits for it to finish. A write
+    that takes longer than `timeout_s` is torn anyway, so the connection is aborted, with
+    no close frame, and ConnectionClosed raised."""
     stream = getattr(ws, "_stream", None)
     lock = getattr(ws, "_stream_lock", None)
     if stream is None or lock is None or not hasattr(ws, "_close_reason"):
@@ -56,9 +64,12 @@ async def send_frames(ws: WebSocketConnection, payloads: list[bytes]) -> None:
     if ws._close_reason is not None:
         raise ConnectionClosed(ws._close_reason)
     data = frames(payloads)
-    async with lock:
+    with trio.CancelScope(shield=True, deadline=trio.current_time() + timeout_s):
         try:
-            await stream.send_all(data)
+            async with lock:
+                await stream.send_all(data)
+            return
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            await ws._abort_web_socket()
-            raise ConnectionClosed(ws._close_reason) from None
+            pass
+    await ws._abort_web_socket()
+    raise ConnectionClosed(ws._close_reason)

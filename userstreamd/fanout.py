@@ -1,0 +1,163 @@
+"""Fan-out workers: the public WebSocket port served by several processes.
+
+With ``broadcaster.workers = N`` the daemon holds the public port (bound with
+SO_REUSEPORT, not listening) and starts N ``fanout-worker`` processes (`workers`), each
+listening on that same port with SO_REUSEPORT: the kernel spreads new connections over
+them, and each process writes to its own clients on its own core.
+
+A worker is fed once, from the daemon's private socket: a `Mirror` reads the stream in
+``users`` frames and appends each user's encoded frame, as the daemon numbered it, to a
+local `Hub` (the same replay buffer and bounds), so plain clients see exactly what the
+daemon would have sent them: the same welcome fields, epoch, seqs, resume and gaps. A
+worker that (re)starts first takes up to ``client_lag_max`` users of history from the
+daemon, so a client that resumes on it finds what it missed. Group members are admitted
+by the worker (token, Origin, permission, rate) and relayed to the daemon, which holds
+the groups (`Broadcaster` with ``relay``). When the daemon's stream ends (it stops), the
+worker's clients get everything, then 1001.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import ssl
+from collections.abc import Sequence
+from functools import partial
+from urllib.parse import urlencode
+
+import msgspec
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
+
+from . import lifeline, wiring
+from .auth import Tokens
+from .broadcaster import CLOSE_GOING_AWAY, Broadcaster
+from .config import BroadcasterConfig, Config
+from .hub import Hub
+from .logs import bind, get_logger
+from .supervisor import describe
+from .workers import READY, stop_on_signal
+from .wsclient import open_ws
+
+FEED_BATCH = 1000  # users per frame from the daemon, at most
+RECONNECT_MAX_S = 2.0
+
+
+class _Head(msgspec.Struct):
+    """What the mirror reads of a ``user`` message (the rest is kept as it came)."""
+
+    seq: int
+    position: int
+    source: str
+
+
+class _Welcome(msgspec.Struct):
+    epoch: str
+    seq: int
+
+
+class _Frame(msgspec.Struct):
+    type: str
+    items: list[msgspec.Raw] = []
+
+
+_frame = msgspec.json.Decoder(_Frame)
+_head = msgspec.json.Decoder(_Head)
+_welcome = msgspec.json.Decoder(_Welcome)
+
+
+class Mirror:
+    """A local hub fed from the daemon's private socket (`upstream`, a ``ws+unix://`` URL)."""
+
+    def __init__(self, upstream: str, settings: BroadcasterConfig) -> None:
+        self.upstream = upstream
+        self.settings = settings
+        self.hub: Hub | None = None
+        self.reconnects = 0
+
+    def _url(self, since: tuple[str, int] | None) -> str:
+        query: dict[str, str | int] = {"batch": FEED_BATCH}
+        if since is not None:
+            query.update(epoch=since[0], since=since[1])
+        return f"{self.upstream}?{urlencode(query)}"
+
+    async def run(self, *, task_status: trio.TaskStatus[Hub] = trio.TASK_STATUS_IGNORED) -> None:
+        """Feed the hub until the daemon's stream ends (then the hub is closed)."""
+        log = get_logger()
+        async with open_ws(self._url(None)) as ws:  # where the stream stands
+            welcome = _welcome.decode(await ws.get_message())
+        start = max(0, welcome.seq - self.settings.client_lag_max)
+        hub = self.hub = wiring.mirror_hub(self.settings, welcome.epoch, first_seq=start + 1)
+        task_status.started(hub)
+        delay = 0.05
+        while True:
+            try:
+                async with open_ws(self._url((hub.epoch, hub.last_seq))) as ws:
+                    await ws.get_message()  # its welcome
+                    delay = 0.05
+                    await self._feed(ws, hub)
+            except ConnectionClosed as exc:
+                if exc.reason is not None and exc.reason.code == CLOSE_GOING_AWAY:
+                    log.info("fanout.upstream_ended")
+                    hub.close()
+                    return
+                log.warning("fanout.upstream_lost", error=describe(exc))
+            except (OSError, HandshakeError, trio.TooSlowError) as exc:
+                log.warning("fanout.upstream_lost", error=describe(exc))
+            self.reconnects += 1
+            await trio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(RECONNECT_MAX_S, delay * 2)
+
+    @staticmethod
+    async def _feed(ws: WebSocketConnection, hub: Hub) -> None:
+        while True:
+            message = await ws.get_message()
+            frame = message.encode() if isinstance(message, str) else message
+            parsed = _frame.decode(frame)
+            if parsed.type == "users":
+                for item in parsed.items:
+                    raw = bytes(item)
+                    head = _head.decode(raw)
+                    hub.append(head.seq, raw, head.source, head.position)
+            elif parsed.type == "user":
+                head = _head.decode(frame)
+                hub.append(head.seq, frame, head.source, head.position)
+            # (a gap needs nothing: the next user's seq starts the buffer over)
+
+
+async def run_fanout_worker(
+    config: Config,
+    worker: int,
+    upstream: str,
+    port: int,
+    origins: Sequence[str],
+    tokens: Tokens,
+    ssl_context: ssl.SSLContext | None,
+    ready_fd: int,
+) -> int:
+    """The child process's main: serve the public port until told to stop."""
+    bind(component="fanout", worker=worker, pid=os.getpid())
+    b = config.broadcaster
+    mirror = Mirror(upstream, b)
+    broadcaster = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lifeline.watch, nursery.cancel_scope)
+        nursery.start_soon(stop_on_signal, nursery.cancel_scope)
+        hub = await nursery.start(mirror.run)
+        broadcaster = Broadcaster(
+            hub,
+            b,
+            wiring.policy(config, tokens, origins),
+            ssl_context=ssl_context,
+            relay=upstream,
+        )
+        await nursery.start(partial(broadcaster.run, b.host, port, reuse_port=True))
+        os.write(ready_fd, READY)
+        os.close(ready_fd)
+    get_logger().info(
+        "worker.stopped",
+        last_seq=mirror.hub and mirror.hub.last_seq,
+        sent=broadcaster and dict(broadcaster.sent),
+        upstream_reconnects=mirror.reconnects,
+    )
+    return 0
