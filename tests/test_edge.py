@@ -7,7 +7,10 @@ Peers on 127.0.0.2 and up are distinct client IPs (Linux routes all of 127/8 to 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import socket
 import ssl
 from functools import partial
 from pathlib import Path
@@ -29,6 +32,7 @@ from userstreamd.broadcaster import (
 )
 from userstreamd.config import BroadcasterConfig
 from userstreamd.consumer import Consumer
+from userstreamd.edge import reuse_port_sockets
 from userstreamd.hub import Hub
 from userstreamd.sources.synthetic import synthetic_user
 from userstreamd.store.postgres import PostgresStore
@@ -298,3 +302,29 @@ async def test_wss_consumers_verify_the_server_and_the_stream_flows(
             nursery.cancel_scope.cancel()
     rows = query(dsn, "SELECT count(*) FROM incoming_users")
     assert rows == [(20,)]
+
+
+def test_a_held_port_is_shared_by_its_workers_and_refused_to_anyone_else() -> None:
+    """The daemon holds the port (not listening); workers listen on it with SO_REUSEPORT
+    and get every connection; a second daemon asking for it gets EADDRINUSE."""
+    held = reuse_port_sockets("127.0.0.1", 0, listen=False)
+    port = held[0].getsockname()[1]
+    workers = [reuse_port_sockets("127.0.0.1", port, listen=True)[0] for _ in range(2)]
+    try:
+        with pytest.raises(OSError) as busy:
+            reuse_port_sockets("127.0.0.1", port, listen=False)
+        assert busy.value.errno == errno.EADDRINUSE
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(16)]
+        accepted = 0
+        for worker in workers:
+            worker.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    worker.accept()[0].close()
+                    accepted += 1
+        assert accepted == len(clients)
+        for client in clients:
+            client.close()
+    finally:
+        for sock in [*held, *workers]:
+            sock.close()

@@ -125,12 +125,19 @@ def reuse_port_sockets(host: str, port: int, *, listen: bool) -> list[socket.soc
     """Sockets bound to `host`:`port` with SO_REUSEPORT, so that several processes can
     listen on the same port (the kernel spreads new connections over the listening ones).
     Bound without `listen`, a socket only holds the port (it is given no connections):
-    how the daemon reserves the port its fan-out workers share."""
+    how the daemon reserves the port its fan-out workers share. It first binds the port
+    alone, so that a port some other program (or daemon) holds is EADDRINUSE, as it
+    would be without workers, rather than silently shared."""
     sockets = []
     try:
         for family, kind, proto, _, address in socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         ):
+            if not listen:
+                with socket.socket(family, kind, proto) as alone:
+                    alone.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    alone.bind(address)
+                    address = alone.getsockname()  # (port 0: the one it was given)
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
