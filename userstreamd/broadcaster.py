@@ -198,12 +198,11 @@ class Broadcaster:
             )
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._read_client, ws, member, private)
-                nursery.start_soon(self._keep_alive, ws)
+                nursery.start_soon(self._keep_alive, ws, sub)
                 if member is not None:
                     await self._send_member(ws, member, admission.batch)
                 else:
                     assert sub is not None
-                    nursery.start_soon(_abort_if_stuck, sub)
                     await self._send_plain(ws, sub, admission.batch)
         except* trio.EndOfChannel:
             code, reason = CLOSE_GOING_AWAY, "server stopping"
@@ -322,10 +321,23 @@ class Broadcaster:
                     size=len(frame),
                 )
 
-    async def _keep_alive(self, ws: WebSocketConnection) -> None:
-        """Ping every ping_interval_s; a peer that does not answer in time is dead."""
+    async def _keep_alive(self, ws: WebSocketConnection, sub: Subscription | None = None) -> None:
+        """Ping every ping_interval_s; a peer that does not answer in time is dead.
+
+        A plain client (`sub`) that was cut off normally learns it at its next frame
+        (close 3008); one whose socket takes nothing more for SLOW_CLOSE_TIMEOUT_S is
+        dropped without ceremony. (One task watches both: a task per client is memory.)"""
         while True:
-            await trio.sleep(self.settings.ping_interval_s)
+            with trio.move_on_after(self.settings.ping_interval_s):
+                if sub is None:
+                    await trio.sleep_forever()
+                else:
+                    await sub.cut.wait()
+            if sub is not None and sub.slow:
+                await trio.sleep(SLOW_CLOSE_TIMEOUT_S)
+                raise Slow(
+                    f"stuck: took nothing for {SLOW_CLOSE_TIMEOUT_S:g} s after it was cut off"
+                )
             with trio.move_on_after(self.settings.pong_timeout_s):
                 await ws.ping()
                 continue
@@ -387,14 +399,6 @@ async def _hold_port(
     finally:
         for sock in sockets:
             sock.close()
-
-
-async def _abort_if_stuck(sub: Subscription) -> None:
-    """A cut-off client normally learns it at its next frame (close 3008). One whose
-    socket takes nothing more for SLOW_CLOSE_TIMEOUT_S is dropped without ceremony."""
-    await sub.cut.wait()
-    await trio.sleep(SLOW_CLOSE_TIMEOUT_S)
-    raise Slow(f"stuck: took nothing for {SLOW_CLOSE_TIMEOUT_S:g} s after it was cut off")
 
 
 OPEN_POLICY = Policy(
