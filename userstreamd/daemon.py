@@ -2,7 +2,8 @@
 
 `Daemon.run` starts the components in order under one `Supervisor`, each reporting
 readiness: the operations endpoint (`ops`: metrics, health, live page) -> database ->
-broadcaster -> consumers -> producer (what each is made of comes from `wiring`). On
+broadcaster -> fan-out workers (``broadcaster.workers``: then they serve the public port,
+see `fanout`) -> consumers -> producer (what each is made of comes from `wiring`). On
 SIGINT/SIGTERM, or when the `shutdown_trigger` given to `run` returns, it stops them in
 reverse: the producer first, then waits (bounded) until every consumer has committed and
 acknowledged the last published user, writes the group's final checkpoint, then stops
