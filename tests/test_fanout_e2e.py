@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError
@@ -17,6 +18,7 @@ from userstreamd.wsclient import open_ws
 
 from .conftest import daemon_tables, query
 from .helpers import eventually
+from .test_ops import samples
 
 pytestmark = pytest.mark.e2e
 
@@ -133,6 +135,18 @@ async def test_workers_share_the_port_and_a_killed_one_costs_its_clients_nothing
             shares = {name: _established(pid, port) for name, pid in workers.items()}
             assert sum(shares.values()) >= clients + 1, shares
             assert min(shares.values()) >= 1, f"one worker got no client: {shares}"
+            # The workers report their clients to the daemon's /metrics.
+            fanout_clients = ("userstreamd_websocket_clients", (("kind", "fanout"),))
+            async with httpx.AsyncClient(base_url=ready["http_url"]) as http:
+                scrape: dict[Any, float] = {}
+                for _ in range(100):
+                    scrape = samples((await http.get("metrics")).text)
+                    if scrape.get(fanout_clients) == clients:
+                        break
+                    await trio.sleep(0.1)
+            assert scrape[fanout_clients] == clients
+            sent = ("userstreamd_websocket_messages_sent_total", (("kind", "fanout"),))
+            assert scrape[sent] >= clients * 100  # (a report may be a second old)
             os.kill(workers["fanout-1"], signal.SIGKILL)
             await eventually(
                 lambda: any(

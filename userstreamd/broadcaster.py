@@ -41,7 +41,7 @@ from .edge import Edge, EdgeStatistics, reuse_port_sockets
 from .errors import ProtocolError
 from .hub import AckTimeout, GroupLagging, Hub, Member, Slow, StaleAck, Subscription
 from .logs import Throttle, bind, get_logger
-from .messages import Batch, Welcome, decode_client, encode, users_frame
+from .messages import Batch, FanoutReport, Welcome, decode_client, encode, users_frame
 from .supervisor import describe
 from .wsclient import open_ws
 from .wsframes import send_frames
@@ -109,9 +109,23 @@ class Broadcaster:
         self.settings = settings
         self.edge = Edge(settings, policy, self._session, ssl_context=ssl_context)
         self.closed: Counter[str] = Counter()
-        self.sent: Counter[str] = Counter()  # frames sent, by kind of client: plain, member
+        # Messages sent, by kind of client (plain, member): each user (also inside a
+        # ``users`` frame), gap and checkpoint.
+        self.sent: Counter[str] = Counter()
+        self.fanout: dict[int, FanoutReport] = {}  # the fan-out workers' latest reports
+        self.fanout_retired: Counter[str] = Counter()  # the last ones of workers gone
         self.on_batch = on_batch
         self._throttle = Throttle()
+
+    def fanout_totals(self) -> tuple[int, int, int]:
+        """The fan-out workers' (clients, frames sent, slow closes), the sent and slow
+        closes of workers since gone included."""
+        reports = self.fanout.values()
+        return (
+            sum(r.clients for r in reports),
+            sum(r.sent for r in reports) + self.fanout_retired["sent"],
+            sum(r.slow_closes for r in reports) + self.fanout_retired["slow_closes"],
+        )
 
     def statistics(self) -> BroadcasterStatistics:
         return BroadcasterStatistics(self.edge.statistics(), dict(self.closed), self.hub.bad_frames)
@@ -224,6 +238,9 @@ class Broadcaster:
                 hub.leave(member)
             if sub is not None:
                 hub.unsubscribe(sub)
+            if (report := self.fanout.pop(id(ws), None)) is not None:  # a worker's feed
+                self.fanout_retired["sent"] += report.sent
+                self.fanout_retired["slow_closes"] += report.slow_closes
         if ended is not None:
             self._ended(who, *ended)
         elif code is not None:
@@ -303,6 +320,11 @@ class Broadcaster:
                 raise RateExceeded
             try:
                 ack = decode_client(frame)
+                if isinstance(ack, FanoutReport):
+                    if not private:
+                        raise ProtocolError("fanout reports come from the daemon's own workers")
+                    self.fanout[id(ws)] = ack
+                    continue
                 if member is None:
                     raise ProtocolError("acks are for group members (connect with ?group=NAME)")
                 own = private and member.group.holds_producer  # (elsewhere reports are ignored)
@@ -351,9 +373,8 @@ class Broadcaster:
         limit = max(FRAMES_PER_WRITE, batch)
         while True:
             due = await self.hub.next_member_frames(member, limit)
-            frames = due.control + _in_frames(due.users, batch)
-            await send_frames(ws, frames)
-            self.sent["member"] += len(frames)  # (users, and the gaps and checkpoints)
+            await send_frames(ws, due.control + _in_frames(due.users, batch))
+            self.sent["member"] += len(due.control) + len(due.users)
 
     async def _send_plain(self, ws: WebSocketConnection, sub: Subscription, batch: int) -> None:
         if sub.gap is not None:
@@ -361,9 +382,9 @@ class Broadcaster:
             self.sent["plain"] += 1
         limit = max(FRAMES_PER_WRITE, batch)
         while True:
-            frames = _in_frames(await self.hub.next_frames(sub, limit), batch)
-            await send_frames(ws, frames)
-            self.sent["plain"] += len(frames)
+            users = await self.hub.next_frames(sub, limit)
+            await send_frames(ws, _in_frames(users, batch))
+            self.sent["plain"] += len(users)
 
 
 def _utf8(message: str | bytes) -> bytes:

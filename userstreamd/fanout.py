@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import random
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from urllib.parse import urlencode
 
@@ -35,12 +35,14 @@ from .broadcaster import CLOSE_GOING_AWAY, Broadcaster
 from .config import BroadcasterConfig, Config
 from .hub import Hub
 from .logs import bind, get_logger
+from .messages import FanoutReport, encode
 from .supervisor import describe
 from .workers import READY, stop_on_signal
 from .wsclient import open_ws
 
 FEED_BATCH = 1000  # users per frame from the daemon, at most
 RECONNECT_MAX_S = 2.0
+REPORT_INTERVAL_S = 1.0
 
 
 class _Head(msgspec.Struct):
@@ -74,6 +76,7 @@ class Mirror:
         self.settings = settings
         self.hub: Hub | None = None
         self.reconnects = 0
+        self.report: Callable[[], FanoutReport] | None = None  # sent upstream every second
 
     def _url(self, since: tuple[str, int] | None) -> str:
         query: dict[str, str | int] = {"batch": FEED_BATCH}
@@ -92,9 +95,13 @@ class Mirror:
         delay = 0.05
         while True:
             try:
-                async with open_ws(self._url((hub.epoch, hub.last_seq))) as ws:
+                async with (
+                    open_ws(self._url((hub.epoch, hub.last_seq))) as ws,
+                    trio.open_nursery() as nursery,
+                ):
                     await ws.get_message()  # its welcome
                     delay = 0.05
+                    nursery.start_soon(self._report, ws)
                     await self._feed(ws, hub)
             except ConnectionClosed as exc:
                 if exc.reason is not None and exc.reason.code == CLOSE_GOING_AWAY:
@@ -107,6 +114,12 @@ class Mirror:
             self.reconnects += 1
             await trio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(RECONNECT_MAX_S, delay * 2)
+
+    async def _report(self, ws: WebSocketConnection) -> None:
+        while True:
+            if self.report is not None:
+                await ws.send_message(encode(self.report()))
+            await trio.sleep(REPORT_INTERVAL_S)
 
     @staticmethod
     async def _feed(ws: WebSocketConnection, hub: Hub) -> None:
@@ -123,6 +136,13 @@ class Mirror:
                 head = _head.decode(frame)
                 hub.append(head.seq, frame, head.source, head.position)
             # (a gap needs nothing: the next user's seq starts the buffer over)
+
+
+def _report(hub: Hub, broadcaster: Broadcaster) -> FanoutReport:
+    stats = hub.statistics()
+    return FanoutReport(
+        clients=stats.clients, sent=broadcaster.sent["plain"], slow_closes=stats.slow_disconnects
+    )
 
 
 async def run_fanout_worker(
@@ -151,6 +171,7 @@ async def run_fanout_worker(
             ssl_context=ssl_context,
             relay=upstream,
         )
+        mirror.report = partial(_report, hub, broadcaster)
         await nursery.start(partial(broadcaster.run, b.host, port, reuse_port=True))
         os.write(ready_fd, READY)
         os.close(ready_fd)

@@ -32,7 +32,9 @@ Client -> server::
 The daemon's own consumers (on the private socket) add what the metrics need: the seqs
 they set aside instead of storing (``rejected``: invalid, or refused by the database and
 dead-lettered) and, once per batch, ``batch``: ``{"rows": 500, "inserted": 498,
-"commit_s": 0.012}``. Elsewhere both are ignored.
+"commit_s": 0.012}``. Elsewhere both are ignored. A fan-out worker (see `fanout`) reports
+its own clients there, every second: ``{"type": "fanout", "clients": 120, "sent": 51234,
+"slow_closes": 0}``.
 
 Anything else a client sends is counted and logged as a bad frame, then ignored.
 """
@@ -100,14 +102,22 @@ class Ack(msgspec.Struct, tag="ack", frozen=True, kw_only=True, omit_defaults=Tr
     batch: Batch | None = None
 
 
+class FanoutReport(msgspec.Struct, tag="fanout", frozen=True, kw_only=True):
+    """A fan-out worker's own counts (since it started), for the daemon's metrics."""
+
+    clients: Annotated[int, msgspec.Meta(ge=0)]
+    sent: Annotated[int, msgspec.Meta(ge=0)]
+    slow_closes: Annotated[int, msgspec.Meta(ge=0)]
+
+
 ServerMessage = Welcome | UserMessage | Users | Gap | Checkpoint
 
 _encoder = msgspec.json.Encoder()
 _server_decoder = msgspec.json.Decoder(ServerMessage)
-_client_decoder = msgspec.json.Decoder(Ack)
+_client_decoder = msgspec.json.Decoder(Ack | FanoutReport)
 
 
-def encode(message: Welcome | UserMessage | Gap | Checkpoint | Ack) -> str:
+def encode(message: Welcome | UserMessage | Gap | Checkpoint | Ack | FanoutReport) -> str:
     """Encode for a text frame."""
     return _encoder.encode(message).decode()
 
@@ -125,7 +135,7 @@ def decode_server(frame: str | bytes) -> Welcome | UserMessage | Users | Gap | C
         raise ProtocolError(f"bad server frame: {exc}") from None
 
 
-def decode_client(frame: str | bytes) -> Ack:
+def decode_client(frame: str | bytes) -> Ack | FanoutReport:
     """Decode a frame a server received; ProtocolError if it is not ours."""
     if isinstance(frame, bytes):
         raise ProtocolError("binary frames are not part of the protocol")

@@ -148,23 +148,30 @@ class DaemonCollector(Collector):
             dead,
         )
         b = d.broadcaster
+        sent = {(k,): n for k, n in (b.sent if b else {}).items()}
+        fanout_clients, fanout_sent, fanout_slow = b.fanout_totals() if b else (0, 0, 0)
+        if d.config.broadcaster.workers:
+            sent[("fanout",)] = fanout_sent
         yield _counter(
             "websocket_messages_sent",
-            "Frames sent to WebSocket clients after their welcome (users, gaps, checkpoints), "
-            "by kind of client",
+            "Messages sent to WebSocket clients after their welcome (each user, also in a users "
+            "frame, gap and checkpoint), by kind of client (fanout: the fan-out workers' plain "
+            "clients)",
             ["kind"],
-            {(k,): n for k, n in (b.sent if b else {}).items()},
+            sent,
         )
         yield CounterMetricFamily(
             f"{PREFIX}websocket_slow_closes",
             "Plain clients cut off (closed with 3008) for falling too far behind",
-            value=stats.slow_disconnects,
+            value=stats.slow_disconnects + fanout_slow,
         )
         clients = GaugeMetricFamily(
             f"{PREFIX}websocket_clients", "Connected WebSocket clients, by kind", labels=["kind"]
         )
         clients.add_metric(["plain"], stats.clients)
         clients.add_metric(["member"], stats.members)
+        if d.config.broadcaster.workers:
+            clients.add_metric(["fanout"], fanout_clients)
         yield clients
         yield _gauge("buffer_messages", "Users held in the replay buffer", stats.buffered)
         yield _gauge("buffer_bytes", "Bytes held in the replay buffer", stats.buffered_bytes)
