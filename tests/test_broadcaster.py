@@ -15,7 +15,14 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, wrap_client_stream
 
-from userstreamd.broadcaster import CLOSE_GOING_AWAY, CLOSE_RATE, CLOSE_SLOW, run_broadcaster
+from userstreamd.broadcaster import (
+    CLOSE_GOING_AWAY,
+    CLOSE_RATE,
+    CLOSE_SLOW,
+    OPEN_POLICY,
+    Broadcaster,
+    run_broadcaster,
+)
 from userstreamd.config import BroadcasterConfig
 from userstreamd.hub import Hub
 from userstreamd.producer import Producer
@@ -311,3 +318,20 @@ async def test_a_close_never_tears_a_frame_that_was_being_written() -> None:
             nursery.cancel_scope.cancel()
     assert closed.value.reason.code == CLOSE_RATE
     assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) > 10
+
+
+async def test_a_stranger_cannot_pose_as_a_fanout_worker() -> None:
+    """Worker reports count only from the private socket; on the public port they are bad
+    frames, and the daemon's fan-out figures stay zero."""
+    hub = Hub("e")
+    broadcaster = Broadcaster(hub, BroadcasterConfig(), OPEN_POLICY)
+    report = '{"type":"fanout","clients":1000000,"sent":5,"slow_closes":7}'
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(broadcaster.run, "127.0.0.1", 0)
+            async with open_ws(f"ws://127.0.0.1:{port}/") as ws:
+                await _receive(ws)
+                await ws.send_message(report)
+                await eventually(lambda: hub.bad_frames == 1)
+            nursery.cancel_scope.cancel()
+    assert broadcaster.fanout == {} and broadcaster.fanout_totals() == (0, 0, 0)
