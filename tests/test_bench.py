@@ -1,26 +1,32 @@
 """`userstreamd bench` runs every stage for real and reports figures (never asserted:
 what is asserted is that each stage did the work it timed); its progress shows on a
-terminal only; --plot draws the figures."""
+terminal only; --plot draws the figures. `bench e2e` and `bench fanout` run the real
+daemon as a child process; the fan-out harness counts every frame of a known server."""
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
+import socket
 import struct
 import subprocess
 import sys
 import termios
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import matplotlib.image
 import pytest
 
-from userstreamd import bench
-from userstreamd.bench import LABELS
+from userstreamd import __version__, bench
+from userstreamd.bench import LABELS, fanout, harness
 from userstreamd.cli import main
 
 from .helpers import drain
@@ -195,3 +201,237 @@ def test_without_matplotlib_plot_fails_fast_naming_the_extra(
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and "userstreamd[plot]" in err
     assert not plot.exists()
+
+
+# -- bench e2e and bench fanout: the real daemon as a child process -------------------
+
+
+def _run_bench(*options: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    """`userstreamd bench ...` through pipes (no terminal: no display), as a user runs it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "userstreamd", "bench", *options],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "\x1b" not in result.stdout + result.stderr
+    return result
+
+
+def test_bench_e2e_writes_every_figure(tmp_path: Path) -> None:
+    """Both runs of the daemon: users committed per second with zero loss verified in its
+    database, produced -> committed latency of every user of the 1,000/s run, and each
+    process's CPU and memory (the daemon, its consumer workers, PostgreSQL)."""
+    out = tmp_path / "e2e.json"
+    result = _run_bench("e2e", "--duration", "2", "--warmup", "0.5", "--json", str(out))
+    e2e = json.loads(out.read_text())["e2e"]
+    assert e2e["users_per_s"] > 0
+    loss = e2e["zero_loss"]
+    assert loss["verified"] is True and loss["drained"] is True
+    assert loss["published"] > 0
+    assert loss["rows"] == loss["distinct_seqs"] == loss["max_seq"] == loss["published"]
+    assert loss["min_seq"] == 1
+    latency = e2e["latency_ms"]
+    assert 0 < latency["p50"] <= latency["p99"] <= latency["max"]
+    assert e2e["latency_users"] > 0 and "commit timestamp" in e2e["latency_source"]
+    assert set(e2e["latency_ms_daemon_histogram"]) >= {"p50", "p99"}
+    for run in ("processes", "latency_processes"):
+        names = {p["process"] for p in e2e[run]}
+        assert {"daemon", "consumer-worker 1", "consumer-worker 2", "postgres server"} <= names
+        assert any(n.startswith("postgres backend (") for n in names)
+        for proc in e2e[run]:
+            assert proc["cpu_s"] >= 0 and proc["peak_rss_kib"] > 0, proc
+    daemon = next(p for p in e2e["processes"] if p["process"] == "daemon")
+    assert daemon["cpu_s"] > 0
+    assert "zero loss verified" in result.stdout
+    assert re.search(r"produced -> committed +p50 [\d.]+ ms, p99 [\d.]+ ms", result.stdout)
+
+
+def test_bench_fanout_compare_writes_every_figure(tmp_path: Path) -> None:
+    """userstreamd and the websockets reference side by side (Node's ws too when this
+    machine has it; the test never installs it): users delivered to every client, their
+    latency, slow closes, memory per idle client. With stderr a terminal, each step shows
+    there; stdout holds the plain table."""
+    out = tmp_path / "fanout.json"
+    code, stdout, terminal = _run_with_stderr_on_a_terminal(
+        [
+            *(sys.executable, "-m", "userstreamd", "bench", "fanout", "--clients", "5"),
+            *("--rate", "200", "--duration", "1", "--warmup", "0.3", "--compare"),
+            *("--no-install", "--json", str(out)),
+        ]
+    )
+    assert code == 0, terminal
+    assert "\x1b" not in stdout and "\x1b[" in terminal
+    for step in (f"userstreamd {__version__}: connect 5 clients", "websockets ", "5 connected"):
+        assert step in terminal
+    report = json.loads(out.read_text())
+    compare = report["fanout_compare"]
+    for row in (report["fanout"], compare["websockets"]):
+        assert row["delivered_per_s"] > 0 and row["delivered"] > 0
+        assert row["clients_connected"] == row["connected_at_end"] == 5
+        assert row["missed"] == 0 and row["dropped"] == 0
+        assert 0 <= row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
+        assert row["slow_closes"] >= 0 and row["rss_per_idle_client_kib"] is not None
+        assert row["server_cpu_pct"] > 0
+    assert report["fanout"]["server"].startswith("userstreamd ")
+    assert any(p["process"].startswith("consumer-worker") for p in report["fanout"]["processes"])
+    assert compare["websockets"]["server"].startswith("websockets ")
+    node = compare["node_ws"]
+    assert "unavailable" in node or node["delivered_per_s"] > 0
+    lines = stdout.splitlines()
+    assert any(line.split()[:1] == ["userstreamd"] for line in lines[2:])
+    assert any(line.split()[:1] == ["websockets"] for line in lines[2:])
+    assert any(line.split()[:2] == ["node", "ws"] or "node_ws" in line for line in lines[2:])
+
+
+# -- the harness ----------------------------------------------------------------------
+
+
+def _server_frame(opcode: int, payload: bytes, *, fin: bool = True, masked: bool = False) -> bytes:
+    n = len(payload)
+    if n < 126:
+        size = bytes([n])
+    elif n < 65536:
+        size = bytes([126]) + n.to_bytes(2, "big")
+    else:
+        size = bytes([127]) + n.to_bytes(8, "big")
+    head = bytes([(0x80 if fin else 0) | opcode]) + bytes([size[0] | (0x80 if masked else 0)])
+    head += size[1:]
+    if masked:
+        key = b"\x01\x02\x03\x04"
+        return head + key + harness.mask(payload, key)
+    return head + payload
+
+
+def _user(seq: int, pad: int = 0) -> bytes:
+    produced_at = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    user = {"name": "x" * pad, "login": {"uuid": str(seq)}}
+    return json.dumps(
+        {
+            "type": "user",
+            "epoch": "e",
+            "seq": seq,
+            "position": seq,
+            "produced_at": produced_at,
+            "source": "synthetic",
+            "user": user,
+        }
+    ).encode()
+
+
+def _stream(users: int) -> tuple[bytes, list[tuple[int, bytes]]]:
+    """A server's bytes for one client and the messages in them: a welcome, `users` small
+    user frames, one of 70 kB (a 64-bit length), one in two fragments, a ``users`` frame
+    of two, one after a gap of one seq, a ping, and a close with 3008 (slow)."""
+    welcome = b'{"type":"welcome","epoch":"e","seq":0,"clients":1}'
+    small = [_user(seq) for seq in range(1, users + 1)]
+    big, split = _user(users + 1, pad=70_000), _user(users + 2, pad=300)
+    batch = b'{"type":"users","items":[' + _user(users + 3) + b"," + _user(users + 4) + b"]}"
+    after_gap = _user(users + 6)
+    messages = [(1, welcome), *[(1, u) for u in small], (1, big), (1, split), (1, batch)]
+    messages += [(1, after_gap), (9, b"hi"), (8, (3008).to_bytes(2, "big") + b"slow")]
+    wire = _server_frame(1, welcome) + b"".join(_server_frame(1, u) for u in small)
+    wire += _server_frame(1, big, masked=True)  # (a server must not; the reader copes)
+    wire += _server_frame(1, split[:100], fin=False) + _server_frame(0, split[100:])
+    wire += _server_frame(1, batch) + _server_frame(1, after_gap)
+    wire += _server_frame(9, b"hi") + _server_frame(8, (3008).to_bytes(2, "big") + b"slow")
+    return wire, messages
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000, 1 << 20], ids=["1", "7", "1000", "all"])
+def test_frame_reader_reassembles_whatever_the_reads(chunk: int) -> None:
+    """Frames split anywhere or several in one read, 7-, 16- and 64-bit lengths, masked
+    or not, fragmented: the same messages out, in order."""
+    wire, messages = _stream(users=20)
+    reader = harness.FrameReader()
+    out: list[tuple[int, bytes]] = []
+    for start in range(0, len(wire), chunk):
+        out += reader.feed(wire[start : start + chunk])
+    assert out == messages
+
+
+class _RawServer:
+    """A WebSocket server from raw sockets in a thread: the handshake, then `wire` to
+    each of `clients` clients once all are connected, in odd-sized writes; what each
+    client sent back is kept."""
+
+    def __init__(self, clients: int, wire: bytes) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.clients, self.wire = clients, wire
+        self.replies: list[bytes] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        self.listener.settimeout(30)
+        conns = []
+        for _ in range(self.clients):
+            conn, _ = self.listener.accept()
+            conn.settimeout(30)
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(4096)
+            key = re.search(rb"Sec-WebSocket-Key: (\S+)", request, re.IGNORECASE)
+            assert key is not None
+            accept = base64.b64encode(
+                hashlib.sha1(key[1] + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
+            )
+            conn.sendall(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+            )
+            conns.append(conn)
+        for conn in conns:
+            for start in range(0, len(self.wire), 4093):
+                conn.sendall(self.wire[start : start + 4093])
+        for conn in conns:
+            reply = b""
+            with contextlib.suppress(OSError):
+                while chunk := conn.recv(4096):
+                    reply += chunk
+            self.replies.append(reply)
+            conn.close()
+        self.listener.close()
+
+
+def test_the_harness_counts_every_user_and_each_slow_close() -> None:
+    """3 clients against a server that sends each of them 205 users (one after a gap)
+    then a ping and a 3008 close: every user counted once, the gap, the slow closes; each
+    client answered the ping and the close, masked."""
+    wire, _ = _stream(users=200)
+    server = _RawServer(3, wire)
+    url = f"ws://127.0.0.1:{server.port}/"
+    with subprocess.Popen(
+        [sys.executable, "-m", "userstreamd.bench.harness", url, "3"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        assert proc.stdout is not None and proc.stdin is not None
+        connected = json.loads(proc.stdout.readline())
+        assert connected == {"event": "connected", "clients": 3, "failed": 0, "errors": []}
+        server.thread.join(30)
+        proc.stdin.write("measure 0.2\n")
+        proc.stdin.flush()
+        result = json.loads(proc.stdout.readline())
+        proc.stdin.write("quit\n")
+        proc.stdin.flush()
+        assert proc.wait(30) == 0
+    assert result["users_total"] == 3 * 205 and result["missed_total"] == 3
+    assert result["slow_closes"] == 3 and result["closes"] == {"3008": 3}
+    assert result["connected"] == 0 and result["dropped"] == 0 and result["bad_frames"] == 0
+    for reply in server.replies:
+        frames = harness.FrameReader().feed(reply)
+        assert frames == [(10, b"hi"), (8, (3008).to_bytes(2, "big"))]
+        assert all(b & 0x80 for b in reply[1:2])  # masked, as a client must
+
+
+def test_percentiles_of_a_histogram() -> None:
+    hist = {0: 50, 10: 49, 200: 1}  # 0.1 ms buckets
+    assert fanout.percentile_ms(hist, 0.5, 0.1) == 0.05
+    assert fanout.percentile_ms(hist, 0.99, 0.1) == 1.05
+    assert fanout.percentile_ms(hist, 1.0, 0.1) == 20.05
+    assert fanout.percentile_ms({}, 0.5, 0.1) is None

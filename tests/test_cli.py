@@ -26,14 +26,14 @@ PUBLIC = ["run", "check", "init-config", "tail", "db", "bench"]
 def test_the_commands_are_listed_but_the_internal_one_is_not(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert set(_commands()) == {*PUBLIC, "consumer-worker"}
+    assert set(_commands()) == {*PUBLIC, "consumer-worker", "fanout-worker"}
     with pytest.raises(SystemExit) as exited:
         main(["--help"])
     assert exited.value.code == 0
     out = capsys.readouterr().out
     for name in PUBLIC:
         assert f"\n    {name} " in out, name
-    assert "consumer-worker" not in out
+    assert "consumer-worker" not in out and "fanout-worker" not in out
 
 
 @pytest.mark.parametrize("name", PUBLIC)

@@ -1,4 +1,4 @@
-"""``userstreamd bench``: throughput of each stage of the pipeline, measured, not assumed.
+"""``userstreamd bench`` (no mode): throughput of each stage of the pipeline, measured.
 
 Each benchmark runs the real code on `users` synthetic users and reports users per
 second (best of `repeat` runs): generation, validation into rows, the hub's publish and
@@ -14,7 +14,6 @@ else gets nothing, so a pipe or a CI log holds no escape codes.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -35,16 +34,16 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Column
 
-from . import __version__
-from .broadcaster import run_broadcaster
-from .config import Config, DaemonConfig
-from .hub import Hub
-from .messages import Ack, UserMessage, decode_server, encode
-from .records import parse_user
-from .sources.synthetic import synthetic_user
-from .store.bootstrap import run_database
-from .store.postgres import Envelope, PostgresStore, UserRow, row_values
-from .wsclient import open_ws
+from .. import __version__
+from ..broadcaster import run_broadcaster
+from ..config import Config, DaemonConfig
+from ..hub import Hub
+from ..messages import Ack, UserMessage, decode_server, encode
+from ..records import parse_user
+from ..sources.synthetic import synthetic_user
+from ..store.bootstrap import run_database
+from ..store.postgres import Envelope, PostgresStore, UserRow, row_values
+from ..wsclient import open_ws
 
 SEED = "bench"
 # Each figure's name in the JSON and its label in the printed table (and in the README's).
@@ -197,8 +196,8 @@ processes = true
 async def _bench_end_to_end(n: int, done: Done = _ignore) -> float:
     """The whole daemon, in-process, with 2 consumer processes and its embedded server:
     seconds from ready until the group has committed `n` users."""
-    from .config import load_config
-    from .daemon import Daemon
+    from ..config import load_config
+    from ..daemon import Daemon
 
     with tempfile.TemporaryDirectory(prefix="usd-bench-") as folder:
         path = Path(folder) / "bench.toml"
@@ -345,10 +344,6 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"  {'stage':<58} {'users/s':>9}")
     for name, value in report["results"].items():
         print(f"  {LABELS[name]:<58} {value:>9,.0f}")
-
-
-def write_json(report: dict[str, Any], path: str) -> None:
-    Path(path).write_text(json.dumps(report, indent=2) + "\n")
 
 
 _NO_MATPLOTLIB = "matplotlib is not installed: pip install 'userstreamd[plot]'"

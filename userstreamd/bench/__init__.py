@@ -1,0 +1,73 @@
+"""``userstreamd bench``: measured figures, never assumed ones.
+
+- no mode (`stages`): each stage of the pipeline in-process, users per second;
+- ``bench e2e`` (`e2e`): the real daemon as a child process, sustained users committed
+  per second with zero loss checked, produced -> committed latency at 1,000 users/s, CPU
+  and peak memory per process;
+- ``bench fanout`` (`fanout`): the real daemon broadcasting to N plain WebSocket clients
+  of a separate harness process (`harness`); with ``--compare``, the same against
+  reference servers (`reference`: Python ``websockets``, Node ``ws``).
+
+Figures go to stdout (and ``--json FILE``); progress to stderr, on a terminal only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .daemon_child import BenchError
+    from .e2e import print_e2e, run_e2e
+    from .fanout import print_fanout, run_fanout
+    from .stages import (
+        LABELS,
+        _log_scale,
+        plot_available,
+        print_report,
+        run_benchmarks,
+        write_plot,
+    )
+
+# Imported on first use: the harness and the reference server run as
+# ``python -m userstreamd.bench.X`` and need none of the daemon's modules.
+_LAZY = {
+    "BenchError": "daemon_child",
+    "print_e2e": "e2e",
+    "run_e2e": "e2e",
+    "print_fanout": "fanout",
+    "run_fanout": "fanout",
+    "LABELS": "stages",
+    "_log_scale": "stages",
+    "plot_available": "stages",
+    "print_report": "stages",
+    "run_benchmarks": "stages",
+    "write_plot": "stages",
+}
+
+__all__ = [
+    "LABELS",
+    "BenchError",
+    "_log_scale",
+    "plot_available",
+    "print_e2e",
+    "print_fanout",
+    "print_report",
+    "run_benchmarks",
+    "run_e2e",
+    "run_fanout",
+    "write_json",
+    "write_plot",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+
+
+def write_json(report: dict[str, Any], path: str) -> None:
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")
