@@ -2,26 +2,41 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
+import msgspec
 import psycopg
+import pytest
 import trio
 from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
+from trio.testing import MockClock, wait_all_tasks_blocked
 from trio_websocket import WebSocketRequest, serve_websocket
 
 from userstreamd.admission import Policy
 from userstreamd.auth import Tokens
 from userstreamd.broadcaster import run_broadcaster
-from userstreamd.config import BroadcasterConfig
-from userstreamd.consumer import Consumer
+from userstreamd.config import BroadcasterConfig, Config, ConsumersConfig
+from userstreamd.consumer import Consumer, Item, Milestones, make_consumer
+from userstreamd.errors import InvalidRecord
 from userstreamd.hub import Hub
-from userstreamd.records import SECRET_LOGIN_FIELDS
+from userstreamd.messages import Ack, UserMessage, Welcome, decode_client, encode, users_frame
+from userstreamd.records import SECRET_LOGIN_FIELDS, decode_user, parse_user
 from userstreamd.sources.synthetic import synthetic_user
 from userstreamd.store.calls import RetryPolicy
-from userstreamd.store.postgres import PostgresStore
+from userstreamd.store.postgres import (
+    Envelope,
+    PostgresStore,
+    StreamCheckpoint,
+    UserRow,
+    row_values,
+)
 
 from .conftest import query
 from .helpers import eventually, table_locked
@@ -60,7 +75,7 @@ async def _start_private(nursery: trio.Nursery, hub: Hub, tmp_path: Path) -> str
     await nursery.start(
         partial(run_broadcaster, hub, "127.0.0.1", 0, BroadcasterConfig(), policy, path)
     )
-    return f"ws+unix://{path}?group=db"
+    return f"ws+unix://{path}?group=db&batch=100"  # users frames, as the daemon asks
 
 
 async def _consume_all(
@@ -264,3 +279,204 @@ async def test_records_with_sql_or_script_in_them_are_stored_verbatim(
         dsn, "SELECT first_name, city, raw->'name'->>'first' FROM incoming_users ORDER BY seq"
     )
     assert rows == [(text, text, text) for text in hostile]
+
+
+# -- group commit, against a stand-in for the database (virtual time) ---------------------
+
+NO_DB = "host=127.0.0.1 port=1"  # never reached: the tests below replace the insert
+
+
+class FakeDatabase:
+    """Takes the place of `Consumer._insert`: records each batch's seqs and the virtual
+    time it arrived; `hold` keeps the writer inside an insert until it is set."""
+
+    def __init__(self, consumer: Consumer, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.batches: list[tuple[float, list[int]]] = []
+        self.hold = trio.Event()
+        self.hold.set()
+        self.holding = trio.Event()
+        monkeypatch.setattr(consumer, "_insert", self.insert)
+
+    async def insert(self, rows: list[UserRow], checkpoint: StreamCheckpoint | None) -> int:
+        self.batches.append((trio.current_time(), [row.seq for row in rows]))
+        self.holding.set()
+        await self.hold.wait()
+        return len(rows)
+
+    def seqs(self) -> list[list[int]]:
+        return [seqs for _, seqs in self.batches]
+
+
+def _item(seq: int) -> Item:
+    raw = synthetic_user("group", seq)
+    at = datetime.now(UTC)
+    return seq, row_values(parse_user(raw), raw, Envelope(seq, "e", "synthetic", at, at))
+
+
+def _writer(nursery: trio.Nursery, consumer: Consumer) -> trio.MemorySendChannel[Item]:
+    send, receive = trio.open_memory_channel[Item](consumer.batch_size * 4)  # as `run`
+    nursery.start_soon(consumer._write_batches, receive)
+    return send
+
+
+async def test_group_commit_writes_all_that_came_while_the_last_batch_was_written(
+    autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    consumer = Consumer("", PostgresStore(NO_DB), batch_size=50)
+    db = FakeDatabase(consumer, monkeypatch)
+    db.hold = trio.Event()
+    async with trio.open_nursery() as nursery:
+        send = _writer(nursery, consumer)
+        await send.send(_item(1))
+        await db.holding.wait()  # the writer is busy with [1]: the rest queues up
+        for seq in range(2, 81):
+            await send.send(_item(seq))
+        db.hold.set()
+        await wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    # Each batch takes all that waited, up to batch_size; in order, each user once.
+    assert db.seqs() == [[1], list(range(2, 52)), list(range(52, 81))]
+    stats = consumer.statistics()
+    assert (stats.batches, stats.inserted, stats.acked_seq) == (3, 80, 80)
+
+
+async def test_a_lone_user_is_written_at_once_without_a_timer(
+    autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    consumer = Consumer("", PostgresStore(NO_DB), batch_size=500)  # batch_interval_s 0
+    db = FakeDatabase(consumer, monkeypatch)
+    sent_at = []
+    async with trio.open_nursery() as nursery:
+        send = _writer(nursery, consumer)
+        for seq in range(1, 4):  # one user every 10 s
+            sent_at.append(trio.current_time())
+            await send.send(_item(seq))
+            await trio.sleep(10)
+        nursery.cancel_scope.cancel()
+    # Written the (virtual) instant it arrived: no sleep, no linger.
+    assert db.batches == list(zip(sent_at, [[1], [2], [3]], strict=True))
+
+
+async def test_a_batch_interval_lingers_for_a_fuller_batch_and_no_longer(
+    autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    consumer = Consumer("", PostgresStore(NO_DB), batch_size=3, batch_interval_s=0.5)
+    db = FakeDatabase(consumer, monkeypatch)
+    async with trio.open_nursery() as nursery:
+        send = _writer(nursery, consumer)
+        start = trio.current_time()
+        await send.send(_item(1))
+        await trio.sleep(0.2)
+        await send.send(_item(2))  # within the linger of 1
+        await trio.sleep(0.7)
+        await send.send(_item(3))  # after it: a linger of its own
+        await trio.sleep(1.1)
+        for seq in range(4, 8):  # a full batch does not wait; the one left over does
+            await send.send(_item(seq))
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert [(pytest.approx(at - start), seqs) for at, seqs in db.batches] == [
+        (0.5, [1, 2]),
+        (1.4, [3]),
+        (2.0, [4, 5, 6]),
+        (2.5, [7]),
+    ]
+
+
+# -- users frames ----------------------------------------------------------------------
+
+
+def test_a_member_asks_for_users_frames_of_at_most_its_batch() -> None:
+    def query_of(batch_size: int) -> dict[str, list[str]]:
+        config = Config(consumers=ConsumersConfig(batch_size=batch_size))
+        consumer = make_consumer(config, "ws+unix:///run/b.sock", NO_DB, 1, Milestones(1))
+        return parse_qs(urlsplit(consumer.url).query)
+
+    assert query_of(200) == {"group": ["db"], "window": ["2000"], "batch": ["200"]}
+    assert query_of(5000)["batch"] == ["1000"]  # what a broadcaster allows at most
+
+
+def _frame(seq: int, user: Any) -> bytes:
+    message = UserMessage(
+        epoch="e",
+        seq=seq,
+        position=seq,
+        produced_at=datetime.now(UTC),
+        source="synthetic",
+        user=user,
+    )
+    return encode(message).encode()
+
+
+async def test_users_frames_are_stored_once_each_in_order_and_all_acked(dsn: str) -> None:
+    _migrate(dsn)
+    users: list[Any] = [synthetic_user("frames", p) for p in range(1, 10)]
+    users[2] = {**users[2], "login": {"uuid": "not-a-uuid"}}  # invalid, inside a users frame
+    users[4] = "not a record"
+    frames = [_frame(seq, user) for seq, user in enumerate(users, 1)]
+    sent = [users_frame(frames[0:6]), frames[6], users_frame(frames[7:9])]  # and a user frame
+    acks: list[Ack] = []
+    all_acked = trio.Event()
+
+    async def server(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        await ws.send_message(encode(Welcome(epoch="e", seq=0, clients=1, group="db")))
+        for frame in sent:
+            await ws.send_message(frame.decode())
+        while sum(len(ack.seqs) for ack in acks) < len(users):
+            ack = decode_client(await ws.get_message())
+            assert isinstance(ack, Ack)
+            acks.append(ack)
+        all_acked.set()
+        await trio.sleep_forever()
+
+    consumer = Consumer("", PostgresStore(dsn), batch_size=4)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            listener = await nursery.start(serve_websocket, server, "127.0.0.1", 0, None)
+            consumer.url = f"ws://127.0.0.1:{listener.port}/"
+            await nursery.start(consumer.run)
+            await all_acked.wait()
+            nursery.cancel_scope.cancel()
+    assert [seq for ack in acks for seq in ack.seqs] == list(range(1, 10))  # once, in order
+    assert sorted(seq for ack in acks for seq in ack.rejected) == [3, 5]
+    stored = query(dsn, "SELECT seq, uuid::text, raw FROM incoming_users ORDER BY seq")
+    expected = [(seq, u["login"]["uuid"], u) for seq, u in enumerate(users, 1) if seq not in {3, 5}]
+    assert stored == expected
+    stats = consumer.statistics()
+    assert (stats.received, stats.invalid, stats.inserted, stats.acked_seq) == (9, 2, 7, 9)
+
+
+LAURA = synthetic_user("laura", 1, ["IE"])
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda r: r["login"].pop("uuid"),
+        lambda r: r.pop("login"),
+        lambda r: r["login"].update(uuid="not-a-uuid"),
+        lambda r: r["dob"].update(date="not-a-date"),
+        lambda r: r["location"]["coordinates"].update(latitude="north"),
+        lambda r: r["location"]["coordinates"].update(longitude="181"),
+        lambda r: r["location"]["street"].update(number="twelve"),
+        lambda r: r["location"]["street"].update(number=10**12),
+        lambda r: r["name"].update(first="La\x00ura"),
+        lambda r: r["location"].update(postcode="D02 X285"),  # valid: a string postcode
+        lambda r: r["location"]["street"].update(number="12"),  # valid: lax, as parse_user
+    ],
+)
+def test_the_consumer_validates_a_record_as_the_producer_does(
+    mutate: Callable[[dict[str, Any]], object],
+) -> None:
+    raw = copy.deepcopy(LAURA)
+    mutate(raw)
+    try:
+        expected: Any = parse_user(raw)
+    except InvalidRecord as exc:
+        expected = str(exc)
+    try:
+        got: Any = decode_user(msgspec.json.encode(raw))
+    except InvalidRecord as exc:
+        got = str(exc)
+    assert got == expected

@@ -10,6 +10,12 @@ dropped for a DB outage. The writer outlives connections, so a reconnect does no
 rows already received. The reconnect backoff starts over only after a connection has
 carried users: a server that accepts and closes at once (a daemon stopping) is retried
 ever more slowly, not in a tight loop.
+
+Frames: a member asks for ``users`` frames (``?batch=N``, N its batch size up to 1000)
+and takes ``user`` frames as well. Each record stays the JSON text it came as: decoded
+straight into typed structs (`records.decode_user`, the checks of `parse_user`, no dicts
+built), then stored as that text. An invalid record is one rejection, acknowledged as
+such; it never spoils the frame it came in.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import contextlib
 import random
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Annotated
 from urllib.parse import urlencode
 
 import msgspec
@@ -25,10 +32,10 @@ import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 
 from .config import Config
-from .errors import InvalidRecord, ProtocolError, StoreError
+from .errors import InvalidRecord, StoreError
 from .logs import bind, get_logger
-from .messages import Ack, Batch, Checkpoint, UserMessage, Welcome, decode_server, encode
-from .records import parse_user
+from .messages import Ack, Batch, Checkpoint, Gap, Welcome, encode
+from .records import decode_user
 from .store.calls import DEFAULT_RETRY, RetryPolicy, StoreCalls
 from .store.postgres import (
     DeadLetter,
@@ -41,8 +48,28 @@ from .store.postgres import (
 from .wsclient import open_ws
 
 ACK_CHUNK = 4096
+MAX_FRAME_USERS = 1000  # what a broadcaster sends in one frame at most (``?batch=N``)
 FINAL_FLUSH_S = 3.0  # at stop, the time to commit what was received
 Item = tuple[int, UserRow | None]  # (seq, row); None: invalid, acknowledged without a row
+
+
+class _User(msgspec.Struct, tag="user", frozen=True, kw_only=True, gc=False):
+    """`messages.UserMessage` as the consumer decodes it: the record left as JSON text,
+    to be validated on its own (one bad record is one rejection, not a bad frame)."""
+
+    epoch: str
+    seq: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]  # a bigint column
+    position: int
+    produced_at: datetime
+    source: str
+    user: msgspec.Raw
+
+
+class _Users(msgspec.Struct, tag="users", frozen=True, kw_only=True):
+    items: list[_User]
+
+
+_decoder = msgspec.json.Decoder(Welcome | _User | _Users | Gap | Checkpoint)
 
 
 @dataclass(frozen=True)
@@ -82,7 +109,8 @@ def make_consumer(
     store = PostgresStore.from_config(
         config, dsn, application_name=f"userstreamd-consumer-{worker}"
     )
-    member_url = f"{url}?{urlencode({'group': c.group, 'window': c.window})}"
+    query = {"group": c.group, "window": c.window, "batch": min(c.batch_size, MAX_FRAME_USERS)}
+    member_url = f"{url}?{urlencode(query)}"
     return Consumer(
         member_url,
         store,
@@ -203,11 +231,19 @@ class Consumer:
         while True:
             frame = await ws.get_message()
             try:
-                message = decode_server(frame)
-            except ProtocolError as exc:
-                log.warning("consumer.bad_frame", error=str(exc))
+                message = _decoder.decode(frame)
+            except msgspec.DecodeError as exc:
+                log.warning("consumer.bad_frame", error=f"bad server frame: {exc}")
                 continue
-            if isinstance(message, Welcome):
+            if isinstance(message, _User | _Users):
+                received_at = datetime.now(UTC)
+                for user in message.items if isinstance(message, _Users) else (message,):
+                    item = (user.seq, self._to_row(user, received_at))
+                    try:  # a frame's users in one go while the channel has room
+                        send.send_nowait(item)
+                    except trio.WouldBlock:
+                        await send.send(item)
+            elif isinstance(message, Welcome):
                 log.info(
                     "consumer.connected",
                     epoch=message.epoch,
@@ -219,24 +255,21 @@ class Consumer:
                 self._checkpoint = StreamCheckpoint(
                     message.group, message.epoch, message.seq, message.position
                 )
-            elif isinstance(message, UserMessage):
-                await send.send((message.seq, self._to_row(message)))
             else:
                 log.warning("consumer.unexpected_message", type=type(message).__name__)
 
-    def _to_row(self, message: UserMessage) -> UserRow | None:
+    def _to_row(self, message: _User, received_at: datetime) -> UserRow | None:
         self.received += 1
         self.last_seq = message.seq
+        raw = bytes(message.user)
         try:
-            user = parse_user(message.user)
+            user = decode_user(raw)
         except InvalidRecord as exc:
             self.invalid += 1
             get_logger().warning("consumer.invalid_record", seq=message.seq, error=str(exc))
             return None
-        env = Envelope(
-            message.seq, message.epoch, message.source, message.produced_at, datetime.now(UTC)
-        )
-        return row_values(user, message.user, env)
+        env = Envelope(message.seq, message.epoch, message.source, message.produced_at, received_at)
+        return row_values(user, raw.decode(), env)
 
     async def _insert(self, rows: list[UserRow], checkpoint: StreamCheckpoint | None) -> int:
         """Insert (and write the checkpoint), retrying through outages; a refusal raises."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import msgspec
+import psycopg
 import pytest
 import trio
 
@@ -16,6 +18,7 @@ from userstreamd.store.postgres import (
     DeadLetter,
     Envelope,
     PostgresStore,
+    StreamCheckpoint,
     UserRow,
     migrations,
     row_values,
@@ -180,3 +183,93 @@ async def test_a_statement_blocked_past_the_timeout_is_a_transient_store_error(
         assert caught.value.transient
         assert await trio.to_thread.run_sync(store.insert_users, _rows(range(1, 3))) == 2
     store.close()
+
+
+def _execute(dsn: str, sql: str) -> None:
+    with psycopg.connect(dsn) as conn:
+        conn.execute(sql)
+
+
+def _stagings_counted(dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each staging-table set-up that commits adds a row to ``stagings``."""
+    _execute(dsn, "CREATE TABLE stagings (n serial)")
+    monkeypatch.setattr(
+        postgres, "_STAGE", (*postgres._STAGE, "INSERT INTO stagings DEFAULT VALUES")
+    )
+
+
+def test_the_staging_table_is_made_once_per_connection(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = PostgresStore(dsn)
+    store.migrate()
+    _stagings_counted(dsn, monkeypatch)
+    assert store.insert_users(_rows(range(1, 101))) == 100
+    assert store.insert_users(_rows(range(101, 201))) == 100
+    assert store.insert_users([], StreamCheckpoint("db", "ep", 200, 200)) == 0
+    assert query(dsn, "SELECT count(*) FROM stagings") == [(1,)]
+    query(
+        dsn,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'userstreamd' AND pid <> pg_backend_pid()",
+    )
+    with pytest.raises(StoreError, match="insert") as lost:
+        store.insert_users(_rows(range(201, 301)))
+    assert lost.value.transient
+    assert store.insert_users(_rows(range(151, 301))) == 100  # a new connection, a new table
+    assert store.insert_users(_rows(range(301, 311))) == 10
+    store.close()
+    assert query(dsn, "SELECT count(*) FROM stagings") == [(2,)]
+    assert query(
+        dsn, "SELECT count(*), count(DISTINCT uuid), min(seq), max(seq) FROM incoming_users"
+    ) == [(310, 310, 1, 310)]
+
+
+def test_a_refused_first_batch_does_not_take_the_staging_table_with_it(dsn: str) -> None:
+    store = PostgresStore(dsn)
+    store.migrate()
+    _execute(dsn, "ALTER TABLE incoming_users ADD CONSTRAINT no_bob CHECK (first_name <> 'Bob')")
+    rows = _rows(range(1, 11))
+    bob = msgspec.structs.replace(rows[4], first_name="Bob")
+    with pytest.raises(StoreError, match="no_bob") as refused:  # rolls the table back too
+        store.insert_users([*rows[:4], bob, *rows[5:]])
+    assert not refused.value.transient
+    assert store.insert_users(rows[:4] + rows[5:]) == 9  # the same connection
+    store.close()
+
+
+def test_a_value_copy_cannot_send_is_a_refusal_not_a_crash(dsn: str) -> None:
+    store = PostgresStore(dsn)
+    store.migrate()
+    rows = _rows(range(1, 4))
+    with pytest.raises(StoreError) as refused:
+        store.insert_users([rows[0], msgspec.structs.replace(rows[1], latitude="north")])
+    assert not refused.value.transient  # retrying cannot help: the row goes to dead letters
+    assert store.insert_users(rows) == 3
+    store.close()
+
+
+def test_a_date_without_a_zone_is_stored_as_utc(dsn: str) -> None:
+    store = PostgresStore(dsn)
+    store.migrate()
+    raw = synthetic_user("naive", 1)
+    raw["dob"]["date"] = "1990-01-02T03:04:05"
+    at = datetime(2026, 1, 2, 3, 4, 5)  # a clock without a zone
+    row = row_values(parse_user(raw), raw, Envelope(1, "ep", "synthetic", at, at))
+    assert store.insert_users([row]) == 1
+    store.close()
+    [(dob, produced_at)] = query(dsn, "SELECT dob, produced_at FROM incoming_users")
+    assert dob == datetime(1990, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert produced_at == at.replace(tzinfo=UTC)
+
+
+def test_the_raw_record_may_be_given_as_json_text(dsn: str) -> None:
+    store = PostgresStore(dsn)
+    store.migrate()
+    raw = synthetic_user("text", 1)
+    text = msgspec.json.encode(raw).decode()
+    now = datetime.now(UTC)
+    row = row_values(parse_user(raw), text, Envelope(1, "ep", "synthetic", now, now))
+    assert row.raw == text
+    assert store.insert_users([row]) == 1
+    store.close()
+    assert query(dsn, "SELECT raw FROM incoming_users") == [(raw,)]
