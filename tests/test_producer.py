@@ -1,23 +1,35 @@
-"""Pacing, retries and fallback of the producer, on trio's autojump clock.
+"""Pacing, retries and fallback of the producer, on trio's autojump clock; prepared pages.
 
 The sources here are in-memory fakes (the clock can only jump when no real I/O is
-pending); the real HTTP paths are in sources/test_randomuser.py and test_e2e.py.
+pending), or synthetic with pages too small for its child process; the real HTTP paths
+are in sources/test_randomuser.py and test_e2e.py, the child process (real, on the real
+clock) in sources/test_pagegen.py and here where it is killed under a flowing stream.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import logging
+import os
+import signal
 from typing import Any, ClassVar
 
+import pytest
+import structlog
 import trio
 import trio.testing
 from structlog.testing import capture_logs
 
+from userstreamd import producer as producer_module
 from userstreamd.errors import BadResponse, SourceUnavailable
 from userstreamd.hub import Hub
 from userstreamd.producer import Producer, page_size_for
+from userstreamd.records import scrub
+from userstreamd.sources import synthetic as synthetic_module
 from userstreamd.sources.synthetic import SyntheticSource, synthetic_user
+
+from .helpers import eventually
 
 
 class ScriptedSource:
@@ -285,3 +297,106 @@ async def test_a_probe_never_waits_for_the_budget_while_the_fallback_serves(
     probe = primary.calls[3]
     assert probe >= 100.0, "no probe before the budget had room"
     assert got[-1][1]["source"] == "randomuser"
+
+
+async def test_a_killed_generator_is_replaced_without_a_gap_or_a_repeat() -> None:
+    """The child that prepares the pages is SIGKILLed twice while the stream flows: each
+    time the page it owed is fetched again from a new child, from the same position."""
+    hub = Hub("e")
+    source = SyntheticSource("sigkill", offload=True)
+    producer = Producer(hub, source, rate_per_s=20_000, page_size=500, stop_at_position=6000)
+    got: list[tuple[float, dict[str, Any]]] = []
+    killed: list[int] = []
+
+    async def kill_the_generator_at(published: int) -> None:
+        await eventually(lambda: producer.published >= published)
+        pid = source.generator.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    with trio.fail_after(60), capture_logs():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_collect, hub, got)
+            await nursery.start(producer.run)
+            await kill_the_generator_at(1000)
+            await kill_the_generator_at(3000)
+            await eventually(lambda: len(got) == 6000)
+            nursery.cancel_scope.cancel()
+    assert source.generator.pid is None, "released when the producer stopped"
+    assert producer.failures_by_kind["generator_died"] == 2
+    assert len(set(killed)) == 2
+    assert [m["position"] for _, m in got] == list(range(1, 6001))
+    assert [m["seq"] for _, m in got] == list(range(1, 6001))
+    assert [m["user"]["login"]["uuid"] for _, m in got[::250]] == [
+        synthetic_user("sigkill", p)["login"]["uuid"] for p in range(1, 6001, 250)
+    ]
+
+
+async def test_prepared_users_are_not_validated_again(
+    autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    validated: list[Any] = []
+    monkeypatch.setattr(producer_module, "parse_user", validated.append)
+    producer = Producer(Hub("e"), SyntheticSource("once"), rate_per_s=100, page_size=50)
+    got = await _run_for(producer, 1.005)
+    assert len(got) == 100 and validated == []
+    first = got[0][1]["user"]
+    assert first == scrub(synthetic_user("once", 1)) | {
+        "dob": first["dob"],  # (ages: against the time of the run)
+        "registered": first["registered"],
+    }
+
+
+async def test_an_invalid_prepared_user_is_counted_and_logged_never_published(
+    autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_user = synthetic_module._make_user
+
+    def broken_third(seed: str, position: int, *args: Any) -> dict[str, Any]:
+        user = make_user(seed, position, *args)
+        if position == 3:
+            user["location"]["coordinates"]["latitude"] = "123.0"
+        return user
+
+    monkeypatch.setattr(synthetic_module, "_make_user", broken_third)
+    producer = Producer(Hub("e"), SyntheticSource("bad"), rate_per_s=10, page_size=10)
+    with capture_logs() as logs:
+        got = await _run_for(producer, 0.55)
+    assert [m["position"] for _, m in got] == [1, 2, 4, 5]
+    assert producer.invalid == 1 and producer.invalid_by_source == {"synthetic": 1}
+    (invalid,) = [e for e in logs if e["event"] == "producer.invalid_record"]
+    assert invalid["position"] == 3 and "latitude" in invalid["error"]
+
+
+async def test_each_user_is_logged_at_info_below_the_threshold_and_not_at_all_when_off(
+    autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with capture_logs() as logs:
+        await _run_for(Producer(Hub("e"), SyntheticSource("log"), rate_per_s=2, page_size=10), 1.55)
+    lines = [e for e in logs if e["event"] == "producer.published"]
+    assert [e["log_level"] for e in lines] == ["info"] * 3
+    user = synthetic_user("log", 2)
+    assert lines[1] == {
+        "event": "producer.published",
+        "log_level": "info",
+        "seq": 2,
+        "uuid": user["login"]["uuid"],
+        "source": "synthetic",
+        "name": f"{user['name']['first']} {user['name']['last']}",
+        "country": user["location"]["country"],
+        "clients": 1,  # (the test's own subscription)
+    }
+    # Above the threshold the lines are at debug: with debug off, nothing is decoded for them.
+    decoded: list[Any] = []
+    monkeypatch.setattr(producer_module, "_decode_user", decoded.append)
+    previous = structlog.get_config()
+    try:
+        with capture_logs() as logs:
+            structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+            producer = Producer(Hub("e"), SyntheticSource("off"), rate_per_s=100, page_size=50)
+            await _run_for(producer, 1.005)
+    finally:
+        structlog.configure(**previous)
+    assert producer.published == 100
+    assert decoded == [] and not [e for e in logs if e["event"] == "producer.published"]

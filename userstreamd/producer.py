@@ -22,26 +22,37 @@ probed every ``probe_interval_s``, never waiting for the primary's budget (a pro
 would wait is postponed); the first good answer closes the circuit and switches back
 (``producer.fallback_off``). Records that fail validation are counted, logged and sent to
 the dead letters, never published.
+
+Each record is validated once. A source that prepares its pages (`PreparingSource`: the
+synthetic one, in a child process for big pages) hands over users already validated and
+encoded, which go to the hub as they are (``msgspec.Raw``); the others' records are
+validated here (`records.parse_user`). A per-user log line (``producer.published``: at
+info below ``log_each_user_below_per_s``, else at debug) costs nothing when its level is
+off; when on, a prepared user is decoded for it.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import random
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
+import msgspec
 import trio
 
 from .deadletters import DeadLetters
 from .errors import InvalidRecord, SourceError
 from .hub import Hub
 from .logs import bind, get_logger
-from .records import parse_user, scrub
+from .records import User, parse_user, scrub
+from .sources.pagegen import PreparedPage
 
 MAX_BURST_S = 0.1  # at most this much of the rate is published between two checkpoints
+MAX_BURST_USERS = 500  # ... and at most this many users (other tasks run in between)
 MAX_DEBT_S = 3.0  # at most this much of the rate is owed after the loop was held up
 RETRY_MIN_S = 0.1  # the first retry delay of the closed circuit
 MAX_RETRY_AFTER_S = 600.0  # a longer Retry-After is read as this (the server may be wrong)
@@ -54,6 +65,19 @@ class Source(Protocol):
 
     def ready_in_s(self) -> float:
         """Seconds before `fetch` would send a request without waiting (0: now)."""
+        ...
+
+
+@runtime_checkable
+class PreparingSource(Source, Protocol):
+    """A source whose users arrive validated and encoded: not validated again here."""
+
+    async def fetch_prepared(
+        self, start: int, count: int, *, keep_credentials: bool
+    ) -> PreparedPage: ...
+
+    async def release(self) -> None:
+        """Stop what `fetch_prepared` started (a child process); called when `run` ends."""
         ...
 
 
@@ -76,7 +100,11 @@ class ProducerStatistics:
 class Page:
     source: str
     start: int
-    users: Sequence[dict[str, Any]]
+    users: Sequence[dict[str, Any]] | Sequence[msgspec.Raw]  # raw records, or prepared
+    rejected: Mapping[int, str] = field(default_factory=dict)  # prepared: index -> why
+
+
+_decode_user = msgspec.json.Decoder(User).decode
 
 
 def page_size_for(rate_per_s: float) -> int:
@@ -242,18 +270,24 @@ class Producer:
         # After a crash, fetch again what was fetched but not yet published.
         self.position = self.next_position
         send, receive = trio.open_memory_channel[Page](0)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._fetch_pages, send)
-            if self.dead_letters is not None:
-                nursery.start_soon(self.dead_letters.run)
-            get_logger().info(
-                "producer.started",
-                source=self.primary.name,
-                rate_per_s=self.rate_per_s,
-                page_size=self.page_size,
-            )
-            task_status.started()
-            await self._pace(receive)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._fetch_pages, send)
+                if self.dead_letters is not None:
+                    nursery.start_soon(self.dead_letters.run)
+                get_logger().info(
+                    "producer.started",
+                    source=self.primary.name,
+                    rate_per_s=self.rate_per_s,
+                    page_size=self.page_size,
+                )
+                task_status.started()
+                await self._pace(receive)
+        finally:
+            with trio.CancelScope(shield=True):  # (bounded: see the sources' `release`)
+                for source in (self.primary, self.fallback):
+                    if isinstance(source, PreparingSource):
+                        await source.release()  # (twice if it is both: harmless)
 
     # -- fetcher -------------------------------------------------------------------------
 
@@ -270,7 +304,7 @@ class Producer:
                         await trio.sleep_forever()
                 source = await self._next_source()
                 try:
-                    users = await source.fetch(self.position, count)
+                    page = await self._fetch(source, count)
                 except SourceError as exc:
                     await self._failed(source, exc)
                     continue
@@ -278,8 +312,16 @@ class Producer:
                     get_logger().warning("producer.circuit_closed", source=source.name)
                     if self.fallback is not None:
                         get_logger().warning("producer.fallback_off", primary=source.name)
-                await send.send(Page(source.name, self.position, users))
-                self.position += len(users)
+                await send.send(page)
+                self.position += len(page.users)
+
+    async def _fetch(self, source: Source, count: int) -> Page:
+        if isinstance(source, PreparingSource):
+            prepared = await source.fetch_prepared(
+                self.position, count, keep_credentials=self.keep_credentials
+            )
+            return Page(source.name, self.position, prepared.users, prepared.rejected)
+        return Page(source.name, self.position, await source.fetch(self.position, count))
 
     async def _next_source(self) -> Source:
         """The source of the next page. While the circuit keeps the primary waiting, that is
@@ -367,13 +409,13 @@ class Producer:
                         with trio.move_on_at(schedule.next_due_at()):
                             await self._rate_changed.wait()
                         continue
-                    burst = max(1, int(self.rate_per_s * MAX_BURST_S))
-                    batch = page.users[index : index + min(due, burst)]
-                    for offset, raw in enumerate(batch):
-                        waited = await self._publish(raw, page.source, page.start + index + offset)
-                        schedule.not_owed(waited)
-                    index += len(batch)
-                    schedule.sent += len(batch)
+                    burst = max(1, min(MAX_BURST_USERS, int(self.rate_per_s * MAX_BURST_S)))
+                    end = min(len(page.users), index + due, index + burst)
+                    emit = self._user_log()
+                    for at in range(index, end):
+                        schedule.not_owed(await self._publish(page, at, emit))
+                    schedule.sent += end - index
+                    index = end
                     await trio.lowlevel.checkpoint()
 
     @staticmethod
@@ -387,23 +429,43 @@ class Producer:
             schedule.not_owed(trio.current_time() - started)
             return page
 
-    async def _publish(self, raw: dict[str, Any], source: str, position: int) -> float:
+    def _user_log(self) -> Callable[..., Any] | None:
+        """How each user is logged now (info at low rates, else debug); None when that
+        level is off, so that nothing is computed for it."""
+        log = get_logger()
+        info = self.rate_per_s <= self.log_each_user_below_per_s
+        enabled = getattr(log, "is_enabled_for", None)  # (structlog >= 25.1)
+        if enabled is not None and not enabled(logging.INFO if info else logging.DEBUG):
+            return None
+        return log.info if info else log.debug
+
+    async def _publish(self, page: Page, index: int, emit: Callable[..., Any] | None) -> float:
         """Publish (or dead-letter) one user; the seconds it waited for room in the hub."""
-        waited = await self._publish_or_reject(raw, source, position)
-        self.next_position = position + 1
+        waited = await self._publish_or_reject(page, index, emit)
+        self.next_position = page.start + index + 1
         return waited
 
-    async def _publish_or_reject(self, raw: dict[str, Any], source: str, position: int) -> float:
-        try:
-            user = parse_user(raw)
-        except InvalidRecord as exc:
+    async def _publish_or_reject(
+        self, page: Page, index: int, emit: Callable[..., Any] | None
+    ) -> float:
+        raw, source, position = page.users[index], page.source, page.start + index
+        user: User | None = None
+        if isinstance(raw, msgspec.Raw):  # prepared: validated, encoded, scrubbed as asked
+            error = page.rejected.get(index)
+        else:
+            try:
+                user, error = parse_user(raw), None
+            except InvalidRecord as exc:
+                error = str(exc)
+        if error is not None:
             self.invalid += 1
             self.invalid_by_source[source] = self.invalid_by_source.get(source, 0) + 1
             get_logger().warning(
-                "producer.invalid_record", source=source, position=position, error=str(exc)
+                "producer.invalid_record", source=source, position=position, error=error
             )
             if self.dead_letters is not None:
-                self.dead_letters.put(source, position, str(exc), raw)
+                record = msgspec.json.decode(raw) if isinstance(raw, msgspec.Raw) else raw
+                self.dead_letters.put(source, position, error, record)
             return 0.0
         waited = 0.0
         if not self.hub.has_room():
@@ -414,20 +476,22 @@ class Producer:
             started = trio.current_time()
             await self.hub.wait_for_room()
             waited = trio.current_time() - started
-        message = self.hub.publish_nowait(
-            raw if self.keep_credentials else scrub(raw), source, position
-        )
+        if not isinstance(raw, msgspec.Raw) and not self.keep_credentials:
+            raw = scrub(raw)
+        message = self.hub.publish_nowait(raw, source, position)
         self.published += 1
-        log = get_logger()
-        emit = log.info if self.rate_per_s <= self.log_each_user_below_per_s else log.debug
-        name = user.name
-        emit(
-            "producer.published",
-            seq=message.seq,
-            uuid=str(user.login.uuid),
-            source=source,
-            name=f"{name.first} {name.last}" if name else None,
-            country=user.location.country if user.location else None,
-            clients=self.hub.clients,
-        )
+        if emit is not None:
+            if user is None:
+                assert isinstance(raw, msgspec.Raw)
+                user = _decode_user(raw)
+            name = user.name
+            emit(
+                "producer.published",
+                seq=message.seq,
+                uuid=str(user.login.uuid),
+                source=source,
+                name=f"{name.first} {name.last}" if name else None,
+                country=user.location.country if user.location else None,
+                clients=self.hub.clients,
+            )
         return waited

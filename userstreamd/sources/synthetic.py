@@ -20,11 +20,19 @@ The quirks of the real API are reproduced on purpose, because the daemon must su
 ``login.uuid`` is derived from ``(seed, position)`` alone, so it is unique per position and
 identical whatever ``nats`` filter is used (the real API behaves the same way: its uuid stream
 does not depend on the nationality).
+
+The producer takes *prepared* pages (`SyntheticSource.fetch_prepared`, `prepare_page`): each
+user validated and encoded once, where it is generated. A fast stream's pages are prepared
+in a child process (`pagegen`), so that their generation runs on another core: a page of
+`OFFLOAD_MIN_USERS` or more, or any page while users are asked for at `OFFLOAD_MIN_PER_S`
+or more (a rate raised on reload keeps its page size). A slow stream's pages, whose
+generation costs next to nothing, are made in the event loop, in chunks.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 import unicodedata
 import uuid
@@ -33,15 +41,22 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
+import msgspec
 import trio
 
+from ..errors import InvalidRecord
+from ..records import parse_user, scrub
 from .fields import keyed_selection, select, selected
+from .pagegen import PageGenerator, PageRequest, PreparedPage
 
 __all__ = [
     "NATIONALITIES",
     "NO_ID_NATS",
+    "OFFLOAD_MIN_PER_S",
+    "OFFLOAD_MIN_USERS",
     "STRING_POSTCODE_NATS",
     "SyntheticSource",
+    "prepare_page",
     "synthetic_page",
     "synthetic_user",
 ]
@@ -518,15 +533,41 @@ def synthetic_page(
     return [_make_user(seed, p, pool, when) for p in range(first, first + results)]
 
 
+_encode = msgspec.json.Encoder().encode
+
+
+def prepare_page(request: PageRequest) -> PreparedPage:
+    """The users `request` names, selected, validated (`records.parse_user`) and encoded:
+    what the child process of `pagegen` sends, and the event loop makes for small pages."""
+    pool, fields, keep = _pool(request.nats), request.fields, request.keep_credentials
+    users: list[msgspec.Raw] = []
+    rejected: dict[int, str] = {}
+    for position in range(request.start, request.start + request.count):
+        user = select(_make_user(request.seed, position, pool, request.now), fields)
+        try:
+            parse_user(user)
+        except InvalidRecord as exc:  # (a generator bug: the dead letters will show it)
+            rejected[len(users)] = str(exc)
+        else:
+            user = user if keep else scrub(user)
+        users.append(msgspec.Raw(_encode(user)))
+    return PreparedPage(users, rejected)
+
+
 GENERATE_CHUNK = 128  # users generated between two yields to the event loop
+OFFLOAD_MIN_USERS = 1000  # a page this big is prepared in a child process, and so is
+OFFLOAD_MIN_PER_S = 200.0  # any page while pages are asked for at this many users a second
 
 
 class SyntheticSource:
     """A replayable cursor over synthetic users: no network, the same users for the same seed.
 
     `inc`/`exc` select fields as they do for the API (`fields.select`), ``login`` always
-    kept. A page is generated in chunks of `GENERATE_CHUNK` users with a checkpoint between
-    them, so a 5,000-user page does not hold up the event loop."""
+    kept. `fetch` returns the users as dicts; `fetch_prepared` (what the producer uses)
+    validated and encoded, in a child process for a fast stream (see the module docstring;
+    `offload` True or False decides instead), which `release` stops. In the event loop, a
+    page is generated in chunks of `GENERATE_CHUNK` users with a checkpoint between them,
+    so that a big page does not hold up the loop."""
 
     name = "synthetic"
 
@@ -537,10 +578,15 @@ class SyntheticSource:
         *,
         inc: Sequence[str] = (),
         exc: Sequence[str] = (),
+        offload: bool | None = None,
     ) -> None:
         self.seed = seed
         self.nats = _pool(nats)
         self.fields = selected(*keyed_selection(inc, exc))
+        self.offload = offload
+        self.generator = PageGenerator()
+        self._asked_at = -math.inf  # when fetch_prepared was last called
+        self._interval_s = math.inf  # between the two calls before
 
     def __repr__(self) -> str:
         return f"SyntheticSource(seed={self.seed!r}, nats={self.nats!r})"
@@ -550,8 +596,7 @@ class SyntheticSource:
 
     async def fetch(self, start: int, count: int) -> list[dict[str, Any]]:
         """The users at positions start .. start+count-1."""
-        if start < 1 or count < 0:
-            raise ValueError(f"need start >= 1 and count >= 0, got start={start} count={count}")
+        _check(start, count)
         now = datetime.now(UTC)
         users: list[dict[str, Any]] = []
         await trio.lowlevel.checkpoint()
@@ -562,3 +607,52 @@ class SyntheticSource:
             ]
             await trio.lowlevel.checkpoint()
         return users
+
+    async def fetch_prepared(
+        self, start: int, count: int, *, keep_credentials: bool, now: datetime | None = None
+    ) -> PreparedPage:
+        """The users at positions start .. start+count-1, validated and encoded (with the
+        API's fake credentials only if `keep_credentials`); `now` as for `synthetic_user`."""
+        _check(start, count)
+        request = PageRequest(
+            seed=self.seed,
+            nats=self.nats,
+            fields=self.fields,
+            start=start,
+            count=count,
+            now=_now(now),
+            keep_credentials=keep_credentials,
+        )
+        if self._offloaded(count):
+            return await self.generator.prepare(request)
+        users: list[msgspec.Raw] = []
+        rejected: dict[int, str] = {}
+        await trio.lowlevel.checkpoint()
+        for chunk in range(start, start + count, GENERATE_CHUNK):
+            size = min(GENERATE_CHUNK, start + count - chunk)
+            part = prepare_page(msgspec.structs.replace(request, start=chunk, count=size))
+            rejected.update((len(users) + index, why) for index, why in part.rejected.items())
+            users += part.users
+            await trio.lowlevel.checkpoint()
+        return PreparedPage(users, rejected)
+
+    async def release(self) -> None:
+        """Stop the child process, if one runs (the next big page starts another)."""
+        await self.generator.release()
+
+    def _offloaded(self, count: int) -> bool:
+        """Whether this page goes to the child process. The time between two pages asked
+        for tells the rate; the longer of the last two, since the producer asks for its
+        first two pages at once (it works one page ahead)."""
+        now = trio.current_time()
+        interval_s = now - self._asked_at
+        slowest_s = max(interval_s, self._interval_s)
+        self._asked_at, self._interval_s = now, interval_s
+        if self.offload is not None:
+            return self.offload
+        return count >= OFFLOAD_MIN_USERS or count >= OFFLOAD_MIN_PER_S * slowest_s
+
+
+def _check(start: int, count: int) -> None:
+    if start < 1 or count < 0:
+        raise ValueError(f"need start >= 1 and count >= 0, got start={start} count={count}")
