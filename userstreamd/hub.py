@@ -92,8 +92,10 @@ class AckTimeout(MemberEnded):
     """The member held users and acknowledged none of them for ``ack_timeout_s``."""
 
 
-@dataclass(slots=True)
-class _Entry:
+class _Entry(msgspec.Struct, gc=False):
+    """One published user. (Not tracked by the garbage collector: a full collection
+    would otherwise walk every one of the buffer's 100,000 entries.)"""
+
     seq: int
     position: int
     frame: bytes  # the encoded ``user`` message (UTF-8 JSON)
