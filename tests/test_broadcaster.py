@@ -318,6 +318,7 @@ async def test_a_close_never_tears_a_frame_that_was_being_written() -> None:
             nursery.cancel_scope.cancel()
     assert closed.value.reason.code == CLOSE_RATE
     assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) > 10
+    assert len(seqs) < 15_000, "the session went on sending after it was ended"
 
 
 async def test_a_stranger_cannot_pose_as_a_fanout_worker() -> None:

@@ -11,6 +11,7 @@ Close codes (the README has the table):
 - 1001 the server is stopping (after everything queued for the client was sent)
 - 1007 a text frame that is not UTF-8; 1002 a frame that breaks the protocol
 - 1008 more than ``max_messages_per_s`` messages from the client
+- 1011 (fan-out workers) a group member's connection to the daemon failed
 - 1009 a message larger than ``max_message_bytes``
 - 3008 a plain client more than ``client_lag_max`` users behind ("slow")
 - 4000 a group member that held users and acknowledged none for ``ack_timeout_s``
@@ -31,13 +32,14 @@ from functools import partial
 from pathlib import Path
 from urllib.parse import urlencode
 
+import msgspec
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 
 from .admission import Admission, Policy
 from .auth import Tokens
 from .config import BroadcasterConfig
-from .edge import Edge, EdgeStatistics, reuse_port_sockets
+from .edge import Edge, EdgeStatistics, raise_fd_limit, reuse_port_sockets
 from .errors import ProtocolError
 from .hub import AckTimeout, GroupLagging, Hub, Member, Slow, StaleAck, Subscription
 from .logs import Throttle, bind, get_logger
@@ -48,6 +50,8 @@ from .wsframes import send_frames
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_RATE = 1008
+CLOSE_INTERNAL_ERROR = 1011
+_NOT_SENDABLE = {1005, 1006, 1015}  # close codes that only report what happened locally
 CLOSE_TOO_BIG = 1009
 CLOSE_SLOW = 3008
 CLOSE_ACK_TIMEOUT = 4000
@@ -112,10 +116,21 @@ class Broadcaster:
         # Messages sent, by kind of client (plain, member): each user (also inside a
         # ``users`` frame), gap and checkpoint.
         self.sent: Counter[str] = Counter()
-        self.fanout: dict[int, FanoutReport] = {}  # the fan-out workers' latest reports
-        self.fanout_retired: Counter[str] = Counter()  # the last ones of workers gone
+        self.fanout: dict[int, FanoutReport] = {}  # each fan-out worker's latest report
+        self.fanout_retired: Counter[str] = Counter()  # the last counts of processes gone
+        self._feeds: dict[int, int] = {}  # a worker's feed connection -> its worker number
         self.on_batch = on_batch
         self._throttle = Throttle()
+
+    def _fanout_report(self, connection: int, report: FanoutReport) -> None:
+        """A worker's counts since its process started: a new process of the same
+        worker starts from zero, so the last counts of the old one are kept aside."""
+        old = self.fanout.get(report.worker)
+        if old is not None and old.pid != report.pid:
+            self.fanout_retired["sent"] += old.sent
+            self.fanout_retired["slow_closes"] += old.slow_closes
+        self.fanout[report.worker] = report
+        self._feeds[connection] = report.worker
 
     def fanout_totals(self) -> tuple[int, int, int]:
         """The fan-out workers' (clients, frames sent, slow closes), the sent and slow
@@ -149,7 +164,8 @@ class Broadcaster:
                 bound = await nursery.start(
                     partial(self.edge.serve_tcp, host, port, reuse_port=reuse_port)
                 )
-            else:
+            else:  # (relayed group members still hold a descriptor each, here)
+                raise_fd_limit(self.settings.max_connections)
                 bound = await nursery.start(_hold_port, host, port)
             if private_path is not None:
                 await nursery.start(self.edge.serve_unix, private_path)
@@ -194,7 +210,10 @@ class Broadcaster:
         # (A fan-out worker's feed, on the private socket, is bounded by the buffer only.)
         lag = hub.buffer_messages if private else None
         sub = None if member else hub.subscribe(peer, admission.since, lag_max=lag)
-        if (suppressed := self._throttle.allow("connected")) is not None or private:
+        # (private: the daemon's consumers, and with fan-out workers their relayed members)
+        if (
+            suppressed := self._throttle.allow("connected-private" if private else "connected")
+        ) is not None:
             get_logger().info(
                 "broadcaster.client_connected",
                 **who,
@@ -238,9 +257,8 @@ class Broadcaster:
                 hub.leave(member)
             if sub is not None:
                 hub.unsubscribe(sub)
-            if (report := self.fanout.pop(id(ws), None)) is not None:  # a worker's feed
-                self.fanout_retired["sent"] += report.sent
-                self.fanout_retired["slow_closes"] += report.slow_closes
+            if (worker := self._feeds.pop(id(ws), None)) is not None:  # a worker's feed
+                self.fanout[worker] = msgspec.structs.replace(self.fanout[worker], clients=0)
         if ended is not None:
             self._ended(who, *ended)
         elif code is not None:
@@ -277,9 +295,11 @@ class Broadcaster:
                 ended = (f"closed_{closed.code}", closed.reason)
             elif isinstance(exc := group.exceptions[0], ConnectionClosed) and exc.reason:
                 code, reason = exc.reason.code, exc.reason.reason or ""
+                if code in _NOT_SENDABLE:  # the daemon went away without a close frame
+                    code, reason = CLOSE_INTERNAL_ERROR, "upstream unavailable"
         except* (OSError, HandshakeError, trio.TooSlowError) as group:
             get_logger().warning("broadcaster.relay_failed", error=describe(group), **who)
-            reason = "upstream unavailable"
+            code, reason = CLOSE_INTERNAL_ERROR, "upstream unavailable"
         if ended is not None:
             self._ended(who, *ended)
             return
@@ -294,6 +314,16 @@ class Broadcaster:
             frame = await ws.get_message()
             if not bucket.take():
                 raise RateExceeded
+            try:  # (the daemon counts what is not an ack, except a worker's report)
+                poses_as_worker = isinstance(decode_client(frame), FanoutReport)
+            except ProtocolError:
+                poses_as_worker = False
+            if poses_as_worker:
+                self.hub.bad_frames += 1
+                self._throttle.log(
+                    "bad_frame", "warning", "broadcaster.bad_frame", error="a fanout report"
+                )
+                continue
             await upstream.send_message(frame)
 
     def _ended(self, who: dict[str, str], why: str, detail: str | None) -> None:
@@ -321,9 +351,9 @@ class Broadcaster:
             try:
                 ack = decode_client(frame)
                 if isinstance(ack, FanoutReport):
-                    if not private:
+                    if not private or member is not None:  # (relayed members are members)
                         raise ProtocolError("fanout reports come from the daemon's own workers")
-                    self.fanout[id(ws)] = ack
+                    self._fanout_report(id(ws), ack)
                     continue
                 if member is None:
                     raise ProtocolError("acks are for group members (connect with ?group=NAME)")
@@ -370,7 +400,7 @@ class Broadcaster:
     # ``batch`` gets its users in ``users`` frames.
 
     async def _send_member(self, ws: WebSocketConnection, member: Member, batch: int) -> None:
-        limit = max(FRAMES_PER_WRITE, batch)
+        limit = FRAMES_PER_WRITE
         while True:
             due = await self.hub.next_member_frames(member, limit)
             await send_frames(ws, due.control + _in_frames(due.users, batch))
@@ -380,7 +410,7 @@ class Broadcaster:
         if sub.gap is not None:
             await send_frames(ws, [encode(sub.gap).encode()])
             self.sent["plain"] += 1
-        limit = max(FRAMES_PER_WRITE, batch)
+        limit = FRAMES_PER_WRITE
         while True:
             users = await self.hub.next_frames(sub, limit)
             await send_frames(ws, _in_frames(users, batch))

@@ -27,6 +27,7 @@ import stat
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -209,10 +210,10 @@ class Edge:
                 hint="raise LimitNOFILE (ulimit -n) to allow max_connections",
             )
         if reuse_port:
-            sockets = [
-                trio.socket.from_stdlib_socket(sock)
-                for sock in reuse_port_sockets(host, port, listen=True)
-            ]
+            bound = await trio.to_thread.run_sync(
+                partial(reuse_port_sockets, host, port, listen=True)
+            )
+            sockets = [trio.socket.from_stdlib_socket(sock) for sock in bound]
         else:
             sockets = [
                 listener.socket

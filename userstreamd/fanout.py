@@ -9,8 +9,9 @@ A worker is fed once, from the daemon's private socket: a `Mirror` reads the str
 ``users`` frames and appends each user's encoded frame, as the daemon numbered it, to a
 local `Hub` (the same replay buffer and bounds), so plain clients see exactly what the
 daemon would have sent them: the same welcome fields, epoch, seqs, resume and gaps. A
-worker that (re)starts first takes up to ``client_lag_max`` users of history from the
-daemon, so a client that resumes on it finds what it missed. Group members are admitted
+worker that (re)starts first takes up to half ``client_lag_max`` users of history from
+the daemon, and serves nobody before it has them, so a client that resumes on it finds
+what it missed. Group members are admitted
 by the worker (token, Origin, permission, rate) and relayed to the daemon, which holds
 the groups (`Broadcaster` with ``relay``). When the daemon's stream ends (it stops), the
 worker's clients get everything, then 1001.
@@ -18,6 +19,7 @@ worker's clients get everything, then 1001.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import ssl
@@ -85,15 +87,24 @@ class Mirror:
         return f"{self.upstream}?{urlencode(query)}"
 
     async def run(self, *, task_status: trio.TaskStatus[Hub] = trio.TASK_STATUS_IGNORED) -> None:
-        """Feed the hub until the daemon's stream ends (then the hub is closed)."""
+        """Feed the hub until the daemon's stream ends (then the hub is closed). Reports
+        the hub once it holds the history up to where the stream stood at the start."""
         log = get_logger()
         async with open_ws(self._url(None)) as ws:  # where the stream stands
             welcome = _welcome.decode(await ws.get_message())
-        start = max(0, welcome.seq - self.settings.client_lag_max)
+        # (half the lag a client may have: a reader further behind than client_lag_max
+        # would be told of a gap and moved to half of it)
+        start = max(0, welcome.seq - self.settings.client_lag_max // 2)
         hub = self.hub = wiring.mirror_hub(self.settings, welcome.epoch, first_seq=start + 1)
+        if start < welcome.seq:
+            async with open_ws(self._url((hub.epoch, start))) as ws:
+                await ws.get_message()  # its welcome
+                while hub.last_seq < welcome.seq:
+                    self._append(await ws.get_message(), hub)
         task_status.started(hub)
         delay = 0.05
         while True:
+            ended = False
             try:
                 async with (
                     open_ws(self._url((hub.epoch, hub.last_seq))) as ws,
@@ -102,15 +113,20 @@ class Mirror:
                     await ws.get_message()  # its welcome
                     delay = 0.05
                     nursery.start_soon(self._report, ws)
-                    await self._feed(ws, hub)
-            except ConnectionClosed as exc:
-                if exc.reason is not None and exc.reason.code == CLOSE_GOING_AWAY:
-                    log.info("fanout.upstream_ended")
-                    hub.close()
-                    return
-                log.warning("fanout.upstream_lost", error=describe(exc))
-            except (OSError, HandshakeError, trio.TooSlowError) as exc:
-                log.warning("fanout.upstream_lost", error=describe(exc))
+                    while True:
+                        self._append(await ws.get_message(), hub)
+            except* ConnectionClosed as group:
+                exc = group.exceptions[0]
+                assert isinstance(exc, ConnectionClosed)
+                ended = exc.reason is not None and exc.reason.code == CLOSE_GOING_AWAY
+                if not ended:
+                    log.warning("fanout.upstream_lost", error=describe(exc))
+            except* (OSError, HandshakeError, trio.TooSlowError) as group:
+                log.warning("fanout.upstream_lost", error=describe(group))
+            if ended:
+                log.info("fanout.upstream_ended")
+                hub.close()
+                return
             self.reconnects += 1
             await trio.sleep(delay * random.uniform(0.5, 1.0))
             delay = min(RECONNECT_MAX_S, delay * 2)
@@ -122,26 +138,29 @@ class Mirror:
             await trio.sleep(REPORT_INTERVAL_S)
 
     @staticmethod
-    async def _feed(ws: WebSocketConnection, hub: Hub) -> None:
-        while True:
-            message = await ws.get_message()
-            frame = message.encode() if isinstance(message, str) else message
-            parsed = _frame.decode(frame)
-            if parsed.type == "users":
-                for item in parsed.items:
-                    raw = bytes(item)
-                    head = _head.decode(raw)
-                    hub.append(head.seq, raw, head.source, head.position)
-            elif parsed.type == "user":
-                head = _head.decode(frame)
-                hub.append(head.seq, frame, head.source, head.position)
-            # (a gap needs nothing: the next user's seq starts the buffer over)
+    def _append(message: str | bytes, hub: Hub) -> None:
+        """One frame from the daemon into the hub (a gap needs nothing: the next user's
+        seq starts the buffer over)."""
+        frame = message.encode() if isinstance(message, str) else message
+        parsed = _frame.decode(frame)
+        if parsed.type == "users":
+            for item in parsed.items:
+                raw = bytes(item)
+                head = _head.decode(raw)
+                hub.append(head.seq, raw, head.source, head.position)
+        elif parsed.type == "user":
+            head = _head.decode(frame)
+            hub.append(head.seq, frame, head.source, head.position)
 
 
-def _report(hub: Hub, broadcaster: Broadcaster) -> FanoutReport:
+def _report(worker: int, hub: Hub, broadcaster: Broadcaster) -> FanoutReport:
     stats = hub.statistics()
     return FanoutReport(
-        clients=stats.clients, sent=broadcaster.sent["plain"], slow_closes=stats.slow_disconnects
+        worker=worker,
+        pid=os.getpid(),
+        clients=stats.clients,
+        sent=broadcaster.sent["plain"],
+        slow_closes=stats.slow_disconnects,
     )
 
 
@@ -157,7 +176,14 @@ async def run_fanout_worker(
 ) -> int:
     """The child process's main: serve the public port until told to stop."""
     bind(component="fanout", worker=worker, pid=os.getpid())
-    b = config.broadcaster
+    # Each worker takes its share of the connection limits (the kernel spreads
+    # connections evenly), so that the totals hold as configured.
+    b, n = config.broadcaster, config.broadcaster.workers
+    b = msgspec.structs.replace(
+        b,
+        max_connections=math.ceil(b.max_connections / n),
+        max_connections_per_ip=math.ceil(b.max_connections_per_ip / n),
+    )
     mirror = Mirror(upstream, b)
     broadcaster = None
     async with trio.open_nursery() as nursery:
@@ -171,7 +197,7 @@ async def run_fanout_worker(
             ssl_context=ssl_context,
             relay=upstream,
         )
-        mirror.report = partial(_report, hub, broadcaster)
+        mirror.report = partial(_report, worker, hub, broadcaster)
         await nursery.start(partial(broadcaster.run, b.host, port, reuse_port=True))
         os.write(ready_fd, READY)
         os.close(ready_fd)

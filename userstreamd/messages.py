@@ -33,8 +33,8 @@ The daemon's own consumers (on the private socket) add what the metrics need: th
 they set aside instead of storing (``rejected``: invalid, or refused by the database and
 dead-lettered) and, once per batch, ``batch``: ``{"rows": 500, "inserted": 498,
 "commit_s": 0.012}``. Elsewhere both are ignored. A fan-out worker (see `fanout`) reports
-its own clients there, every second: ``{"type": "fanout", "clients": 120, "sent": 51234,
-"slow_closes": 0}``.
+its own clients there, every second: ``{"type": "fanout", "worker": 1, "pid": 4242,
+"clients": 120, "sent": 51234, "slow_closes": 0}``.
 
 Anything else a client sends is counted and logged as a bad frame, then ignored.
 """
@@ -103,8 +103,10 @@ class Ack(msgspec.Struct, tag="ack", frozen=True, kw_only=True, omit_defaults=Tr
 
 
 class FanoutReport(msgspec.Struct, tag="fanout", frozen=True, kw_only=True):
-    """A fan-out worker's own counts (since it started), for the daemon's metrics."""
+    """A fan-out worker's own counts (since its process started), for the daemon's metrics."""
 
+    worker: Annotated[int, msgspec.Meta(ge=1)]
+    pid: int
     clients: Annotated[int, msgspec.Meta(ge=0)]
     sent: Annotated[int, msgspec.Meta(ge=0)]
     slow_closes: Annotated[int, msgspec.Meta(ge=0)]

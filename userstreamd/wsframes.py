@@ -20,7 +20,7 @@ import struct
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-WRITE_TIMEOUT_S = 10.0  # a write that takes longer is given up, the connection aborted
+WRITE_TIMEOUT_S = 5.0  # a write that takes longer is given up, the connection aborted
 _TEXT_FIN = 0x81
 _SHORT = struct.Struct("!BB")
 _MEDIUM = struct.Struct("!BBH")
@@ -61,6 +61,8 @@ async def send_frames(
         for payload in payloads:
             await ws.send_message(payload.decode())
         return
+    # (a sender that always has frames due never waits: here it can still be cancelled)
+    await trio.lowlevel.checkpoint_if_cancelled()
     if ws._close_reason is not None:
         raise ConnectionClosed(ws._close_reason)
     data = frames(payloads)

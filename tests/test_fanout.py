@@ -1,0 +1,121 @@
+"""A fan-out worker's parts in one process: the mirror fed from a real daemon-side
+broadcaster over its private socket, and the relay of group members."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from trio_websocket import ConnectionClosed
+
+from userstreamd.broadcaster import CLOSE_GOING_AWAY, OPEN_POLICY, Broadcaster
+from userstreamd.config import BroadcasterConfig
+from userstreamd.fanout import Mirror
+from userstreamd.hub import Hub
+from userstreamd.wsclient import open_ws
+
+from .helpers import eventually
+
+SETTINGS = BroadcasterConfig(client_lag_max=1000, coalesce_ms=0)
+
+
+def _publish(hub: Hub, n: int) -> None:
+    for _ in range(n):
+        hub.publish_nowait({"n": hub.last_seq + 1}, "synthetic", hub.last_seq + 1)
+
+
+async def _daemon_side(nursery: trio.Nursery, hub: Hub, path: Path) -> Broadcaster:
+    broadcaster = Broadcaster(hub, SETTINGS, OPEN_POLICY)
+    await nursery.start(broadcaster.run, "127.0.0.1", 0, path)
+    return broadcaster
+
+
+async def _worker_side(nursery: trio.Nursery, mirror: Mirror, upstream: str) -> str:
+    hub = await nursery.start(mirror.run)
+    worker = Broadcaster(hub, SETTINGS, OPEN_POLICY, relay=upstream)
+    port = await nursery.start(worker.run, "127.0.0.1", 0)
+    return f"ws://127.0.0.1:{port}/"
+
+
+async def _seqs(ws: Any, until: int) -> list[int]:
+    seqs: list[int] = []
+    while not seqs or seqs[-1] < until:
+        message = json.loads(await ws.get_message())
+        assert message["type"] == "user", message
+        seqs.append(message["seq"])
+    return seqs
+
+
+async def test_a_mirror_starts_with_history_and_survives_a_lost_feed(tmp_path: Path) -> None:
+    """It serves nobody before it holds the history (half of client_lag_max): a client
+    resuming there gets what it missed, no gap. The daemon's broadcaster restarting
+    (the feed lost) costs the clients nothing; the daemon's end is theirs, with 1001."""
+    hub, path = Hub("e", client_lag_max=1000), tmp_path / "private.sock"
+    _publish(hub, 3000)
+    mirror = Mirror(f"ws+unix://{path}", SETTINGS)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as nursery_inner:
+                await _daemon_side(nursery_inner, hub, path)
+                url = await _worker_side(nursery, mirror, f"ws+unix://{path}")
+                assert mirror.hub is not None and mirror.hub.last_seq == 3000
+                async with open_ws(f"{url}?epoch=e&since=2700") as ws:
+                    assert json.loads(await ws.get_message())["seq"] == 3000
+                    assert await _seqs(ws, 3000) == list(range(2701, 3001))
+                    nursery_inner.cancel_scope.cancel()  # the daemon's broadcaster stops
+            _publish(hub, 100)  # meanwhile
+            async with trio.open_nursery() as nursery_inner:
+                await _daemon_side(nursery_inner, hub, path)  # and is back
+                async with open_ws(f"{url}?epoch=e&since=3000") as ws:
+                    await ws.get_message()
+                    _publish(hub, 100)
+                    assert await _seqs(ws, 3200) == list(range(3001, 3201))
+                    assert mirror.reconnects >= 1
+                    hub.close()  # the daemon stops: the stream ends
+                    with pytest.raises(ConnectionClosed) as closed:
+                        await ws.get_message()
+                    assert closed.value.reason.code == CLOSE_GOING_AWAY
+                    nursery_inner.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
+    assert mirror.hub.closed
+
+
+async def test_relayed_members_reach_the_daemon_but_cannot_pose_as_a_worker(
+    tmp_path: Path,
+) -> None:
+    """A group member on the worker: its acks reach the daemon's hub; a fanout report it
+    sends goes no further than the worker (a bad frame there); when the daemon goes
+    away, the member is closed with 1011, not a normal closure."""
+    hub, path = Hub("e"), tmp_path / "private.sock"
+    hub.declare_group("audit")
+    upstream = f"ws+unix://{path}"
+    mirror = Mirror(upstream, SETTINGS)
+    report = '{"type":"fanout","worker":1,"pid":1,"clients":1000000,"sent":9,"slow_closes":9}'
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            async with trio.open_nursery() as daemon_nursery:
+                daemon = await _daemon_side(daemon_nursery, hub, path)
+                url = await _worker_side(nursery, mirror, upstream)
+                async with open_ws(f"{url}?group=audit&batch=10") as ws:
+                    assert json.loads(await ws.get_message())["group"] == "audit"
+                    _publish(hub, 30)
+                    got: list[int] = []
+                    while len(got) < 30:
+                        message = json.loads(await ws.get_message())
+                        items = message["items"] if message["type"] == "users" else [message]
+                        got += [m["seq"] for m in items if m["type"] == "user"]
+                    await ws.send_message(report)
+                    await ws.send_message(json.dumps({"type": "ack", "seqs": got}))
+                    await eventually(lambda: hub.watermark("audit")[0] == 30)
+                    assert mirror.hub is not None and mirror.hub.bad_frames == 1
+                    assert daemon.fanout == {}
+                    daemon_nursery.cancel_scope.cancel()  # the daemon goes away
+                    with pytest.raises(ConnectionClosed) as closed:
+                        while True:
+                            await ws.get_message()
+                    assert closed.value.reason.code == 1011
+            nursery.cancel_scope.cancel()
+    assert got == list(range(1, 31))
