@@ -400,3 +400,20 @@ async def test_each_user_is_logged_at_info_below_the_threshold_and_not_at_all_wh
         structlog.configure(**previous)
     assert producer.published == 100
     assert decoded == [] and not [e for e in logs if e["event"] == "producer.published"]
+
+
+async def test_a_new_rate_gets_pages_of_its_size_unless_the_size_is_fixed() -> None:
+    """A reload from 1 to 1,000 users/s must not keep fetching 5-user pages (200 a
+    second, which capped the stream below the rate); a fixed page size (the API's, which
+    maps positions to pages) stays."""
+    auto = Producer(
+        Hub("e"),
+        SyntheticSource("s"),
+        rate_per_s=1,
+        page_size=page_size_for(1),
+        page_size_for_rate=page_size_for,
+    )
+    fixed = Producer(Hub("e"), SyntheticSource("s"), rate_per_s=1, page_size=100)
+    for producer in (auto, fixed):
+        producer.set_rate(1000)
+    assert (auto.page_size, fixed.page_size) == (5000, 100)

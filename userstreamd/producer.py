@@ -203,6 +203,7 @@ class Producer:
         *,
         rate_per_s: float,
         page_size: int,
+        page_size_for_rate: Callable[[float], int] | None = None,
         fallback: Source | None = None,
         failures_before_fallback: int = 3,
         probe_interval_s: float = 30.0,
@@ -217,6 +218,7 @@ class Producer:
         self.primary, self.fallback = primary, fallback
         self.rate_per_s = rate_per_s
         self.page_size = page_size
+        self.page_size_for_rate = page_size_for_rate  # (None: fixed, as the API's pages are)
         self.circuit = Circuit(
             failures_to_open=failures_before_fallback,
             probe_interval_s=probe_interval_s,
@@ -263,6 +265,8 @@ class Producer:
         if rate_per_s != self.rate_per_s:
             get_logger().info("producer.rate_changed", old=self.rate_per_s, new=rate_per_s)
             self.rate_per_s = rate_per_s
+            if self.page_size_for_rate is not None:
+                self.page_size = self.page_size_for_rate(rate_per_s)
             self._rate_changed.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

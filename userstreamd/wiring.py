@@ -181,6 +181,8 @@ def producer(
         primary,
         rate_per_s=p.rate_per_s,
         page_size=page_size,
+        # (a new rate gets pages its size, unless their size maps positions: the API's)
+        page_size_for_rate=page_size_for if p.source == "synthetic" and not ru.page_size else None,
         fallback=fallback,
         failures_before_fallback=ru.failures_before_fallback,
         probe_interval_s=ru.probe_interval_s,
