@@ -106,17 +106,21 @@ class _Entry(msgspec.Struct, gc=False):
 class _Signal:
     """Wakes every task waiting on it (each `wait` parks on the event of the moment)."""
 
-    __slots__ = ("_event",)
+    __slots__ = ("_armed", "_event")
 
     def __init__(self) -> None:
         self._event = trio.Event()
+        self._armed = False  # someone may be waiting (else firing costs nothing)
 
     async def wait(self) -> None:
+        self._armed = True
         await self._event.wait()
 
     def fire(self) -> None:
-        self._event.set()
-        self._event = trio.Event()
+        if self._armed:
+            self._armed = False
+            self._event.set()
+            self._event = trio.Event()
 
 
 @dataclass(eq=False)
