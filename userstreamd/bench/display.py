@@ -55,22 +55,27 @@ class Steps:
         step.done(status() if status else "done")
 
 
+def progress_rows(console: Console, label_width: int) -> Progress:
+    """The rows every mode of ``bench`` draws: label, bar, status, elapsed time."""
+    return Progress(
+        TextColumn(
+            "{task.description}",
+            markup=False,
+            table_column=Column(width=label_width, no_wrap=True, overflow="ellipsis"),
+        ),
+        BarColumn(bar_width=20),
+        TextColumn("{task.fields[status]}", markup=False),
+        TimeElapsedColumn(),
+        console=console,
+        refresh_per_second=4,  # the refresh thread shares the GIL with the timed code
+        redirect_stdout=False,  # stdout is the report's (and the logs')
+    )
+
+
 @contextmanager
 def open_steps(live: bool) -> Iterator[Steps]:
     if not live:
         yield Steps(None)
         return
-    with Progress(
-        TextColumn(
-            "{task.description}",
-            markup=False,
-            table_column=Column(width=LABEL_WIDTH, no_wrap=True, overflow="ellipsis"),
-        ),
-        BarColumn(bar_width=20),
-        TextColumn("{task.fields[status]}", markup=False),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        refresh_per_second=4,
-        redirect_stdout=False,
-    ) as progress:
+    with progress_rows(Console(stderr=True), LABEL_WIDTH) as progress:
         yield Steps(progress)

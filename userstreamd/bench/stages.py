@@ -31,8 +31,7 @@ import psycopg
 import trio
 from psycopg.conninfo import make_conninfo
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Column
+from rich.progress import Progress, TaskID
 
 from .. import __version__
 from ..broadcaster import run_broadcaster
@@ -44,6 +43,7 @@ from ..sources.synthetic import synthetic_user
 from ..store.bootstrap import run_database
 from ..store.postgres import Envelope, PostgresStore, UserRow, row_values
 from ..wsclient import open_ws
+from .display import progress_rows
 
 SEED = "bench"
 # Each figure's name in the JSON and its label in the printed table (and in the README's).
@@ -280,19 +280,7 @@ def _open_display(live: bool, n: int, repeat: int) -> Iterator[Callable[[str], _
     # The bar, the status ("123,456 users/s") and the elapsed time keep their width on a
     # narrow terminal; the label gives way (ends in "…").
     label_width = max(16, min(max(map(len, LABELS.values())), console.width - 47))
-    with Progress(
-        TextColumn(
-            "{task.description}",
-            markup=False,
-            table_column=Column(width=label_width, no_wrap=True, overflow="ellipsis"),
-        ),
-        BarColumn(bar_width=20),
-        TextColumn("{task.fields[status]}", markup=False),
-        TimeElapsedColumn(),
-        console=console,
-        refresh_per_second=4,  # the refresh thread shares the GIL with the timed code
-        redirect_stdout=False,  # stdout is the report's (and the logs')
-    ) as progress:
+    with progress_rows(console, label_width) as progress:
         yield partial(_Stage, progress, n, repeat)
 
 
