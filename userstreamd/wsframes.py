@@ -15,6 +15,7 @@ This reaches into trio-websocket's connection (`_stream`, `_stream_lock`,
 
 from __future__ import annotations
 
+import os
 import struct
 
 import trio
@@ -61,17 +62,49 @@ async def send_frames(
         for payload in payloads:
             await ws.send_message(payload.decode())
         return
-    # (a sender that always has frames due never waits: here it can still be cancelled)
-    await trio.lowlevel.checkpoint_if_cancelled()
+    # (a sender that always has frames due never waits: here it yields, and can be
+    # cancelled, once per write)
+    await trio.lowlevel.checkpoint()
     if ws._close_reason is not None:
         raise ConnectionClosed(ws._close_reason)
-    data = frames(payloads)
-    with trio.CancelScope(shield=True, deadline=trio.current_time() + timeout_s):
+    data = memoryview(frames(payloads))
+    if isinstance(stream, trio.SocketStream) and not lock.locked():
+        # The common case, a socket with room: one write(2) under the lock, taken and
+        # given back without waiting (nothing else runs meanwhile).
+        lock.acquire_nowait()
         try:
+            data = data[_write_some(stream, data) :]
+            if not data:
+                return
+            if await _send_rest(stream, data, timeout_s):  # (still holding the lock)
+                return
+        finally:
+            lock.release()
+    else:  # (TLS, or a ping or pong being written: wait for the lock, bounded too)
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + timeout_s):
             async with lock:
-                await stream.send_all(data)
-            return
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+                if await _send_rest(stream, data, timeout_s):
+                    return
     await ws._abort_web_socket()
     raise ConnectionClosed(ws._close_reason)
+
+
+def _write_some(stream: trio.SocketStream, data: memoryview) -> int:
+    """What a non-blocking write takes of `data` now (0: no room, or a broken socket,
+    which the blocking send that follows reports)."""
+    try:
+        return os.write(stream.socket.fileno(), data)
+    except OSError:  # (BlockingIOError: no room)
+        return 0
+
+
+async def _send_rest(stream: trio.abc.SendStream, data: memoryview, timeout_s: float) -> bool:
+    """Send all of `data`, not cancellable (a torn frame must not be followed by another)
+    but bounded by `timeout_s`; False if the stream broke or the time ran out."""
+    with trio.CancelScope(shield=True, deadline=trio.current_time() + timeout_s):
+        try:
+            await stream.send_all(data)
+            return True
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+    return False
