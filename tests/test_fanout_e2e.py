@@ -110,21 +110,27 @@ async def test_workers_share_the_port_and_a_killed_one_costs_its_clients_nothing
     checkpoints: list[int] = []
 
     async def audit_member() -> None:
-        """A public group member, relayed to the daemon: it acks, the checkpoints come."""
-        pending: list[int] = []
-        async with open_ws(f"{base}?group=audit&batch=50", token=AUDITOR) as ws:
-            assert json.loads(await ws.get_message())["group"] == "audit"
-            while not checkpoints or checkpoints[-1] < USERS:
-                message = json.loads(await ws.get_message())
-                items = message["items"] if message["type"] == "users" else [message]
-                seqs = [m["seq"] for m in items if m["type"] == "user"]
-                if message["type"] == "checkpoint":
-                    checkpoints.append(message["seq"])
-                audited.extend(seqs)
-                pending.extend(seqs)
-                if len(pending) >= 50 or (pending and pending[-1] == USERS):  # (rate limit)
-                    await ws.send_message(json.dumps({"type": "ack", "seqs": pending}))
-                    pending.clear()
+        """A public group member, relayed to the daemon: it acks (in chunks: the rate
+        limit), the checkpoints come; if its worker is the one killed, it reconnects and
+        the group redelivers what it had not acknowledged."""
+        while not checkpoints or checkpoints[-1] < USERS:
+            pending: list[int] = []
+            try:
+                async with open_ws(f"{base}?group=audit&batch=50", token=AUDITOR) as ws:
+                    assert json.loads(await ws.get_message())["group"] == "audit"
+                    while not checkpoints or checkpoints[-1] < USERS:
+                        with trio.move_on_after(0.2) as quiet:
+                            message = json.loads(await ws.get_message())
+                            items = message["items"] if message["type"] == "users" else [message]
+                            pending += [m["seq"] for m in items if m["type"] == "user"]
+                            if message["type"] == "checkpoint":
+                                checkpoints.append(message["seq"])
+                        if len(pending) >= 50 or (pending and quiet.cancelled_caught):
+                            await ws.send_message(json.dumps({"type": "ack", "seqs": pending}))
+                            audited.extend(pending)
+                            pending.clear()
+            except (ConnectionClosed, HandshakeError, OSError):
+                await trio.sleep(0.05)
 
     with trio.fail_after(90):
         async with trio.open_nursery() as nursery:
@@ -159,7 +165,7 @@ async def test_workers_share_the_port_and_a_killed_one_costs_its_clients_nothing
     for got in seen:  # every client: every seq from where it joined, once, in order
         assert got == list(range(got[0], USERS + 1))
     assert notices == [], "a client was told of a gap"
-    assert sorted(audited) == list(range(audited[0], USERS + 1))
+    assert sorted(set(audited)) == list(range(min(audited), USERS + 1))  # (at least once)
     assert checkpoints[-1] == USERS
     assert query(dsn, "SELECT count(*), min(seq), max(seq) FROM incoming_users") == [
         (USERS, 1, USERS)
