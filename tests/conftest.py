@@ -27,6 +27,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
+from userstreamd.config import toml_text
 from userstreamd.records import SECRET_LOGIN_FIELDS
 from userstreamd.store.embedded import EmbeddedPostgres
 
@@ -135,15 +136,6 @@ def query(dsn: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, .
 def fake_api() -> Iterator[FakeRandomUserAPI]:
     with FakeRandomUserAPI() as api:
         yield api
-
-
-def toml_text(tables: dict[str, dict[str, Any]]) -> str:
-    """A config file from {table: {key: value}} (JSON literals are valid TOML values)."""
-    lines = []
-    for table, keys in tables.items():
-        lines.append(f"[{table}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in keys.items()]
-    return "\n".join(lines) + "\n"
 
 
 @dataclass

@@ -10,7 +10,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import trio
@@ -19,6 +19,29 @@ from userstreamd.config import load_config
 from userstreamd.daemon import Daemon
 
 from .conftest import daemon_tables, toml_text
+
+T = TypeVar("T")
+
+
+async def turns_while(work: Callable[[], Awaitable[T]]) -> tuple[T, int]:
+    """`work()`'s result, and how many times another task got the loop meanwhile (a
+    loop held by `work` gives it none)."""
+    turns = 0
+
+    async def other_task() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other_task)
+        await trio.lowlevel.checkpoint()  # let it start
+        before = turns
+        result = await work()
+        during = turns - before
+        nursery.cancel_scope.cancel()
+    return result, during
 
 
 @asynccontextmanager

@@ -423,21 +423,27 @@ def _parser() -> argparse.ArgumentParser:
     fanout_mode.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
 
     # Internal, started by the daemon: no help=, so it is not listed.
-    worker = commands.add_parser("consumer-worker")
-    _config_option(worker, argparse.SUPPRESS)
-    worker.set_defaults(handler=cmd_consumer_worker)
-    worker.add_argument("--worker", type=int, required=True)
-    worker.add_argument("--url", required=True)
-    worker.add_argument("--ready-fd", type=int, required=True)
-    fanout = commands.add_parser("fanout-worker")
-    _config_option(fanout, argparse.SUPPRESS)
-    fanout.set_defaults(handler=cmd_fanout_worker)
-    fanout.add_argument("--worker", type=int, required=True)
+    consumer = _worker_command(commands, "consumer", cmd_consumer_worker)
+    consumer.add_argument("--url", required=True)
+    fanout = _worker_command(commands, "fanout", cmd_fanout_worker)
     fanout.add_argument("--upstream", required=True)
     fanout.add_argument("--port", type=int, required=True)
     fanout.add_argument("--origins", default="")
-    fanout.add_argument("--ready-fd", type=int, required=True)
     return parser
+
+
+def _worker_command(
+    commands: Any,
+    kind: str,
+    handler: Callable[[argparse.Namespace], int],
+) -> argparse.ArgumentParser:
+    """An internal ``KIND-worker`` command, as `workers.run_worker_process` starts it."""
+    command = commands.add_parser(f"{kind}-worker")
+    _config_option(command, argparse.SUPPRESS)
+    command.set_defaults(handler=handler)
+    command.add_argument("--worker", type=int, required=True)
+    command.add_argument("--ready-fd", type=int, required=True)
+    return command
 
 
 def main(argv: list[str] | None = None) -> int:

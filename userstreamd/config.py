@@ -13,6 +13,7 @@ documents each key.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 import tomllib
@@ -473,6 +474,16 @@ def effective_toml(config: Config, environ: Mapping[str, str] | None = None) -> 
                 line += f"  # from ${variable}"
             out.append(line)
     return "\n".join(out) + "\n"
+
+
+def toml_text(tables: dict[str, dict[str, Any]]) -> str:
+    """A config file from {table: {key: value}} of strings, numbers, booleans and lists
+    (JSON literals are valid TOML values): what `bench` and the tests write."""
+    lines = []
+    for table, keys in tables.items():
+        lines.append(f"[{table}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in keys.items()]
+    return "\n".join(lines) + "\n"
 
 
 def default_config_text() -> str:

@@ -12,6 +12,7 @@ import textwrap
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import msgspec
@@ -22,6 +23,8 @@ import trio.testing
 from userstreamd.errors import SourceUnavailable
 from userstreamd.records import scrub
 from userstreamd.sources.synthetic import GENERATE_CHUNK, SyntheticSource, synthetic_user
+
+from ..helpers import turns_while
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
@@ -97,23 +100,11 @@ async def test_big_pages_and_pages_asked_for_fast_go_to_the_child(
 
 
 async def test_the_loop_keeps_running_while_the_child_prepares_a_big_page() -> None:
-    turns = 0
-
-    async def other_task() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await trio.lowlevel.checkpoint()
-
     async with offloaded("busy") as source:
         with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(other_task)
-                await trio.lowlevel.checkpoint()
-                before = turns
-                page = await source.fetch_prepared(1, 5000, keep_credentials=False)
-                during = turns - before
-                nursery.cancel_scope.cancel()
+            page, during = await turns_while(
+                partial(source.fetch_prepared, 1, 5000, keep_credentials=False)
+            )
     assert len(page.users) == 5000
     # In the event loop, a page gives other tasks one turn per chunk (5000 / 128 = 40).
     assert during > 25 * (5000 // GENERATE_CHUNK), f"the other task ran {during} times"

@@ -7,6 +7,7 @@ import json
 import re
 import uuid
 from datetime import UTC, datetime
+from functools import partial
 
 import pytest
 import trio
@@ -21,6 +22,8 @@ from userstreamd.sources.synthetic import (
     synthetic_page,
     synthetic_user,
 )
+
+from ..helpers import turns_while
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 TOP_KEYS = {
@@ -249,22 +252,8 @@ async def test_source_fetch_matches_positions() -> None:
 
 async def test_a_big_page_lets_other_tasks_run() -> None:
     """A 5,000-user page is generated in chunks: the loop keeps serving other tasks."""
-    turns = 0
-
-    async def other_task() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await trio.lowlevel.checkpoint()
-
     with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(other_task)
-            await trio.lowlevel.checkpoint()  # let it start
-            before = turns
-            users = await SyntheticSource("chunks").fetch(1, 5000)
-            during = turns - before
-            nursery.cancel_scope.cancel()
+        users, during = await turns_while(partial(SyntheticSource("chunks").fetch, 1, 5000))
     assert len(users) == 5000
     assert during >= 5000 // 200, f"the other task ran {during} times during the page"
 

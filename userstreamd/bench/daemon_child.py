@@ -11,7 +11,6 @@ can be started again: the daemon resumes its stream from the checkpoint.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -24,6 +23,7 @@ import httpx
 import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
+from ..config import toml_text
 from ..errors import UserstreamdError
 from ..store.embedded import EmbeddedPostgres
 from . import procs
@@ -35,15 +35,6 @@ LOG_TAIL_CHARS = 3000
 
 class BenchError(UserstreamdError):
     """A benchmark could not run (a server did not start, a child failed)."""
-
-
-def toml_text(tables: dict[str, dict[str, Any]]) -> str:
-    """Strings, numbers and booleans only: what the bench's configs hold."""
-    lines = []
-    for table, keys in tables.items():
-        lines.append(f"[{table}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in keys.items()]
-    return "\n".join(lines) + "\n"
 
 
 class DaemonChild:
