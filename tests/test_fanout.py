@@ -119,3 +119,69 @@ async def test_relayed_members_reach_the_daemon_but_cannot_pose_as_a_worker(
                     assert closed.value.reason.code == 1011
             nursery.cancel_scope.cancel()
     assert got == list(range(1, 31))
+
+
+async def test_garbage_floods_silence_and_early_hangups_on_a_worker_hurt_nobody(
+    tmp_path: Path,
+) -> None:
+    """On a worker's port: bytes that are not HTTP, a connection that says nothing, a
+    member that hangs up at once, a member sending garbage (relayed: the daemon counts
+    it), a member flooding (closed by the worker with 1008). A plain client on the same
+    worker gets every user, in order, meanwhile; the daemon keeps no stray member."""
+    hub, path = Hub("e"), tmp_path / "private.sock"
+    hub.declare_group("audit")
+    upstream = f"ws+unix://{path}"
+    settings = BroadcasterConfig(
+        client_lag_max=1000, coalesce_ms=0, max_messages_per_s=20, handshake_timeout_s=1
+    )
+    mirror = Mirror(upstream, settings)
+    seen: list[int] = []
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(Broadcaster(hub, settings, OPEN_POLICY).run, "127.0.0.1", 0, path)
+            worker_hub = await nursery.start(mirror.run)
+            worker = Broadcaster(worker_hub, settings, OPEN_POLICY, relay=upstream)
+            port = await nursery.start(worker.run, "127.0.0.1", 0)
+            url = f"ws://127.0.0.1:{port}/"
+
+            async def plain() -> None:
+                async with open_ws(url) as ws:
+                    await ws.get_message()
+                    seen.extend(await _seqs(ws, 400))
+
+            nursery.start_soon(plain)
+            await eventually(lambda: worker_hub.clients == 1)
+
+            async def publish() -> None:
+                for _ in range(40):
+                    _publish(hub, 10)
+                    await trio.sleep(0.02)
+
+            nursery.start_soon(publish)
+            garbage = await trio.open_tcp_stream("127.0.0.1", port)
+            await garbage.send_all(b"\x16\x03\x01\x00\xa5garbage\r\n\r\n")
+            silent = await trio.open_tcp_stream("127.0.0.1", port)  # says nothing at all
+            async with open_ws(f"{url}?group=audit"):
+                pass  # hangs up right after the handshake
+            async with open_ws(f"{url}?group=audit") as noisy:
+                await noisy.get_message()
+                await noisy.send_message("not json")
+                await noisy.send_message(b"\x00\x01 binary")
+                await eventually(lambda: hub.bad_frames == 2)
+            async with open_ws(f"{url}?group=audit") as flooder:
+                await flooder.get_message()
+                with pytest.raises(ConnectionClosed) as flooded:
+                    for _ in range(500):
+                        await flooder.send_message('{"type":"ack","seqs":[]}')
+                        await trio.lowlevel.checkpoint()
+                    while True:
+                        await flooder.get_message()
+                assert flooded.value.reason.code == 1008
+            assert await silent.receive_some(100) == b""  # closed at the handshake timeout
+            await eventually(lambda: len(seen) >= 400)
+            await eventually(lambda: hub.statistics().members == 0)
+            for stream in (garbage, silent):
+                await stream.aclose()
+            nursery.cancel_scope.cancel()
+    assert seen == list(range(1, 401))
+    assert worker.edge.statistics().handler_errors == 0
