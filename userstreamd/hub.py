@@ -295,33 +295,18 @@ class Hub:
         produced_at: datetime | None = None,
     ) -> UserMessage:
         """Append one user (the caller checked `has_room`, or accepts going over)."""
-        self.last_seq += 1
         produced_at = produced_at or datetime.now(UTC)
         message = UserMessage(
             epoch=self.epoch,
-            seq=self.last_seq,
+            seq=self.last_seq + 1,
             position=position,
             produced_at=produced_at,
             source=source,
             user=cast(dict[str, Any], user),  # a Raw is encoded as it is
         )
         frame = _encoder.encode(message)
-        entry = _Entry(self.last_seq, position, frame, source, produced_at.timestamp())
-        self.published[source] += 1
-        self._entries[entry.seq] = entry
-        self._bytes += len(entry.frame)
-        self._evict()
-        for group in self._groups.values():
-            self._dispatch(group)
-        self._cut_off_laggards()
-        self._wake_readers()
+        self._add(_Entry(message.seq, position, frame, source, produced_at.timestamp()))
         return message
-
-    def _wake_readers(self) -> None:
-        if self._pacing:
-            self._published.fire()
-        else:
-            self._frames.fire()
 
     def append(self, seq: int, frame: bytes, source: str, position: int) -> None:
         """Mirror another hub: append its encoded ``user`` frame as it numbered it. A seq
@@ -331,14 +316,21 @@ class Hub:
             self._entries.clear()
             self._bytes = 0
             self._oldest = seq
-        self.last_seq = seq
-        entry = _Entry(seq, position, frame, source, time.time())
-        self.published[source] += 1
-        self._entries[seq] = entry
-        self._bytes += len(frame)
+        self._add(_Entry(seq, position, frame, source, time.time()))
+
+    def _add(self, entry: _Entry) -> None:
+        self.last_seq = entry.seq
+        self.published[entry.source] += 1
+        self._entries[entry.seq] = entry
+        self._bytes += len(entry.frame)
         self._evict()
+        for group in self._groups.values():
+            self._dispatch(group)
         self._cut_off_laggards()
-        self._wake_readers()
+        if self._pacing:
+            self._published.fire()
+        else:
+            self._frames.fire()
 
     async def pace(self, coalesce_s: float) -> None:
         """Until cancelled: wake plain clients at most once per `coalesce_s` after a
