@@ -145,12 +145,13 @@ class DaemonProcess:
     config_path: Path
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)  # after --config FILE: ["run", "--role", ...]
     proc: subprocess.Popen[bytes] = field(init=False)
 
     def start(self) -> DaemonProcess:
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "userstreamd", "--config", str(self.config_path)],
+            [sys.executable, "-m", "userstreamd", "--config", str(self.config_path), *self.args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -211,11 +212,14 @@ def daemon_factory(tmp_path: Path) -> Iterator[Any]:
     started: list[DaemonProcess] = []
 
     def make(
-        tables: dict[str, dict[str, Any]], name: str = "daemon", env: dict[str, str] | None = None
+        tables: dict[str, dict[str, Any]],
+        name: str = "daemon",
+        env: dict[str, str] | None = None,
+        args: list[str] | None = None,
     ) -> DaemonProcess:
         config = tmp_path / f"{name}.toml"
         config.write_text(toml_text(tables))
-        daemon = DaemonProcess(config, tmp_path / f"{name}.log", env or {}).start()
+        daemon = DaemonProcess(config, tmp_path / f"{name}.log", env or {}, args or []).start()
         started.append(daemon)
         return daemon
 

@@ -15,7 +15,7 @@ from typing import Any, TextIO
 import trio
 
 from . import __version__
-from .config import Config, load_config
+from .config import ROLES, Config, load_config
 from .errors import ConfigError
 from .logs import add_secrets, configure_logging, dsn_secrets, get_logger
 from .supervisor import describe
@@ -55,8 +55,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import run_daemon
 
     config = _config(args, public_port=True)
+    role = getattr(args, "role", "all")
+    if role != "all" and config.cluster.bus != "nats":
+        raise ConfigError(
+            f'{config.path}: run --role {role}: expected [cluster] bus = "nats" '
+            f"(each role on its own needs the NATS bus), got {config.cluster.bus!r}"
+        )
     add_secrets(*args.tokens.secrets())
-    return _run_logged(run_daemon, config, args.tokens, args.ssl_context)
+    return _run_logged(run_daemon, config, args.tokens, args.ssl_context, role)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -259,7 +265,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.set_defaults(handler=cmd_run)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    _command(commands, "run", cmd_run, "  userstreamd run --config /etc/userstreamd/config.toml\n")
+    run = _command(
+        commands,
+        "run",
+        cmd_run,
+        "  userstreamd run --config /etc/userstreamd/config.toml\n"
+        "  userstreamd run --config cluster.toml --role broadcaster\n",
+    )
+    run.add_argument(
+        "--role",
+        choices=ROLES,
+        default="all",
+        help='which parts to run (default: all); one part needs [cluster] bus = "nats"',
+    )
 
     check = _command(
         commands,

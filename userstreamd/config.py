@@ -153,6 +153,32 @@ class HttpConfig(_Table, frozen=True):
     port: Port = DEFAULT_HTTP_PORT
 
 
+ROLES = ("all", "producer", "broadcaster", "consumer")  # `run --role`; one alone needs NATS
+NatsName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,32}$")]
+
+
+class ClusterConfig(_Table, frozen=True):
+    bus: Literal["embedded", "nats"] = "embedded"
+    servers: list[str] = msgspec.field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+    stream: NatsName = "USERSTREAM"
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 3
+    max_messages: Annotated[int, msgspec.Meta(ge=1000)] = 10_000_000
+    max_age_s: Positive = 7 * 86400.0
+    duplicate_window_s: Positive = 120.0
+    lease_ttl_s: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 5.0
+    ack_wait_s: Annotated[float, msgspec.Meta(ge=1)] = 30.0
+    connect_timeout_s: Positive = 5.0
+    # credentials
+    credentials_file: str = ""
+    user: str = ""
+    password_env: str = "USERSTREAMD_NATS_PASSWORD"
+    token_env: str = "USERSTREAMD_NATS_TOKEN"
+    # TLS
+    tls_ca_file: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+
+
 class Config(_Table, frozen=True):
     daemon: DaemonConfig = msgspec.field(default_factory=DaemonConfig)
     producer: ProducerConfig = msgspec.field(default_factory=ProducerConfig)
@@ -162,6 +188,7 @@ class Config(_Table, frozen=True):
     database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
     supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
     http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
     # Where the file was read from: relative paths in it are relative to its folder.
     path: str = ""
 
@@ -405,11 +432,48 @@ def _rules(config: Config) -> Iterator[tuple[str, str]]:
     h = config.http
     if h.enabled and h.port != 0 and h.port == b.port:
         yield "http.port", f"expected a port other than broadcaster.port ({b.port})"
+    yield from _cluster_rules(config.cluster)
+    if config.cluster.bus == "nats":
+        yield from _nats_rules(config)
     c = config.consumers
     if c.reconnect_max_s < c.reconnect_min_s:
         yield (
             "consumers.reconnect_max_s",
             f"expected >= reconnect_min_s ({c.reconnect_min_s}), got {c.reconnect_max_s}",
+        )
+
+
+_NATS_URL = re.compile(r"^(nats|tls)://[^/?#\s]+$")
+
+
+def _cluster_rules(cl: ClusterConfig) -> Iterator[tuple[str, str]]:
+    if not cl.servers:
+        yield "cluster.servers", "expected at least one server URL"
+    bad = next((url for url in cl.servers if not _NATS_URL.match(url)), None)
+    if bad is not None:
+        yield "cluster.servers", f"expected nats://host:port or tls://host:port, got {bad!r}"
+    if bool(cl.tls_cert_file) != bool(cl.tls_key_file):
+        missing = "tls_key_file" if cl.tls_cert_file else "tls_cert_file"
+        yield f"cluster.{missing}", "expected a file too (a client certificate needs its key)"
+    if cl.credentials_file and cl.user:
+        yield "cluster.user", "expected either credentials_file or user, not both"
+
+
+def _nats_rules(config: Config) -> Iterator[tuple[str, str]]:
+    """What the NATS bus cannot do (yet) that the embedded one can."""
+    if "." in config.consumers.group:
+        yield (
+            "consumers.group",
+            f"expected no '.' with cluster.bus = \"nats\" (it names a JetStream consumer), "
+            f"got {config.consumers.group!r}",
+        )
+    b = config.broadcaster
+    if b.groups or b.allow_ad_hoc_groups:
+        key = "broadcaster.groups" if b.groups else "broadcaster.allow_ad_hoc_groups"
+        yield (
+            key,
+            'expected no groups for WebSocket clients with cluster.bus = "nats": a group '
+            "there is a durable consumer of the JetStream stream (see the README)",
         )
 
 

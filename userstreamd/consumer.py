@@ -155,13 +155,17 @@ class Consumer:
         self._checkpoint: StreamCheckpoint | None = None
 
     @property
+    def connected(self) -> bool:
+        return self._ws is not None
+
+    @property
     def db_errors(self) -> int:
         return self.db.failures
 
     def statistics(self) -> ConsumerStatistics:
         return ConsumerStatistics(
             self.worker,
-            self._ws is not None,
+            self.connected,
             self.received,
             self.inserted,
             self.duplicates,
@@ -360,6 +364,10 @@ class Consumer:
         )
         self.milestones.add(inserted)
         self.acked_seq = max(self.acked_seq, *seqs)
+        await self._acknowledge(seqs, rejected, report)
+
+    async def _acknowledge(self, seqs: list[int], rejected: list[int], report: Batch) -> None:
+        """Tell the broadcaster these seqs are committed (or set aside: `rejected`)."""
         ws = self._ws
         if ws is not None:
             # A closed connection: the broadcaster redelivers these seqs to the group, and

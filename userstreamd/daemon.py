@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import signal
 import ssl
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -31,19 +33,32 @@ from . import __version__, wiring
 from .auth import Tokens, is_loopback
 from .broadcaster import Broadcaster
 from .config import RELOADABLE, Config, changed_keys, load_config
-from .consumer import Consumer
+from .consumer import Consumer, Milestones
 from .edge import private_socket_path
 from .errors import ConfigError
 from .health import Health
+from .jetstream.bus import Bus, open_bus
+from .jetstream.consumer import StreamConsumer
+from .jetstream.mirror import StreamMirror
+from .jetstream.outlet import Outlet, run_producer
 from .logs import bind, configure_logging, get_logger
 from .metrics import DaemonCollector, Metrics
 from .ops import OpsApp, serve_ops, url_host
 from .producer import Producer
 from .store.bootstrap import run_database
-from .store.postgres import StreamCheckpoint
-from .store.streams import Stream, open_stream, save_checkpoint
+from .store.postgres import PostgresStore, StreamCheckpoint
+from .store.streams import Stream, open_stream, record_stream, save_checkpoint
 from .supervisor import Supervisor
 from .systemd import Notifier
+
+
+@dataclass(frozen=True)
+class StreamCounts:
+    published: Mapping[str, int]  # by source
+    committed: Mapping[str, int]
+    rejected: Mapping[str, int]
+    last_seq: int
+    committed_total: int  # each seq once
 
 
 def _client_host(host: str) -> str:
@@ -56,8 +71,11 @@ class Daemon:
         config: Config,
         tokens: Tokens | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        role: str = "all",
     ) -> None:
         self.config = config  # as started; a reload changes only the RELOADABLE keys
+        self.role = role
+        self.bus: Bus | None = None  # (cluster.bus = "nats")
         self.tokens = tokens or Tokens((), required=False)
         self.ssl_context = ssl_context
         self.metrics = Metrics()
@@ -86,8 +104,12 @@ class Daemon:
         handlers are installed: for running the daemon inside another program or test)."""
         bind(component="daemon")
         with contextlib.ExitStack() as resources:
-            async with wiring.http_client(self.config) as http, trio.open_nursery() as root:
-                await self._run(root, http, resources, shutdown_trigger)
+            async with (
+                contextlib.AsyncExitStack() as connections,  # (closed after the components)
+                wiring.http_client(self.config) as http,
+                trio.open_nursery() as root,
+            ):
+                await self._run(root, http, resources, connections, shutdown_trigger)
                 root.cancel_scope.cancel()  # the stats and systemd tasks
         return self.exit_code
 
@@ -96,6 +118,7 @@ class Daemon:
         root: trio.Nursery,
         http: httpx.AsyncClient,
         resources: contextlib.ExitStack,
+        connections: contextlib.AsyncExitStack,
         shutdown_trigger: Callable[[], Awaitable[Any]] | None,
     ) -> None:
         c = self.config
@@ -112,6 +135,8 @@ class Daemon:
             source=c.producer.source,
             rate_per_s=c.producer.rate_per_s,
             consumer_processes=c.consumer_processes,
+            bus=c.cluster.bus,
+            role=self.role,
         )
         with self._startup:
             page_origins: list[str] = []
@@ -124,42 +149,10 @@ class Daemon:
                 page_origins = wiring.page_origins(h.host, http_port)
                 log.info("daemon.http_listening", url=self.http_url)
             root.start_soon(self.health.probe_database)
-            self.dsn = await sup.start("database", partial(run_database, c))
-            self.health.probe_now()
-            stream = await trio.to_thread.run_sync(open_stream, c, self.dsn)
-            self.hub = wiring.hub(c, stream, self.metrics)
-            b = c.broadcaster
-            if b.auth == "none" and not is_loopback(b.host):
-                log.warning("daemon.no_auth", host=b.host, reason='auth = "none"')
-            self.broadcaster = Broadcaster(
-                self.hub,
-                b,
-                wiring.policy(c, self.tokens, page_origins),
-                ssl_context=self.ssl_context,
-                on_batch=self.metrics.batch,
-            )
-            private = private_socket_path(c.state_path)
-            public = b.workers == 0  # else the fan-out workers serve the port
-            port = self.ws_port = await sup.start(
-                "broadcaster",
-                partial(self.broadcaster.run, b.host, b.port, private, public=public),
-            )
-            scheme = "wss" if self.ssl_context else "ws"
-            self.url = f"{scheme}://{url_host(_client_host(b.host))}:{port}/"
-            own = f"ws+unix://{private}"
-            for name, run in wiring.fanout_workers(
-                c, own, port, page_origins, self.worker_processes
-            ):
-                await sup.start(name, run)
-            for name, run, consumer in wiring.consumers(c, own, self.dsn, self.worker_processes):
-                if consumer is not None:
-                    self.consumers.append(consumer)
-                self._consumer_names.append(name)
-                await sup.start(name, run)
-            self.producer = wiring.producer(
-                c, self.hub, http, stream, self.dsn, resources, self.metrics
-            )
-            await sup.start("producer", self.producer.run)
+            if c.cluster.bus == "nats":
+                await self._start_on_nats(sup, http, resources, connections, page_origins)
+            else:
+                await self._start_embedded(sup, http, resources, page_origins)
             log.info(
                 "daemon.ready", url=self.url, http_url=self.http_url, consumers=c.consumers.count
             )
@@ -169,6 +162,97 @@ class Daemon:
             root.start_soon(self._keep_systemd_informed)
         await self._stop.wait()
         await self._shutdown(sup)
+
+    async def _start_embedded(
+        self,
+        sup: Supervisor,
+        http: httpx.AsyncClient,
+        resources: contextlib.ExitStack,
+        page_origins: list[str],
+    ) -> None:
+        c = self.config
+        self.dsn = await sup.start("database", partial(run_database, c))
+        self.health.probe_now()
+        stream = await trio.to_thread.run_sync(open_stream, c, self.dsn)
+        self.hub = wiring.hub(c, stream, self.metrics)
+        own = await self._start_broadcaster(sup, page_origins)
+        for name, run, consumer in wiring.consumers(c, own, self.dsn, self.worker_processes):
+            if consumer is not None:
+                self.consumers.append(consumer)
+            self._consumer_names.append(name)
+            await sup.start(name, run)
+        self.producer = wiring.producer(
+            c, self.hub, http, stream, self.dsn, resources, self.metrics
+        )
+        await sup.start("producer", self.producer.run)
+
+    async def _start_broadcaster(self, sup: Supervisor, page_origins: list[str]) -> str:
+        """The broadcaster over `self.hub` (and its fan-out workers); its private URL."""
+        c, b = self.config, self.config.broadcaster
+        if b.auth == "none" and not is_loopback(b.host):
+            get_logger().warning("daemon.no_auth", host=b.host, reason='auth = "none"')
+        self.broadcaster = Broadcaster(
+            self.hub,
+            b,
+            wiring.policy(c, self.tokens, page_origins),
+            ssl_context=self.ssl_context,
+            on_batch=self.metrics.batch,
+        )
+        private = private_socket_path(c.state_path)
+        public = b.workers == 0  # else the fan-out workers serve the port
+        port = self.ws_port = await sup.start(
+            "broadcaster",
+            partial(self.broadcaster.run, b.host, b.port, private, public=public),
+        )
+        scheme = "wss" if self.ssl_context else "ws"
+        self.url = f"{scheme}://{url_host(_client_host(b.host))}:{port}/"
+        own = f"ws+unix://{private}"
+        for name, run in wiring.fanout_workers(c, own, port, page_origins, self.worker_processes):
+            await sup.start(name, run)
+        return own
+
+    async def _start_on_nats(
+        self,
+        sup: Supervisor,
+        http: httpx.AsyncClient,
+        resources: contextlib.ExitStack,
+        connections: contextlib.AsyncExitStack,
+        page_origins: list[str],
+    ) -> None:
+        """The parts of `self.role` over the NATS bus (see `jetstream`): the stream is
+        the hub, so each part may run on any machine, as many times as wanted."""
+        c = self.config
+        roles = {"producer", "broadcaster", "consumer"} if self.role == "all" else {self.role}
+        bus = self.bus = await connections.enter_async_context(
+            open_bus(c, f"userstreamd-{self.role}")
+        )
+        if roles & {"producer", "consumer"}:
+            self.dsn = await sup.start("database", partial(run_database, c))
+            self.health.probe_now()
+            source = c.producer.source
+            seed = c.producer.seed or bus.epoch
+            await trio.to_thread.run_sync(record_stream, c, self.dsn, bus.epoch, seed, source)
+        if "broadcaster" in roles:
+            mirror = StreamMirror(bus, c.broadcaster)
+            self.hub = await sup.start("mirror", mirror.run)
+            await self._start_broadcaster(sup, page_origins)
+        if "consumer" in roles:
+            milestones = Milestones(c.database.milestone_every)
+            for worker in range(1, c.consumers.count + 1):
+                store = PostgresStore.from_config(
+                    c, self.dsn, application_name=f"userstreamd-consumer-{worker}"
+                )
+                consumer = StreamConsumer(bus, store, c, worker, milestones, self.metrics.batch)
+                self.consumers.append(consumer)
+                self._consumer_names.append(f"consumer-{worker}")
+                await sup.start(f"consumer-{worker}", consumer.run)
+        if "producer" in roles:
+            stream = Stream(bus.epoch, seed, 0, 0, resumed=True)
+            outlet = Outlet(bus, 0)
+            self.producer = wiring.producer(
+                c, outlet, http, stream, self.dsn, resources, self.metrics
+            )
+            await sup.start("producer", partial(run_producer, bus, self.producer))
 
     @property
     def stopping(self) -> bool:
@@ -197,7 +281,8 @@ class Daemon:
         log.info("daemon.stopping", giving_up=self.giving_up)
         self.notifier.stopping("stopping" if self.giving_up else "stopping: draining consumers")
         await sup.stop("producer")
-        if not self.giving_up:  # (what cannot drain is not waited for)
+        # (what cannot drain is not waited for; on the NATS bus the stream keeps it)
+        if not self.giving_up and self.bus is None:
             await self._drain()
         self.hub.close()
         await sup.stop(*self._consumer_names)
@@ -231,21 +316,46 @@ class Daemon:
 
     def _totals(self) -> dict[str, Any]:
         producer = self.producer.statistics() if self.producer else None
+        counts = self.counts()
         totals: dict[str, Any] = {
             "published": producer.published if producer else 0,
             "invalid": producer.invalid if producer else 0,
             "fetch_failures": dict(producer.failures_by_kind) if producer else {},
             "backpressure_waits": producer.backpressure_waits if producer else 0,
-            "last_seq": self.hub.last_seq,
+            "last_seq": counts.last_seq,
             "committed_through": self.committed_through(),
-            "committed": self.hub.users_committed,  # by every consumer, process or not
+            "committed": counts.committed_total,  # by every consumer, process or not
             "rows_inserted": self.metrics.rows_inserted,
         }
         return totals
 
     def committed_through(self) -> int:
+        if self.bus is not None:  # (the group's ack floor, as this node's consumers saw it)
+            return max((c.committed_through for c in self._stream_consumers()), default=0)
         group = self.config.consumers.group
         return self.hub.watermark(group)[0] if self.hub.has_group(group) else 0
+
+    def _stream_consumers(self) -> list[StreamConsumer]:
+        return [c for c in self.consumers if isinstance(c, StreamConsumer)]
+
+    def counts(self) -> StreamCounts:
+        """Users published, committed and set aside (by source) as this daemon knows them:
+        its hub's; on the NATS bus, its own producer's and consumers'."""
+        hub = self.hub
+        if self.bus is None:
+            return StreamCounts(
+                hub.published, hub.committed, hub.rejected, hub.last_seq, hub.users_committed
+            )
+        outlet = self.producer.hub if self.producer else None
+        published = outlet.published if isinstance(outlet, Outlet) else hub.published
+        last_seq = outlet.last_seq if isinstance(outlet, Outlet) else hub.last_seq
+        committed: Counter[str] = Counter()
+        rejected: Counter[str] = Counter()
+        for consumer in self._stream_consumers():
+            committed.update(consumer.committed)
+            rejected.update(consumer.rejected)
+        total = sum(committed.values()) + sum(rejected.values())
+        return StreamCounts(published, committed, rejected, last_seq, total)
 
     def _status(self) -> str:
         """The one-line summary systemd shows (STATUS=): what /readyz says is wrong, if
@@ -255,7 +365,7 @@ class Daemon:
         rate = producer.rate_per_s if producer else 0
         problems = self.health.readiness().problems
         summary = (
-            f"{self.hub.last_seq} users streamed at {rate:g}/s from {source}, "
+            f"{self.counts().last_seq} users streamed at {rate:g}/s from {source}, "
             f"{self.hub.clients} clients, committed through seq {self.committed_through()}"
         )
         if not problems:
@@ -331,12 +441,13 @@ class Daemon:
     async def _log_stats(self) -> None:
         log = get_logger().bind(component="daemon")
         interval = self.config.daemon.stats_interval_s
-        last_seq, last_time = self.hub.last_seq, trio.current_time()
+        last_seq, last_time = self.counts().last_seq, trio.current_time()
         while True:
             await trio.sleep(interval)
             now = trio.current_time()
-            rate = (self.hub.last_seq - last_seq) / (now - last_time)
-            last_seq, last_time = self.hub.last_seq, now
+            streamed = self.counts().last_seq
+            rate = (streamed - last_seq) / (now - last_time)
+            last_seq, last_time = streamed, now
             source = self.producer.statistics().active_source if self.producer else None
             components = {
                 s.name: {"state": s.state, "restarts": s.restarts, "last_exit": s.last_exit}
@@ -346,7 +457,7 @@ class Daemon:
             log.info(
                 "daemon.stats",
                 broadcaster=edge,
-                users_streamed=self.hub.last_seq,
+                users_streamed=streamed,
                 rate_per_s=round(rate, 2),
                 active_clients=self.hub.clients,
                 source=source,
@@ -356,6 +467,9 @@ class Daemon:
 
 
 async def run_daemon(
-    config: Config, tokens: Tokens | None = None, ssl_context: ssl.SSLContext | None = None
+    config: Config,
+    tokens: Tokens | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    role: str = "all",
 ) -> int:
-    return await Daemon(config, tokens, ssl_context).run()
+    return await Daemon(config, tokens, ssl_context, role).run()

@@ -17,6 +17,7 @@ bring the database back, so the watchdog does not ask for it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
 PROBE_INTERVAL_S = 1.0
 PROBE_TIMEOUT_S = 2.0
-OWN_CHECKS = frozenset({"daemon", "broadcaster"})
+OWN_CHECKS = frozenset({"daemon", "broadcaster", "producer"})
 OK = "ok"
 NOT_CHECKED = "not checked"
 
@@ -73,11 +74,30 @@ class Health:
         states = {c.name: c.state for c in d.supervisor.snapshot()} if d.supervisor else {}
         if (state := states.get("broadcaster", "not started")) != "running":
             checks["broadcaster"] = state
+        if d.config.cluster.bus == "nats":
+            return Readiness(self._on_nats(checks, states))
         group = d.config.consumers.group
         if d.config.consumers.count > 0:
             members = next((g.members for g in d.hub.statistics().groups if g.name == group), 0)
             checks["consumers"] = OK if members else f"no member of group {group!r} connected"
         return Readiness(checks)
+
+    def _on_nats(self, checks: dict[str, str], states: Mapping[str, str]) -> dict[str, str]:
+        """On the NATS bus: the role's own parts, the connection, and the database when
+        the role writes to it."""
+        d = self.daemon
+        roles = {"producer", "broadcaster", "consumer"} if d.role == "all" else {d.role}
+        checks["nats"] = OK if d.bus is not None and d.bus.connected else "not connected"
+        if "broadcaster" not in roles:
+            del checks["broadcaster"]
+        if not roles & {"producer", "consumer"}:
+            del checks["database"]
+        if "producer" in roles and (state := states.get("producer", "not started")) != "running":
+            checks["producer"] = state
+        if "consumer" in roles and d.config.consumers.count > 0:
+            connected = any(c.connected for c in d.consumers)
+            checks["consumers"] = OK if connected else "no consumer bound to the stream"
+        return checks
 
     async def probe_database(self) -> None:
         """Check the database every PROBE_INTERVAL_S until cancelled."""

@@ -247,6 +247,10 @@ class Hub:
         return len(self._subs) + sum(len(g.members) for g in self._groups.values())
 
     @property
+    def buffered(self) -> int:
+        return len(self._entries)
+
+    @property
     def users_committed(self) -> int:
         return sum(self.committed.values())
 

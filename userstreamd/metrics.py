@@ -117,8 +117,10 @@ class DaemonCollector(Collector):
         stats = hub.statistics()
         producer = d.producer.statistics() if d.producer else None
         invalid = dict(producer.invalid_by_source) if producer else {}
-        sources = {*hub.published, *invalid}  # (each series exists from its source's first user)
-        produced = {(s,): hub.published[s] + invalid.get(s, 0) for s in sources}
+        counts = d.counts()
+        published = counts.published
+        sources = {*published, *invalid}  # (each series exists from its source's first user)
+        produced = {(s,): published.get(s, 0) + invalid.get(s, 0) for s in sources}
         yield _counter(
             "users_produced",
             "Users the sources gave (valid or not), by source",
@@ -129,17 +131,17 @@ class DaemonCollector(Collector):
             "users_broadcast",
             "Users published into the stream, by source",
             ["source"],
-            {(s,): n for s, n in hub.published.items()},
+            {(s,): n for s, n in published.items()},
         )
         yield _counter(
             "users_committed",
             "Users the consumer group committed to PostgreSQL (each stream seq once), by source",
             ["source"],
-            {(s,): hub.committed[s] for s in sources},
+            {(s,): counts.committed.get(s, 0) for s in sources},
         )
         dead = {(s, stage): 0 for s in sources for stage in ("producer", "consumer")}
         dead.update({(s, "producer"): n for s, n in invalid.items()})
-        dead.update({(s, "consumer"): n for s, n in hub.rejected.items()})
+        dead.update({(s, "consumer"): n for s, n in counts.rejected.items()})
         yield _counter(
             "users_dead_lettered",
             "Users set aside instead of stored: invalid (producer), or invalid or refused by "

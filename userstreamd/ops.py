@@ -115,7 +115,7 @@ class OpsApp:
             "stream": {
                 "epoch": stats.epoch if d.broadcaster else None,  # (None: not open yet)
                 "last_seq": stats.last_seq,
-                "committed": d.hub.users_committed,  # since the daemon started
+                "committed": d.counts().committed_total,  # since the daemon started
                 "committed_through": d.committed_through(),
                 "rate_per_s": producer.rate_per_s if producer else 0,
                 "source": producer.active_source if producer else None,

@@ -46,8 +46,8 @@ import trio
 
 from .deadletters import DeadLetters
 from .errors import InvalidRecord, SourceError
-from .hub import Hub
 from .logs import bind, get_logger
+from .messages import UserMessage
 from .records import User, parse_user, scrub
 from .sources.pagegen import PreparedPage
 
@@ -56,6 +56,25 @@ MAX_BURST_USERS = 500  # ... and at most this many users (other tasks run in bet
 MAX_DEBT_S = 3.0  # at most this much of the rate is owed after the loop was held up
 RETRY_MIN_S = 0.1  # the first retry delay of the closed circuit
 MAX_RETRY_AFTER_S = 600.0  # a longer Retry-After is read as this (the server may be wrong)
+
+
+class Outlet(Protocol):
+    """Where the producer publishes: the `hub.Hub`, or on the NATS bus a
+    `jetstream.outlet.Outlet` (a JetStream stream)."""
+
+    @property
+    def clients(self) -> int: ...
+
+    @property
+    def buffered(self) -> int: ...
+
+    def has_room(self) -> bool: ...
+
+    async def wait_for_room(self) -> None: ...
+
+    def publish_nowait(
+        self, user: dict[str, Any] | msgspec.Raw, source: str, position: int
+    ) -> UserMessage: ...
 
 
 class Source(Protocol):
@@ -198,7 +217,7 @@ class _Schedule:
 class Producer:
     def __init__(
         self,
-        hub: Hub,
+        hub: Outlet,
         primary: Source,
         *,
         rate_per_s: float,
@@ -475,7 +494,7 @@ class Producer:
         if not self.hub.has_room():
             self.backpressure_waits += 1
             get_logger().info(
-                "producer.backpressure", position=position, buffered=self.hub.statistics().buffered
+                "producer.backpressure", position=position, buffered=self.hub.buffered
             )
             started = trio.current_time()
             await self.hub.wait_for_room()

@@ -19,7 +19,7 @@ from .deadletters import DeadLetters
 from .hub import Hub
 from .metrics import Metrics
 from .ops import url_host
-from .producer import Producer, Source, page_size_for
+from .producer import Outlet, Producer, Source, page_size_for
 from .sources.randomuser import RandomUserSource, UserBudget
 from .sources.synthetic import SyntheticSource
 from .store.ledger import BudgetLedger
@@ -140,7 +140,7 @@ def page_origins(host: str, port: int) -> list[str]:
 
 def producer(
     config: Config,
-    hub: Hub,
+    hub: Outlet,
     http: httpx.AsyncClient,
     stream: Stream,
     dsn: str,

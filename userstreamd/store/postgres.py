@@ -358,11 +358,12 @@ class PostgresStore:
             raise
 
     def begin_stream(self, epoch: str, seed: str, source: str) -> None:
-        """Record a new epoch and what regenerates it."""
+        """Record a new epoch and what regenerates it (once: again is nothing)."""
         self._run(
             "begin stream",
             lambda conn: conn.execute(
-                "INSERT INTO streams (epoch, seed, source) VALUES (%s, %s, %s)",
+                "INSERT INTO streams (epoch, seed, source) VALUES (%s, %s, %s) "
+                "ON CONFLICT (epoch) DO NOTHING",
                 (epoch, seed, source),
             ),
         )

@@ -68,6 +68,15 @@ def open_stream(config: Config, dsn: str) -> Stream:
         store.close()
 
 
+def record_stream(config: Config, dsn: str, epoch: str, seed: str, source: str) -> None:
+    """Record an epoch that began elsewhere (the NATS bus's), once."""
+    store = _store(config, dsn)
+    try:
+        store.begin_stream(epoch, seed, source)
+    finally:
+        store.close()
+
+
 async def save_checkpoint(config: Config, dsn: str, checkpoint: StreamCheckpoint) -> None:
     """Store the group's checkpoint (the consumers write one with each batch, so the
     stored one lags; after a drain the daemon writes the final one)."""

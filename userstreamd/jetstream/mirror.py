@@ -1,0 +1,128 @@
+"""A broadcaster's feed on the NATS bus: the stream, read into a local hub.
+
+`StreamMirror` reads the stream with an ordered consumer (nats-py recreates it from the
+next sequence after a node or connection is lost, so it sees every message once, in
+order) and appends each message, as the producer encoded it, to a local `Hub` (the same
+replay buffer, bounds and cursors as on the embedded bus). The broadcaster serves that
+hub with the same wire protocol: welcome, ``user``/``users`` frames, gaps, and resume
+with ``?epoch=&since=``. Since a message's ``seq`` is its stream sequence (`bus`), every
+broadcaster numbers every user alike, and a client can resume on any of them.
+
+At start the mirror takes up to half ``client_lag_max`` users of history from the stream,
+and reports the hub only once it has them, so a client moving here from a broadcaster
+that died finds what it missed. A message that is not a user of this stream (not
+decodable, or its ``seq`` not its stream sequence: published by something else) is
+logged, counted and skipped; clients reading past it are told of a gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import msgspec
+import nats.errors
+import trio
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from .. import wiring
+from ..config import BroadcasterConfig
+from ..hub import Hub
+from ..logs import get_logger
+from .bus import Bus
+
+BATCH_MAX = 2000  # messages per crossing from the client's loop
+WAIT_S = 1.0  # the longest a crossing waits for a first message
+
+
+class _Head(msgspec.Struct):
+    seq: int
+    position: int
+    source: str
+
+
+_head = msgspec.json.Decoder(_Head)
+
+
+class _Inbox:
+    """(The client's loop side.) Messages as the subscription delivers them."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[int, bytes]] = []  # (stream seq, data)
+        self.arrived = asyncio.Event()
+
+    async def deliver(self, msg: Any) -> None:
+        self.items.append((msg.metadata.sequence.stream, msg.data))
+        self.arrived.set()
+
+    async def take(self) -> list[tuple[int, bytes]]:
+        if not self.items:
+            try:
+                await asyncio.wait_for(self.arrived.wait(), WAIT_S)
+            except TimeoutError:
+                return []
+        self.arrived.clear()
+        items, self.items = self.items[:BATCH_MAX], self.items[BATCH_MAX:]
+        if self.items:
+            self.arrived.set()
+        return items
+
+
+class StreamMirror:
+    def __init__(self, bus: Bus, settings: BroadcasterConfig) -> None:
+        self.bus = bus
+        self.settings = settings
+        self.hub: Hub | None = None
+        self.foreign = 0  # messages skipped: not users of this stream
+
+    async def run(self, *, task_status: trio.TaskStatus[Hub] = trio.TASK_STATUS_IGNORED) -> None:
+        """Feed the hub until cancelled; report it once it holds the history. (Run again
+        after a failure, it goes on feeding the same hub from where it stopped.)"""
+        bus = self.bus
+        history_end = 0  # (a restart has its history)
+        if self.hub is None:
+            history_end = await bus.last_seq()
+            start = max(0, history_end - self.settings.client_lag_max // 2)
+            self.hub = wiring.mirror_hub(self.settings, bus.epoch, first_seq=start + 1)
+        hub = self.hub
+        inbox = _Inbox()
+        subscription = await bus.call(_subscribe, bus, hub.last_seq + 1, inbox)
+        get_logger().info("mirror.following", epoch=bus.epoch, from_seq=hub.last_seq + 1)
+        try:
+            started = False
+            while True:
+                if not started and hub.last_seq >= history_end:
+                    task_status.started(hub)
+                    started = True
+                for seq, data in await bus.call(inbox.take):
+                    self._append(hub, seq, data)
+        finally:
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(2),
+                contextlib.suppress(nats.errors.Error),
+            ):
+                await bus.call(subscription.unsubscribe)
+
+    def _append(self, hub: Hub, seq: int, data: bytes) -> None:
+        try:
+            head = _head.decode(data)
+            if head.seq != seq:
+                raise ValueError(f"its seq is {head.seq}")
+        except (msgspec.DecodeError, ValueError) as exc:
+            self.foreign += 1
+            get_logger().warning("mirror.foreign_message", seq=seq, error=str(exc))
+            return
+        hub.append(seq, data, head.source, head.position)
+
+
+async def _subscribe(bus: Bus, first_seq: int, inbox: _Inbox) -> Any:
+    return await bus.js.subscribe(
+        bus.subject,
+        cb=inbox.deliver,
+        ordered_consumer=True,
+        config=ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=first_seq
+        ),
+    )
