@@ -60,6 +60,30 @@ def test_wrong_type_says_what_was_expected(
             "consumers.reconnect_max_s: expected >= reconnect_min_s",
         ),
         ("[producer\n", "not valid TOML"),
+        ('[cluster]\nbus = "kafka"\n', "cluster.bus: invalid enum value 'kafka'"),
+        (
+            '[cluster]\nservers = ["http://127.0.0.1:4222"]\n',
+            "cluster.servers: expected nats://host:port or tls://host:port, got 'http://",
+        ),
+        ("[cluster]\nservers = []\n", "cluster.servers: expected at least one server URL"),
+        ('[cluster]\nstream = "a.b"\n', "cluster.stream: expected `str` matching"),
+        ("[cluster]\nreplicas = 7\n", "cluster.replicas: expected `int` <= 5"),
+        (
+            '[cluster]\ntls_cert_file = "c.pem"\n',
+            "cluster.tls_key_file: expected a file too",
+        ),
+        (
+            '[cluster]\ncredentials_file = "a.creds"\nuser = "u"\n',
+            "cluster.user: expected either credentials_file or user",
+        ),
+        (
+            '[cluster]\nbus = "nats"\n[consumers]\ngroup = "db.main"\n',
+            "consumers.group: expected no '.' with cluster.bus = \"nats\"",
+        ),
+        (
+            '[cluster]\nbus = "nats"\n[broadcaster]\ngroups = ["audit"]\n',
+            "broadcaster.groups: expected no groups for WebSocket clients",
+        ),
     ],
 )
 def test_invalid_values(
@@ -251,3 +275,44 @@ def test_check_effective_fills_defaults_marks_overrides_and_masks_secrets(
 
 def test_the_packaged_default_config_is_the_shipped_one() -> None:
     assert (REPO / "userstreamd" / "config.toml").read_text() == (REPO / "config.toml").read_text()
+
+
+def test_a_role_alone_needs_the_nats_bus(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n')
+    assert main(["--config", str(path), "run", "--role", "broadcaster"]) == 2
+    err = capsys.readouterr().err
+    assert f'{path}: run --role broadcaster: expected [cluster] bus = "nats"' in err
+    assert not (tmp_path / "state").exists()
+
+
+def test_an_unreadable_nats_credential_is_a_config_error_before_anything_starts(
+    tmp_path: Path,
+) -> None:
+    """A real process: exit 2 naming the file, with no NATS server to reach at all."""
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n[http]\nenabled = false\n'
+        '[cluster]\nbus = "nats"\nservers = ["nats://127.0.0.1:9"]\n'
+        'credentials_file = "missing.creds"\n'
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "userstreamd",
+            "--config",
+            str(config),
+            "run",
+            "--role",
+            "broadcaster",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "[cluster]: cannot read a credential" in result.stderr
+    assert "missing.creds" in result.stderr

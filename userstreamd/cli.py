@@ -45,6 +45,10 @@ def _config(
         from .edge import tls_context
 
         args.tokens, args.ssl_context = load_tokens(config), tls_context(config)
+    if config.cluster.bus == "nats":
+        from .jetstream.bus import checked_options
+
+        checked_options(config)
     configure_logging(config.daemon.log_level, config.daemon.log_format, logs)
     add_secrets(config.db_password(), *dsn_secrets(config.database.dsn))
     return config

@@ -51,8 +51,8 @@ async def test_a_stale_producer_is_fenced_and_the_stream_keeps_one_user_per_seq(
             await publish(stale, 106, 3)
         assert await last_stored(bus) == (10, 10)
         sixth = await bus.call(bus.js.get_msg, bus.stream, 6)
-        assert msgspec.json.decode(sixth.data)["position"] == 6
-        assert sixth.headers["Nats-Msg-Id"] == f"{bus.epoch}:6"
+        assert msgspec.json.decode(sixth.data or b"")["position"] == 6
+        assert (sixth.headers or {})["Nats-Msg-Id"] == f"{bus.epoch}:6"
         # From the stream's last message, a session goes on with no gap.
         await publish(Outlet(bus, 10), 11, 5)
         assert await last_stored(bus) == (15, 15)
@@ -194,3 +194,13 @@ async def test_a_broadcaster_alone_needs_neither_database_nor_consumers(
         }
 
     assert await run_until(daemon, ready) == 0
+
+
+async def test_a_changed_lease_ttl_changes_the_buckets_ttl(nats_config: Any) -> None:
+    config = nats_config()
+    async with open_bus(config, "test") as bus, hold_lease(bus, "first"):
+        pass
+    longer = nats_config(cluster={"lease_ttl_s": 3.0})
+    async with open_bus(longer, "test") as bus, hold_lease(bus, "second"):
+        info = await bus.call(bus.js.stream_info, f"KV_{bus.stream}_lease")
+    assert info.config.max_age == 3.0

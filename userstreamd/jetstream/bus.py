@@ -127,6 +127,19 @@ def connect_options(config: Config, name: str) -> dict[str, Any]:
     return options
 
 
+def checked_options(config: Config, name: str = "userstreamd") -> dict[str, Any]:
+    """`connect_options`, with the credential and TLS files read now: one that is missing
+    is a config error before anything starts, not an outage."""
+    cl = config.cluster
+    try:
+        options = connect_options(config, name)
+        if cl.credentials_file:
+            config.resolve(cl.credentials_file).read_bytes()
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{config.path}: [cluster]: cannot read a credential: {exc}") from exc
+    return options
+
+
 def _callbacks() -> dict[str, Any]:
     log = get_logger().bind(component="nats")
 
@@ -188,12 +201,7 @@ async def open_bus(config: Config, name: str) -> AsyncIterator[Bus]:
     """Connected to the cluster, with the stream in place, until the block ends."""
     log = get_logger().bind(component="nats")
     cl = config.cluster
-    try:  # (the files are read now: a missing one is a config error, not an outage)
-        options = connect_options(config, name)
-        if cl.credentials_file:
-            config.resolve(cl.credentials_file).read_bytes()
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"{config.path}: [cluster]: cannot read a credential: {exc}") from exc
+    options = checked_options(config, name)
     async with open_asyncio_thread() as thread:
         delay = 0.25
         while True:

@@ -44,9 +44,15 @@ async def _bucket(bus: Bus) -> KeyValue:
         storage=StorageType.FILE,
     )
     try:
-        return await bus.js.key_value(config.bucket)
+        kv = await bus.js.key_value(config.bucket)
     except nats.js.errors.BucketNotFoundError:
         return await bus.js.create_key_value(config)
+    # (lease_ttl_s changed since the bucket was made: its entries must live the new TTL,
+    # or a holder renewing every third of it would lose it between two renewals)
+    info = await bus.js.stream_info(f"KV_{config.bucket}")
+    if round(info.config.max_age or 0, 3) != round(cl.lease_ttl_s, 3):
+        await bus.js.update_stream(info.config.evolve(max_age=cl.lease_ttl_s))
+    return kv
 
 
 class _Held:
