@@ -33,7 +33,7 @@ from . import __version__, wiring
 from .auth import Tokens, is_loopback
 from .broadcaster import Broadcaster
 from .config import RELOADABLE, Config, changed_keys, load_config
-from .consumer import Consumer, Milestones
+from .consumer import Consumer
 from .edge import private_socket_path
 from .errors import ConfigError
 from .health import Health
@@ -46,7 +46,7 @@ from .metrics import DaemonCollector, Metrics
 from .ops import OpsApp, serve_ops, url_host
 from .producer import Producer
 from .store.bootstrap import run_database
-from .store.postgres import PostgresStore, StreamCheckpoint
+from .store.postgres import StreamCheckpoint
 from .store.streams import Stream, open_stream, record_stream, save_checkpoint
 from .supervisor import Supervisor
 from .systemd import Notifier
@@ -237,15 +237,10 @@ class Daemon:
             self.hub = await sup.start("mirror", mirror.run)
             await self._start_broadcaster(sup, page_origins)
         if "consumer" in roles:
-            milestones = Milestones(c.database.milestone_every)
-            for worker in range(1, c.consumers.count + 1):
-                store = PostgresStore.from_config(
-                    c, self.dsn, application_name=f"userstreamd-consumer-{worker}"
-                )
-                consumer = StreamConsumer(bus, store, c, worker, milestones, self.metrics.batch)
+            for name, consumer in wiring.stream_consumers(c, bus, self.dsn, self.metrics):
                 self.consumers.append(consumer)
-                self._consumer_names.append(f"consumer-{worker}")
-                await sup.start(f"consumer-{worker}", consumer.run)
+                self._consumer_names.append(name)
+                await sup.start(name, consumer.run)
         if "producer" in roles:
             stream = Stream(bus.epoch, seed, 0, 0, resumed=True)
             outlet = Outlet(bus, 0)

@@ -17,6 +17,8 @@ from .config import BroadcasterConfig, Config
 from .consumer import Consumer, Milestones, make_consumer
 from .deadletters import DeadLetters
 from .hub import Hub
+from .jetstream.bus import Bus
+from .jetstream.consumer import StreamConsumer
 from .metrics import Metrics
 from .ops import url_host
 from .producer import Outlet, Producer, Source, page_size_for
@@ -193,6 +195,21 @@ def producer(
         start_position=stream.position + 1,
         stop_at_position=p.stop_at_position,
     )
+
+
+def stream_consumers(
+    config: Config, bus: Bus, dsn: str, metrics: Metrics
+) -> list[tuple[str, StreamConsumer]]:
+    """(component name, consumer) per consumer on the NATS bus (trio tasks, always)."""
+    milestones = Milestones(config.database.milestone_every)
+    found = []
+    for worker in range(1, config.consumers.count + 1):
+        store = PostgresStore.from_config(
+            config, dsn, application_name=f"userstreamd-consumer-{worker}"
+        )
+        consumer = StreamConsumer(bus, store, config, worker, milestones, metrics.batch)
+        found.append((f"consumer-{worker}", consumer))
+    return found
 
 
 def consumers(
