@@ -10,6 +10,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from tests.helpers import wait_until
 from userstreamd.cli import main
 from userstreamd.config import Config, load_config
 from userstreamd.errors import ConfigError
@@ -316,3 +317,51 @@ def test_an_unreadable_nats_credential_is_a_config_error_before_anything_starts(
     assert result.returncode == 2, result.stderr
     assert "[cluster]: cannot read a credential" in result.stderr
     assert "missing.creds" in result.stderr
+
+
+def test_the_nats_password_comes_from_the_environment_else_a_systemd_credential(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from userstreamd.jetstream.bus import connect_options
+
+    path = tmp_path / "c.toml"
+    path.write_text('[cluster]\nbus = "nats"\nuser = "userstreamd"\n')
+    config = load_config(path)
+    (tmp_path / "credentials").mkdir()
+    (tmp_path / "credentials" / "nats-password").write_text("from systemd\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "credentials"))
+    monkeypatch.delenv("USERSTREAMD_NATS_PASSWORD", raising=False)
+    assert connect_options(config, "test")["password"] == "from systemd"
+    monkeypatch.setenv("USERSTREAMD_NATS_PASSWORD", "from the environment")
+    assert connect_options(config, "test")["password"] == "from the environment"
+    assert "token" not in connect_options(config, "test")
+
+
+def test_only_roles_that_serve_websocket_clients_need_their_tokens(tmp_path: Path) -> None:
+    """A real process each: the consumer gets past its config (and waits for NATS, here
+    unreachable); the broadcaster, with auth on and no token, exits 2 at once."""
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[daemon]\nstate_dir = "{tmp_path / "state"}"\nlog_format = "json"\n'
+        '[http]\nenabled = false\n[broadcaster]\nhost = "0.0.0.0"\nauth = "token"\n'
+        'tokens_env = "NO_SUCH_VARIABLE"\n'
+        '[database]\ndsn = "postgresql://nobody@127.0.0.1:9/none"\n'
+        '[cluster]\nbus = "nats"\nservers = ["nats://127.0.0.1:9"]\n'
+    )
+    command = [sys.executable, "-m", "userstreamd", "--config", str(config), "run", "--role"]
+    refused = subprocess.run([*command, "broadcaster"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2
+    assert "token" in refused.stderr
+    log = tmp_path / "consumer.log"
+    with log.open("wb") as out:
+        consumer = subprocess.Popen([*command, "consumer"], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(
+            lambda: '"nats.unreachable"' in log.read_text() or consumer.poll() is not None,
+            30,
+            "the consumer tried NATS",
+        )
+        assert consumer.poll() is None, log.read_text()
+    finally:
+        consumer.kill()
+        consumer.wait(10)

@@ -185,3 +185,33 @@ async def test_garbage_floods_silence_and_early_hangups_on_a_worker_hurt_nobody(
             nursery.cancel_scope.cancel()
     assert seen == list(range(1, 401))
     assert worker.edge.statistics().handler_errors == 0
+
+
+def test_a_mirror_keeps_a_one_seq_hole_and_starts_over_after_a_real_gap() -> None:
+    """A NATS broadcaster's feed carries a hole (a gap over one seq: a message that was
+    no user) in its place; a gap over several seqs (the feed fell behind) starts the
+    worker's buffer over at the next user, as before."""
+    hub = Hub("e", first_seq=1, buffer_messages=100, buffer_bytes=2**20, client_lag_max=50)
+
+    def user(seq: int) -> str:
+        return json.dumps(
+            {"type": "user", "epoch": "e", "seq": seq, "position": seq, "source": "synthetic"}
+        )
+
+    def gap(first: int, last: int) -> str:
+        return json.dumps(
+            {"type": "gap", "epoch": "e", "from_seq": first, "to_seq": last, "reason": "r"}
+        )
+
+    for frame in [user(1), gap(2, 2), user(3)]:
+        Mirror._append(frame, hub)
+    reader = hub.subscribe("test", since=("e", 0))
+    assert [json.loads(f)["type"] for f in hub.next_frames_nowait(reader, 10) or []] == [
+        "user",
+        "gap",
+        "user",
+    ]
+    assert hub.published == {"synthetic": 2}
+    for frame in [gap(4, 9), user(10)]:
+        Mirror._append(frame, hub)
+    assert (hub.last_seq, hub.buffered) == (10, 1)

@@ -43,7 +43,15 @@ from .edge import Edge, EdgeStatistics, raise_fd_limit, reuse_port_sockets
 from .errors import ProtocolError
 from .hub import AckTimeout, GroupLagging, Hub, Member, Slow, StaleAck, Subscription
 from .logs import Throttle, bind, get_logger
-from .messages import Batch, FanoutReport, Welcome, decode_client, encode, users_frame
+from .messages import (
+    GAP_PREFIX,
+    Batch,
+    FanoutReport,
+    Welcome,
+    decode_client,
+    encode,
+    users_frame,
+)
 from .supervisor import describe
 from .wsclient import open_ws
 from .wsframes import send_frames
@@ -430,12 +438,19 @@ def _in_frames(users: list[bytes], batch: int) -> list[bytes]:
     chunk: list[bytes] = []
     size = 0
     for user in users:
+        if user.startswith(GAP_PREFIX):  # (a hole in a mirrored stream: never in a batch)
+            if chunk:
+                frames.append(users_frame(chunk) if len(chunk) > 1 else chunk[0])
+                chunk, size = [], 0
+            frames.append(user)
+            continue
         if chunk and (len(chunk) == batch or size + len(user) > USERS_FRAME_MAX_BYTES):
             frames.append(users_frame(chunk) if len(chunk) > 1 else chunk[0])
             chunk, size = [], 0
         chunk.append(user)
         size += len(user) + 1
-    frames.append(users_frame(chunk) if len(chunk) > 1 else chunk[0])
+    if chunk:
+        frames.append(users_frame(chunk) if len(chunk) > 1 else chunk[0])
     return frames
 
 

@@ -58,13 +58,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon until SIGINT/SIGTERM."""
     from .daemon import run_daemon
 
-    config = _config(args, public_port=True)
     role = getattr(args, "role", "all")
+    serves = role in ("all", "broadcaster")  # (only then are tokens and TLS files needed)
+    config = _config(args, public_port=serves)
     if role != "all" and config.cluster.bus != "nats":
         raise ConfigError(
             f'{config.path}: run --role {role}: expected [cluster] bus = "nats" '
             f"(each role on its own needs the NATS bus), got {config.cluster.bus!r}"
         )
+    if not serves:
+        from .auth import Tokens
+
+        args.tokens, args.ssl_context = Tokens((), required=False), None
     add_secrets(*args.tokens.secrets())
     return _run_logged(run_daemon, config, args.tokens, args.ssl_context, role)
 

@@ -40,7 +40,7 @@ from .health import Health
 from .jetstream.bus import Bus, open_bus
 from .jetstream.consumer import StreamConsumer
 from .jetstream.mirror import StreamMirror
-from .jetstream.outlet import Outlet, run_producer
+from .jetstream.outlet import Outlet, Publisher, run_producer
 from .logs import bind, configure_logging, get_logger
 from .metrics import DaemonCollector, Metrics
 from .ops import OpsApp, serve_ops, url_host
@@ -58,7 +58,7 @@ class StreamCounts:
     committed: Mapping[str, int]
     rejected: Mapping[str, int]
     last_seq: int
-    committed_total: int  # each seq once
+    committed_total: int  # each seq once (on the NATS bus: each acknowledgement)
 
 
 def _client_host(host: str) -> str:
@@ -227,6 +227,13 @@ class Daemon:
             open_bus(c, f"userstreamd-{self.role}")
         )
         if roles & {"producer", "consumer"}:
+            if self.role != "all" and not c.database.dsn:
+                get_logger().warning(
+                    "daemon.embedded_database_alone",
+                    role=self.role,
+                    reason="database.dsn is empty: this process writes to a PostgreSQL of "
+                    "its own; roles on other machines do not see it",
+                )
             self.dsn = await sup.start("database", partial(run_database, c))
             self.health.probe_now()
             source = c.producer.source
@@ -243,7 +250,7 @@ class Daemon:
                 await sup.start(name, consumer.run)
         if "producer" in roles:
             stream = Stream(bus.epoch, seed, 0, 0, resumed=True)
-            outlet = Outlet(bus, 0)
+            outlet = Outlet(bus, 0, Publisher(bus))  # (each session makes its own)
             self.producer = wiring.producer(
                 c, outlet, http, stream, self.dsn, resources, self.metrics
             )
@@ -277,7 +284,7 @@ class Daemon:
         self.notifier.stopping("stopping" if self.giving_up else "stopping: draining consumers")
         await sup.stop("producer")
         # (what cannot drain is not waited for; on the NATS bus the stream keeps it)
-        if not self.giving_up and self.bus is None:
+        if not self.giving_up and self.config.cluster.bus == "embedded":
             await self._drain()
         self.hub.close()
         await sup.stop(*self._consumer_names)

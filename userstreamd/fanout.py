@@ -63,6 +63,8 @@ class _Welcome(msgspec.Struct):
 class _Frame(msgspec.Struct):
     type: str
     items: list[msgspec.Raw] = []
+    from_seq: int | None = None  # (a gap)
+    to_seq: int = 0
 
 
 _frame = msgspec.json.Decoder(_Frame)
@@ -151,6 +153,8 @@ class Mirror:
         elif parsed.type == "user":
             head = _head.decode(frame)
             hub.append(head.seq, frame, head.source, head.position)
+        elif parsed.type == "gap" and parsed.from_seq == parsed.to_seq == hub.last_seq + 1:
+            hub.append(parsed.to_seq, frame, "", 0)  # a hole in a mirrored stream, kept
 
 
 def _report(worker: int, hub: Hub, broadcaster: Broadcaster) -> FanoutReport:

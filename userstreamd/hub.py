@@ -313,7 +313,8 @@ class Hub:
         return message
 
     def append(self, seq: int, frame: bytes, source: str, position: int) -> None:
-        """Mirror another hub: append its encoded ``user`` frame as it numbered it. A seq
+        """Mirror another hub: append its encoded ``user`` frame as it numbered it (or,
+        with no `source`, the `messages.hole_frame` of a seq that holds no user). A seq
         that does not follow the last one starts the buffer over at it (clients still
         reading the old part are cut off, and learn what they missed when they resume)."""
         if seq != self.last_seq + 1:
@@ -324,7 +325,8 @@ class Hub:
 
     def _add(self, entry: _Entry) -> None:
         self.last_seq = entry.seq
-        self.published[entry.source] += 1
+        if entry.source:  # (not a `messages.hole_frame`)
+            self.published[entry.source] += 1
         self._entries[entry.seq] = entry
         self._bytes += len(entry.frame)
         self._evict()

@@ -129,6 +129,15 @@ def users_frame(frames: list[bytes]) -> bytes:
     return b'{"type":"users","items":[' + b",".join(frames) + b"]}"
 
 
+GAP_PREFIX = b'{"type":"gap"'  # how an encoded `Gap` starts (the tag comes first)
+
+
+def hole_frame(epoch: str, seq: int, reason: str) -> bytes:
+    """A `Gap` over the one seq of a message that is not a user, in its place in the
+    stream (the NATS bus: something else published on the stream's subject)."""
+    return _encoder.encode(Gap(epoch=epoch, from_seq=seq, to_seq=seq, reason=reason))
+
+
 def decode_server(frame: str | bytes) -> Welcome | UserMessage | Users | Gap | Checkpoint:
     """Decode a frame a client received; ProtocolError if it is not ours."""
     try:

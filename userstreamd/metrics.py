@@ -119,7 +119,9 @@ class DaemonCollector(Collector):
         invalid = dict(producer.invalid_by_source) if producer else {}
         counts = d.counts()
         published = counts.published
-        sources = {*published, *invalid}  # (each series exists from its source's first user)
+        # (each series exists from its source's first user; on the NATS bus a consumer
+        # node publishes nothing and commits what other nodes published)
+        sources = {*published, *invalid, *counts.committed, *counts.rejected}
         produced = {(s,): published.get(s, 0) + invalid.get(s, 0) for s in sources}
         yield _counter(
             "users_produced",

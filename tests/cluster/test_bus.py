@@ -13,12 +13,18 @@ import trio
 
 from tests.conftest import query
 from tests.helpers import eventually, run_until
+from userstreamd.broadcaster import _in_frames
 from userstreamd.daemon import Daemon
-from userstreamd.jetstream.bus import open_bus
+from userstreamd.jetstream.bus import Bus, open_bus
 from userstreamd.jetstream.lease import hold_lease
 from userstreamd.jetstream.mirror import StreamMirror
-from userstreamd.jetstream.outlet import Outlet, Resync, last_stored
-from userstreamd.messages import Gap
+from userstreamd.jetstream.outlet import (
+    PUBLISH_TIMEOUT_S,
+    Outlet,
+    Publisher,
+    Resync,
+    last_stored,
+)
 from userstreamd.sources.synthetic import synthetic_user
 from userstreamd.store.postgres import PostgresStore, StreamCheckpoint
 
@@ -27,6 +33,13 @@ pytestmark = pytest.mark.cluster
 
 def user_at(position: int) -> msgspec.Raw:
     return msgspec.Raw(msgspec.json.encode(synthetic_user("test", position)))
+
+
+async def outlet(bus: Bus, last_seq: int) -> Outlet:
+    """What a producer's session publishes into, at `last_seq`."""
+    publisher = Publisher(bus)
+    await bus.call(publisher.start)
+    return Outlet(bus, last_seq, publisher)
 
 
 async def publish(outlet: Outlet, first_position: int, count: int) -> None:
@@ -45,17 +58,50 @@ async def test_a_stale_producer_is_fenced_and_the_stream_keeps_one_user_per_seq(
 ) -> None:
     config = nats_config()
     async with open_bus(config, "test") as bus:
-        await publish(Outlet(bus, 0), 1, 10)
-        stale = Outlet(bus, 5)  # a producer that missed seqs 6..10 (say, a lost lease)
-        with pytest.RaisesGroup(Resync, allow_unwrapped=True, flatten_subgroups=True):
+        await publish(await outlet(bus, 0), 1, 10)
+        stale = await outlet(bus, 5)  # a producer that missed seqs 6..10 (say, a lost lease)
+        started = trio.current_time()
+        with pytest.RaisesGroup(
+            pytest.RaisesExc(Resync, match="wrong last sequence: 10"),
+            allow_unwrapped=True,
+            flatten_subgroups=True,
+        ):
             await publish(stale, 106, 3)
+        # The stream's refusal itself ends the batch (not a timeout waiting for answers).
+        assert trio.current_time() - started < PUBLISH_TIMEOUT_S
         assert await last_stored(bus) == (10, 10)
         sixth = await bus.call(bus.js.get_msg, bus.stream, 6)
         assert msgspec.json.decode(sixth.data or b"")["position"] == 6
         assert (sixth.headers or {})["Nats-Msg-Id"] == f"{bus.epoch}:6"
         # From the stream's last message, a session goes on with no gap.
-        await publish(Outlet(bus, 10), 11, 5)
+        await publish(await outlet(bus, 10), 11, 5)
         assert await last_stored(bus) == (15, 15)
+
+
+async def test_a_session_starts_after_the_last_user_whatever_else_ends_the_stream(
+    nats_config: Any,
+) -> None:
+    """Garbage, a user of another seq, or nothing at all (purged, or expired by
+    max_age_s) at the end: the next user still goes right after the last seq."""
+    config = nats_config()
+    async with open_bus(config, "test") as bus:
+        await publish(await outlet(bus, 0), 1, 5)
+        await bus.call(bus.js.publish, bus.subject, b"garbage")  # seq 6
+        assert await last_stored(bus) == (6, 5)
+        await bus.call(bus.js.publish, bus.subject, b'{"epoch":"x","seq":7,"position":2}')
+        assert await last_stored(bus) == (7, 5)
+        await publish(await outlet(bus, 7), 6, 2)  # seqs 8, 9: positions 6, 7
+        assert await last_stored(bus) == (9, 7)
+        await bus.call(bus.js.purge_stream, bus.stream)
+        assert await last_stored(bus) == (9, 9)  # (no user left: the seq stands for it)
+        await publish(await outlet(bus, 9), 10, 1)
+        assert await last_stored(bus) == (10, 10)
+        mirror = StreamMirror(bus, config.broadcaster)  # (nor does a mirror wait for them)
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(10):
+                hub = await nursery.start(mirror.run)
+            nursery.cancel_scope.cancel()
+        assert hub.last_seq == 10
 
 
 async def test_the_lease_has_one_holder_and_passes_to_the_standby_when_given_back(
@@ -83,30 +129,41 @@ async def test_the_lease_has_one_holder_and_passes_to_the_standby_when_given_bac
             nursery.cancel_scope.cancel()
 
 
-async def test_a_mirror_skips_a_foreign_message_and_a_client_behind_it_is_told(
+async def test_a_mirror_keeps_a_foreign_message_as_a_hole_clients_are_told_of(
     nats_config: Any,
 ) -> None:
     config = nats_config()
     async with open_bus(config, "test") as bus:
-        await publish(Outlet(bus, 0), 1, 5)
+        await publish(await outlet(bus, 0), 1, 5)
         await bus.call(bus.js.publish, bus.subject, b"not a user")  # seq 6
         await bus.call(bus.js.publish, bus.subject, b'{"type":"user","seq":1}')  # seq 7
-        await publish(Outlet(bus, 7), 6, 3)  # seqs 8..10
+        await publish(await outlet(bus, 7), 6, 3)  # seqs 8..10
+        await bus.call(bus.js.publish, bus.subject, b"[]")  # seq 11: the last one
         mirror = StreamMirror(bus, config.broadcaster)
         async with trio.open_nursery() as nursery:
-            hub = await nursery.start(mirror.run)
-            assert hub.epoch == bus.epoch
-            await eventually(lambda: hub.last_seq == 10, 10)
+            with trio.fail_after(10):
+                hub = await nursery.start(mirror.run)
             nursery.cancel_scope.cancel()
-    assert mirror.foreign == 2
+    assert (hub.epoch, hub.last_seq, mirror.foreign) == (bus.epoch, 11, 3)
+    assert hub.published == {"synthetic": 8}
     behind = hub.subscribe("test", since=(bus.epoch, 3))
-    gap = behind.gap  # (what the broadcaster sends it first)
-    assert isinstance(gap, Gap) and (gap.from_seq, gap.to_seq) == (4, 7)
-    assert [msgspec.json.decode(f)["seq"] for f in hub.next_frames_nowait(behind, 10) or []] == [
-        8,
-        9,
-        10,
+    assert behind.gap is None  # (the buffer still holds everything after seq 3)
+    frames = [msgspec.json.decode(f) for f in hub.next_frames_nowait(behind, 10) or []]
+    assert [(f["type"], f.get("seq", f.get("from_seq"))) for f in frames] == [
+        ("user", 4),
+        ("user", 5),
+        ("gap", 6),
+        ("gap", 7),
+        ("user", 8),
+        ("user", 9),
+        ("user", 10),
+        ("gap", 11),
     ]
+    # A client that asked for users frames gets the holes on their own, in order.
+    packed = [
+        msgspec.json.decode(f) for f in _in_frames([e.frame for e in hub._entries.values()][3:], 10)
+    ]
+    assert [f["type"] for f in packed] == ["users", "gap", "gap", "users", "gap"]
 
 
 async def test_consumers_store_each_seq_once_ack_a_foreign_message_and_checkpoint(
@@ -114,9 +171,9 @@ async def test_consumers_store_each_seq_once_ack_a_foreign_message_and_checkpoin
 ) -> None:
     config = nats_config(consumers={"count": 2, "batch_size": 50})
     async with open_bus(config, "test") as bus:
-        await publish(Outlet(bus, 0), 1, 300)
+        await publish(await outlet(bus, 0), 1, 300)
         await bus.call(bus.js.publish, bus.subject, b"\xff garbage")  # seq 301
-        await publish(Outlet(bus, 301), 301, 99)  # seqs 302..400
+        await publish(await outlet(bus, 301), 301, 99)  # seqs 302..400
         daemon = Daemon(config, role="consumer")
 
         def checkpoints() -> list[tuple[Any, ...]]:
@@ -126,6 +183,8 @@ async def test_consumers_store_each_seq_once_ack_a_foreign_message_and_checkpoin
             await eventually(lambda: daemon.counts().committed_total == 400, 30)
             # (written with a batch, or alone once the group is idle)
             await eventually(lambda: [c[2] for c in checkpoints()] == [400], 10)
+            text = daemon.metrics.exposition()[0].decode()  # (this node published nothing)
+            assert 'userstreamd_users_committed_total{source="synthetic"} 399.0' in text
 
         assert await run_until(daemon, until_committed) == 0
     seqs = [s for (s,) in query(dsn, "SELECT seq FROM incoming_users ORDER BY seq")]
@@ -140,7 +199,7 @@ async def test_a_durable_consumer_made_anew_starts_after_the_stored_checkpoint(
 ) -> None:
     config = nats_config(consumers={"count": 1})
     async with open_bus(config, "test") as bus:
-        await publish(Outlet(bus, 0), 1, 100)
+        await publish(await outlet(bus, 0), 1, 100)
         store = PostgresStore(dsn, application_name="test")
         store.migrate()
         store.insert_users([], StreamCheckpoint("db", bus.epoch, 60, 60))
@@ -152,6 +211,24 @@ async def test_a_durable_consumer_made_anew_starts_after_the_stored_checkpoint(
 
         assert await run_until(daemon, until_committed) == 0
     assert query(dsn, "SELECT min(seq), max(seq), count(*) FROM incoming_users") == [(61, 100, 40)]
+
+
+async def test_a_durable_consumer_deleted_under_running_consumers_is_made_again(
+    dsn: str, nats_config: Any
+) -> None:
+    config = nats_config(consumers={"count": 1})
+    async with open_bus(config, "test") as bus:
+        await publish(await outlet(bus, 0), 1, 100)
+        daemon = Daemon(config, role="consumer")
+
+        async def delete_then_more() -> None:
+            await eventually(lambda: daemon.counts().committed_total == 100, 30)
+            await bus.call(bus.js.delete_consumer, bus.stream, "db")
+            await publish(await outlet(bus, 100), 101, 50)
+            await eventually(lambda: daemon.committed_through() == 150, 30)
+
+        assert await run_until(daemon, delete_then_more) == 0
+    assert query(dsn, "SELECT min(seq), max(seq), count(*) FROM incoming_users") == [(1, 150, 150)]
 
 
 async def test_role_all_on_nats_streams_positions_in_order_into_the_table(

@@ -93,12 +93,13 @@ class Watcher:
                 await trio.sleep(0.05)
 
     def untold_gaps(self) -> list[tuple[int, int]]:
-        """(after, next) for each jump in seq no gap message covered."""
+        """(after, next) for each jump in seq that no gap message covered (a gap up to
+        ``to_seq`` is followed by seq to_seq + 1)."""
         told = {to_seq for _, to_seq in self.gaps}
         return [
             (a, b)
             for a, b in zip(self.seqs, self.seqs[1:], strict=False)
-            if b != a + 1 and b not in told
+            if b != a + 1 and b - 1 not in told
         ]
 
 

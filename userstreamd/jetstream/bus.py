@@ -22,8 +22,10 @@ import hashlib
 import os
 import random
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC
 from typing import Any, TypeVar
 
 import nats
@@ -37,11 +39,24 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 from ..config import ClusterConfig, Config
 from ..errors import ConfigError
 from ..logs import get_logger
+from ..systemd import read_credential
 from .bridge import AsyncioThread, open_asyncio_thread
 
 T = TypeVar("T")
 RETRY_MAX_S = 5.0
+REPEAT_LOG_S = 10.0
 OP_TIMEOUT_S = 10.0  # a JetStream API request (stream info, consumer info, KV)
+ATTEMPT_S = 3.0  # one attempt of `Bus.retrying` (a leader election takes 4-9 s)
+
+
+# What a cluster says while it cannot serve (yet): retried.
+_UNAVAILABLE = (
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,
+    nats.errors.TimeoutError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.NoRespondersError,
+)
 
 
 class BusError(Exception):
@@ -72,10 +87,43 @@ class Bus:
         """Run a nats-py coroutine function on the client's loop (see `bridge`)."""
         return await self.thread.run(fn, *args)
 
-    async def last_seq(self) -> int:
-        """The stream's last sequence: the last position stored."""
-        info = await self.call(self.js.stream_info, self.stream)
-        return int(info.state.last_seq)
+    async def retrying(self, what: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """`call`, again and again while the cluster does not answer (a node lost, a
+        leader being elected): each attempt bounded by ATTEMPT_S, each failure logged
+        as ``what``. A refusal (`nats.js.errors.APIError` other than "unavailable") and
+        a deleted stream are raised (`BusError`)."""
+        delay = 0.1
+        while True:
+            with trio.move_on_after(ATTEMPT_S) as attempt:
+                try:
+                    return await self.call(fn, *args)
+                except nats.js.errors.NotFoundError as exc:
+                    if "stream" in (exc.description or "").lower():
+                        raise BusError(f"stream {self.stream!r} not found: deleted?") from exc
+                    raise
+                except _UNAVAILABLE as exc:
+                    error = f"{type(exc).__name__}: {exc}"
+            if attempt.cancelled_caught:
+                error = f"no answer within {ATTEMPT_S:g} s"
+            get_logger().warning(what, error=error, retry_in_s=round(delay, 2))
+            await trio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(RETRY_MAX_S, delay * 2)
+
+    async def quietly(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """`call` as a last step (an unsubscribe at stop): shielded from cancellation,
+        at most 2 s, and a failure ignored (the server forgets it with the connection)."""
+        with (
+            trio.CancelScope(shield=True),
+            trio.move_on_after(2),
+            contextlib.suppress(nats.errors.Error, TimeoutError),
+        ):
+            await self.call(fn, *args)
+
+    async def bounds(self) -> tuple[int, int]:
+        """(first, last) sequence the stream holds (first > last: it is empty, its
+        users expired or purged)."""
+        info = await self.retrying("nats.stream_info_failed", self.js.stream_info, self.stream)
+        return int(info.state.first_seq), int(info.state.last_seq)
 
 
 def subject_of(settings: ClusterConfig) -> str:
@@ -83,7 +131,12 @@ def subject_of(settings: ClusterConfig) -> str:
 
 
 def epoch_of(info: StreamInfo) -> str:
-    created = info.created.isoformat() if info.created else ""
+    """From the stream's name and creation time, to the microsecond in UTC (however a
+    client version parses the server's timestamp, every node gets the same epoch)."""
+    created = ""
+    if info.created is not None:
+        at = info.created if info.created.tzinfo else info.created.replace(tzinfo=UTC)
+        created = at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
     return hashlib.sha256(f"{info.config.name}|{created}".encode()).hexdigest()[:16]
 
 
@@ -117,14 +170,19 @@ def connect_options(config: Config, name: str) -> dict[str, Any]:
         options["user_credentials"] = str(config.resolve(cl.credentials_file))
     if cl.user:
         options["user"] = cl.user
-        if cl.password_env and (password := os.environ.get(cl.password_env)):
+        if password := _secret(cl.password_env, "nats-password"):
             options["password"] = password
-    if cl.token_env and (token := os.environ.get(cl.token_env)):
+    if token := _secret(cl.token_env, "nats-token"):
         options["token"] = token
     context = tls_context(config)
     if context is not None:
         options["tls"] = context
     return options
+
+
+def _secret(variable: str, credential: str) -> str | None:
+    """The environment variable's value, else the systemd credential (LoadCredential=)."""
+    return (variable and os.environ.get(variable)) or read_credential(credential)
 
 
 def checked_options(config: Config, name: str = "userstreamd") -> dict[str, Any]:
@@ -140,19 +198,44 @@ def checked_options(config: Config, name: str = "userstreamd") -> dict[str, Any]
     return options
 
 
-def _callbacks() -> dict[str, Any]:
-    log = get_logger().bind(component="nats")
+class _Reporter:
+    """nats-py's connection callbacks, as log lines. The client retries on its own (twice
+    a second while no server answers), so one error repeated is logged once per
+    REPEAT_LOG_S with how often it came meanwhile."""
 
-    async def error(exc: Exception) -> None:
-        log.warning("nats.error", error=f"{type(exc).__name__}: {exc}")
+    def __init__(self) -> None:
+        self.log = get_logger().bind(component="nats")
+        self.connected = False
+        self._last = ("", 0.0)
+        self._repeats = 0
 
-    async def disconnected() -> None:
-        log.warning("nats.disconnected")
+    def callbacks(self) -> dict[str, Any]:
+        return {
+            "error_cb": self.error,
+            "disconnected_cb": self.disconnected,
+            "reconnected_cb": self.reconnected,
+        }
 
-    async def reconnected() -> None:
-        log.info("nats.reconnected")
+    async def error(self, exc: Exception) -> None:
+        text, now = f"{type(exc).__name__}: {exc}", time.monotonic()
+        if text == self._last[0] and now - self._last[1] < REPEAT_LOG_S:
+            self._repeats += 1
+            return
+        repeated, self._repeats, self._last = self._repeats, 0, (text, now)
+        if "authorization" in text.lower():  # (retried: the servers may be fixed)
+            self.log.error("nats.unauthorized", error=text, hint="check [cluster] credentials")
+        else:
+            event = "nats.error" if self.connected else "nats.unreachable"
+            self.log.warning(event, error=text, repeated=repeated)
 
-    return {"error_cb": error, "disconnected_cb": disconnected, "reconnected_cb": reconnected}
+    async def disconnected(self) -> None:
+        self.connected = False
+        self.log.warning("nats.disconnected")
+
+    async def reconnected(self) -> None:
+        self.connected = True
+        self._last = ("", 0.0)
+        self.log.info("nats.reconnected")
 
 
 async def _ensure_stream(js: JetStreamContext, cl: ClusterConfig) -> StreamInfo:
@@ -187,8 +270,11 @@ async def _ensure_stream(js: JetStreamContext, cl: ClusterConfig) -> StreamInfo:
     return info
 
 
-async def _connect(options: dict[str, Any], cl: ClusterConfig) -> tuple[Client, StreamInfo]:
-    nc = await nats.connect(**options, **_callbacks())
+async def _connect(
+    options: dict[str, Any], cl: ClusterConfig, reporter: _Reporter
+) -> tuple[Client, StreamInfo]:
+    nc = await nats.connect(**options, **reporter.callbacks())
+    reporter.connected = True
     try:
         return nc, await _ensure_stream(nc.jetstream(timeout=OP_TIMEOUT_S), cl)
     except BaseException:
@@ -202,12 +288,17 @@ async def open_bus(config: Config, name: str) -> AsyncIterator[Bus]:
     log = get_logger().bind(component="nats")
     cl = config.cluster
     options = checked_options(config, name)
+    reporter = _Reporter()
     async with open_asyncio_thread() as thread:
         delay = 0.25
         while True:
             try:
-                nc, info = await thread.run(_connect, options, cl)
+                nc, info = await thread.run(_connect, options, cl, reporter)
                 break
+            except nats.errors.AuthorizationError as exc:
+                raise BusError(f"the servers refused the credentials ([cluster]): {exc}") from exc
+            except nats.js.errors.ServiceUnavailableError as exc:  # (no quorum: yet)
+                log.warning("nats.unavailable", error=str(exc), retry_in_s=round(delay, 2))
             except nats.js.errors.APIError as exc:  # connected, but the stream was refused
                 raise BusError(
                     f"stream {cl.stream!r} (replicas = {cl.replicas}): {exc.description}"

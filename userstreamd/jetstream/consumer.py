@@ -39,6 +39,7 @@ from ..store.postgres import PostgresStore, StreamCheckpoint, UserRow
 from .bus import Bus
 
 FETCH_WAIT_S = 1.0
+REBIND_AFTER = 3  # failed fetches in a row before asking whether the durable still exists
 FLOOR_EVERY_S = 1.0
 
 _user = msgspec.json.Decoder(_User)
@@ -49,10 +50,11 @@ class _Head(msgspec.Struct):
 
 
 async def _bind(bus: Bus, group: str, window: int, first_seq: int) -> Any:
-    """(On the client's loop.) The group's durable consumer, made if missing."""
+    """(On the client's loop.) A pull subscription on the group's durable consumer: made
+    if missing (from `first_seq`), its window and ack wait brought to the config's."""
     js, s = bus.js, bus.settings
     try:
-        await js.consumer_info(bus.stream, group)
+        info = await js.consumer_info(bus.stream, group)
     except nats.js.errors.NotFoundError:
         config = ConsumerConfig(
             durable_name=group,
@@ -66,6 +68,12 @@ async def _bind(bus: Bus, group: str, window: int, first_seq: int) -> Any:
         )
         with contextlib.suppress(nats.js.errors.BadRequestError):  # made meanwhile, by another
             await js.add_consumer(bus.stream, config)
+    else:
+        have = info.config
+        if have.max_ack_pending != window or round(have.ack_wait or 0) != round(s.ack_wait_s):
+            await js.add_consumer(  # (an update, for a durable that exists)
+                bus.stream, have.evolve(max_ack_pending=window, ack_wait=s.ack_wait_s)
+            )
     return await js.pull_subscribe_bind(durable=group, stream=bus.stream)
 
 
@@ -133,36 +141,67 @@ class StreamConsumer(Consumer):
     async def _receive_forever(
         self, send: trio.MemorySendChannel[Item], task_status: trio.TaskStatus[None]
     ) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._follow_floor)
+            while True:
+                subscription = await self._bind()
+                task_status.started()
+                task_status = trio.TASK_STATUS_IGNORED
+                try:
+                    await self._receive(subscription, send)
+                finally:
+                    self._bound = False
+                    await self.bus.quietly(subscription.unsubscribe)
+
+    async def _bind(self) -> Any:
+        """Subscribe to the group's durable consumer (made from the stored checkpoint on,
+        when it is missing), retrying while the cluster does not answer."""
         bus = self.bus
         found = await self.db.retrying(
             "consumer.checkpoint_unreadable", self.store.last_checkpoint, self.group
         )
         first_seq = found[0].seq + 1 if found and found[0].epoch == bus.epoch else 1
-        subscription = await bus.call(_bind, bus, self.group, self.window, first_seq)
+        subscription = await bus.retrying(
+            "consumer.nats_unavailable", _bind, bus, self.group, self.window, first_seq
+        )
         self._bound = True
         get_logger().info("consumer.bound", stream=bus.stream, group=self.group)
-        task_status.started()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._follow_floor)
-            while True:
+        return subscription
+
+    async def _receive(self, subscription: Any, send: trio.MemorySendChannel[Item]) -> None:
+        """Fetch batches until the durable consumer is gone (then bind again)."""
+        bus, failures = self.bus, 0
+        while True:
+            try:
+                messages = await bus.call(_fetch, subscription, self.batch_size)
+                failures = 0
+            except (nats.errors.Error, TimeoutError) as exc:
+                failures += 1
+                get_logger().warning("consumer.fetch_failed", error=f"{type(exc).__name__}: {exc}")
+                if failures >= REBIND_AFTER and not await self._durable_exists():
+                    get_logger().warning("consumer.durable_missing", group=self.group)
+                    return
+                await trio.sleep(self.reconnect_min_s * min(failures, 10))
+                continue
+            received_at = datetime.now(UTC)
+            for message in messages:
+                seq = message.metadata.sequence.stream
+                row = self._row(seq, message.data, received_at)
+                self._unacked[seq] = (message, row.source if row else "unknown")
+                item = (seq, row)
                 try:
-                    messages = await bus.call(_fetch, subscription, self.batch_size)
-                except (nats.errors.Error, TimeoutError) as exc:
-                    get_logger().warning(
-                        "consumer.fetch_failed", error=f"{type(exc).__name__}: {exc}"
-                    )
-                    await trio.sleep(self.reconnect_min_s)
-                    continue
-                received_at = datetime.now(UTC)
-                for message in messages:
-                    seq = message.metadata.sequence.stream
-                    row = self._row(seq, message.data, received_at)
-                    self._unacked[seq] = (message, row.source if row else "unknown")
-                    item = (seq, row)
-                    try:
-                        send.send_nowait(item)
-                    except trio.WouldBlock:
-                        await send.send(item)
+                    send.send_nowait(item)
+                except trio.WouldBlock:
+                    await send.send(item)
+
+    async def _durable_exists(self) -> bool:
+        try:
+            await self.bus.retrying(
+                "consumer.nats_unavailable", self.bus.js.consumer_info, self.bus.stream, self.group
+            )
+        except nats.js.errors.NotFoundError:
+            return False
+        return True
 
     def _row(self, seq: int, data: bytes, received_at: datetime) -> UserRow | None:
         try:

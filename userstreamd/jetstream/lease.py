@@ -67,7 +67,7 @@ async def hold_lease(bus: Bus, holder: str) -> AsyncIterator[None]:
     is cancelled and `LeaseLost` raised; when the block ends it is given back."""
     log = get_logger()
     ttl = bus.settings.lease_ttl_s
-    kv = await bus.call(_bucket, bus)
+    kv = await bus.retrying("producer.lease_unavailable", _bucket, bus)
     standby_logged = False
     while (revision := await _try_create(bus, kv, holder)) is None:
         if not standby_logged:

@@ -18,11 +18,9 @@ logged, counted and skipped; clients reading past it are told of a gap.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 import msgspec
-import nats.errors
 import trio
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -30,13 +28,17 @@ from .. import wiring
 from ..config import BroadcasterConfig
 from ..hub import Hub
 from ..logs import get_logger
+from ..messages import hole_frame
 from .bus import Bus
 
 BATCH_MAX = 2000  # messages per crossing from the client's loop
 WAIT_S = 1.0  # the longest a crossing waits for a first message
+HEARTBEAT_S = 1.0
+INBOX_MAX = 50_000  # messages taken from the subscription and not yet by the hub
 
 
 class _Head(msgspec.Struct):
+    epoch: str
     seq: int
     position: int
     source: str
@@ -51,8 +53,12 @@ class _Inbox:
     def __init__(self) -> None:
         self.items: list[tuple[int, bytes]] = []  # (stream seq, data)
         self.arrived = asyncio.Event()
+        self.room = asyncio.Event()
 
     async def deliver(self, msg: Any) -> None:
+        while len(self.items) >= INBOX_MAX:  # (the trio side is behind: hold the stream)
+            self.room.clear()
+            await self.room.wait()
         self.items.append((msg.metadata.sequence.stream, msg.data))
         self.arrived.set()
 
@@ -64,6 +70,7 @@ class _Inbox:
                 return []
         self.arrived.clear()
         items, self.items = self.items[:BATCH_MAX], self.items[BATCH_MAX:]
+        self.room.set()
         if self.items:
             self.arrived.set()
         return items
@@ -77,42 +84,43 @@ class StreamMirror:
         self.foreign = 0  # messages skipped: not users of this stream
 
     async def run(self, *, task_status: trio.TaskStatus[Hub] = trio.TASK_STATUS_IGNORED) -> None:
-        """Feed the hub until cancelled; report it once it holds the history. (Run again
-        after a failure, it goes on feeding the same hub from where it stopped.)"""
+        """Feed the hub until cancelled; report it once it holds the history (or the
+        stream has no more to give). Run again after a failure, it goes on feeding the
+        same hub from where it stopped."""
         bus = self.bus
         history_end = 0  # (a restart has its history)
         if self.hub is None:
-            history_end = await bus.last_seq()
-            start = max(0, history_end - self.settings.client_lag_max // 2)
+            first, history_end = await bus.bounds()
+            start = max(first - 1, history_end - self.settings.client_lag_max // 2, 0)
             self.hub = wiring.mirror_hub(self.settings, bus.epoch, first_seq=start + 1)
         hub = self.hub
         inbox = _Inbox()
-        subscription = await bus.call(_subscribe, bus, hub.last_seq + 1, inbox)
+        subscription = await bus.retrying(
+            "mirror.nats_unavailable", _subscribe, bus, hub.last_seq + 1, inbox
+        )
         get_logger().info("mirror.following", epoch=bus.epoch, from_seq=hub.last_seq + 1)
         try:
             started = False
             while True:
-                if not started and hub.last_seq >= history_end:
+                items = await bus.call(inbox.take)
+                for seq, data in items:
+                    self._append(hub, seq, data)
+                if not started and (hub.last_seq >= history_end or not items):
                     task_status.started(hub)
                     started = True
-                for seq, data in await bus.call(inbox.take):
-                    self._append(hub, seq, data)
         finally:
-            with (
-                trio.CancelScope(shield=True),
-                trio.move_on_after(2),
-                contextlib.suppress(nats.errors.Error),
-            ):
-                await bus.call(subscription.unsubscribe)
+            await bus.quietly(subscription.unsubscribe)
 
     def _append(self, hub: Hub, seq: int, data: bytes) -> None:
+        """A user as it is; anything else as a hole (clients are told of that seq)."""
         try:
             head = _head.decode(data)
-            if head.seq != seq:
-                raise ValueError(f"its seq is {head.seq}")
+            if head.seq != seq or head.epoch != hub.epoch:
+                raise ValueError(f"seq {head.seq} in epoch {head.epoch}")
         except (msgspec.DecodeError, ValueError) as exc:
             self.foreign += 1
             get_logger().warning("mirror.foreign_message", seq=seq, error=str(exc))
+            hub.append(seq, hole_frame(hub.epoch, seq, "not a user"), "", 0)
             return
         hub.append(seq, data, head.source, head.position)
 
@@ -122,6 +130,9 @@ async def _subscribe(bus: Bus, first_seq: int, inbox: _Inbox) -> Any:
         bus.subject,
         cb=inbox.deliver,
         ordered_consumer=True,
+        # (two missed heartbeats and nats-py makes the consumer anew from the next seq:
+        # when the node serving it is lost, the mirror is back within seconds)
+        idle_heartbeat=HEARTBEAT_S,
         config=ConsumerConfig(
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=first_seq
         ),

@@ -21,6 +21,8 @@ position twice.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import os
 import socket
 from collections import Counter
@@ -39,6 +41,7 @@ from .bus import Bus
 from .lease import LeaseLost, hold_lease
 
 BATCH_MAX = 1000  # messages per crossing to the client's loop
+SCAN_BACK = 100  # messages read back from the stream's end for the last user's position
 IN_FLIGHT_MAX = 4000  # published but not yet acknowledged by the stream
 # A batch not acknowledged within this is a resync (a node lost mid-flight: the stream's
 # new leader is elected within a few seconds, and the session starts again from it).
@@ -53,18 +56,30 @@ class Resync(Exception):
 
 
 class _Head(msgspec.Struct):
+    epoch: str
     seq: int
     position: int
 
 
+_head = msgspec.json.Decoder(_Head)
+
+
 class Outlet:
-    def __init__(self, bus: Bus, last_seq: int) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        last_seq: int,
+        publisher: Publisher,
+        published: Counter[str] | None = None,
+    ) -> None:
         self.bus = bus
         self.epoch = bus.epoch
+        self.publisher = publisher
         self.last_seq = last_seq  # given to the last user queued
         self.stored_seq = last_seq  # the stream acknowledged everything up to here
         self.clients = 0  # (the hub's field; clients are the broadcasters')
-        self.published: Counter[str] = Counter()  # by source
+        # by source (one counter for every session of a producer)
+        self.published: Counter[str] = Counter() if published is None else published
         self._queue: list[tuple[int, int, bytes]] = []  # (seq, position, frame)
         self._queued = trio.Event()
         self._stored = trio.Event()
@@ -111,38 +126,77 @@ class Outlet:
                 await self._publish(batch)
 
     async def _publish(self, batch: list[tuple[int, int, bytes]]) -> None:
-        bus = self.bus
         try:
-            acks = await bus.call(_publish, bus, batch)
+            acks = await self.bus.call(self.publisher.publish, batch)
         except (nats.errors.Error, TimeoutError) as exc:
-            raise Resync(f"batch from seq {batch[0][0]}: {type(exc).__name__}: {exc}") from exc
+            raise Resync(f"batch from seq {batch[0][0]}: {_describe(exc)}") from exc
         for (seq, _, _), ack in zip(batch, acks, strict=True):
-            if isinstance(ack, BaseException):
-                raise Resync(f"seq {seq}: {_describe(ack)}")
-            if ack.seq != seq:  # (a duplicate: that position was stored before, elsewhere)
-                raise Resync(f"seq {seq} is stored at {ack.seq}")
+            if "error" in ack:
+                error = ack["error"] if isinstance(ack["error"], dict) else {}
+                raise Resync(f"seq {seq}: {error.get('description')} ({error.get('err_code')})")
+            if ack.get("seq") != seq:  # (a duplicate: that position was stored elsewhere)
+                raise Resync(f"seq {seq} is stored at {ack.get('seq')}")
             self.stored_seq = seq
         self._stored.set()
         self._stored = trio.Event()
 
 
-async def _publish(bus: Bus, batch: list[tuple[int, int, bytes]]) -> list[Any]:
-    """(On the client's loop.) Publish a batch in order; its PubAcks or exceptions."""
-    futures = []
-    for seq, position, frame in batch:
-        headers = {
-            "Nats-Msg-Id": f"{bus.epoch}:{position}",
-            "Nats-Expected-Last-Sequence": str(seq - 1),
-        }
-        futures.append(await bus.js.publish_async(bus.subject, frame, headers=headers))
-    gathered = asyncio.gather(*futures, return_exceptions=True)
-    gathered.add_done_callback(_retrieve)  # (cancelled with the connection: not an error)
-    return await asyncio.wait_for(gathered, timeout=PUBLISH_TIMEOUT_S)
+class Publisher:
+    """(On the client's loop.) Pipelined JetStream publishes with a reply inbox of its
+    own: nats-py's ``publish_async`` never completes the future of a publish the stream
+    refuses (2.16), so a refusal would look like a timeout."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.inbox = bus.nc.new_inbox()
+        self._ids = itertools.count()
+        self._waiting: dict[str, asyncio.Future[bytes]] = {}
+        self._subscription: Any = None
+
+    async def start(self) -> None:
+        self._subscription = await self.bus.nc.subscribe(f"{self.inbox}.*", cb=self._reply)
+
+    async def stop(self) -> None:
+        if self._subscription is not None:
+            await self._subscription.unsubscribe()
+
+    async def _reply(self, msg: Any) -> None:
+        future = self._waiting.pop(msg.subject.rpartition(".")[2], None)
+        if future is not None and not future.done():
+            future.set_result(msg.data)
+
+    async def publish(self, batch: list[tuple[int, int, bytes]]) -> list[dict[str, Any]]:
+        """Publish a batch in order; the stream's answer to each (a PubAck or an error,
+        as JSON objects). TimeoutError when not all answered within PUBLISH_TIMEOUT_S."""
+        bus, loop = self.bus, asyncio.get_running_loop()
+        tokens, futures = [], []
+        try:
+            for seq, position, frame in batch:
+                token = str(next(self._ids))
+                future = self._waiting[token] = loop.create_future()
+                tokens.append(token)
+                futures.append(future)
+                headers = {
+                    "Nats-Msg-Id": f"{bus.epoch}:{position}",
+                    "Nats-Expected-Last-Sequence": str(seq - 1),
+                }
+                await bus.nc.publish(
+                    bus.subject, frame, reply=f"{self.inbox}.{token}", headers=headers
+                )
+            async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+                answers = await asyncio.gather(*futures)
+        finally:
+            for token in tokens:  # (answered or not: nothing is left waiting)
+                self._waiting.pop(token, None)
+        return [_answer(data) for data in answers]
 
 
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
+def _answer(data: bytes) -> dict[str, Any]:
+    try:
+        answer = json.loads(data)
+    except ValueError:
+        answer = None
+    return answer if isinstance(answer, dict) else {"error": {"description": "not JSON"}}
 
 
 def _describe(exc: BaseException) -> str:
@@ -152,17 +206,28 @@ def _describe(exc: BaseException) -> str:
 
 
 async def last_stored(bus: Bus) -> tuple[int, int]:
-    """(seq, position) of the stream's last message; (0, 0) when it is empty."""
-
-    async def read() -> tuple[int, int]:
+    """(the stream's last seq, the source position of its last user). The position is
+    read from the newest message that is a user of this stream (at most SCAN_BACK
+    messages back: something else may have published on the subject); when there is
+    none (the stream is empty, or its users expired) it is taken to be the seq, as
+    the synthetic source numbers them."""
+    first, last = await bus.bounds()
+    for seq in range(last, max(first, last - SCAN_BACK + 1, 1) - 1, -1):
         try:
-            message = await bus.js.get_last_msg(bus.stream, bus.subject)
-        except nats.js.errors.NotFoundError:
-            return 0, 0
-        head = msgspec.json.decode(message.data or b"", type=_Head)
-        return int(message.seq or 0), head.position
-
-    return await bus.call(read)
+            message = await bus.retrying(
+                "producer.stream_unreadable", bus.js.get_msg, bus.stream, seq
+            )
+        except nats.js.errors.NotFoundError:  # (deleted)
+            continue
+        try:
+            head = _head.decode(message.data or b"")
+        except msgspec.DecodeError:
+            continue
+        if head.seq == seq and head.epoch == bus.epoch:
+            return last, head.position
+    if last:
+        get_logger().warning("producer.position_unknown", last_seq=last, position=last)
+    return last, last
 
 
 def holder_name() -> str:
@@ -176,26 +241,31 @@ async def run_producer(
     (resyncing from the stream when it disagrees) until it loses the lease or stops."""
     log = get_logger()
     holder = holder_name()
+    assert isinstance(producer.hub, Outlet), "a producer on the NATS bus has an Outlet"
+    publisher = producer.hub.publisher
+    await bus.retrying("producer.nats_unavailable", publisher.start)
     task_status.started()  # (a standby producer is running)
-    while True:
-        try:
-            async with hold_lease(bus, holder):
-                while True:
-                    try:
-                        await _session(bus, producer)
-                    except* Resync as group:
-                        log.warning("producer.resync", reason=str(group.exceptions[0]))
-                    except* (nats.errors.Error, TimeoutError) as group:  # reading the stream
-                        log.warning("producer.resync", reason=_describe(group.exceptions[0]))
-                    await trio.sleep(RESYNC_PAUSE_S)
-        except LeaseLost:
-            await trio.sleep(RESYNC_PAUSE_S)
+    try:
+        while True:
+            try:
+                async with hold_lease(bus, holder):
+                    while True:
+                        try:
+                            await _session(bus, producer, publisher)
+                        except* Resync as group:
+                            log.warning("producer.resync", reason=str(group.exceptions[0]))
+                        await trio.sleep(RESYNC_PAUSE_S)
+            except LeaseLost:
+                await trio.sleep(RESYNC_PAUSE_S)
+    finally:
+        await bus.quietly(publisher.stop)
 
 
-async def _session(bus: Bus, producer: Producer) -> None:
+async def _session(bus: Bus, producer: Producer, publisher: Publisher) -> None:
     """Publish from right after the stream's last message until something disagrees."""
     seq, position = await last_stored(bus)
-    outlet = Outlet(bus, seq)
+    assert isinstance(producer.hub, Outlet)
+    outlet = Outlet(bus, seq, publisher, producer.hub.published)
     producer.hub = outlet
     producer.next_position = position + 1
     get_logger().info(
