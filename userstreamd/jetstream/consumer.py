@@ -141,6 +141,7 @@ class StreamConsumer(Consumer):
     async def _receive_forever(
         self, send: trio.MemorySendChannel[Item], task_status: trio.TaskStatus[None]
     ) -> None:
+        self._unacked.clear()  # (a restart: what the last run received is redelivered)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._follow_floor)
             while True:

@@ -12,10 +12,11 @@ in batches (pipelined on one connection, so in order), each message with
   whose outcome is unknown (a node lost mid-flight) or a message refused all end the
   outlet with `Resync`.
 
-`run_producer` holds the lease (`lease`) and runs publishing sessions: each starts from
-the stream's last message (its seq, and the source position in it), so after a resync
-or a takeover the next position is exactly the one after the last stored: no gap, no
-position twice.
+The answers come to a reply inbox of our own (`Publisher`). `run_producer` holds the
+lease (`lease`) and runs publishing sessions: each starts after the stream's last seq,
+at the position after that of the newest message that is a user (`last_stored`), so
+after a resync or a takeover the next position is exactly the one after the last
+stored: no gap, no position twice.
 """
 
 from __future__ import annotations
