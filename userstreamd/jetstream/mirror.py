@@ -9,10 +9,11 @@ with ``?epoch=&since=``. Since a message's ``seq`` is its stream sequence (`bus`
 broadcaster numbers every user alike, and a client can resume on any of them.
 
 At start the mirror takes up to half ``client_lag_max`` users of history from the stream,
-and reports the hub only once it has them, so a client moving here from a broadcaster
-that died finds what it missed. A message that is not a user of this stream (not
-decodable, or its ``seq`` not its stream sequence: published by something else) is
-logged, counted and skipped; clients reading past it are told of a gap.
+and reports the hub only once it has them (or the stream has no more: its users
+expired), so a client moving here from a broadcaster that died finds what it missed. A
+message that is not a user of this stream (not decodable, or not its seq or epoch:
+published by something else) is logged, counted, and kept as a ``gap`` over its one seq
+(`messages.hole_frame`): clients read it in its place, and the buffer stays whole.
 """
 
 from __future__ import annotations
