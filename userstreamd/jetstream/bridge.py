@@ -19,10 +19,11 @@ finishing on its loop: an abandoned fetch, say; nothing the caller waits for).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import trio
 
@@ -36,21 +37,36 @@ class AsyncioThread:
 
     async def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """``await fn(*args)`` on the asyncio loop; its result, or its exception."""
+        return await self.submit(fn, *args).result()
+
+    def submit(self, fn: Callable[..., Awaitable[T]], *args: Any) -> Submitted[T]:
+        """Start ``fn(*args)`` on the asyncio loop now (calls start in the order they are
+        submitted); await `Submitted.result` for its outcome."""
+        return Submitted(asyncio.run_coroutine_threadsafe(_call(fn, args), self.loop))
+
+
+class Submitted(Generic[T]):
+    """A coroutine running on the asyncio loop, awaited from trio."""
+
+    def __init__(self, future: concurrent.futures.Future[T]) -> None:
+        self.future = future
+        self._done = trio.Event()
         token = trio.lowlevel.current_trio_token()
-        done = trio.Event()
 
         def wake(_: object) -> None:
             with contextlib.suppress(trio.RunFinishedError):
-                token.run_sync_soon(done.set)
+                token.run_sync_soon(self._done.set)
 
-        future = asyncio.run_coroutine_threadsafe(_call(fn, args), self.loop)
         future.add_done_callback(wake)
+
+    async def result(self) -> T:
+        """Its result or exception; cancelled, it cancels the coroutine and returns."""
         try:
-            await done.wait()
+            await self._done.wait()
         except trio.Cancelled:
-            future.cancel()
+            self.future.cancel()
             raise
-        return future.result()
+        return self.future.result()
 
 
 async def _call(fn: Callable[..., Awaitable[T]], args: tuple[Any, ...]) -> T:

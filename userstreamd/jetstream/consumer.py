@@ -38,7 +38,8 @@ from ..messages import Batch
 from ..store.postgres import PostgresStore, StreamCheckpoint, UserRow
 from .bus import Bus
 
-FETCH_WAIT_S = 1.0
+FETCH_WAIT_S = 1.0  # the longest a fetch waits for a first user
+MORE_WAIT_S = 0.02  # ... and for more, once there is one
 REBIND_AFTER = 3  # failed fetches in a row before asking whether the durable still exists
 FLOOR_EVERY_S = 1.0
 
@@ -78,10 +79,20 @@ async def _bind(bus: Bus, group: str, window: int, first_seq: int) -> Any:
 
 
 async def _fetch(subscription: Any, batch: int) -> list[Any]:
+    """(On the client's loop.) The next users, as soon as there is one: up to `batch`.
+    (nats-py's ``fetch(batch)`` waits for the whole batch, up to its timeout, when none
+    was there at once: at low rates a user would wait that long. So: one, then at once
+    whatever else is there.)"""
     try:
-        return list(await subscription.fetch(batch, timeout=FETCH_WAIT_S))
+        first = list(await subscription.fetch(1, timeout=FETCH_WAIT_S))
     except nats.errors.TimeoutError:
         return []
+    if batch == 1:
+        return first
+    try:
+        return first + list(await subscription.fetch(batch - 1, timeout=MORE_WAIT_S))
+    except nats.errors.TimeoutError:
+        return first
 
 
 async def _ack(messages: list[Any]) -> None:

@@ -92,11 +92,19 @@ async def hold_lease(bus: Bus, holder: str) -> AsyncIterator[None]:
 
 
 async def _release(bus: Bus, kv: KeyValue, holder: str, revision: int) -> None:
-    """Give the lease back (so that a standby takes over now, not at its expiry)."""
+    """Give the lease back (so that a standby takes over now, not at its expiry). A
+    renewal cut short by the stop may have gone through unseen: then the key is ours at
+    a newer revision, read back before deleting it."""
     log = get_logger()
     with trio.CancelScope(shield=True), trio.move_on_after(2):
         try:
-            await bus.call(kv.delete, KEY, revision)
+            try:
+                await bus.call(kv.delete, KEY, revision)
+            except nats.js.errors.BadRequestError:  # (wrong last sequence)
+                entry = await bus.call(kv.get, KEY)
+                if entry.value != holder.encode():
+                    return  # (not ours any more)
+                await bus.call(kv.delete, KEY, entry.revision)
             log.info("producer.lease_released", holder=holder)
         except (nats.errors.Error, TimeoutError) as exc:
             log.info("producer.lease_not_released", error=f"{type(exc).__name__}: {exc}")

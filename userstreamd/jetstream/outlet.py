@@ -38,12 +38,14 @@ import trio
 from ..logs import get_logger
 from ..messages import UserMessage
 from ..producer import Producer
+from .bridge import Submitted
 from .bus import Bus
 from .lease import LeaseLost, hold_lease
 
 BATCH_MAX = 1000  # messages per crossing to the client's loop
 SCAN_BACK = 100  # messages read back from the stream's end for the last user's position
 IN_FLIGHT_MAX = 4000  # published but not yet acknowledged by the stream
+BATCHES_IN_FLIGHT = 4
 # A batch not acknowledged within this is a resync (a node lost mid-flight: the stream's
 # new leader is elected within a few seconds, and the session starts again from it).
 PUBLISH_TIMEOUT_S = 3.0
@@ -118,28 +120,44 @@ class Outlet:
         return message
 
     async def run(self) -> None:
-        """Publish what is queued until cancelled; `Resync` when the stream disagrees."""
-        while True:
-            await self._queued.wait()
-            self._queued = trio.Event()
-            while self._queue:
-                batch, self._queue = self._queue[:BATCH_MAX], self._queue[BATCH_MAX:]
-                await self._publish(batch)
+        """Publish what is queued until cancelled, up to BATCHES_IN_FLIGHT batches at once
+        (sent in order on one connection, answered together); `Resync` when the stream
+        disagrees."""
+        in_flight = trio.Semaphore(BATCHES_IN_FLIGHT)
+        async with trio.open_nursery() as nursery:
+            while True:
+                await self._queued.wait()
+                self._queued = trio.Event()
+                while self._queue:
+                    batch, self._queue = self._queue[:BATCH_MAX], self._queue[BATCH_MAX:]
+                    await in_flight.acquire()
+                    # (submitted here, in order: the tasks that wait may run in any order)
+                    sent = self.bus.thread.submit(self.publisher.publish, batch)
+                    nursery.start_soon(self._answered, batch, sent, in_flight)
 
-    async def _publish(self, batch: list[tuple[int, int, bytes]]) -> None:
+    async def _answered(
+        self,
+        batch: list[tuple[int, int, bytes]],
+        sent: Submitted[list[dict[str, Any]]],
+        in_flight: trio.Semaphore,
+    ) -> None:
         try:
-            acks = await self.bus.call(self.publisher.publish, batch)
-        except (nats.errors.Error, TimeoutError) as exc:
-            raise Resync(f"batch from seq {batch[0][0]}: {_describe(exc)}") from exc
-        for (seq, _, _), ack in zip(batch, acks, strict=True):
-            if "error" in ack:
-                error = ack["error"] if isinstance(ack["error"], dict) else {}
-                raise Resync(f"seq {seq}: {error.get('description')} ({error.get('err_code')})")
-            if ack.get("seq") != seq:  # (a duplicate: that position was stored elsewhere)
-                raise Resync(f"seq {seq} is stored at {ack.get('seq')}")
-            self.stored_seq = seq
-        self._stored.set()
-        self._stored = trio.Event()
+            try:
+                answers = await sent.result()
+            except (nats.errors.Error, TimeoutError) as exc:
+                raise Resync(f"batch from seq {batch[0][0]}: {_describe(exc)}") from exc
+            for (seq, _, _), answer in zip(batch, answers, strict=True):
+                if "error" in answer:
+                    error = answer["error"] if isinstance(answer["error"], dict) else {}
+                    description, code = error.get("description"), error.get("err_code")
+                    raise Resync(f"seq {seq}: {description} ({code})")
+                if answer.get("seq") != seq:  # (a duplicate: that position was stored elsewhere)
+                    raise Resync(f"seq {seq} is stored at {answer.get('seq')}")
+            self.stored_seq = max(self.stored_seq, batch[-1][0])
+            self._stored.set()
+            self._stored = trio.Event()
+        finally:
+            in_flight.release()
 
 
 class Publisher:
@@ -153,6 +171,7 @@ class Publisher:
         self._ids = itertools.count()
         self._waiting: dict[str, asyncio.Future[bytes]] = {}
         self._subscription: Any = None
+        self._sending = asyncio.Lock()  # (one batch's messages after another's, in order)
 
     async def start(self) -> None:
         self._subscription = await self.bus.nc.subscribe(f"{self.inbox}.*", cb=self._reply)
@@ -169,27 +188,35 @@ class Publisher:
     async def publish(self, batch: list[tuple[int, int, bytes]]) -> list[dict[str, Any]]:
         """Publish a batch in order; the stream's answer to each (a PubAck or an error,
         as JSON objects). TimeoutError when not all answered within PUBLISH_TIMEOUT_S."""
-        bus, loop = self.bus, asyncio.get_running_loop()
-        tokens, futures = [], []
+        tokens: list[str] = []
+        futures: list[asyncio.Future[bytes]] = []
         try:
-            for seq, position, frame in batch:
-                token = str(next(self._ids))
-                future = self._waiting[token] = loop.create_future()
-                tokens.append(token)
-                futures.append(future)
-                headers = {
-                    "Nats-Msg-Id": f"{bus.epoch}:{position}",
-                    "Nats-Expected-Last-Sequence": str(seq - 1),
-                }
-                await bus.nc.publish(
-                    bus.subject, frame, reply=f"{self.inbox}.{token}", headers=headers
-                )
+            async with self._sending:
+                await self._send(batch, tokens, futures)
             async with asyncio.timeout(PUBLISH_TIMEOUT_S):
                 answers = await asyncio.gather(*futures)
         finally:
             for token in tokens:  # (answered or not: nothing is left waiting)
                 self._waiting.pop(token, None)
         return [_answer(data) for data in answers]
+
+    async def _send(
+        self,
+        batch: list[tuple[int, int, bytes]],
+        tokens: list[str],
+        futures: list[asyncio.Future[bytes]],
+    ) -> None:
+        bus, loop = self.bus, asyncio.get_running_loop()
+        for seq, position, frame in batch:
+            token = str(next(self._ids))
+            future = self._waiting[token] = loop.create_future()
+            tokens.append(token)
+            futures.append(future)
+            headers = {
+                "Nats-Msg-Id": f"{bus.epoch}:{position}",
+                "Nats-Expected-Last-Sequence": str(seq - 1),
+            }
+            await bus.nc.publish(bus.subject, frame, reply=f"{self.inbox}.{token}", headers=headers)
 
 
 def _answer(data: bytes) -> dict[str, Any]:
