@@ -226,7 +226,9 @@ def test_bench_e2e_writes_every_figure(tmp_path: Path) -> None:
     process's CPU and memory (the daemon, its consumer workers, PostgreSQL)."""
     out = tmp_path / "e2e.json"
     result = _run_bench("e2e", "--duration", "2", "--warmup", "0.5", "--json", str(out))
-    e2e = json.loads(out.read_text())["e2e"]
+    report = json.loads(out.read_text())
+    assert report["bus"] == "embedded"
+    e2e = report["e2e"]
     assert e2e["users_per_s"] > 0
     loss = e2e["zero_loss"]
     assert loss["verified"] is True and loss["drained"] is True
@@ -435,3 +437,107 @@ def test_percentiles_of_a_histogram() -> None:
     assert fanout.percentile_ms(hist, 0.99, 0.1) == 1.05
     assert fanout.percentile_ms(hist, 1.0, 0.1) == 20.05
     assert fanout.percentile_ms({}, 0.5, 0.1) is None
+
+
+# -- --bus nats: the parts as processes on a local NATS JetStream cluster -------------
+
+
+@pytest.mark.cluster
+def test_bench_e2e_on_nats_checks_zero_loss_over_the_stream(tmp_path: Path) -> None:
+    """A 3-node cluster, a producer and (by default) a process per consumer, one
+    PostgreSQL: users committed and published per second, every seq the stream holds
+    committed exactly once, produced -> committed latency of the 1,000/s run, and the CPU
+    and memory of each process, the nats-servers' too."""
+    out = tmp_path / "e2e.json"
+    result = _run_bench(
+        *("e2e", "--bus", "nats", "--duration", "3", "--warmup", "0.5", "--json", str(out)),
+        timeout_s=240,
+    )
+    report = json.loads(out.read_text())
+    assert report["bus"] == "nats" and report["mode"] == "e2e"
+    e2e = report["e2e"]
+    embedded_keys = {"duration_s", "users_per_s", "zero_loss", "latency_ms", "latency_users"}
+    embedded_keys |= {"processes", "latency_processes", "latency_ms_daemon_histogram"}
+    assert embedded_keys <= set(e2e)
+    assert e2e["consumer_processes"] == 2 and e2e["consumers_per_process"] == [1, 1]
+    assert e2e["nats_servers"] == 3 and e2e["replicas"] == 3
+    assert e2e["users_per_s"] > 0 and e2e["published_per_s"] > 0
+    loss = e2e["zero_loss"]
+    assert loss["verified"] is True and loss["drained"] is True
+    assert loss["published"] > 0
+    assert loss["rows"] == loss["distinct_seqs"] == loss["max_seq"] == loss["published"]
+    assert loss["min_seq"] == 1
+    latency = e2e["latency_ms"]
+    assert 0 < latency["p50"] <= latency["p99"] <= latency["max"]
+    assert e2e["latency_users"] > 0 and "commit timestamp" in e2e["latency_source"]
+    for run in ("processes", "latency_processes"):
+        names = {p["process"] for p in e2e[run]}
+        assert {"producer", "consumer process 1", "consumer process 2"} <= names
+        assert {"nats-server n1", "nats-server n2", "nats-server n3"} <= names
+        assert any(n.startswith("postgres backend (userstreamd-consumer") for n in names)
+        for proc in e2e[run]:
+            assert proc["cpu_s"] >= 0 and proc["peak_rss_kib"] > 0, proc
+    assert f"zero loss verified: {loss['published']:,} published" in result.stdout
+    assert "2 consumers in 2 processes" in result.stdout
+
+
+@pytest.mark.cluster
+def test_bench_fanout_on_nats_splits_the_clients_over_two_broadcasters(tmp_path: Path) -> None:
+    """A producer and two broadcaster processes on a 3-node cluster; 5 clients from two
+    harness processes, round-robin over the broadcasters (3 and 2): every client gets
+    every user, none is cut off."""
+    out = tmp_path / "fanout.json"
+    result = _run_bench(
+        *("fanout", "--bus", "nats", "--clients", "5", "--rate", "200"),
+        *("--duration", "1.5", "--warmup", "0.3", "--harness-procs", "2", "--json", str(out)),
+        timeout_s=180,
+    )
+    report = json.loads(out.read_text())
+    assert report["bus"] == "nats" and report["mode"] == "fanout"
+    row = report["fanout"]
+    assert row["broadcasters"] == 2 and row["clients_by_broadcaster"] == [3, 2]
+    assert row["clients_connected"] == row["connected_at_end"] == 5
+    assert row["delivered"] > 0 and row["delivered_per_s"] > 0
+    assert row["missed"] == 0 and row["dropped"] == 0 and row["slow_closes"] == 0
+    assert 0 <= row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
+    assert all(pct > 0 for pct in row["broadcaster_cpu_pct"])
+    assert row["server_cpu_pct"] > 0 and row["rss_per_idle_client_kib"] is not None
+    assert len(row["nats_server_cpu_pct"]) == 3 and row["harness_processes"] == 2
+    names = {p["process"] for p in row["processes"]}
+    assert {"producer", "broadcaster 1", "broadcaster 2", "nats-server n1"} <= names
+    assert "over 2 broadcaster processes (3/2)" in result.stdout
+    assert "0 slow closes, 0 dropped; 5 of 5 clients connected" in result.stdout
+
+
+def test_bench_fanout_compare_is_for_the_embedded_bus(capsys: pytest.CaptureFixture[str]) -> None:
+    """Refused before anything starts, naming the combination; exit code 2."""
+    assert main(["bench", "fanout", "--bus", "nats", "--compare"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "--compare works with --bus embedded only" in err
+
+
+def test_the_harness_goes_round_robin_over_several_urls() -> None:
+    """Two servers, 5 clients over both URLs: clients 1, 3 and 5 on the first, 2 and 4
+    on the second; each counts every user its server sent."""
+    wire, _ = _stream(users=10)
+    servers = [_RawServer(3, wire), _RawServer(2, wire)]
+    urls = [f"ws://127.0.0.1:{server.port}/" for server in servers]
+    with subprocess.Popen(
+        [sys.executable, "-m", "userstreamd.bench.harness", *urls, "5"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        assert proc.stdout is not None and proc.stdin is not None
+        connected = json.loads(proc.stdout.readline())  # (some may have been closed since)
+        assert connected["failed"] == 0 and connected["errors"] == []
+        for server in servers:
+            server.thread.join(30)
+        proc.stdin.write("measure 0.2\n")
+        proc.stdin.flush()
+        result = json.loads(proc.stdout.readline())
+        proc.stdin.write("quit\n")
+        proc.stdin.flush()
+        assert proc.wait(30) == 0
+    assert [len(server.replies) for server in servers] == [3, 2]
+    assert result["users_total"] == 5 * 15 and result["closes"] == {"3008": 5}

@@ -162,10 +162,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if mode == "stages" and args.plot and (reason := bench.plot_available()) is not None:
         print(f"userstreamd: --plot: {reason}", file=sys.stderr)
         return 2
+    on_nats = getattr(args, "bus", "embedded") == "nats"
+    if mode == "fanout" and on_nats and args.compare:
+        print(
+            "userstreamd: bench fanout: --compare works with --bus embedded only", file=sys.stderr
+        )
+        return 2
     configure_logging("warning", stream=sys.stderr)  # stdout is for the figures
     progress = sys.stderr.isatty()
     try:
-        if mode == "e2e":
+        if mode == "e2e" and on_nats:
+            report = bench.run_e2e_nats(
+                duration_s=args.duration,
+                warmup_s=args.warmup,
+                consumers=args.consumers,
+                consumer_processes=args.consumer_processes or args.consumers,
+                progress=progress,
+            )
+            bench.print_e2e_nats(report)
+        elif mode == "e2e":
             report = bench.run_e2e(
                 duration_s=args.duration,
                 warmup_s=args.warmup,
@@ -173,6 +188,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 progress=progress,
             )
             bench.print_e2e(report)
+        elif mode == "fanout" and on_nats:
+            report = bench.run_fanout_nats(
+                clients=args.clients,
+                rate_per_s=args.rate,
+                duration_s=args.duration,
+                warmup_s=args.warmup,
+                harness_procs=args.harness_procs,
+                progress=progress,
+            )
+            bench.print_fanout_nats(report)
         elif mode == "fanout":
             report = bench.run_fanout(
                 clients=args.clients,
@@ -191,6 +216,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except bench.BenchError as exc:
         print(f"userstreamd: bench {mode}: {exc}", file=sys.stderr)
         return 1
+    if mode != "stages":
+        report["bus"] = args.bus
     if args.json:
         bench.write_json(report, args.json)
     if mode == "stages" and args.plot:
@@ -371,8 +398,10 @@ def _parser() -> argparse.ArgumentParser:
         "  userstreamd bench\n"
         "  userstreamd bench --users 5000 --repeat 1 --json bench.json --plot bench.png\n"
         "  userstreamd bench e2e --duration 60 --json e2e.json\n"
+        "  userstreamd bench e2e --bus nats --duration 30\n"
         "  userstreamd bench fanout --clients 100 --rate 1000 --compare\n"
-        "  userstreamd bench fanout --clients 1000 --rate 100 --harness-procs 2\n",
+        "  userstreamd bench fanout --clients 1000 --rate 100 --harness-procs 2\n"
+        "  userstreamd bench fanout --bus nats --clients 100 --rate 1000\n",
     )
     bench.add_argument(
         "--users", type=int, default=20_000, help="users per benchmark (default: 20000)"
@@ -395,7 +424,17 @@ def _parser() -> argparse.ArgumentParser:
         description="Start the real daemon (synthetic source, embedded PostgreSQL) as a "
         "child process: users committed per second with the producer asking 50,000/s, "
         "zero loss checked in the database; then produced -> committed latency at "
-        "1,000 users/s; CPU and peak memory of each process.",
+        "1,000 users/s; CPU and peak memory of each process. With --bus nats: a local "
+        "3-node NATS JetStream cluster (R3 stream), the producer and the consumers as "
+        "separate processes (run --role), one embedded PostgreSQL for all; users "
+        "committed and published per second.",
+    )
+    e2e_mode.add_argument(
+        "--bus",
+        choices=("embedded", "nats"),
+        default="embedded",
+        help="embedded: one daemon; nats: the parts as processes on a local NATS "
+        "cluster (default: embedded)",
     )
     e2e_mode.add_argument(
         "--duration",
@@ -408,7 +447,18 @@ def _parser() -> argparse.ArgumentParser:
         "--warmup", type=float, default=3.0, metavar="S", help="seconds before (default: 3)"
     )
     e2e_mode.add_argument(
-        "--consumers", type=int, default=2, help="consumer processes (default: 2)"
+        "--consumers",
+        type=int,
+        default=2,
+        help="consumers (embedded: each a process of its own; default: 2)",
+    )
+    e2e_mode.add_argument(
+        "--consumer-processes",
+        type=int,
+        metavar="P",
+        help="with --bus nats: the consumers spread over P processes (run --role consumer), "
+        "in-process consumers in each (default: one process per consumer, the faster on "
+        "2 cores)",
     )
     e2e_mode.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     fanout_mode = modes.add_parser(
@@ -419,7 +469,16 @@ def _parser() -> argparse.ArgumentParser:
         "WebSocket clients from a harness process; memory per idle client at 1 user/s, "
         "then users delivered per second, produced -> received latency and slow closes at "
         "R users/s. --compare runs the same against reference servers (Python websockets, "
-        "and Node ws when node is on the PATH).",
+        "and Node ws when node is on the PATH). With --bus nats: a local 3-node NATS "
+        "JetStream cluster, one producer process and two broadcaster processes (run "
+        "--role), the clients split evenly between the two.",
+    )
+    fanout_mode.add_argument(
+        "--bus",
+        choices=("embedded", "nats"),
+        default="embedded",
+        help="embedded: one daemon; nats: a producer and 2 broadcasters as processes on a "
+        "local NATS cluster (default: embedded)",
     )
     fanout_mode.add_argument("--clients", type=int, default=100, help="clients (default: 100)")
     fanout_mode.add_argument(

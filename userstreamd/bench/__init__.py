@@ -6,7 +6,9 @@
   and peak memory per process;
 - ``bench fanout`` (`fanout`): the real daemon broadcasting to N plain WebSocket clients
   of a separate harness process (`harness`); with ``--compare``, the same against
-  reference servers (`reference`: Python ``websockets``, Node ``ws``).
+  reference servers (`reference`: Python ``websockets``, Node ``ws``);
+- ``--bus nats`` (`e2e_nats`, `fanout_nats`): the same figures with the pipeline's parts
+  as separate processes on a local 3-node NATS JetStream cluster (`cluster`).
 
 Figures go to stdout (and ``--json FILE``); progress to stderr, on a terminal only.
 """
@@ -21,7 +23,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .daemon_child import BenchError
     from .e2e import print_e2e, run_e2e
+    from .e2e_nats import print_e2e_nats, run_e2e_nats
     from .fanout import print_fanout, run_fanout
+    from .fanout_nats import print_fanout_nats, run_fanout_nats
     from .stages import (
         LABELS,
         _log_scale,
@@ -37,8 +41,12 @@ _LAZY = {
     "BenchError": "daemon_child",
     "print_e2e": "e2e",
     "run_e2e": "e2e",
+    "print_e2e_nats": "e2e_nats",
+    "run_e2e_nats": "e2e_nats",
     "print_fanout": "fanout",
     "run_fanout": "fanout",
+    "print_fanout_nats": "fanout_nats",
+    "run_fanout_nats": "fanout_nats",
     "LABELS": "stages",
     "_log_scale": "stages",
     "plot_available": "stages",
@@ -53,11 +61,15 @@ __all__ = [
     "_log_scale",
     "plot_available",
     "print_e2e",
+    "print_e2e_nats",
     "print_fanout",
+    "print_fanout_nats",
     "print_report",
     "run_benchmarks",
     "run_e2e",
+    "run_e2e_nats",
     "run_fanout",
+    "run_fanout_nats",
     "write_json",
     "write_plot",
 ]

@@ -2,9 +2,10 @@
 
 `DaemonChild` writes a config file into a folder of its own (state directory, embedded
 PostgreSQL, ports 0: the kernel picks free ones), runs ``python -m userstreamd --config
-FILE run`` under a lifeline guard (`userstreamd.lifeline`: if the bench dies, the daemon
-still gets its SIGTERM) and in a session of its own (a terminal's ^C is the bench's to
-handle), and learns its URLs from the ``daemon.ready`` line of its JSON log. `stop()` is
+FILE run`` (and its `run_args`: ``--role R`` for one part on the NATS bus) under a
+lifeline guard (`userstreamd.lifeline`: if the bench dies, the daemon still gets its
+SIGTERM) and in a session of its own (a terminal's ^C is the bench's to handle), and
+learns its URLs from the ``daemon.ready`` line of its JSON log. `stop()` is
 a graceful stop (SIGTERM: the daemon drains and commits before it exits). The same folder
 can be started again: the daemon resumes its stream from the checkpoint.
 """
@@ -38,8 +39,11 @@ class BenchError(UserstreamdError):
 
 
 class DaemonChild:
-    def __init__(self, folder: Path, tables: dict[str, dict[str, Any]]) -> None:
+    def __init__(
+        self, folder: Path, tables: dict[str, dict[str, Any]], run_args: list[str] | None = None
+    ) -> None:
         self.folder = folder
+        self.run_args = run_args or []  # after ``run``: ``["--role", "producer"]``
         self.config_path = folder / "bench.toml"
         self.log_path = folder / "daemon.log"
         self.state_dir = folder / "state"
@@ -71,9 +75,15 @@ class DaemonChild:
     def start(self) -> None:
         """Start it as `tables` say and return once it is ready (BenchError with its log's
         tail if not)."""
+        self.spawn()
+        self.wait_ready()
+
+    def spawn(self) -> None:
+        """Start it as `tables` say; `wait_ready` then (several can start meanwhile)."""
         self.config_path.write_text(toml_text(self.tables))
         self._log_from = self.log_path.stat().st_size if self.log_path.exists() else 0
         command = [sys.executable, "-m", "userstreamd", "--config", str(self.config_path), "run"]
+        command += self.run_args
         guard = [sys.executable, "-m", "userstreamd.lifeline", "--stop-signal", "TERM"]
         with self.log_path.open("ab") as log:
             self._guard = subprocess.Popen(
@@ -83,6 +93,11 @@ class DaemonChild:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+
+    def wait_ready(self) -> None:
+        """Return once the started daemon is ready; BenchError with its log's tail if it
+        exits or is not ready within READY_TIMEOUT_S."""
+        assert self._guard is not None
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not (ready := self.events("daemon.ready")):
             if self._guard.poll() is not None:

@@ -156,19 +156,27 @@ class _Lines:
 
 
 class _Harnesses:
-    """`procs` harness processes sharing `clients` between them."""
+    """`processes` harness processes sharing `clients` between them; with several `urls`,
+    client k of them all goes to ``urls[k % len(urls)]`` (each process's list rotated to
+    where the one before it stopped)."""
 
-    def __init__(self, url: str, clients: int, processes: int) -> None:
+    def __init__(self, urls: list[str], clients: int, processes: int) -> None:
         shares = [clients // processes + (i < clients % processes) for i in range(processes)]
+        starts = [sum(shares[:i]) % len(urls) for i in range(processes)]
         self.procs = [
             subprocess.Popen(
-                [sys.executable, "-m", "userstreamd.bench.harness", url, str(share)],
+                [
+                    *(sys.executable, "-m", "userstreamd.bench.harness"),
+                    *urls[start:],
+                    *urls[:start],
+                    str(share),
+                ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
             )
-            for share in shares
+            for share, start in zip(shares, starts, strict=True)
             if share
         ]
         self.lines = [_Lines(p) for p in self.procs]
@@ -267,7 +275,7 @@ def measure_server(
         rss_before = serving_rss_kib()
         step.done(f"pid {server.pid}")
         step = steps.step(f"{name}: connect {clients} clients")
-        harness = _Harnesses(server.url, clients, harness_procs)
+        harness = _Harnesses([server.url], clients, harness_procs)
         try:
             connected = harness.connected(START_TIMEOUT_S + clients / 50)
             time.sleep(SETTLE_S)

@@ -1,7 +1,8 @@
 """The fan-out client harness: N plain WebSocket clients in one process, written for speed.
 
-``python -m userstreamd.bench.harness URL CLIENTS`` opens CLIENTS connections to URL
-(ws:// on a literal address) as plain clients, one user per frame, like ``wscat``: raw
+``python -m userstreamd.bench.harness URL [URL ...] CLIENTS`` opens CLIENTS connections
+(ws:// on a literal address; with several URLs, client i to URL i mod their number) as
+plain clients, one user per frame, like ``wscat``: raw
 non-blocking sockets under one selector, a minimal HTTP/1.1 upgrade (no extensions, so
 no compression) and a minimal frame parser (`FrameReader`: frames split across reads or
 several in one; 7-, 16- and 64-bit lengths; fragments; a ping is answered with a masked
@@ -34,7 +35,7 @@ import sys
 import time
 from array import array
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import msgspec
@@ -149,13 +150,22 @@ class _Client:
         self.last_seq = 0
 
 
+class _Target(NamedTuple):
+    address: tuple[str, int]
+    path: str
+
+
+def _target(url: str) -> _Target:
+    parts = urlsplit(url)
+    if parts.scheme != "ws" or not parts.hostname:
+        raise ValueError(f"the harness speaks ws:// only: {url}")
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return _Target((parts.hostname, parts.port or 80), path)
+
+
 class Harness:
-    def __init__(self, url: str, clients: int) -> None:
-        parts = urlsplit(url)
-        if parts.scheme != "ws" or not parts.hostname:
-            raise ValueError(f"the harness speaks ws:// only: {url}")
-        self.address = (parts.hostname, parts.port or 80)
-        self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    def __init__(self, urls: list[str], clients: int) -> None:
+        self.targets = [_target(url) for url in urls]  # client i: targets[i % len]
         self.wanted = clients
         self.selector = selectors.DefaultSelector()
         self.clients: list[_Client] = []
@@ -176,20 +186,21 @@ class Harness:
     # -- connecting ------------------------------------------------------------------
 
     def _open(self) -> None:
-        sock = socket.socket(socket.AF_INET6 if ":" in self.address[0] else socket.AF_INET)
+        address, path = self.targets[len(self.clients) % len(self.targets)]
+        sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         key = base64.b64encode(os.urandom(16))
-        host = f"{self.address[0]}:{self.address[1]}".encode()
+        host = f"{address[0]}:{address[1]}".encode()
         request = (
-            b"GET " + self.path.encode() + b" HTTP/1.1\r\nHost: " + host + b"\r\n"
+            b"GET " + path.encode() + b" HTTP/1.1\r\nHost: " + host + b"\r\n"
             b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: " + key + b"\r\n"
             b"Sec-WebSocket-Version: 13\r\n\r\n"
         )
         expect = base64.b64encode(hashlib.sha1(key + _GUID).digest())
         client = _Client(sock, request, expect)
         self.clients.append(client)
-        sock.connect_ex(self.address)
+        sock.connect_ex(address)
         self.selector.register(sock, selectors.EVENT_WRITE, client)
 
     def connect(self) -> None:
@@ -382,9 +393,9 @@ def _raise_file_limit(files: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    url, clients = (argv if argv is not None else sys.argv[1:])[:2]
+    *urls, clients = argv if argv is not None else sys.argv[1:]
     _raise_file_limit(int(clients))
-    harness = Harness(url, int(clients))
+    harness = Harness(urls, int(clients))
     try:
         harness.connect()
         connected = sum(c.state == "open" for c in harness.clients)
