@@ -207,7 +207,9 @@ def stream_consumers(
         store = PostgresStore.from_config(
             config, dsn, application_name=f"userstreamd-consumer-{worker}"
         )
-        consumer = StreamConsumer(bus, store, config, worker, milestones, metrics.batch)
+        consumer = StreamConsumer(
+            bus, store, config, worker, milestones, metrics.batch, metrics.end_to_end
+        )
         found.append((f"consumer-{worker}", consumer))
     return found
 

@@ -244,6 +244,7 @@ async def test_role_all_on_nats_streams_positions_in_order_into_the_table(
         text = daemon.metrics.exposition()[0].decode()
         assert 'userstreamd_users_broadcast_total{source="synthetic"} 800.0' in text
         assert 'userstreamd_users_committed_total{source="synthetic"} 800.0' in text
+        assert "userstreamd_end_to_end_latency_seconds_count 800.0" in text
         checks = daemon.health.readiness().checks
         assert checks == {
             "daemon": "ok",

@@ -20,6 +20,7 @@ an operator), the first member creates it from that checkpoint on.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -119,6 +120,7 @@ class StreamConsumer(Consumer):
         worker: int,
         milestones: Milestones,
         on_batch: Callable[[Batch], None] | None = None,
+        on_committed: Callable[[float], None] | None = None,
     ) -> None:
         c = config.consumers
         super().__init__(
@@ -136,7 +138,9 @@ class StreamConsumer(Consumer):
         self.on_batch = on_batch
         self.committed: Counter[str] = Counter()  # users acknowledged as stored, by source
         self.rejected: Counter[str] = Counter()  # ... as set aside (invalid, refused)
-        self._unacked: dict[int, tuple[Any, str]] = {}  # seq -> its message and source
+        self.on_committed = on_committed  # each committed user's seconds since produced
+        # seq -> its message, source and production time (Unix)
+        self._unacked: dict[int, tuple[Any, str, float]] = {}
         self._bound = False
         self._stored_through = 0  # the checkpoint last written
 
@@ -199,7 +203,10 @@ class StreamConsumer(Consumer):
             for message in messages:
                 seq = message.metadata.sequence.stream
                 row = self._row(seq, message.data, received_at)
-                self._unacked[seq] = (message, row.source if row else "unknown")
+                if row is None:
+                    self._unacked[seq] = (message, "unknown", 0.0)
+                else:
+                    self._unacked[seq] = (message, row.source, row.produced_at.timestamp())
                 item = (seq, row)
                 try:
                     send.send_nowait(item)
@@ -256,12 +263,18 @@ class StreamConsumer(Consumer):
             self.on_batch(report)
         refused = set(rejected)
         messages = []
+        now = time.time()
         for seq in seqs:
             found = self._unacked.pop(seq, None)
             if found is not None:
-                message, source = found
+                message, source, produced = found
                 messages.append(message)
-                (self.rejected if seq in refused else self.committed)[source] += 1
+                if seq in refused:
+                    self.rejected[source] += 1
+                else:
+                    self.committed[source] += 1
+                    if self.on_committed is not None:
+                        self.on_committed(now - produced)
         try:
             await self.bus.call(_ack, messages)
         except (nats.errors.Error, TimeoutError) as exc:  # redelivered after ack_wait_s
