@@ -292,7 +292,37 @@ def measure_server(
     finally:
         server.stop()
     usage = procs.usage(before, after, seconds)
+    return figures(
+        name,
+        clients,
+        rate_per_s,
+        warmup_s,
+        harness_procs,
+        connected,
+        got,
+        usage,
+        serving,
+        (rss_before, rss_after),
+    )
+
+
+def figures(
+    name: str,
+    clients: int,
+    rate_per_s: float,
+    warmup_s: float,
+    harness_procs: int,
+    connected: dict[str, Any],
+    got: dict[str, Any],
+    usage: list[dict[str, Any]],
+    serving: Callable[[str], bool],
+    rss_kib: tuple[int, int],
+) -> dict[str, Any]:
+    """The figures of one measured run (both buses): `connected` and `got` are what the
+    harness said, `usage` each process's CPU, `serving` which processes hold clients,
+    `rss_kib` theirs before and after the idle clients connected."""
     hist, resolution = got["hist"], got["resolution_ms"]
+    rss_before, rss_after = rss_kib
     return {
         "server": name,
         "clients": clients,

@@ -41,7 +41,7 @@ from .fanout import (
     START_TIMEOUT_S,
     _Harnesses,
     _ms,
-    percentile_ms,
+    figures,
 )
 
 BROADCASTERS = 2
@@ -131,43 +131,25 @@ def run_fanout_nats(
         after, seconds = snapshot(roots), time.monotonic() - start
         seq = probe.last_seq()
     usage = procs.usage(before, after, seconds)
-    hist, resolution = got["hist"], got["resolution_ms"]
 
     def cpu(process: str) -> float:
         return round(sum(r["cpu_pct"] for r in usage if r["process"] == process), 1)
 
     per_broadcaster = [cpu(f"broadcaster {i}") for i in range(1, BROADCASTERS + 1)]
+    server = f"{name} (nats, {BROADCASTERS} broadcasters)"
     report["fanout"] = {
-        "server": f"{name} (nats, {BROADCASTERS} broadcasters)",
-        "clients": clients,
-        "clients_connected": connected["clients"],
-        "connect_errors": connected["errors"],
-        "rate_per_s": rate_per_s,
-        "duration_s": got["seconds"],
-        "warmup_s": warmup_s,
-        "delivered": got["users"],
-        "delivered_per_s": round(got["users"] / got["seconds"], 1),
-        "expected_per_s": round(connected["clients"] * rate_per_s, 1),
-        "p50_ms": percentile_ms(hist, 0.50, resolution),
-        "p99_ms": percentile_ms(hist, 0.99, resolution),
-        "max_ms": percentile_ms(hist, 1.0, resolution),
-        "latency_resolution_ms": resolution,
-        "slow_closes": got["slow_closes"],
-        "closes": got["closes"],
-        "dropped": got["dropped"],
-        "missed": got["missed"],
-        "connected_at_end": got["connected"],
-        "server_cpu_pct": round(sum(per_broadcaster), 1),
-        "server_processes": sum(_serving(r["process"]) for r in usage),
-        "server_rss_kib": {"idle": rss_before, "with_idle_clients": rss_after},
-        "rss_per_idle_client_kib": (
-            round((rss_after - rss_before) / connected["clients"], 2)
-            if connected["clients"]
-            else None
+        **figures(
+            server,
+            clients,
+            rate_per_s,
+            warmup_s,
+            harness_procs,
+            connected,
+            got,
+            usage,
+            _serving,
+            (rss_before, rss_after),
         ),
-        "harness_processes": harness_procs,
-        "harness_cpu_pct": got["harness_cpu_pct"],
-        "processes": usage,
         "broadcasters": BROADCASTERS,
         "clients_by_broadcaster": by_broadcaster,
         "broadcaster_cpu_pct": per_broadcaster,
