@@ -30,7 +30,8 @@ def nats_config(tmp_path: Path, dsn: str, nats_urls: list[str]) -> Any:
 
     def make(**tables: dict[str, Any]) -> Config:
         cluster = {"bus": "nats", "servers": nats_urls, "stream": stream, "lease_ttl_s": 2.0}
-        merged = {"producer": {"source": "synthetic"}, **tables}
+        merged = {**tables}
+        merged["producer"] = {"source": "synthetic", **tables.get("producer", {})}
         merged["cluster"] = {**cluster, **tables.get("cluster", {})}
         return load_config(write_config(tmp_path, dsn, **merged))
 
