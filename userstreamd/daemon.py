@@ -12,6 +12,12 @@ A second signal exits at once. When the supervisor gives up on a component, noth
 drained: everything is stopped at once and the exit code is 1. SIGHUP re-reads the config
 file and applies the keys in `config.RELOADABLE`; other changed keys are logged as
 needing a restart.
+
+With ``cluster.bus = "nats"`` the stream lives on a JetStream cluster (`jetstream`) and
+the daemon runs the parts of its `role` (``run --role``): after the endpoint, the
+connection to NATS, then the database (producer, consumer), the stream's mirror and the
+broadcaster, the consumers, the producer. Nothing is drained at a stop: the stream keeps
+what the group has not acknowledged.
 """
 
 from __future__ import annotations
