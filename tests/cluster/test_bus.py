@@ -78,6 +78,15 @@ async def test_a_stale_producer_is_fenced_and_the_stream_keeps_one_user_per_seq(
         assert await last_stored(bus) == (15, 15)
 
 
+async def test_a_stream_that_never_had_a_user_starts_at_position_1(nats_config: Any) -> None:
+    config = nats_config()
+    async with open_bus(config, "test") as bus:
+        await bus.call(bus.js.publish, bus.subject, b"a stranger's")  # seq 1
+        assert await last_stored(bus) == (1, 0)
+        await publish(await outlet(bus, 1), 1, 3)
+        assert await last_stored(bus) == (4, 3)
+
+
 async def test_a_session_starts_after_the_last_user_whatever_else_ends_the_stream(
     nats_config: Any,
 ) -> None:

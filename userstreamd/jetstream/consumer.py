@@ -34,6 +34,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from ..config import Config
 from ..consumer import Consumer, Item, Milestones, _User
+from ..errors import StoreError
 from ..logs import get_logger
 from ..messages import Batch
 from ..store.postgres import PostgresStore, StreamCheckpoint, UserRow
@@ -86,13 +87,13 @@ async def _fetch(subscription: Any, batch: int) -> list[Any]:
     whatever else is there.)"""
     try:
         first = list(await subscription.fetch(1, timeout=FETCH_WAIT_S))
-    except nats.errors.TimeoutError:
+    except TimeoutError:  # (nats-py's, or asyncio's: it raises either)
         return []
     if batch == 1:
         return first
     try:
         return first + list(await subscription.fetch(batch - 1, timeout=MORE_WAIT_S))
-    except nats.errors.TimeoutError:
+    except (nats.errors.Error, TimeoutError):  # (never lose the first one)
         return first
 
 
@@ -249,7 +250,10 @@ class StreamConsumer(Consumer):
             if seq > self.committed_through:
                 self._checkpoint = StreamCheckpoint(self.group, self.bus.epoch, seq, position)
             elif self.committed_through > self._stored_through and self.batches == batches:
-                await self._insert([], self._checkpoint)
+                try:
+                    await self._insert([], self._checkpoint)
+                except StoreError as exc:  # (the next batch writes it)
+                    get_logger().warning("consumer.checkpoint_not_saved", error=str(exc))
             batches = self.batches
 
     async def _insert(self, rows: list[UserRow], checkpoint: StreamCheckpoint | None) -> int:

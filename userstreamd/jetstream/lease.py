@@ -101,13 +101,23 @@ async def _release(bus: Bus, kv: KeyValue, holder: str, revision: int) -> None:
             try:
                 await bus.call(kv.delete, KEY, revision)
             except nats.js.errors.BadRequestError:  # (wrong last sequence)
-                entry = await bus.call(kv.get, KEY)
-                if entry.value != holder.encode():
-                    return  # (not ours any more)
-                await bus.call(kv.delete, KEY, entry.revision)
+                ours = await _ours(bus, kv, holder)
+                if ours is None:
+                    log.info("producer.lease_not_ours", holder=holder)
+                    return
+                await bus.call(kv.delete, KEY, ours)
             log.info("producer.lease_released", holder=holder)
         except (nats.errors.Error, TimeoutError) as exc:
             log.info("producer.lease_not_released", error=f"{type(exc).__name__}: {exc}")
+
+
+async def _ours(bus: Bus, kv: KeyValue, holder: str) -> int | None:
+    """The lease's current revision if `holder` holds it, else None."""
+    try:
+        entry = await bus.call(kv.get, KEY)
+    except nats.js.errors.NotFoundError:  # (expired, or deleted)
+        return None
+    return entry.revision if entry.value == holder.encode() else None
 
 
 async def _try_create(bus: Bus, kv: KeyValue, holder: str) -> int | None:
@@ -137,6 +147,11 @@ async def _renew(bus: Bus, kv: KeyValue, holder: str, held: _Held, scope: trio.C
                 renewed_at = asked_at
                 continue
             except nats.js.errors.KeyWrongLastSequenceError:
+                # (or a renewal went through and its answer was lost: then it is ours)
+                revision = await _ours(bus, kv, holder)
+                if revision is not None:
+                    held.revision, renewed_at = revision, asked_at
+                    continue
                 held.lost = "another producer holds it"
                 scope.cancel()
                 return

@@ -28,7 +28,7 @@ import os
 import socket
 from collections import Counter
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import msgspec
 import nats.errors
@@ -52,6 +52,14 @@ PUBLISH_TIMEOUT_S = 3.0
 RESYNC_PAUSE_S = 0.5
 
 _encoder = msgspec.json.Encoder()
+
+
+class Entry(NamedTuple):
+    """A user queued for the stream."""
+
+    seq: int
+    position: int
+    frame: bytes
 
 
 class Resync(Exception):
@@ -83,7 +91,7 @@ class Outlet:
         self.clients = 0  # (the hub's field; clients are the broadcasters')
         # by source (one counter for every session of a producer)
         self.published: Counter[str] = Counter() if published is None else published
-        self._queue: list[tuple[int, int, bytes]] = []  # (seq, position, frame)
+        self._queue: list[Entry] = []
         self._queued = trio.Event()
         self._stored = trio.Event()
 
@@ -115,7 +123,7 @@ class Outlet:
         )
         self.last_seq = message.seq
         self.published[source] += 1
-        self._queue.append((message.seq, position, _encoder.encode(message)))
+        self._queue.append(Entry(message.seq, position, _encoder.encode(message)))
         self._queued.set()
         return message
 
@@ -137,7 +145,7 @@ class Outlet:
 
     async def _answered(
         self,
-        batch: list[tuple[int, int, bytes]],
+        batch: list[Entry],
         sent: Submitted[list[dict[str, Any]]],
         in_flight: trio.Semaphore,
     ) -> None:
@@ -145,15 +153,15 @@ class Outlet:
             try:
                 answers = await sent.result()
             except (nats.errors.Error, TimeoutError) as exc:
-                raise Resync(f"batch from seq {batch[0][0]}: {_describe(exc)}") from exc
-            for (seq, _, _), answer in zip(batch, answers, strict=True):
+                raise Resync(f"batch from seq {batch[0].seq}: {_describe(exc)}") from exc
+            for (seq, *_), answer in zip(batch, answers, strict=True):
                 if "error" in answer:
                     error = answer["error"] if isinstance(answer["error"], dict) else {}
                     description, code = error.get("description"), error.get("err_code")
                     raise Resync(f"seq {seq}: {description} ({code})")
                 if answer.get("seq") != seq:  # (a duplicate: that position was stored elsewhere)
                     raise Resync(f"seq {seq} is stored at {answer.get('seq')}")
-            self.stored_seq = max(self.stored_seq, batch[-1][0])
+            self.stored_seq = max(self.stored_seq, batch[-1].seq)
             self._stored.set()
             self._stored = trio.Event()
         finally:
@@ -185,7 +193,7 @@ class Publisher:
         if future is not None and not future.done():
             future.set_result(msg.data)
 
-    async def publish(self, batch: list[tuple[int, int, bytes]]) -> list[dict[str, Any]]:
+    async def publish(self, batch: list[Entry]) -> list[dict[str, Any]]:
         """Publish a batch in order; the stream's answer to each (a PubAck or an error,
         as JSON objects). TimeoutError when not all answered within PUBLISH_TIMEOUT_S."""
         tokens: list[str] = []
@@ -202,7 +210,7 @@ class Publisher:
 
     async def _send(
         self,
-        batch: list[tuple[int, int, bytes]],
+        batch: list[Entry],
         tokens: list[str],
         futures: list[asyncio.Future[bytes]],
     ) -> None:
@@ -217,6 +225,12 @@ class Publisher:
                 "Nats-Expected-Last-Sequence": str(seq - 1),
             }
             await bus.nc.publish(bus.subject, frame, reply=f"{self.inbox}.{token}", headers=headers)
+
+
+def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The first exception in a group of groups (nurseries nest them)."""
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 def _answer(data: bytes) -> dict[str, Any]:
@@ -236,11 +250,12 @@ def _describe(exc: BaseException) -> str:
 async def last_stored(bus: Bus) -> tuple[int, int]:
     """(the stream's last seq, the source position of its last user). The position is
     read from the newest message that is a user of this stream (at most SCAN_BACK
-    messages back: something else may have published on the subject); when there is
-    none (the stream is empty, or its users expired) it is taken to be the seq, as
-    the synthetic source numbers them."""
+    messages back: something else may have published on the subject); 0 when the stream
+    never had one; when its users are gone (expired, purged) it is taken to be the seq,
+    as the synthetic source numbers them."""
     first, last = await bus.bounds()
-    for seq in range(last, max(first, last - SCAN_BACK + 1, 1) - 1, -1):
+    lowest = max(first, last - SCAN_BACK + 1, 1)
+    for seq in range(last, lowest - 1, -1):
         try:
             message = await bus.retrying(
                 "producer.stream_unreadable", bus.js.get_msg, bus.stream, seq
@@ -253,8 +268,9 @@ async def last_stored(bus: Bus) -> tuple[int, int]:
             continue
         if head.seq == seq and head.epoch == bus.epoch:
             return last, head.position
-    if last:
-        get_logger().warning("producer.position_unknown", last_seq=last, position=last)
+    if lowest <= 1:  # (the whole stream read: no user in it yet)
+        return last, 0
+    get_logger().warning("producer.position_unknown", last_seq=last, position=last)
     return last, last
 
 
@@ -281,7 +297,7 @@ async def run_producer(
                         try:
                             await _session(bus, producer, publisher)
                         except* Resync as group:
-                            log.warning("producer.resync", reason=str(group.exceptions[0]))
+                            log.warning("producer.resync", reason=str(_first_leaf(group)))
                         await trio.sleep(RESYNC_PAUSE_S)
             except LeaseLost:
                 await trio.sleep(RESYNC_PAUSE_S)
