@@ -24,8 +24,6 @@ daemon, its consumer workers, its page generator, PostgreSQL's processes.
 
 from __future__ import annotations
 
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -34,7 +32,6 @@ from typing import Any
 
 import psycopg
 
-from .. import __version__
 from . import procs
 from .daemon_child import BenchError, DaemonChild
 from .display import Steps, open_steps
@@ -252,13 +249,7 @@ def run_e2e(
             step.done(f"exit code {daemon.stop()}")
         finally:
             daemon.close()
-    return {
-        "version": __version__,
-        "mode": "e2e",
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "e2e": e2e,
-    }
+    return {**procs.report_head("e2e"), "e2e": e2e}
 
 
 def _n(value: float | None, decimals: int = 0) -> str:

@@ -29,8 +29,6 @@ the consumer processes, PostgreSQL's, the nats-servers.
 from __future__ import annotations
 
 import contextlib
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -39,7 +37,6 @@ from typing import Any
 
 import psycopg
 
-from .. import __version__
 from . import procs
 from .cluster import (
     NODES,
@@ -267,14 +264,7 @@ def run_e2e_nats(
         step = steps.step("stop (SIGTERM)")
         codes = [run.producer.stop(), *(c.stop() for c in run.consumers)]
         step.done(f"exit codes {codes}")
-    return {
-        "version": __version__,
-        "mode": "e2e",
-        "bus": "nats",
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "e2e": e2e,
-    }
+    return {**procs.report_head("e2e"), "e2e": e2e}
 
 
 def _layout(e: dict[str, Any]) -> str:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import platform
 import select
 import subprocess
 import sys
@@ -370,12 +369,7 @@ def run_fanout(
 ) -> dict[str, Any]:
     """The figures of userstreamd's fan-out (and with `compare` the references'), as the
     JSON report has them."""
-    report: dict[str, Any] = {
-        "version": __version__,
-        "mode": "fanout",
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-    }
+    report = procs.report_head("fanout")
     with (
         tempfile.TemporaryDirectory(prefix="usd-bench-") as folder,
         open_steps(progress and sys.stderr.isatty()) as steps,

@@ -20,8 +20,6 @@ each process (each broadcaster, the producer, each nats-server; the harness's ow
 from __future__ import annotations
 
 import contextlib
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -64,13 +62,7 @@ def run_fanout_nats(
     progress: bool = False,
 ) -> dict[str, Any]:
     """The figures of the module's docstring, with `fanout`'s keys and this bus's."""
-    report: dict[str, Any] = {
-        "version": __version__,
-        "mode": "fanout",
-        "bus": "nats",
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-    }
+    report = procs.report_head("fanout")
     name = f"userstreamd {__version__}"
     with (
         tempfile.TemporaryDirectory(prefix="usd-bench-") as folder,

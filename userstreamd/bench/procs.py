@@ -9,8 +9,11 @@ the interval, resident and peak resident memory (``VmRSS``, ``VmHWM``).
 from __future__ import annotations
 
 import os
+import platform
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from .. import __version__
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 WORKERS = ("consumer-worker", "fanout-worker")  # the daemon's child processes, by command
@@ -22,6 +25,17 @@ class Proc(NamedTuple):
     cpu_s: float  # user + system, since it started
     rss_kib: int
     peak_rss_kib: int
+
+
+def report_head(mode: str) -> dict[str, Any]:
+    """The first keys of a ``bench e2e`` or ``bench fanout`` JSON report: what ran, on
+    what (the CLI adds the bus)."""
+    return {
+        "version": __version__,
+        "mode": mode,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+    }
 
 
 def _stat(pid: int) -> tuple[int, float]:
