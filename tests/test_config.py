@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -365,3 +367,62 @@ def test_only_roles_that_serve_websocket_clients_need_their_tokens(tmp_path: Pat
     finally:
         consumer.kill()
         consumer.wait(10)
+
+
+@pytest.mark.parametrize("server", ["silent", "garbage"])
+def test_a_nats_server_that_says_nothing_or_garbage_is_waited_out(
+    tmp_path: Path, server: str
+) -> None:
+    """A real process against a TCP port that accepts and then never speaks NATS (or
+    floods garbage): the role logs that NATS is unreachable, keeps trying, and stays up."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.2)
+        held = []
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            held.append(conn)
+            if server == "garbage":
+                with contextlib.suppress(OSError):
+                    conn.sendall(b"\x16\x03\x01 NOT NATS \xff\xfe\r\n" * 2000)
+        for conn in held:
+            conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[daemon]\nstate_dir = "{tmp_path / "state"}"\nlog_format = "json"\n'
+        '[http]\nenabled = false\n[database]\ndsn = "postgresql://nobody@127.0.0.1:9/none"\n'
+        f'[cluster]\nbus = "nats"\nservers = ["nats://127.0.0.1:{port}"]\n'
+        "connect_timeout_s = 1.0\n"
+    )
+    log = tmp_path / "role.log"
+    command = [sys.executable, "-m", "userstreamd", "--config", str(config), "run"]
+    with log.open("wb") as out:
+        role = subprocess.Popen([*command, "--role", "consumer"], stdout=out, stderr=out)
+    try:
+        wait_until(
+            lambda: '"nats.unreachable"' in log.read_text() or role.poll() is not None,
+            30,
+            "the role said NATS is unreachable",
+        )
+        time.sleep(1.5)  # (and is still trying)
+        assert role.poll() is None, log.read_text()[-2000:]
+    finally:
+        role.kill()
+        role.wait(10)
+        stop.set()
+        thread.join(5)
+        listener.close()
