@@ -28,8 +28,8 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from userstreamd.config import toml_text
-from userstreamd.records import SECRET_LOGIN_FIELDS
 from userstreamd.store.embedded import EmbeddedPostgres
+from userstreamd.stream.records import SECRET_LOGIN_FIELDS
 
 from .fakeapi import FakeRandomUserAPI
 

@@ -16,7 +16,7 @@ import psycopg
 import trio
 
 from userstreamd.config import load_config
-from userstreamd.daemon import Daemon
+from userstreamd.runtime.daemon import Daemon
 
 from .conftest import daemon_tables, toml_text
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from userstreamd.admission import Policy, Refused, admit
-from userstreamd.auth import Token, Tokens, load_tokens, parse_tokens
 from userstreamd.config import Config, parse_config
 from userstreamd.errors import ConfigError
+from userstreamd.serve.admission import Policy, Refused, admit
+from userstreamd.serve.auth import Token, Tokens, load_tokens, parse_tokens
 
 READER = Token("dash", "r" * 20, frozenset({"read"}))
 AUDITOR = Token("audit", "a" * 20, frozenset({"group:audit", "group:db"}))

@@ -27,7 +27,7 @@ import pytest
 
 from userstreamd import __version__, bench
 from userstreamd.bench import LABELS, fanout, harness
-from userstreamd.cli import main
+from userstreamd.commands.cli import main
 
 from .helpers import drain
 

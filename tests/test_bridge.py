@@ -8,7 +8,7 @@ import threading
 import pytest
 import trio
 
-from userstreamd.jetstream.bridge import open_asyncio_thread
+from userstreamd.topology.nats.bridge import open_asyncio_thread
 
 
 async def test_a_coroutine_runs_on_the_loop_thread_and_returns_its_value() -> None:

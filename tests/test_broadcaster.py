@@ -15,7 +15,9 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, wrap_client_stream
 
-from userstreamd.broadcaster import (
+from userstreamd.config import BroadcasterConfig
+from userstreamd.produce.producer import Producer
+from userstreamd.serve.broadcaster import (
     CLOSE_GOING_AWAY,
     CLOSE_RATE,
     CLOSE_SLOW,
@@ -23,11 +25,9 @@ from userstreamd.broadcaster import (
     Broadcaster,
     run_broadcaster,
 )
-from userstreamd.config import BroadcasterConfig
-from userstreamd.hub import Hub
-from userstreamd.producer import Producer
 from userstreamd.sources.synthetic import SyntheticSource, synthetic_user
-from userstreamd.wsclient import open_ws
+from userstreamd.stream.client import open_ws
+from userstreamd.stream.hub import Hub
 
 from .helpers import eventually
 

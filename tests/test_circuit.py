@@ -16,9 +16,9 @@ import trio
 import trio.testing
 
 from userstreamd.errors import SourceUnavailable
-from userstreamd.hub import Hub
-from userstreamd.producer import MAX_RETRY_AFTER_S, Circuit, Producer
+from userstreamd.produce.producer import MAX_RETRY_AFTER_S, Circuit, Producer
 from userstreamd.sources.synthetic import SyntheticSource
+from userstreamd.stream.hub import Hub
 
 from .test_producer import ScriptedSource
 

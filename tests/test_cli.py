@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from userstreamd.cli import _parser, main
+from userstreamd.commands.cli import _parser, main
 from userstreamd.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent

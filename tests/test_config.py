@@ -13,7 +13,7 @@ import msgspec
 import pytest
 
 from tests.helpers import wait_until
-from userstreamd.cli import main
+from userstreamd.commands.cli import main
 from userstreamd.config import Config, load_config
 from userstreamd.errors import ConfigError
 
@@ -324,7 +324,7 @@ def test_an_unreadable_nats_credential_is_a_config_error_before_anything_starts(
 def test_the_nats_password_comes_from_the_environment_else_a_systemd_credential(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from userstreamd.jetstream.bus import connect_options
+    from userstreamd.topology.nats.bus import connect_options
 
     path = tmp_path / "c.toml"
     path.write_text('[cluster]\nbus = "nats"\nuser = "userstreamd"\n')

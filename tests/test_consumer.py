@@ -19,15 +19,12 @@ from structlog.testing import capture_logs
 from trio.testing import MockClock, wait_all_tasks_blocked
 from trio_websocket import WebSocketRequest, serve_websocket
 
-from userstreamd.admission import Policy
-from userstreamd.auth import Tokens
-from userstreamd.broadcaster import run_broadcaster
 from userstreamd.config import BroadcasterConfig, Config, ConsumersConfig
-from userstreamd.consumer import Consumer, Item, Milestones, make_consumer
+from userstreamd.consume.consumer import Consumer, Item, Milestones, make_consumer
 from userstreamd.errors import InvalidRecord
-from userstreamd.hub import Hub
-from userstreamd.messages import Ack, UserMessage, Welcome, decode_client, encode, users_frame
-from userstreamd.records import SECRET_LOGIN_FIELDS, decode_user, parse_user
+from userstreamd.serve.admission import Policy
+from userstreamd.serve.auth import Tokens
+from userstreamd.serve.broadcaster import run_broadcaster
 from userstreamd.sources.synthetic import synthetic_user
 from userstreamd.store.calls import RetryPolicy
 from userstreamd.store.postgres import (
@@ -37,6 +34,16 @@ from userstreamd.store.postgres import (
     UserRow,
     row_values,
 )
+from userstreamd.stream.hub import Hub
+from userstreamd.stream.protocol import (
+    Ack,
+    UserMessage,
+    Welcome,
+    decode_client,
+    encode,
+    users_frame,
+)
+from userstreamd.stream.records import SECRET_LOGIN_FIELDS, decode_user, parse_user
 
 from .conftest import query
 from .helpers import eventually, table_locked

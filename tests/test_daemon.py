@@ -9,9 +9,9 @@ from typing import Any
 import psycopg
 import trio
 
-from userstreamd.hub import Hub
-from userstreamd.messages import Gap, UserMessage, decode_server
-from userstreamd.wsclient import open_ws
+from userstreamd.stream.client import open_ws
+from userstreamd.stream.hub import Hub
+from userstreamd.stream.protocol import Gap, UserMessage, decode_server
 
 from .conftest import query
 from .helpers import eventually, in_process_daemon, run_until, write_config

@@ -6,11 +6,11 @@ import trio
 import trio.testing
 from structlog.testing import capture_logs
 
-from userstreamd.deadletters import DeadLetters, DeadLetterStatistics
-from userstreamd.records import SECRET_LOGIN_FIELDS
+from userstreamd.produce.deadletters import DeadLetters, DeadLetterStatistics
 from userstreamd.sources.synthetic import synthetic_user
 from userstreamd.store.calls import RetryPolicy
 from userstreamd.store.postgres import PostgresStore
+from userstreamd.stream.records import SECRET_LOGIN_FIELDS
 
 from .conftest import query
 from .helpers import eventually, table_locked

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from userstreamd import cli
+from userstreamd.commands import cli
 from userstreamd.config import ROLES, Config, load_config
-from userstreamd.jetstream.servers import server_binary
+from userstreamd.testing.nats import server_binary
 
 from .test_systemd import MAX_EXPOSURE, _directives, _run
 

@@ -21,22 +21,22 @@ import trio
 import trustme
 from trio_websocket import ConnectionClosed, ConnectionRejected
 
-from userstreamd.admission import Policy
-from userstreamd.auth import Token, Tokens
-from userstreamd.broadcaster import (
+from userstreamd.config import BroadcasterConfig
+from userstreamd.consume.consumer import Consumer
+from userstreamd.serve.admission import Policy
+from userstreamd.serve.auth import Token, Tokens
+from userstreamd.serve.broadcaster import (
     CLOSE_ACK_TIMEOUT,
     CLOSE_GROUP_LAGGING,
     CLOSE_RATE,
     CLOSE_TOO_BIG,
     Broadcaster,
 )
-from userstreamd.config import BroadcasterConfig
-from userstreamd.consumer import Consumer
-from userstreamd.edge import reuse_port_sockets
-from userstreamd.hub import Hub
+from userstreamd.serve.edge import reuse_port_sockets
 from userstreamd.sources.synthetic import synthetic_user
 from userstreamd.store.postgres import PostgresStore
-from userstreamd.wsclient import open_ws
+from userstreamd.stream.client import open_ws
+from userstreamd.stream.hub import Hub
 
 from .conftest import query
 from .helpers import eventually

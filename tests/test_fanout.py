@@ -11,11 +11,11 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from userstreamd.broadcaster import CLOSE_GOING_AWAY, OPEN_POLICY, Broadcaster
 from userstreamd.config import BroadcasterConfig
-from userstreamd.fanout import Mirror
-from userstreamd.hub import Hub
-from userstreamd.wsclient import open_ws
+from userstreamd.serve.broadcaster import CLOSE_GOING_AWAY, OPEN_POLICY, Broadcaster
+from userstreamd.serve.fanout import Mirror
+from userstreamd.stream.client import open_ws
+from userstreamd.stream.hub import Hub
 
 from .helpers import eventually
 

@@ -14,7 +14,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError
 
-from userstreamd.wsclient import open_ws
+from userstreamd.stream.client import open_ws
 
 from .conftest import daemon_tables, query
 from .helpers import eventually

@@ -27,7 +27,6 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg.conninfo import make_conninfo
 
-from userstreamd.records import parse_user
 from userstreamd.sources.synthetic import synthetic_user
 from userstreamd.store.postgres import (
     DeadLetter,
@@ -36,6 +35,7 @@ from userstreamd.store.postgres import (
     StreamCheckpoint,
     row_values,
 )
+from userstreamd.stream.records import parse_user
 
 from .conftest import query
 from .fakeapi import FakeRandomUserAPI

@@ -12,7 +12,15 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from userstreamd.hub import AckTimeout, GroupLagging, Hub, Member, Slow, StaleAck, Subscription
+from userstreamd.stream.hub import (
+    AckTimeout,
+    GroupLagging,
+    Hub,
+    Member,
+    Slow,
+    StaleAck,
+    Subscription,
+)
 
 
 def _publish(hub: Hub, n: int) -> None:

@@ -71,7 +71,7 @@ def test_a_guarded_program_stops_when_the_lifeline_ends(tmp_path: Path) -> None:
     script = "import signal, sys, time; signal.signal(signal.SIGINT, lambda *a: sys.exit(3)); print('up', flush=True); time.sleep(60)"
     command = ["--stop-signal", "INT", "--", sys.executable, "-c", script]
     with subprocess.Popen(
-        [sys.executable, "-m", "userstreamd.lifeline", *command],
+        [sys.executable, "-m", "userstreamd.runtime.lifeline", *command],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     ) as guard:
@@ -83,7 +83,7 @@ def test_a_guarded_program_stops_when_the_lifeline_ends(tmp_path: Path) -> None:
 
 def test_a_guarded_program_dies_with_its_guard(tmp_path: Path) -> None:
     with subprocess.Popen(
-        [sys.executable, "-m", "userstreamd.lifeline", "--", "sleep", "60"],
+        [sys.executable, "-m", "userstreamd.runtime.lifeline", "--", "sleep", "60"],
         stdin=subprocess.PIPE,
     ) as guard:
         wait_until(lambda: bool(_descendants(guard.pid)), 10, "sleep started")

@@ -166,7 +166,7 @@ async def test_long_lines_of_several_children_arrive_whole(
     write keeps whole), forwarded as the daemon forwards its workers' output."""
     import trio
 
-    from userstreamd.workers import _relay
+    from userstreamd.runtime.workers import _relay
 
     configure_logging("info", "json")
     child = (
@@ -201,7 +201,7 @@ async def test_output_without_newlines_is_forwarded_in_bounded_pieces(
     bytes of it, and every byte comes out, as lines of at most that size."""
     import trio
 
-    from userstreamd.workers import _relay
+    from userstreamd.runtime.workers import _relay
 
     configure_logging("info", "json")
     child = "import sys; sys.stdout.write('x' * 2**20); sys.stdout.flush()"

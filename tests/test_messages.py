@@ -9,7 +9,7 @@ import pytest
 
 from userstreamd import __version__
 from userstreamd.errors import ProtocolError
-from userstreamd.messages import (
+from userstreamd.stream.protocol import (
     Ack,
     Checkpoint,
     Gap,

@@ -17,7 +17,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import open_websocket_url
 
-from userstreamd.daemon import Daemon
+from userstreamd.runtime.daemon import Daemon
 
 from .conftest import PostgresForTests, daemon_tables, query
 from .helpers import eventually, in_process_daemon, run_until, wait_until

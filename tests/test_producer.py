@@ -21,13 +21,13 @@ import trio
 import trio.testing
 from structlog.testing import capture_logs
 
-from userstreamd import producer as producer_module
 from userstreamd.errors import BadResponse, SourceUnavailable
-from userstreamd.hub import Hub
-from userstreamd.producer import Producer, page_size_for
-from userstreamd.records import scrub
+from userstreamd.produce import producer as producer_module
+from userstreamd.produce.producer import Producer, page_size_for
 from userstreamd.sources import synthetic as synthetic_module
 from userstreamd.sources.synthetic import SyntheticSource, synthetic_user
+from userstreamd.stream.hub import Hub
+from userstreamd.stream.records import scrub
 
 from .helpers import eventually
 

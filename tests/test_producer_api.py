@@ -13,11 +13,11 @@ import httpx
 import pytest
 import trio
 
-from userstreamd.hub import Hub
-from userstreamd.producer import Producer
-from userstreamd.records import parse_user
+from userstreamd.produce.producer import Producer
 from userstreamd.sources.randomuser import RandomUserSource, UserBudget, era_seed
 from userstreamd.sources.synthetic import SyntheticSource, synthetic_page, synthetic_user
+from userstreamd.stream.hub import Hub
+from userstreamd.stream.records import parse_user
 
 from .fakeapi import FakeRandomUserAPI, Fault
 

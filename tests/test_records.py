@@ -9,8 +9,8 @@ from uuid import UUID
 import pytest
 
 from userstreamd.errors import InvalidRecord
-from userstreamd.records import SECRET_LOGIN_FIELDS, parse_user, scrub
 from userstreamd.sources.synthetic import synthetic_user
+from userstreamd.stream.records import SECRET_LOGIN_FIELDS, parse_user, scrub
 
 LAURA = {
     "gender": "female",

@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from userstreamd.supervisor import Intensity, RestartPolicy, Supervisor
+from userstreamd.runtime.supervisor import Intensity, RestartPolicy, Supervisor
 
 
 def _crasher(starts: list[float], uptime_s: float = 0.0):  # type: ignore[no-untyped-def]

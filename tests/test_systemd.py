@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from userstreamd.systemd import Notifier, read_credential
+from userstreamd.runtime.systemd import Notifier, read_credential
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "userstreamd.service"

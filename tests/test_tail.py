@@ -28,11 +28,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, serve_websocket
 
-from userstreamd import tail
-from userstreamd.broadcaster import run_broadcaster
-from userstreamd.hub import Hub
-from userstreamd.messages import Gap, UserMessage, Welcome, decode_server, encode
+from userstreamd.commands import tail
+from userstreamd.serve.broadcaster import run_broadcaster
 from userstreamd.sources.synthetic import synthetic_user
+from userstreamd.stream.hub import Hub
+from userstreamd.stream.protocol import Gap, UserMessage, Welcome, decode_server, encode
 
 from .conftest import daemon_tables, query
 from .helpers import eventually, wait_until

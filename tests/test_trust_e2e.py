@@ -17,7 +17,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionRejected
 
-from userstreamd.wsclient import open_ws
+from userstreamd.stream.client import open_ws
 
 from .conftest import assert_rows_match, daemon_tables, query
 from .helpers import eventually

@@ -213,7 +213,7 @@ class Config(_Table, frozen=True):
     def db_password(self) -> str | None:
         """The DB password: the environment variable the config names, else the systemd
         credential ``db-password`` (LoadCredential=), else None."""
-        from .systemd import read_credential
+        from .runtime.systemd import read_credential
 
         if self.database.password_env and (password := os.environ.get(self.database.password_env)):
             return password

@@ -12,7 +12,7 @@ import pytest
 
 from tests.helpers import write_config
 from userstreamd.config import Config, load_config
-from userstreamd.jetstream.servers import LocalCluster
+from userstreamd.testing.nats import LocalCluster
 
 _streams = itertools.count(1)
 

@@ -13,20 +13,20 @@ import trio
 
 from tests.conftest import query
 from tests.helpers import eventually, run_until
-from userstreamd.broadcaster import _in_frames
-from userstreamd.daemon import Daemon
-from userstreamd.jetstream.bus import Bus, open_bus
-from userstreamd.jetstream.lease import hold_lease
-from userstreamd.jetstream.mirror import StreamMirror
-from userstreamd.jetstream.outlet import (
+from userstreamd.runtime.daemon import Daemon
+from userstreamd.serve.broadcaster import _in_frames
+from userstreamd.sources.synthetic import synthetic_user
+from userstreamd.store.postgres import PostgresStore, StreamCheckpoint
+from userstreamd.topology.nats.bus import Bus, open_bus
+from userstreamd.topology.nats.lease import hold_lease
+from userstreamd.topology.nats.mirror import StreamMirror
+from userstreamd.topology.nats.outlet import (
     PUBLISH_TIMEOUT_S,
     Outlet,
     Publisher,
     Resync,
     last_stored,
 )
-from userstreamd.sources.synthetic import synthetic_user
-from userstreamd.store.postgres import PostgresStore, StreamCheckpoint
 
 pytestmark = pytest.mark.cluster
 

@@ -19,10 +19,10 @@ from trio_websocket import ConnectionClosed, HandshakeError
 
 from tests.conftest import DaemonProcess, query
 from tests.helpers import eventually
-from userstreamd.jetstream.servers import LocalCluster
-from userstreamd.messages import Gap, UserMessage, Users, Welcome, decode_server
 from userstreamd.sources.synthetic import synthetic_user
-from userstreamd.wsclient import open_ws
+from userstreamd.stream.client import open_ws
+from userstreamd.stream.protocol import Gap, UserMessage, Users, Welcome, decode_server
+from userstreamd.testing.nats import LocalCluster
 
 pytestmark = pytest.mark.cluster
 

@@ -18,7 +18,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 from nats.js.errors import NoStreamResponseError, ServerError, ServiceUnavailableError
 
-from userstreamd.jetstream.servers import LocalCluster
+from userstreamd.testing.nats import LocalCluster
 
 pytestmark = pytest.mark.cluster
 

@@ -21,8 +21,8 @@ import trio
 import trio.testing
 
 from userstreamd.errors import SourceUnavailable
-from userstreamd.records import scrub
 from userstreamd.sources.synthetic import GENERATE_CHUNK, SyntheticSource, synthetic_user
+from userstreamd.stream.records import scrub
 
 from ..helpers import turns_while
 

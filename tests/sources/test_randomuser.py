@@ -12,10 +12,9 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from userstreamd.cli import main
+from userstreamd.commands.cli import main
 from userstreamd.config import load_config
 from userstreamd.errors import BadResponse, SourceError, SourceUnavailable
-from userstreamd.records import parse_user
 from userstreamd.sources.randomuser import (
     MAX_PAGE,
     RandomUserSource,
@@ -26,6 +25,7 @@ from userstreamd.sources.randomuser import (
     retry_after_s,
 )
 from userstreamd.sources.synthetic import SyntheticSource, synthetic_user
+from userstreamd.stream.records import parse_user
 
 from ..fakeapi import FakeRandomUserAPI, Fault
 

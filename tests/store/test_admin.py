@@ -21,7 +21,6 @@ import psycopg
 import pytest
 
 from userstreamd.config import Config, parse_config
-from userstreamd.records import parse_user
 from userstreamd.sources.synthetic import synthetic_user
 from userstreamd.store import admin
 from userstreamd.store.postgres import (
@@ -33,6 +32,7 @@ from userstreamd.store.postgres import (
     migrations,
     row_values,
 )
+from userstreamd.stream.records import parse_user
 
 from ..conftest import query, toml_text
 from ..helpers import wait_until

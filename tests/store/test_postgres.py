@@ -10,7 +10,6 @@ import pytest
 import trio
 
 from userstreamd.errors import StoreError
-from userstreamd.records import SECRET_LOGIN_FIELDS, parse_user
 from userstreamd.sources.synthetic import synthetic_user
 from userstreamd.store import postgres
 from userstreamd.store.postgres import (
@@ -23,6 +22,7 @@ from userstreamd.store.postgres import (
     migrations,
     row_values,
 )
+from userstreamd.stream.records import SECRET_LOGIN_FIELDS, parse_user
 
 from ..conftest import query
 from ..helpers import table_locked

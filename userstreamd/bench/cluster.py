@@ -30,9 +30,9 @@ import nats.errors
 import nats.js.errors
 
 from ..errors import EmbeddedPostgresError
-from ..jetstream.bus import epoch_of
-from ..jetstream.servers import LocalCluster
 from ..store.embedded import EmbeddedPostgres
+from ..testing.nats import LocalCluster
+from ..topology.nats.bus import epoch_of
 from . import procs
 from .daemon_child import BenchError, DaemonChild
 

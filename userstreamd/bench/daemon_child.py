@@ -3,7 +3,7 @@
 `DaemonChild` writes a config file into a folder of its own (state directory, embedded
 PostgreSQL, ports 0: the kernel picks free ones), runs ``python -m userstreamd --config
 FILE run`` (and its `run_args`: ``--role R`` for one part on the NATS bus) under a
-lifeline guard (`userstreamd.lifeline`: if the bench dies, the daemon still gets its
+lifeline guard (`userstreamd.runtime.lifeline`: if the bench dies, the daemon still gets its
 SIGTERM) and in a session of its own (a terminal's ^C is the bench's to handle), and
 learns its URLs from the ``daemon.ready`` line of its JSON log. `stop()` is
 a graceful stop (SIGTERM: the daemon drains and commits before it exits). The same folder
@@ -84,7 +84,7 @@ class DaemonChild:
         self._log_from = self.log_path.stat().st_size if self.log_path.exists() else 0
         command = [sys.executable, "-m", "userstreamd", "--config", str(self.config_path), "run"]
         command += self.run_args
-        guard = [sys.executable, "-m", "userstreamd.lifeline", "--stop-signal", "TERM"]
+        guard = [sys.executable, "-m", "userstreamd.runtime.lifeline", "--stop-signal", "TERM"]
         with self.log_path.open("ab") as log:
             self._guard = subprocess.Popen(
                 [*guard, "--timeout", str(STOP_TIMEOUT_S), "--", *command],

@@ -86,7 +86,7 @@ def _name(pid: int, root: int, root_name: str, backends: dict[int, str]) -> str:
     if kind is not None:
         worker = words[words.index("--worker") + 1] if "--worker" in words[:-1] else "?"
         return f"{kind} {worker}"
-    if "userstreamd.lifeline" in words:
+    if "userstreamd.runtime.lifeline" in words:
         return "postgres guard (lifeline)"
     if line.startswith("postgres: "):  # a server process sets its title
         if "[local]" in line:

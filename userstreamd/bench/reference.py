@@ -33,8 +33,8 @@ import msgspec
 import websockets
 from websockets.asyncio.server import ServerConnection, broadcast, serve
 
-from ..records import scrub
 from ..sources.synthetic import synthetic_user
+from ..stream.records import scrub
 
 POOL_USERS = 1000
 SEED = "bench"

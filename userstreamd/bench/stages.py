@@ -34,15 +34,15 @@ from rich.console import Console
 from rich.progress import Progress, TaskID
 
 from .. import __version__
-from ..broadcaster import run_broadcaster
 from ..config import Config, DaemonConfig
-from ..hub import Hub
-from ..messages import Ack, UserMessage, decode_server, encode
-from ..records import parse_user
+from ..serve.broadcaster import run_broadcaster
 from ..sources.synthetic import synthetic_user
 from ..store.bootstrap import run_database
 from ..store.postgres import Envelope, PostgresStore, UserRow, row_values
-from ..wsclient import open_ws
+from ..stream.client import open_ws
+from ..stream.hub import Hub
+from ..stream.protocol import Ack, UserMessage, decode_server, encode
+from ..stream.records import parse_user
 from .display import progress_rows
 
 SEED = "bench"
@@ -197,7 +197,7 @@ async def _bench_end_to_end(n: int, done: Done = _ignore) -> float:
     """The whole daemon, in-process, with 2 consumer processes and its embedded server:
     seconds from ready until the group has committed `n` users."""
     from ..config import load_config
-    from ..daemon import Daemon
+    from ..runtime.daemon import Daemon
 
     with tempfile.TemporaryDirectory(prefix="usd-bench-") as folder:
         path = Path(folder) / "bench.toml"

@@ -13,7 +13,7 @@ any child can serve any page. Protocol: one JSON `PageRequest` per line on its s
 input; per request, an 8-byte big-endian length and a JSON `PreparedPage` on its standard
 output.
 
-The child's standard input is also its lifeline (`userstreamd.lifeline`): the end of file
+The child's standard input is also its lifeline (`userstreamd.runtime.lifeline`): the end of file
 says "stop", and the kernel says it when the daemon dies, even by SIGKILL. The child runs
 in a session of its own (a terminal's ^C reaches only the daemon). It is started by the
 first page that needs it; a child that dies (or hangs for `PAGE_TIMEOUT_S`) fails that page
@@ -35,8 +35,8 @@ import msgspec
 import trio
 
 from ..errors import SourceUnavailable
-from ..lifeline import how
 from ..logs import get_logger
+from ..runtime.lifeline import how
 
 __all__ = ["PAGE_TIMEOUT_S", "PageGenerator", "PageRequest", "PreparedPage", "main"]
 

@@ -45,7 +45,7 @@ import msgspec
 import trio
 
 from ..errors import InvalidRecord
-from ..records import parse_user, scrub
+from ..stream.records import parse_user, scrub
 from .fields import keyed_selection, select, selected
 from .pagegen import PageGenerator, PageRequest, PreparedPage
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import trio
 
 from ..config import Config
-from ..lifeline import how, run_child
 from ..logs import bind, get_logger
+from ..runtime.lifeline import how, run_child
 from .embedded import EmbeddedPostgres
 from .postgres import PostgresStore
 

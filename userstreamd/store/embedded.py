@@ -191,13 +191,13 @@ class EmbeddedPostgres:
             time.sleep(0.05)
 
     def command(self) -> list[str]:
-        """The server under a lifeline guard (`userstreamd.lifeline`): it gets a fast
+        """The server under a lifeline guard (`userstreamd.runtime.lifeline`): it gets a fast
         shutdown (SIGINT) when the daemon stops it or dies, SIGKILL 30 s later."""
         self._stop_stale()
         return [
             sys.executable,
             "-m",
-            "userstreamd.lifeline",
+            "userstreamd.runtime.lifeline",
             "--stop-signal",
             "INT",
             "--timeout",

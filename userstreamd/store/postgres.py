@@ -25,7 +25,7 @@ import psycopg
 
 from ..config import Config, DatabaseConfig
 from ..errors import StoreError
-from ..records import User, scrub
+from ..stream.records import User, scrub
 
 _MIGRATION_LOCK = 0x75_73_72_64  # "usrd": serialises concurrent migrators
 

@@ -1,0 +1,1 @@
+"""Consuming the stream into PostgreSQL: batches, commits, acknowledgements."""

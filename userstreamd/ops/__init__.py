@@ -1,0 +1,1 @@
+"""Operations: the HTTP endpoint, metrics, health and the live page."""

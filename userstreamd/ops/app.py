@@ -1,0 +1,161 @@
+"""The operations endpoint, on its own address (``[http]``, 127.0.0.1:8766 by default),
+served by hypercorn's trio worker:
+
+- ``GET /metrics``: Prometheus text format (OpenMetrics when the scraper asks);
+- ``GET /healthz``: 200 while the daemon's own parts are fine (what feeds systemd's
+  watchdog), else 503;
+- ``GET /readyz``: 200 while every readiness check passes, else 503; the JSON body names
+  each check and what is wrong with it (`health`);
+- ``GET /status.json``: what the live page shows (stream, clients, components);
+- ``GET /``, ``/live.js``, ``/live.css``: the live page (`userstreamd/ops/live/`).
+
+Anything else gets 404, a method other than GET or HEAD 405; HTTP parsing, sizes and
+timeouts are hypercorn's. Every answer carries ``no-store`` and ``nosniff``; the page
+also a Content-Security-Policy that allows only its own script and style, so record text
+can never run as code.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from .. import __version__
+
+if TYPE_CHECKING:
+    from ..runtime.daemon import Daemon
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+LIVE = resources.files(__package__) / "live"
+FILES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/live.js": ("live.js", "text/javascript; charset=utf-8"),
+    "/live.css": ("live.css", "text/css; charset=utf-8"),
+}
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "img-src 'self' data: https://randomuser.me; connect-src 'self' ws: wss:; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+HEADERS = [
+    (b"cache-control", b"no-store"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
+JSON = "application/json"
+
+
+class OpsApp:
+    """The ASGI application over a running `Daemon`."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.files = {path: (LIVE / name).read_bytes() for path, (name, _) in FILES.items()}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+        elif scope["type"] == "websocket":  # not here: the stream is on the broadcaster
+            await send({"type": "websocket.close", "code": 1008})
+        else:
+            status, content_type, body, extra = self._answer(scope)
+            headers = [(b"content-type", content_type.encode()), *HEADERS, *extra]
+            headers.append((b"content-length", str(len(body)).encode()))
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            head = scope["method"] == "HEAD"
+            await send({"type": "http.response.body", "body": b"" if head else body})
+
+    def _answer(self, scope: Scope) -> tuple[int, str, bytes, list[tuple[bytes, bytes]]]:
+        if scope["method"] not in ("GET", "HEAD"):
+            return 405, JSON, b'{"error": "only GET and HEAD"}', [(b"allow", b"GET, HEAD")]
+        path = scope["path"]
+        d = self.daemon
+        if path == "/metrics":
+            accept = b",".join(v for k, v in scope["headers"] if k == b"accept")
+            body, content_type = d.metrics.exposition(accept.decode("latin-1"))
+            return 200, content_type, body, []
+        if path in ("/healthz", "/readyz"):
+            readiness = d.health.readiness()
+            ok = readiness.alive if path == "/healthz" else readiness.ready
+            body = msgspec.json.encode(
+                {"ready": readiness.ready, "alive": readiness.alive, "checks": readiness.checks}
+            )
+            return (200 if ok else 503), JSON, body, []
+        if path == "/status.json":
+            return 200, JSON, msgspec.json.encode(self.status()), []
+        if path in FILES:
+            extra = [(b"content-security-policy", CSP.encode())] if path == "/" else []
+            return 200, FILES[path][1], self.files[path], extra
+        return 404, JSON, b'{"error": "not found"}', []
+
+    def status(self) -> dict[str, Any]:
+        d = self.daemon
+        readiness = d.health.readiness()
+        stats = d.hub.statistics()
+        producer = d.producer.statistics() if d.producer else None
+        return {
+            "version": __version__,
+            "ready": readiness.ready,
+            "checks": readiness.checks,
+            "websocket": {
+                "port": d.ws_port,
+                "scheme": "wss" if d.ssl_context else "ws",
+                "token_required": d.tokens.required,
+            },
+            "stream": {
+                "epoch": stats.epoch if d.broadcaster else None,  # (None: not open yet)
+                "last_seq": stats.last_seq,
+                "committed": d.counts().committed_total,  # since the daemon started
+                "committed_through": d.committed_through(),
+                "rate_per_s": producer.rate_per_s if producer else 0,
+                "source": producer.active_source if producer else None,
+            },
+            "clients": {"plain": stats.clients, "member": stats.members},
+            "components": {
+                c.name: c.state for c in (d.supervisor.snapshot() if d.supervisor else [])
+            },
+        }
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def url_host(host: str) -> str:
+    """A host as a URL has it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
+async def serve_ops(
+    app: OpsApp,
+    host: str,
+    port: int,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `app` until cancelled; reports the bound port."""
+    config = HypercornConfig()
+    config.bind = [f"{url_host(host)}:{port}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")  # (into our logs, warnings up)
+    config.graceful_timeout = 1.0
+    config.include_server_header = False
+    async with trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(serve, app, config)
+        task_status.started(int(binds[0].rpartition(":")[2]))

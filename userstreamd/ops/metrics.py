@@ -1,0 +1,232 @@
+"""The daemon's metrics, in Prometheus' format (prometheus-client), every name prefixed
+``userstreamd_``.
+
+Durations and sizes are histograms, observed as they happen. Every count and state is
+read from the components when ``/metrics`` is scraped (`DaemonCollector`): the hot paths
+keep plain integers, and nothing is counted twice. The consumers, in-process or child
+processes, report through their acks (`messages.Batch`, ``rejected``) and the hub counts
+each stream seq once, so a worker killed and restarted loses nothing from the counts:
+``userstreamd_users_committed_total`` is the number of users the consumer group has
+committed, whoever committed them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+from ..produce.producer import ProducerStatistics
+from ..sources.randomuser import RandomUserSource
+from ..stream.protocol import Batch
+
+if TYPE_CHECKING:
+    from ..runtime.daemon import Daemon
+
+PREFIX = "userstreamd_"
+STATES = ("starting", "running", "backoff", "stopping", "stopped", "failed")
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+BATCH_BUCKETS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10_000, 50_000)
+
+
+class Metrics:
+    """One daemon's registry: the histograms, and whatever `watch` adds."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.api_requests = Counter(
+            f"{PREFIX}api_requests",
+            "Requests to the Random User API, by outcome (ok, or the failure's kind)",
+            ["outcome"],
+            registry=r,
+        )
+        self.api_request_seconds = Histogram(
+            f"{PREFIX}api_request_duration_seconds",
+            "Duration of requests to the Random User API, by outcome",
+            ["outcome"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            f"{PREFIX}consumer_batch_size",
+            "Rows per batch the consumers committed",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.commit_seconds = Histogram(
+            f"{PREFIX}consumer_commit_duration_seconds",
+            "Time to insert and commit one batch (retries through outages included)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.end_to_end_seconds = Histogram(
+            f"{PREFIX}end_to_end_latency_seconds",
+            "From a user's production to its acknowledged commit in PostgreSQL",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rows_inserted = 0  # new rows, as the consumers report them
+
+    def api_request(self, outcome: str, seconds: float) -> None:
+        self.api_requests.labels(outcome).inc()
+        self.api_request_seconds.labels(outcome).observe(seconds)
+
+    def batch(self, report: Batch) -> None:
+        self.batch_size.observe(report.rows)
+        self.commit_seconds.observe(report.commit_s)
+        self.rows_inserted += report.inserted
+
+    def end_to_end(self, seconds: float) -> None:
+        self.end_to_end_seconds.observe(max(0.0, seconds))
+
+    def watch(self, collector: Collector) -> None:
+        self.registry.register(collector)
+
+    def exposition(self, accept: str = "") -> tuple[bytes, str]:
+        """The scrape's body and its content type (OpenMetrics when `accept` asks)."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+
+def _counter(name: str, doc: str, labels: list[str], values: Mapping[Any, int]) -> Metric:
+    family = CounterMetricFamily(f"{PREFIX}{name}", doc, labels=labels)
+    for key, value in sorted(values.items()):
+        family.add_metric(list(key), value)
+    return family
+
+
+def _gauge(name: str, doc: str, value: float) -> Metric:
+    return GaugeMetricFamily(f"{PREFIX}{name}", doc, value=value)
+
+
+class DaemonCollector(Collector):
+    """Counts and states read from a running `Daemon` at each scrape."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def collect(self) -> Iterator[Metric]:
+        d = self.daemon
+        hub = d.hub
+        stats = hub.statistics()
+        producer = d.producer.statistics() if d.producer else None
+        invalid = dict(producer.invalid_by_source) if producer else {}
+        counts = d.counts()
+        published = counts.published
+        # (each series exists from its source's first user; on the NATS bus a consumer
+        # node publishes nothing and commits what other nodes published)
+        sources = {*published, *invalid, *counts.committed, *counts.rejected}
+        produced = {(s,): published.get(s, 0) + invalid.get(s, 0) for s in sources}
+        yield _counter(
+            "users_produced",
+            "Users the sources gave (valid or not), by source",
+            ["source"],
+            produced,
+        )
+        yield _counter(
+            "users_broadcast",
+            "Users published into the stream, by source",
+            ["source"],
+            {(s,): n for s, n in published.items()},
+        )
+        yield _counter(
+            "users_committed",
+            "Users the consumer group committed to PostgreSQL (each stream seq once), by source",
+            ["source"],
+            {(s,): counts.committed.get(s, 0) for s in sources},
+        )
+        dead = {(s, stage): 0 for s in sources for stage in ("producer", "consumer")}
+        dead.update({(s, "producer"): n for s, n in invalid.items()})
+        dead.update({(s, "consumer"): n for s, n in counts.rejected.items()})
+        yield _counter(
+            "users_dead_lettered",
+            "Users set aside instead of stored: invalid (producer), or invalid or refused by "
+            "the database (consumer)",
+            ["source", "stage"],
+            dead,
+        )
+        b = d.broadcaster
+        sent = {(k,): n for k, n in (b.sent if b else {}).items()}
+        fanout_clients, fanout_sent, fanout_slow = b.fanout_totals() if b else (0, 0, 0)
+        if d.config.broadcaster.workers:
+            sent[("fanout",)] = fanout_sent
+        yield _counter(
+            "websocket_messages_sent",
+            "Messages sent to WebSocket clients after their welcome (each user, also in a users "
+            "frame, gap and checkpoint), by kind of client (fanout: the fan-out workers' plain "
+            "clients)",
+            ["kind"],
+            sent,
+        )
+        yield CounterMetricFamily(
+            f"{PREFIX}websocket_slow_closes",
+            "Plain clients cut off (closed with 3008) for falling too far behind",
+            value=stats.slow_disconnects + fanout_slow,
+        )
+        clients = GaugeMetricFamily(
+            f"{PREFIX}websocket_clients", "Connected WebSocket clients, by kind", labels=["kind"]
+        )
+        clients.add_metric(["plain"], stats.clients)
+        clients.add_metric(["member"], stats.members)
+        if d.config.broadcaster.workers:
+            clients.add_metric(["fanout"], fanout_clients)
+        yield clients
+        yield _gauge("buffer_messages", "Users held in the replay buffer", stats.buffered)
+        yield _gauge("buffer_bytes", "Bytes held in the replay buffer", stats.buffered_bytes)
+        yield _gauge("stream_last_seq", "The seq of the latest published user", stats.last_seq)
+        oldest = GaugeMetricFamily(
+            f"{PREFIX}oldest_unacknowledged_seq",
+            "The lowest seq a consumer group has not acknowledged, by group",
+            labels=["group"],
+        )
+        for g in stats.groups:
+            oldest.add_metric([g.name], g.watermark + 1)
+        yield oldest
+        yield from self._producer(producer)
+        yield from self._components()
+        yield _gauge("ready", "1 while /readyz answers 200", float(d.health.readiness().ready))
+
+    def _producer(self, stats: ProducerStatistics | None) -> Iterator[Metric]:
+        yield _gauge(
+            "upstream_circuit_open",
+            "1 while the Random User API's circuit is open",
+            float(stats is not None and stats.circuit_open),
+        )
+        yield _gauge(
+            "producer_fallback_active",
+            "1 while the fallback source serves",
+            float(stats is not None and stats.fallback_active),
+        )
+        producer = self.daemon.producer
+        primary = producer.primary if producer else None
+        if isinstance(primary, RandomUserSource) and primary.budget is not None:
+            yield _gauge(
+                "upstream_budget_remaining_users",
+                "Users the Random User API may still serve in the budget's window",
+                primary.budget.remaining(trio.current_time()),
+            )
+
+    def _components(self) -> Iterator[Metric]:
+        snapshot = self.daemon.supervisor.snapshot() if self.daemon.supervisor else []
+        restarts = CounterMetricFamily(
+            f"{PREFIX}component_restarts",
+            "Restarts of each supervised component",
+            labels=["component"],
+        )
+        state = GaugeMetricFamily(
+            f"{PREFIX}component_state",
+            "1 for each component's current state",
+            labels=["component", "state"],
+        )
+        for c in snapshot:
+            restarts.add_metric([c.name], c.restarts)
+            for s in STATES:
+                state.add_metric([c.name, s], float(c.state == s))
+        yield restarts
+        yield state

@@ -1,0 +1,1 @@
+"""Producing: rate control that drives a source into the stream; dead letters."""

@@ -1,0 +1,1 @@
+"""The daemon's life cycle: supervision, child processes, systemd."""

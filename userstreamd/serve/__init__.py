@@ -1,0 +1,1 @@
+"""Serving the stream over WebSocket: edge, admission, auth, broadcaster, fan-out."""

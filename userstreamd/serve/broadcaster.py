@@ -1,0 +1,488 @@
+"""The WebSocket server around the hub: one session per admitted client.
+
+``ws://HOST:PORT/`` is the plain broadcast: a welcome, then every user in order.
+``?epoch=E&since=S`` resumes after seq S (missed users first, or a ``gap`` message when
+they are gone). ``?group=NAME`` joins a consumer group instead: the member receives its
+share of the users and must ``ack`` them. Who may connect and ask for what is decided in
+`admission` and `edge`; this module serves the ones let in.
+
+Close codes (the README has the table):
+
+- 1001 the server is stopping (after everything queued for the client was sent)
+- 1007 a text frame that is not UTF-8; 1002 a frame that breaks the protocol
+- 1008 more than ``max_messages_per_s`` messages from the client
+- 1011 (fan-out workers) a group member's connection to the daemon failed
+- 1009 a message larger than ``max_message_bytes``
+- 3008 a plain client more than ``client_lag_max`` users behind ("slow")
+- 4000 a group member that held users and acknowledged none for ``ack_timeout_s``
+- 4001 the member's group fell more than ``group_lag_max`` users behind and was cut off
+
+A peer that does not answer a ping within ``pong_timeout_s`` is dead: its TCP connection
+is closed without a close frame. Every close waits at most ``close_timeout_s`` for the
+peer's reply.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from urllib.parse import urlencode
+
+import msgspec
+import trio
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
+
+from ..config import BroadcasterConfig
+from ..errors import ProtocolError
+from ..logs import Throttle, bind, get_logger
+from ..runtime.supervisor import describe
+from ..stream.client import open_ws
+from ..stream.hub import AckTimeout, GroupLagging, Hub, Member, Slow, StaleAck, Subscription
+from ..stream.protocol import (
+    GAP_PREFIX,
+    Batch,
+    FanoutReport,
+    Welcome,
+    decode_client,
+    encode,
+    users_frame,
+)
+from .admission import Admission, Policy
+from .auth import Tokens
+from .edge import Edge, EdgeStatistics, raise_fd_limit, reuse_port_sockets
+from .wsframes import send_frames
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_RATE = 1008
+CLOSE_INTERNAL_ERROR = 1011
+_NOT_SENDABLE = {1005, 1006, 1015}  # close codes that only report what happened locally
+CLOSE_TOO_BIG = 1009
+CLOSE_SLOW = 3008
+CLOSE_ACK_TIMEOUT = 4000
+CLOSE_GROUP_LAGGING = 4001
+SLOW_CLOSE_TIMEOUT_S = 10.0
+FRAMES_PER_WRITE = 256  # at most, to one client in one write (about 256 KiB of users)
+USERS_FRAME_MAX_BYTES = 256 * 1024  # a ``users`` frame stops growing here
+
+
+class RateExceeded(Exception):
+    """The client sent more messages than its rate allows."""
+
+
+class DeadPeer(Exception):
+    """The peer did not answer a ping in time."""
+
+
+@dataclass(frozen=True)
+class BroadcasterStatistics:
+    edge: EdgeStatistics
+    closed: dict[str, int]  # why sessions ended -> count
+    bad_frames: int
+
+
+class TokenBucket:
+    """`rate_per_s` messages a second on average, bursts of up to `burst`."""
+
+    def __init__(self, rate_per_s: float, burst: float) -> None:
+        self.rate, self.burst = rate_per_s, burst
+        self.tokens, self.at = burst, trio.current_time()
+
+    def take(self) -> bool:
+        now = trio.current_time()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+class Broadcaster:
+    def __init__(
+        self,
+        hub: Hub,
+        settings: BroadcasterConfig,
+        policy: Policy,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        on_batch: Callable[[Batch], None] | None = None,
+        relay: str | None = None,
+    ) -> None:
+        """`on_batch` gets the batch reports of the daemon's own consumers (private
+        socket, the group that holds the producer). With `relay` (a fan-out worker: the
+        daemon's private socket), group members are admitted here and then relayed to the
+        daemon, which holds the groups; `hub` is a mirror that serves the plain clients."""
+        self.hub = hub
+        self.relay = relay
+        self.settings = settings
+        self.edge = Edge(settings, policy, self._session, ssl_context=ssl_context)
+        self.closed: Counter[str] = Counter()
+        # Messages sent, by kind of client (plain, member): each user (also inside a
+        # ``users`` frame), gap and checkpoint.
+        self.sent: Counter[str] = Counter()
+        self.fanout: dict[int, FanoutReport] = {}  # each fan-out worker's latest report
+        self.fanout_retired: Counter[str] = Counter()  # the last counts of processes gone
+        self._feeds: dict[int, int] = {}  # a worker's feed connection -> its worker number
+        self.on_batch = on_batch
+        self._throttle = Throttle()
+
+    def _fanout_report(self, connection: int, report: FanoutReport) -> None:
+        """A worker's counts since its process started: a new process of the same
+        worker starts from zero, so the last counts of the old one are kept aside."""
+        old = self.fanout.get(report.worker)
+        if old is not None and old.pid != report.pid:
+            self.fanout_retired["sent"] += old.sent
+            self.fanout_retired["slow_closes"] += old.slow_closes
+        self.fanout[report.worker] = report
+        self._feeds[connection] = report.worker
+
+    def fanout_totals(self) -> tuple[int, int, int]:
+        """The fan-out workers' (clients, frames sent, slow closes), the sent and slow
+        closes of workers since gone included."""
+        reports = self.fanout.values()
+        return (
+            sum(r.clients for r in reports),
+            sum(r.sent for r in reports) + self.fanout_retired["sent"],
+            sum(r.slow_closes for r in reports) + self.fanout_retired["slow_closes"],
+        )
+
+    def statistics(self) -> BroadcasterStatistics:
+        return BroadcasterStatistics(self.edge.statistics(), dict(self.closed), self.hub.bad_frames)
+
+    async def run(
+        self,
+        host: str,
+        port: int,
+        private_path: Path | None = None,
+        *,
+        public: bool = True,
+        reuse_port: bool = False,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve until cancelled; reports the bound public port once both doors listen.
+        With `public` false the port is only held (fan-out workers serve it: each with
+        `reuse_port`)."""
+        bind(component="broadcaster")
+        async with trio.open_nursery() as nursery:
+            if public:
+                bound = await nursery.start(
+                    partial(self.edge.serve_tcp, host, port, reuse_port=reuse_port)
+                )
+            else:  # (relayed group members still hold a descriptor each, here)
+                raise_fd_limit(self.settings.max_connections)
+                bound = await nursery.start(_hold_port, host, port)
+            if private_path is not None:
+                await nursery.start(self.edge.serve_unix, private_path)
+            nursery.start_soon(self._evict_silent_members)
+            nursery.start_soon(self.hub.pace, self.settings.coalesce_ms / 1000)
+            get_logger().info(
+                "broadcaster.listening",
+                host=host,
+                port=bound,
+                public=public,
+                tls=self.edge.ssl_context is not None,
+                auth=self.edge.policy.tokens.required,
+                private=private_path and str(private_path),
+                max_connections=self.edge.max_connections,
+            )
+            task_status.started(bound)
+
+    async def _evict_silent_members(self) -> None:
+        timeout = self.settings.ack_timeout_s
+        while True:
+            await trio.sleep(min(1.0, timeout / 4))
+            for member in self.hub.evict_silent_members(timeout):
+                get_logger().warning(
+                    "broadcaster.member_evicted",
+                    peer=member.peer,
+                    group=member.group.name,
+                    ack_timeout_s=timeout,
+                )
+
+    # -- one session ---------------------------------------------------------------------
+
+    async def _session(
+        self, ws: WebSocketConnection, admission: Admission, peer: str, private: bool
+    ) -> None:
+        hub = self.hub
+        who = {"peer": peer, "who": admission.who}
+        group = admission.group
+        if group and self.relay:
+            await self._relay_session(ws, admission, who)
+            return
+        member = hub.join(group, peer, admission.window) if group else None
+        # (A fan-out worker's feed, on the private socket, is bounded by the buffer only.)
+        lag = hub.buffer_messages if private else None
+        sub = None if member else hub.subscribe(peer, admission.since, lag_max=lag)
+        # (private: the daemon's consumers, and with fan-out workers their relayed members)
+        if (
+            suppressed := self._throttle.allow("connected-private" if private else "connected")
+        ) is not None:
+            get_logger().info(
+                "broadcaster.client_connected",
+                **who,
+                group=group,
+                clients=hub.clients,
+                resumed_after=admission.since and admission.since[1],
+                gap=sub is not None and sub.gap is not None,
+                suppressed=suppressed,
+            )
+        code, reason = None, ""  # a close we start
+        ended: tuple[str, str | None] | None = None  # or how the connection ended without one
+        try:
+            await ws.send_message(
+                encode(Welcome(epoch=hub.epoch, seq=hub.last_seq, clients=hub.clients, group=group))
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._read_client, ws, member, private)
+                nursery.start_soon(self._keep_alive, ws, sub)
+                if member is not None:
+                    await self._send_member(ws, member, admission.batch)
+                else:
+                    assert sub is not None
+                    await self._send_plain(ws, sub, admission.batch)
+        except* trio.EndOfChannel:
+            code, reason = CLOSE_GOING_AWAY, "server stopping"
+        except* Slow:
+            code, reason = CLOSE_SLOW, "slow"
+        except* AckTimeout:
+            code, reason = CLOSE_ACK_TIMEOUT, "ack timeout"
+        except* GroupLagging:
+            code, reason = CLOSE_GROUP_LAGGING, "group cut off: too far behind"
+        except* RateExceeded:
+            code, reason = CLOSE_RATE, "message rate exceeded"
+        except* DeadPeer:
+            ended = ("dead_peer", f"no pong within {self.settings.pong_timeout_s:g} s")
+        except* ConnectionClosed:
+            closed = ws.closed
+            ended = (f"closed_{closed.code}", closed.reason) if closed else ("closed", None)
+        finally:
+            if member is not None:
+                hub.leave(member)
+            if sub is not None:
+                hub.unsubscribe(sub)
+            if (worker := self._feeds.pop(id(ws), None)) is not None:  # a worker's feed
+                self.fanout[worker] = msgspec.structs.replace(self.fanout[worker], clients=0)
+        if ended is not None:
+            self._ended(who, *ended)
+        elif code is not None:
+            self._ended(who, f"closed_{code}", reason)
+            with trio.move_on_after(self.settings.close_timeout_s):
+                await ws.aclose(code, reason)
+
+    async def _relay_session(
+        self, ws: WebSocketConnection, admission: Admission, who: dict[str, str]
+    ) -> None:
+        """A group member on a fan-out worker: admitted here, served by the daemon
+        (through its private socket, to which this worker relays frames both ways, with
+        this side's message rate limit); the daemon's close code is passed on."""
+        assert self.relay is not None and admission.group is not None
+        query = {"group": admission.group, "window": admission.window, "batch": admission.batch}
+        code, reason = CLOSE_GOING_AWAY, "server stopping"  # a close we pass on or start
+        ended: tuple[str, str | None] | None = None  # or how it ended without one
+        try:
+            async with (
+                open_ws(f"{self.relay}?{urlencode(query)}") as upstream,
+                trio.open_nursery() as nursery,
+            ):
+                nursery.start_soon(self._keep_alive, ws)
+                nursery.start_soon(self._relay_acks, ws, upstream)
+                while True:
+                    message = await upstream.get_message()
+                    await send_frames(ws, [_utf8(message)])
+        except* RateExceeded:
+            code, reason = CLOSE_RATE, "message rate exceeded"
+        except* DeadPeer:
+            ended = ("dead_peer", f"no pong within {self.settings.pong_timeout_s:g} s")
+        except* ConnectionClosed as group:
+            if (closed := ws.closed) is not None:  # the client went away
+                ended = (f"closed_{closed.code}", closed.reason)
+            elif isinstance(exc := group.exceptions[0], ConnectionClosed) and exc.reason:
+                code, reason = exc.reason.code, exc.reason.reason or ""
+                if code in _NOT_SENDABLE:  # the daemon went away without a close frame
+                    code, reason = CLOSE_INTERNAL_ERROR, "upstream unavailable"
+        except* (OSError, HandshakeError, trio.TooSlowError) as group:
+            get_logger().warning("broadcaster.relay_failed", error=describe(group), **who)
+            code, reason = CLOSE_INTERNAL_ERROR, "upstream unavailable"
+        if ended is not None:
+            self._ended(who, *ended)
+            return
+        self._ended(who, f"closed_{code}", reason)
+        with trio.move_on_after(self.settings.close_timeout_s):
+            await ws.aclose(code, reason)
+
+    async def _relay_acks(self, ws: WebSocketConnection, upstream: WebSocketConnection) -> None:
+        rate = self.settings.max_messages_per_s
+        bucket = TokenBucket(rate, max(10.0, rate))
+        while True:
+            frame = await ws.get_message()
+            if not bucket.take():
+                raise RateExceeded
+            try:  # (the daemon counts what is not an ack, except a worker's report)
+                poses_as_worker = isinstance(decode_client(frame), FanoutReport)
+            except ProtocolError:
+                poses_as_worker = False
+            if poses_as_worker:
+                self.hub.bad_frames += 1
+                self._throttle.log(
+                    "bad_frame", "warning", "broadcaster.bad_frame", error="a fanout report"
+                )
+                continue
+            await upstream.send_message(frame)
+
+    def _ended(self, who: dict[str, str], why: str, detail: str | None) -> None:
+        self.closed[why] += 1
+        self._throttle.log(
+            why,
+            "info",
+            "broadcaster.client_disconnected",
+            how=why,
+            detail=detail,
+            clients=self.hub.clients,
+            **who,
+        )
+
+    async def _read_client(
+        self, ws: WebSocketConnection, member: Member | None, private: bool
+    ) -> None:
+        hub = self.hub
+        rate = self.settings.max_messages_per_s
+        bucket = None if private else TokenBucket(rate, max(10.0, rate))
+        while True:
+            frame = await ws.get_message()
+            if bucket is not None and not bucket.take():
+                raise RateExceeded
+            try:
+                ack = decode_client(frame)
+                if isinstance(ack, FanoutReport):
+                    if not private or member is not None:  # (relayed members are members)
+                        raise ProtocolError("fanout reports come from the daemon's own workers")
+                    self._fanout_report(id(ws), ack)
+                    continue
+                if member is None:
+                    raise ProtocolError("acks are for group members (connect with ?group=NAME)")
+                own = private and member.group.holds_producer  # (elsewhere reports are ignored)
+                if own and ack.batch is not None and self.on_batch is not None:
+                    self.on_batch(ack.batch)
+                hub.ack(member, ack.seqs, frozenset(ack.rejected) if own else ())
+            except StaleAck as exc:
+                get_logger().debug("broadcaster.stale_ack", error=str(exc))
+            except ProtocolError as exc:
+                hub.bad_frames += 1
+                self._throttle.log(
+                    "bad_frame",
+                    "warning",
+                    "broadcaster.bad_frame",
+                    error=str(exc)[:200],
+                    size=len(frame),
+                )
+
+    async def _keep_alive(self, ws: WebSocketConnection, sub: Subscription | None = None) -> None:
+        """Ping every ping_interval_s; a peer that does not answer in time is dead.
+
+        A plain client (`sub`) that was cut off normally learns it at its next frame
+        (close 3008); one whose socket takes nothing more for SLOW_CLOSE_TIMEOUT_S is
+        dropped without ceremony. (One task watches both: a task per client is memory.)"""
+        while True:
+            with trio.move_on_after(self.settings.ping_interval_s):
+                if sub is None:
+                    await trio.sleep_forever()
+                else:
+                    await sub.cut.wait()
+            if sub is not None and sub.slow:
+                await trio.sleep(SLOW_CLOSE_TIMEOUT_S)
+                raise Slow(
+                    f"stuck: took nothing for {SLOW_CLOSE_TIMEOUT_S:g} s after it was cut off"
+                )
+            with trio.move_on_after(self.settings.pong_timeout_s):
+                await ws.ping()
+                continue
+            raise DeadPeer
+
+    # Each wake-up sends everything due to the client (up to FRAMES_PER_WRITE) in one
+    # write: a client that is behind catches up in few writes, one that asked for
+    # ``batch`` gets its users in ``users`` frames.
+
+    async def _send_member(self, ws: WebSocketConnection, member: Member, batch: int) -> None:
+        limit = FRAMES_PER_WRITE
+        while True:
+            due = await self.hub.next_member_frames(member, limit)
+            await send_frames(ws, due.control + _in_frames(due.users, batch))
+            self.sent["member"] += len(due.control) + len(due.users)
+
+    async def _send_plain(self, ws: WebSocketConnection, sub: Subscription, batch: int) -> None:
+        if sub.gap is not None:
+            await send_frames(ws, [encode(sub.gap).encode()])
+            self.sent["plain"] += 1
+        limit = FRAMES_PER_WRITE
+        while True:
+            users = await self.hub.next_frames(sub, limit)
+            await send_frames(ws, _in_frames(users, batch))
+            self.sent["plain"] += len(users)
+
+
+def _utf8(message: str | bytes) -> bytes:
+    return message.encode() if isinstance(message, str) else message
+
+
+def _in_frames(users: list[bytes], batch: int) -> list[bytes]:
+    """One frame per user, or, for a client that asked for `batch` > 1, ``users``
+    frames of up to `batch` users (and USERS_FRAME_MAX_BYTES); a lone user goes as is."""
+    if batch == 1 or len(users) < 2:
+        return users
+    frames: list[bytes] = []
+    chunk: list[bytes] = []
+    size = 0
+    for user in users:
+        if user.startswith(GAP_PREFIX):  # (a hole in a mirrored stream: never in a batch)
+            if chunk:
+                frames.append(users_frame(chunk) if len(chunk) > 1 else chunk[0])
+                chunk, size = [], 0
+            frames.append(user)
+            continue
+        if chunk and (len(chunk) == batch or size + len(user) > USERS_FRAME_MAX_BYTES):
+            frames.append(users_frame(chunk) if len(chunk) > 1 else chunk[0])
+            chunk, size = [], 0
+        chunk.append(user)
+        size += len(user) + 1
+    if chunk:
+        frames.append(users_frame(chunk) if len(chunk) > 1 else chunk[0])
+    return frames
+
+
+async def _hold_port(
+    host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Hold `port` (bound with SO_REUSEPORT, not listening) until cancelled."""
+    sockets = await trio.to_thread.run_sync(partial(reuse_port_sockets, host, port, listen=False))
+    try:
+        task_status.started(sockets[0].getsockname()[1])
+        await trio.sleep_forever()
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+OPEN_POLICY = Policy(
+    Tokens((), required=False), own_group="", groups=frozenset(), allow_ad_hoc_groups=True
+)
+
+
+async def run_broadcaster(
+    hub: Hub,
+    host: str,
+    port: int,
+    settings: BroadcasterConfig | None = None,
+    policy: Policy = OPEN_POLICY,
+    private_path: Path | None = None,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """A `Broadcaster` serving until cancelled (the defaults: no tokens, any group)."""
+    broadcaster = Broadcaster(hub, settings or BroadcasterConfig(), policy, ssl_context=ssl_context)
+    await broadcaster.run(host, port, private_path, task_status=task_status)

@@ -1,0 +1,401 @@
+"""The broadcaster's listeners: who gets a WebSocket, and nothing a stranger does escapes.
+
+Two doors. The **public** one is TCP (``broadcaster.host:port``, TLS when a certificate
+is configured): every connection counts against ``max_connections`` and
+``max_connections_per_ip`` from accept to close (over either: an HTTP 503 or 429 and
+the door shuts), must finish TLS and the upgrade within ``handshake_timeout_s``, and is
+admitted by `admission.admit` (path, query, Origin, token, permission) or answered with
+the HTTP status it earned. The **private** one is a Unix socket in a 0700 directory of
+the daemon's (the socket itself 0600): the daemon's own consumers use it, nobody else can
+open it, and it is not subject to the public limits; only there can the daemon's own
+group be joined.
+
+Every connection runs in its own handler; whatever a peer sends or fails to send ends
+there, counted and logged (`Throttle`-limited, never with a token), and the TCP socket
+is always closed when the handler ends. Accept errors such as EMFILE are logged as JSON
+(throttled) and accepting resumes as soon as a connection closes, 0.1 s at most.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import socket
+import ssl
+import stat
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
+
+from ..config import BroadcasterConfig, Config
+from ..errors import ConfigError
+from ..logs import Throttle, get_logger
+from ..runtime.supervisor import describe
+from .admission import Admission, Policy, Refused, admit
+
+Session = Callable[[WebSocketConnection, Admission, str, bool], Awaitable[None]]
+
+_RECEIVE_BUFFER = 65536
+_PRIVATE_MAX_MESSAGE = 16 * 2**20
+_TURN_AWAY_AT_ONCE = 64  # over-limit connections answered concurrently; beyond: just closed
+_FD_RESERVE = 128  # descriptors kept for PostgreSQL, HTTP, logs and the private socket
+_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_TRANSIENT_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR, errno.EAGAIN}
+
+
+@dataclass(frozen=True)
+class EdgeStatistics:
+    open_connections: int
+    accepted: int
+    refused: dict[int, int]  # HTTP status -> count
+    over_limit: int
+    handshake_timeouts: int
+    handshakes_failed: int
+    accept_errors: int
+    handler_errors: int
+    max_connections: int
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """The server's TLS context, or None; ConfigError if the files do not load."""
+    b = config.broadcaster
+    if not b.tls_cert_file:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(config.resolve(b.tls_cert_file), config.resolve(b.tls_key_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"{config.path}: broadcaster.tls_cert_file/tls_key_file: cannot load "
+            f"{config.resolve(b.tls_cert_file)}: {exc}"
+        ) from None
+    return context
+
+
+def raise_fd_limit(wanted: int) -> int:
+    """Raise the soft open-file limit towards `wanted` (up to the hard limit); the
+    connections it leaves room for."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted + _FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < target:
+        new = target if hard == resource.RLIM_INFINITY else min(hard, target)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        soft = new
+    return wanted if soft == resource.RLIM_INFINITY else max(1, min(wanted, soft - _FD_RESERVE))
+
+
+def private_socket_path(state_dir: Path) -> Path:
+    """Where the private socket goes: ``STATE/run/broadcaster.sock``, or, when that path
+    is too long for a Unix socket (108 bytes), a fresh 0700 temporary directory."""
+    path = state_dir / "run" / "broadcaster.sock"
+    if len(os.fsencode(path)) < 100:
+        return path
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="userstreamd-")) / "broadcaster.sock"
+
+
+def _listen_private(path: Path) -> socket.socket:
+    """A listening Unix socket at `path`, 0600 in a 0700 directory (so it is private from
+    the moment it exists)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    _unlink(path)  # left by a daemon that died (we hold the state directory's lock)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(os.fspath(path))
+        os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _unlink(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+def reuse_port_sockets(host: str, port: int, *, listen: bool) -> list[socket.socket]:
+    """Sockets bound to `host`:`port` with SO_REUSEPORT, so that several processes can
+    listen on the same port (the kernel spreads new connections over the listening ones).
+    Bound without `listen`, a socket only holds the port (it is given no connections):
+    how the daemon reserves the port its fan-out workers share. It first binds the port
+    alone, so that a port some other program (or daemon) holds is EADDRINUSE, as it
+    would be without workers, rather than silently shared."""
+    sockets = []
+    try:
+        for family, kind, proto, _, address in socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        ):
+            if not listen:
+                with socket.socket(family, kind, proto) as alone:
+                    alone.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    alone.bind(address)
+                    address = alone.getsockname()  # (port 0: the one it was given)
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            if listen:
+                sock.listen(1024)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+class Edge:
+    def __init__(
+        self,
+        settings: BroadcasterConfig,
+        policy: Policy,
+        session: Session,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.session = session
+        self.ssl_context = ssl_context
+        self.max_connections = settings.max_connections
+        self._per_ip: Counter[str] = Counter()
+        self._open = 0
+        self._turning_away = 0
+        self.accepted = self.over_limit = self.handshake_timeouts = self.handshakes_failed = 0
+        self.accept_errors = self.handler_errors = 0
+        self.refused: Counter[int] = Counter()
+        self._throttle = Throttle()
+        self._slot_freed = trio.Event()
+
+    def statistics(self) -> EdgeStatistics:
+        return EdgeStatistics(
+            self._open,
+            self.accepted,
+            dict(self.refused),
+            self.over_limit,
+            self.handshake_timeouts,
+            self.handshakes_failed,
+            self.accept_errors,
+            self.handler_errors,
+            self.max_connections,
+        )
+
+    # -- listeners -----------------------------------------------------------------------
+
+    async def serve_tcp(
+        self,
+        host: str,
+        port: int,
+        *,
+        reuse_port: bool = False,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        self.max_connections = raise_fd_limit(self.settings.max_connections)
+        if self.max_connections < self.settings.max_connections:
+            get_logger().warning(
+                "broadcaster.fd_limit",
+                max_connections=self.settings.max_connections,
+                effective=self.max_connections,
+                hint="raise LimitNOFILE (ulimit -n) to allow max_connections",
+            )
+        if reuse_port:
+            bound = await trio.to_thread.run_sync(
+                partial(reuse_port_sockets, host, port, listen=True)
+            )
+            sockets = [trio.socket.from_stdlib_socket(sock) for sock in bound]
+        else:
+            sockets = [
+                listener.socket
+                for listener in await trio.open_tcp_listeners(port, host=host, backlog=1024)
+            ]
+        try:
+            async with trio.open_nursery() as nursery:
+                for sock in sockets:
+                    nursery.start_soon(self._accept_loop, sock, nursery, False)
+                task_status.started(sockets[0].getsockname()[1])
+        finally:
+            for sock in sockets:
+                sock.close()
+
+    async def serve_unix(
+        self, path: Path, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        sock = trio.socket.from_stdlib_socket(_listen_private(path))
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._accept_loop, sock, nursery, True)
+                task_status.started()
+        finally:
+            sock.close()
+            _unlink(path)
+
+    async def _accept_loop(
+        self, listener: trio.socket.SocketType, nursery: trio.Nursery, private: bool
+    ) -> None:
+        get_logger()
+        while True:
+            try:
+                sock, address = await listener.accept()
+            except OSError as exc:
+                if exc.errno in _TRANSIENT_ERRNOS:
+                    continue
+                if exc.errno not in _RESOURCE_ERRNOS:
+                    raise
+                self.accept_errors += 1
+                self._throttle.log(
+                    "accept",
+                    "error",
+                    "broadcaster.accept_failed",
+                    error=errno.errorcode.get(exc.errno or 0, str(exc.errno)),
+                    open_connections=self._open,
+                )
+                with trio.move_on_after(0.1):
+                    await self._slot_freed.wait()
+                continue
+            if private:
+                nursery.start_soon(self._handle, sock, "private", "private", True)
+                continue
+            ip = str(address[0])
+            peer = f"{ip}:{address[1]}" if ":" not in ip else f"[{ip}]:{address[1]}"
+            if self._open >= self.max_connections:
+                self._turn_away(nursery, sock, peer, 503, "too many connections")
+            elif self._per_ip[ip] >= self.settings.max_connections_per_ip:
+                self._turn_away(nursery, sock, peer, 429, "too many connections from this address")
+            else:
+                self._open += 1
+                self._per_ip[ip] += 1
+                self.accepted += 1
+                nursery.start_soon(self._handle, sock, ip, peer, False)
+
+    # -- one connection ------------------------------------------------------------------
+
+    async def _handle(
+        self, sock: trio.socket.SocketType, ip: str, peer: str, private: bool
+    ) -> None:
+        stream: trio.abc.Stream = trio.SocketStream(sock)
+        try:
+            if self.ssl_context is not None and not private:
+                stream = trio.SSLStream(stream, self.ssl_context, server_side=True)
+            async with trio.open_nursery() as nursery:
+                admitted = await self._handshake(nursery, stream, peer, private)
+                if admitted is not None:
+                    await self.session(admitted[0], admitted[1], peer, private)
+                nursery.cancel_scope.cancel()
+        except* Exception as group:  # nothing a client does escapes its own handler
+            self.handler_errors += 1
+            self._throttle.log(
+                "handler",
+                "error",
+                "broadcaster.connection_failed",
+                peer=peer,
+                error=describe(group),
+                exc_info=group,
+            )
+        finally:
+            await trio.aclose_forcefully(stream)
+            if not private:
+                self._open -= 1
+                self._per_ip[ip] -= 1
+                if not self._per_ip[ip]:
+                    del self._per_ip[ip]
+            self._slot_freed.set()
+            self._slot_freed = trio.Event()
+
+    async def _handshake(
+        self, nursery: trio.Nursery, stream: trio.abc.Stream, peer: str, private: bool
+    ) -> tuple[WebSocketConnection, Admission] | None:
+        """TLS, the upgrade request and the admission decision, within the timeout."""
+        log = get_logger()
+        with trio.move_on_after(self.settings.handshake_timeout_s) as timeout:
+            try:
+                if isinstance(stream, trio.SSLStream):
+                    await stream.do_handshake()
+                request = await wrap_server_stream(
+                    nursery,
+                    stream,
+                    message_queue_size=16,
+                    max_message_size=(
+                        _PRIVATE_MAX_MESSAGE if private else self.settings.max_message_bytes
+                    ),
+                    receive_buffer_size=_RECEIVE_BUFFER,
+                )
+                try:
+                    admission = admit(request.path, request.headers, self.policy, private=private)
+                except Refused as refused:
+                    self._refuse_logged(peer, refused)
+                    headers = [(b"content-type", b"text/plain; charset=utf-8")]
+                    if refused.status == 401:
+                        headers.append((b"www-authenticate", b'Bearer realm="userstreamd"'))
+                    await request.reject(
+                        refused.status, extra_headers=headers, body=refused.reason.encode() + b"\n"
+                    )
+                    return None
+                return await request.accept(), admission
+            except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed) as exc:
+                self.handshakes_failed += 1
+                log.debug("broadcaster.handshake_failed", peer=peer, error=describe(exc))
+                return None
+        if timeout.cancelled_caught:
+            self.handshake_timeouts += 1
+            self._throttle.log(
+                "handshake_timeout",
+                "info",
+                "broadcaster.handshake_timeout",
+                peer=peer,
+                after_s=self.settings.handshake_timeout_s,
+            )
+        return None
+
+    def _refuse_logged(self, peer: str, refused: Refused) -> None:
+        self.refused[refused.status] += 1
+        self._throttle.log(
+            f"refused-{refused.status}",
+            "warning",
+            "broadcaster.refused",
+            peer=peer,
+            status=refused.status,
+            reason=refused.reason,
+        )
+
+    def _turn_away(
+        self, nursery: trio.Nursery, sock: trio.socket.SocketType, peer: str, status: int, why: str
+    ) -> None:
+        """Over a connection limit: a canned HTTP answer (while few are pending), closed."""
+        self.over_limit += 1
+        self._refuse_logged(peer, Refused(status, why))
+        if self._turning_away >= _TURN_AWAY_AT_ONCE:
+            sock.close()
+            return
+        self._turning_away += 1
+        nursery.start_soon(self._answer_and_close, sock, status, why)
+
+    async def _answer_and_close(self, sock: trio.socket.SocketType, status: int, why: str) -> None:
+        stream = trio.SocketStream(sock)
+        title = {429: "Too Many Requests", 503: "Service Unavailable"}[status]
+        body = why.encode() + b"\n"
+        response = (
+            f"HTTP/1.1 {status} {title}\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            f"content-length: {len(body)}\r\nretry-after: 5\r\nconnection: close\r\n\r\n"
+        ).encode() + body
+        try:
+            with trio.move_on_after(1):
+                await stream.send_all(response)
+                await stream.send_eof()
+                while await stream.receive_some(4096):  # read their request: no RST
+                    pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self._turning_away -= 1
+            await trio.aclose_forcefully(stream)

@@ -1,0 +1,1 @@
+"""Launchers for tests and benchmarks (never imported by the daemon)."""

@@ -1,0 +1,1 @@
+"""Where the stream lives: the embedded hub or a NATS JetStream cluster."""

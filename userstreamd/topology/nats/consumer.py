@@ -1,0 +1,285 @@
+"""Consumers on the NATS bus: members of one durable JetStream consumer per group.
+
+Every consumer of group G, on any node, pulls from the stream's durable pull consumer
+named G: the server hands each message to one of them, redelivers what is not
+acknowledged within ``cluster.ack_wait_s`` (a member killed mid-batch), and keeps at most
+``consumers.window`` messages unacknowledged across the group (its ``MaxAckPending``).
+
+`StreamConsumer` is the WebSocket `Consumer` with another receiver: the writer is the
+same (group commit, retries through database outages, one-by-one refusal into the dead
+letters), and it acknowledges each message only after its batch committed. The rows
+are keyed by uuid and by (epoch, seq), so a redelivered message stores nothing twice.
+
+**Checkpoint.** About once a second a member reads the group's ack floor (everything up
+to it acknowledged, so committed) and writes it with its next batch, in the same
+transaction as the rows: ``stream_checkpoints`` says how far the group got in the
+database itself. When the durable consumer does not exist (a new cluster, or deleted by
+an operator), the first member creates it from that checkpoint on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import nats.errors
+import nats.js.errors
+import trio
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from ...config import Config
+from ...consume.consumer import Consumer, Item, Milestones, _User
+from ...errors import StoreError
+from ...logs import get_logger
+from ...store.postgres import PostgresStore, StreamCheckpoint, UserRow
+from ...stream.protocol import Batch
+from .bus import Bus
+
+FETCH_WAIT_S = 1.0  # the longest a fetch waits for a first user
+MORE_WAIT_S = 0.02  # ... and for more, once there is one
+REBIND_AFTER = 3  # failed fetches in a row before asking whether the durable still exists
+FLOOR_EVERY_S = 1.0
+
+_user = msgspec.json.Decoder(_User)
+
+
+class _Head(msgspec.Struct):
+    position: int
+
+
+async def _bind(bus: Bus, group: str, window: int, first_seq: int) -> Any:
+    """(On the client's loop.) A pull subscription on the group's durable consumer: made
+    if missing (from `first_seq`), its window and ack wait brought to the config's."""
+    js, s = bus.js, bus.settings
+    try:
+        info = await js.consumer_info(bus.stream, group)
+    except nats.js.errors.NotFoundError:
+        config = ConsumerConfig(
+            durable_name=group,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=s.ack_wait_s,
+            max_ack_pending=window,
+            max_deliver=-1,
+            filter_subject=bus.subject,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if first_seq > 1 else DeliverPolicy.ALL,
+            opt_start_seq=first_seq if first_seq > 1 else None,
+        )
+        with contextlib.suppress(nats.js.errors.BadRequestError):  # made meanwhile, by another
+            await js.add_consumer(bus.stream, config)
+    else:
+        have = info.config
+        if have.max_ack_pending != window or round(have.ack_wait or 0) != round(s.ack_wait_s):
+            await js.add_consumer(  # (an update, for a durable that exists)
+                bus.stream, have.evolve(max_ack_pending=window, ack_wait=s.ack_wait_s)
+            )
+    return await js.pull_subscribe_bind(durable=group, stream=bus.stream)
+
+
+async def _fetch(subscription: Any, batch: int) -> list[Any]:
+    """(On the client's loop.) The next users, as soon as there is one: up to `batch`.
+    (nats-py's ``fetch(batch)`` waits for the whole batch, up to its timeout, when none
+    was there at once: at low rates a user would wait that long. So: one, then at once
+    whatever else is there.)"""
+    try:
+        first = list(await subscription.fetch(1, timeout=FETCH_WAIT_S))
+    except TimeoutError:  # (nats-py's, or asyncio's: it raises either)
+        return []
+    if batch == 1:
+        return first
+    try:
+        return first + list(await subscription.fetch(batch - 1, timeout=MORE_WAIT_S))
+    except (nats.errors.Error, TimeoutError):  # (never lose the first one)
+        return first
+
+
+async def _ack(messages: list[Any]) -> None:
+    for message in messages:
+        await message.ack()
+
+
+async def _floor(bus: Bus, group: str) -> tuple[int, int]:
+    """(On the client's loop.) The group's ack floor: (seq, position)."""
+    info = await bus.js.consumer_info(bus.stream, group)
+    seq = int(info.ack_floor.stream_seq) if info.ack_floor else 0
+    if seq == 0:
+        return 0, 0
+    message = await bus.js.get_msg(bus.stream, seq)
+    return seq, msgspec.json.decode(message.data or b"", type=_Head).position
+
+
+class StreamConsumer(Consumer):
+    def __init__(
+        self,
+        bus: Bus,
+        store: PostgresStore,
+        config: Config,
+        worker: int,
+        milestones: Milestones,
+        on_batch: Callable[[Batch], None] | None = None,
+        on_committed: Callable[[float], None] | None = None,
+    ) -> None:
+        c = config.consumers
+        super().__init__(
+            f"nats:{bus.stream}/{c.group}",
+            store,
+            worker=worker,
+            batch_size=c.batch_size,
+            batch_interval_s=c.batch_interval_s,
+            milestones=milestones,
+        )
+        self.bus = bus
+        self.group = c.group
+        self.window = c.window
+        self.foreign = 0  # messages that are not users of this stream
+        self.on_batch = on_batch
+        self.committed: Counter[str] = Counter()  # users acknowledged as stored, by source
+        self.rejected: Counter[str] = Counter()  # ... as set aside (invalid, refused)
+        self.on_committed = on_committed  # each committed user's seconds since produced
+        # seq -> its message, source and production time (Unix)
+        self._unacked: dict[int, tuple[Any, str, float]] = {}
+        self._bound = False
+        self._stored_through = 0  # the checkpoint last written
+
+    @property
+    def connected(self) -> bool:
+        return self._bound and self.bus.connected
+
+    @property
+    def committed_through(self) -> int:
+        """The group's ack floor, as last read: everything up to it is committed."""
+        return self._checkpoint.seq if self._checkpoint else 0
+
+    async def _receive_forever(
+        self, send: trio.MemorySendChannel[Item], task_status: trio.TaskStatus[None]
+    ) -> None:
+        self._unacked.clear()  # (a restart: what the last run received is redelivered)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._follow_floor)
+            while True:
+                subscription = await self._bind()
+                task_status.started()
+                task_status = trio.TASK_STATUS_IGNORED
+                try:
+                    await self._receive(subscription, send)
+                finally:
+                    self._bound = False
+                    await self.bus.quietly(subscription.unsubscribe)
+
+    async def _bind(self) -> Any:
+        """Subscribe to the group's durable consumer (made from the stored checkpoint on,
+        when it is missing), retrying while the cluster does not answer."""
+        bus = self.bus
+        found = await self.db.retrying(
+            "consumer.checkpoint_unreadable", self.store.last_checkpoint, self.group
+        )
+        first_seq = found[0].seq + 1 if found and found[0].epoch == bus.epoch else 1
+        subscription = await bus.retrying(
+            "consumer.nats_unavailable", _bind, bus, self.group, self.window, first_seq
+        )
+        self._bound = True
+        get_logger().info("consumer.bound", stream=bus.stream, group=self.group)
+        return subscription
+
+    async def _receive(self, subscription: Any, send: trio.MemorySendChannel[Item]) -> None:
+        """Fetch batches until the durable consumer is gone (then bind again)."""
+        bus, failures = self.bus, 0
+        while True:
+            try:
+                messages = await bus.call(_fetch, subscription, self.batch_size)
+                failures = 0
+            except (nats.errors.Error, TimeoutError) as exc:
+                failures += 1
+                get_logger().warning("consumer.fetch_failed", error=f"{type(exc).__name__}: {exc}")
+                if failures >= REBIND_AFTER and not await self._durable_exists():
+                    get_logger().warning("consumer.durable_missing", group=self.group)
+                    return
+                await trio.sleep(self.reconnect_min_s * min(failures, 10))
+                continue
+            received_at = datetime.now(UTC)
+            for message in messages:
+                seq = message.metadata.sequence.stream
+                row = self._row(seq, message.data, received_at)
+                if row is None:
+                    self._unacked[seq] = (message, "unknown", 0.0)
+                else:
+                    self._unacked[seq] = (message, row.source, row.produced_at.timestamp())
+                item = (seq, row)
+                try:
+                    send.send_nowait(item)
+                except trio.WouldBlock:
+                    await send.send(item)
+
+    async def _durable_exists(self) -> bool:
+        try:
+            await self.bus.retrying(
+                "consumer.nats_unavailable", self.bus.js.consumer_info, self.bus.stream, self.group
+            )
+        except nats.js.errors.NotFoundError:
+            return False
+        return True
+
+    def _row(self, seq: int, data: bytes, received_at: datetime) -> UserRow | None:
+        try:
+            user = _user.decode(data)
+            if user.seq != seq or user.epoch != self.bus.epoch:
+                raise ValueError(f"seq {user.seq} in epoch {user.epoch}")
+        except (msgspec.DecodeError, ValueError) as exc:
+            self.received += 1
+            self.invalid += 1
+            self.foreign += 1
+            get_logger().warning("consumer.foreign_message", seq=seq, error=str(exc))
+            return None
+        return self._to_row(user, received_at)
+
+    async def _follow_floor(self) -> None:
+        """Keep the checkpoint the next batch writes at the group's ack floor; when no
+        batch wrote it within a look (idle, or the other members took the last users),
+        write it alone."""
+        batches = self.batches
+        while True:
+            await trio.sleep(FLOOR_EVERY_S)
+            try:
+                seq, position = await self.bus.call(_floor, self.bus, self.group)
+            except (nats.errors.Error, TimeoutError, msgspec.DecodeError):
+                continue  # (the next one will do)
+            if seq > self.committed_through:
+                self._checkpoint = StreamCheckpoint(self.group, self.bus.epoch, seq, position)
+            elif self.committed_through > self._stored_through and self.batches == batches:
+                try:
+                    await self._insert([], self._checkpoint)
+                except StoreError as exc:  # (the next batch writes it)
+                    get_logger().warning("consumer.checkpoint_not_saved", error=str(exc))
+            batches = self.batches
+
+    async def _insert(self, rows: list[UserRow], checkpoint: StreamCheckpoint | None) -> int:
+        inserted = await super()._insert(rows, checkpoint)
+        if checkpoint is not None:
+            self._stored_through = max(self._stored_through, checkpoint.seq)
+        return inserted
+
+    async def _acknowledge(self, seqs: list[int], rejected: list[int], report: Batch) -> None:
+        if self.on_batch is not None:
+            self.on_batch(report)
+        refused = set(rejected)
+        messages = []
+        now = time.time()
+        for seq in seqs:
+            found = self._unacked.pop(seq, None)
+            if found is not None:
+                message, source, produced = found
+                messages.append(message)
+                if seq in refused:
+                    self.rejected[source] += 1
+                else:
+                    self.committed[source] += 1
+                    if self.on_committed is not None:
+                        self.on_committed(now - produced)
+        try:
+            await self.bus.call(_ack, messages)
+        except (nats.errors.Error, TimeoutError) as exc:  # redelivered after ack_wait_s
+            get_logger().warning("consumer.ack_failed", error=f"{type(exc).__name__}: {exc}")
