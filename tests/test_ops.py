@@ -59,7 +59,7 @@ async def test_metrics_count_what_the_pipeline_did(tmp_path: Path, dsn: str) -> 
 
     async def drain_then_scrape() -> None:
         await eventually(lambda: daemon.hub.last_seq == STOP_AT and daemon.hub.drained())
-        await eventually(lambda: daemon.health.readiness().ready)
+        await eventually(lambda: daemon.readiness().ready)
         found.update(await scrape(daemon))
 
     assert await run_until(daemon, drain_then_scrape) == 0
@@ -89,7 +89,7 @@ async def test_health_status_and_what_is_not_served(tmp_path: Path, dsn: str) ->
 
     async def ask() -> None:
         async with httpx.AsyncClient(base_url=daemon.http_url) as client:
-            await eventually(lambda: daemon.health.readiness().ready)
+            await eventually(lambda: daemon.readiness().ready)
             for path in ("/healthz", "/readyz"):
                 response = await client.get(path)
                 assert response.status_code == 200, response.text
@@ -256,7 +256,7 @@ async def test_readyz_follows_the_database_down_and_back(
 
     async def outage() -> None:
         async with httpx.AsyncClient() as client:
-            await eventually(lambda: daemon.health.readiness().ready)
+            await eventually(lambda: daemon.readiness().ready)
             assert await readyz(client) == 200
             with postgres.down(str(dbname)):
                 with trio.fail_after(5):  # the bound: 503 within 5 s
@@ -330,7 +330,7 @@ async def test_a_probe_stuck_in_a_silent_database_gives_its_connection_back(
         await eventually(lambda: bool(query(dsn, probe_pid, (dbname,))))
         pids.append(query(dsn, probe_pid, (dbname,))[0][0])
         os.kill(pids[0], signal.SIGSTOP)
-        await eventually(lambda: "no answer" in daemon.health.readiness().checks["database"], 10)
+        await eventually(lambda: "no answer" in daemon.readiness().checks["database"], 10)
 
     try:
         assert await run_until(daemon, stop_the_probe_backend) == 0

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from userstreamd.runtime.systemd import Notifier, read_credential
+from userstreamd.credentials import read_credential
+from userstreamd.runtime.systemd import Notifier
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "userstreamd.service"

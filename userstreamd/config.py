@@ -17,7 +17,7 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -27,7 +27,7 @@ import msgspec
 
 from .errors import ConfigError
 from .sources.fields import FIELDS
-from .sources.randomuser import reserved_seed_reason
+from .sources.seeds import reserved_seed_reason
 
 DEFAULT_RANDOMUSER_URL = "https://randomuser.me/api/1.4/"
 DEFAULT_PORT = 8765
@@ -213,7 +213,7 @@ class Config(_Table, frozen=True):
     def db_password(self) -> str | None:
         """The DB password: the environment variable the config names, else the systemd
         credential ``db-password`` (LoadCredential=), else None."""
-        from .runtime.systemd import read_credential
+        from .credentials import read_credential
 
         if self.database.password_env and (password := os.environ.get(self.database.password_env)):
             return password
@@ -433,8 +433,6 @@ def _rules(config: Config) -> Iterator[tuple[str, str]]:
     if h.enabled and h.port != 0 and h.port == b.port:
         yield "http.port", f"expected a port other than broadcaster.port ({b.port})"
     yield from _cluster_rules(config.cluster)
-    if config.cluster.bus == "nats":
-        yield from _nats_rules(config)
     c = config.consumers
     if c.reconnect_max_s < c.reconnect_min_s:
         yield (
@@ -459,27 +457,18 @@ def _cluster_rules(cl: ClusterConfig) -> Iterator[tuple[str, str]]:
         yield "cluster.user", "expected either credentials_file or user, not both"
 
 
-def _nats_rules(config: Config) -> Iterator[tuple[str, str]]:
-    """What the NATS bus cannot do (yet) that the embedded one can."""
-    if "." in config.consumers.group:
-        yield (
-            "consumers.group",
-            f"expected no '.' with cluster.bus = \"nats\" (it names a JetStream consumer), "
-            f"got {config.consumers.group!r}",
-        )
-    b = config.broadcaster
-    if b.groups or b.allow_ad_hoc_groups:
-        key = "broadcaster.groups" if b.groups else "broadcaster.allow_ad_hoc_groups"
-        yield (
-            key,
-            'expected no groups for WebSocket clients with cluster.bus = "nats": a group '
-            "there is a durable consumer of the JetStream stream (see the README)",
-        )
+Rules = Callable[["Config"], Iterable[tuple[str, str]]]
 
 
-def parse_config(text: bytes, path: Path, environ: Mapping[str, str] | None = None) -> Config:
+def parse_config(
+    text: bytes,
+    path: Path,
+    environ: Mapping[str, str] | None = None,
+    rules: Rules | None = None,
+) -> Config:
     """The config in `text` (read from `path`), with the environment's overrides applied;
-    ConfigError listing every problem, one per line, each with file, key and line."""
+    ConfigError listing every problem, one per line, each with file, key and line.
+    `rules` adds checks of the whole config (the chosen topology's: `topology.config_rules`)."""
     environ = os.environ if environ is None else environ
     try:
         source = text.decode("utf-8")
@@ -493,7 +482,7 @@ def parse_config(text: bytes, path: Path, environ: Mapping[str, str] | None = No
     config = msgspec.convert(values, Config)  # each value was checked on its own
     config = msgspec.structs.replace(config, path=str(path.resolve()))
     if not problems:
-        for key, message in _rules(config):
+        for key, message in [*_rules(config), *(rules(config) if rules else ())]:
             if key in overrides:
                 problems.append(Problem(f"${overrides[key]}", key, message))
             else:
@@ -504,7 +493,11 @@ def parse_config(text: bytes, path: Path, environ: Mapping[str, str] | None = No
     return config
 
 
-def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str],
+    environ: Mapping[str, str] | None = None,
+    rules: Rules | None = None,
+) -> Config:
     """Read and validate the config file; raise ConfigError naming file and key."""
     path = Path(path)
     try:
@@ -513,7 +506,7 @@ def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None 
         raise ConfigError(f"{path}: no such config file") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
-    return parse_config(text, path, environ)
+    return parse_config(text, path, environ, rules)
 
 
 def effective_toml(config: Config, environ: Mapping[str, str] | None = None) -> str:

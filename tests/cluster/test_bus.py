@@ -254,7 +254,7 @@ async def test_role_all_on_nats_streams_positions_in_order_into_the_table(
         assert 'userstreamd_users_broadcast_total{source="synthetic"} 800.0' in text
         assert 'userstreamd_users_committed_total{source="synthetic"} 800.0' in text
         assert "userstreamd_end_to_end_latency_seconds_count 800.0" in text
-        checks = daemon.health.readiness().checks
+        checks = daemon.readiness().checks
         assert checks == {
             "daemon": "ok",
             "database": "ok",
@@ -264,8 +264,8 @@ async def test_role_all_on_nats_streams_positions_in_order_into_the_table(
         }
 
     assert await run_until(daemon, until_committed) == 0
-    assert daemon.bus is not None
-    epoch = daemon.bus.epoch
+    assert daemon.topology.bus is not None
+    epoch = daemon.topology.bus.epoch
     rows = query(dsn, "SELECT seq, uuid::text FROM incoming_users ORDER BY seq")
     assert rows == [(p, synthetic_user(epoch, p)["login"]["uuid"]) for p in range(1, 801)]
 
@@ -277,7 +277,7 @@ async def test_a_broadcaster_alone_needs_neither_database_nor_consumers(
     daemon = Daemon(config, role="broadcaster")
 
     async def ready() -> None:
-        assert daemon.health.readiness().checks == {
+        assert daemon.readiness().checks == {
             "daemon": "ok",
             "broadcaster": "ok",
             "nats": "ok",

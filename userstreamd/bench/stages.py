@@ -203,13 +203,12 @@ async def _bench_end_to_end(n: int, done: Done = _ignore) -> float:
         path = Path(folder) / "bench.toml"
         path.write_text(_E2E_CONFIG.format(n=n))
         daemon = Daemon(load_config(path))
-        group = daemon.config.consumers.group
         stop = trio.Event()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(daemon.run, stop.wait)
             await daemon.ready.wait()
             start = time.perf_counter()
-            while (committed := daemon.hub.watermark(group)[0]) < n:
+            while (committed := daemon.committed_through()) < n:
                 done(committed)
                 await trio.sleep(0.005)  # a poll is the probe
             done(n)

@@ -19,6 +19,7 @@ from ..config import ROLES, Config, load_config
 from ..errors import ConfigError
 from ..logs import add_secrets, configure_logging, dsn_secrets, get_logger
 from ..runtime.supervisor import describe
+from ..topology import check_role, config_rules, topology_class
 
 DEFAULT_CONFIG = "config.toml"
 TOKEN_ENV = "USERSTREAMD_TOKEN"
@@ -39,16 +40,13 @@ def _config(
     """The config file (and, for the commands that open the public port, the tokens and
     TLS files it names), logging set up from it (to `logs`, else stdout); ConfigError
     before anything starts."""
-    config = load_config(args.config)
+    config = load_config(args.config, rules=config_rules)
     if public_port:
         from ..serve.auth import load_tokens
         from ..serve.edge import tls_context
 
         args.tokens, args.ssl_context = load_tokens(config), tls_context(config)
-    if config.cluster.bus == "nats":
-        from ..topology.nats.bus import checked_options
-
-        checked_options(config)
+    topology_class(config.cluster.bus).preflight(config)
     configure_logging(config.daemon.log_level, config.daemon.log_format, logs)
     add_secrets(config.db_password(), *dsn_secrets(config.database.dsn))
     return config
@@ -61,11 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     role = getattr(args, "role", "all")
     serves = role in ("all", "broadcaster")  # (only then are tokens and TLS files needed)
     config = _config(args, public_port=serves)
-    if role != "all" and config.cluster.bus != "nats":
-        raise ConfigError(
-            f'{config.path}: run --role {role}: expected [cluster] bus = "nats" '
-            f"(each role on its own needs the NATS bus), got {config.cluster.bus!r}"
-        )
+    check_role(config, role)
     if not serves:
         from ..serve.auth import Tokens
 

@@ -20,17 +20,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgspec
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
-from .. import __version__
-
-if TYPE_CHECKING:
-    from ..runtime.daemon import Daemon
+from .health import readiness
+from .metrics import Metrics
+from .status import StatusFn
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -56,10 +55,11 @@ JSON = "application/json"
 
 
 class OpsApp:
-    """The ASGI application over a running `Daemon`."""
+    """The ASGI application over the daemon's `Status` (and its metrics' registry)."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    def __init__(self, status: StatusFn, metrics: Metrics) -> None:
+        self.status = status
+        self.metrics = metrics
         self.files = {path: (LIVE / name).read_bytes() for path, (name, _) in FILES.items()}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -79,51 +79,53 @@ class OpsApp:
         if scope["method"] not in ("GET", "HEAD"):
             return 405, JSON, b'{"error": "only GET and HEAD"}', [(b"allow", b"GET, HEAD")]
         path = scope["path"]
-        d = self.daemon
         if path == "/metrics":
             accept = b",".join(v for k, v in scope["headers"] if k == b"accept")
-            body, content_type = d.metrics.exposition(accept.decode("latin-1"))
+            body, content_type = self.metrics.exposition(accept.decode("latin-1"))
             return 200, content_type, body, []
         if path in ("/healthz", "/readyz"):
-            readiness = d.health.readiness()
-            ok = readiness.alive if path == "/healthz" else readiness.ready
+            found = readiness(self.status())
+            ok = found.alive if path == "/healthz" else found.ready
             body = msgspec.json.encode(
-                {"ready": readiness.ready, "alive": readiness.alive, "checks": readiness.checks}
+                {"ready": found.ready, "alive": found.alive, "checks": found.checks}
             )
             return (200 if ok else 503), JSON, body, []
         if path == "/status.json":
-            return 200, JSON, msgspec.json.encode(self.status()), []
+            return 200, JSON, msgspec.json.encode(self.status_json()), []
         if path in FILES:
             extra = [(b"content-security-policy", CSP.encode())] if path == "/" else []
             return 200, FILES[path][1], self.files[path], extra
         return 404, JSON, b'{"error": "not found"}', []
 
-    def status(self) -> dict[str, Any]:
-        d = self.daemon
-        readiness = d.health.readiness()
-        stats = d.hub.statistics()
-        producer = d.producer.statistics() if d.producer else None
+    def status_json(self) -> dict[str, Any]:
+        """What the live page shows."""
+        status = self.status()
+        found = readiness(status)
+        feed, producer, ws = status.feed, status.producer, status.websocket
         return {
-            "version": __version__,
-            "ready": readiness.ready,
-            "checks": readiness.checks,
+            "version": status.version,
+            "ready": found.ready,
+            "checks": found.checks,
             "websocket": {
-                "port": d.ws_port,
-                "scheme": "wss" if d.ssl_context else "ws",
-                "token_required": d.tokens.required,
+                "port": ws.port,
+                "scheme": ws.scheme,
+                "token_required": ws.token_required,
             },
             "stream": {
-                "epoch": stats.epoch if d.broadcaster else None,  # (None: not open yet)
-                "last_seq": stats.last_seq,
-                "committed": d.counts().committed_total,  # since the daemon started
-                "committed_through": d.committed_through(),
+                "epoch": feed.epoch
+                if feed and status.broadcasting
+                else None,  # (None: not open yet)
+                "last_seq": feed.last_seq if feed else status.counts.last_seq,
+                "committed": status.counts.committed_total,  # since the daemon started
+                "committed_through": status.committed_through,
                 "rate_per_s": producer.rate_per_s if producer else 0,
                 "source": producer.active_source if producer else None,
             },
-            "clients": {"plain": stats.clients, "member": stats.members},
-            "components": {
-                c.name: c.state for c in (d.supervisor.snapshot() if d.supervisor else [])
+            "clients": {
+                "plain": feed.clients if feed else 0,
+                "member": feed.members if feed else 0,
             },
+            "components": {c.name: c.state for c in status.components},
         }
 
 

@@ -9,7 +9,13 @@ live page and systemd.
 - ``broadcaster``: its component runs, so it listens;
 - ``consumers``: the consumer group has members (when the config has consumers).
 
-The first and third are the daemon's own parts; the other two are what it depends on.
+On the NATS bus also ``nats`` (connected) and ``producer`` (its component runs), and
+only the checks of the parts the role runs. The checks beyond the first three are the
+topology's (`Topology.checks`). `readiness` is a pure function of a `Status`; the
+database's answer comes from `DatabaseProbe`, a task of its own.
+
+The daemon, broadcaster and producer are the daemon's own parts; the rest is what it
+depends on.
 systemd's watchdog is fed while the daemon's own parts are fine (`Readiness.alive`): an
 outage of the database makes ``/readyz`` answer 503, but restarting the daemon would not
 bring the database back, so the watchdog does not ask for it.
@@ -17,18 +23,15 @@ bring the database back, so the watchdog does not ask for it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import trio
 
 from ..errors import StoreError
 from ..logs import get_logger
 from ..store.postgres import PostgresStore
-
-if TYPE_CHECKING:
-    from ..runtime.daemon import Daemon
+from .status import Status
 
 PROBE_INTERVAL_S = 1.0
 PROBE_TIMEOUT_S = 2.0
@@ -55,51 +58,37 @@ class Readiness:
         return {k: v for k, v in self.checks.items() if v != OK}
 
 
-class Health:
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-        self.database = NOT_CHECKED
+def readiness(status: Status) -> Readiness:
+    """Every check the status calls for, and what is wrong with each."""
+    checks = {"daemon": OK}
+    if status.stopping:
+        checks["daemon"] = "stopping"
+    elif not status.started:
+        checks["daemon"] = "starting"
+    if status.database is not None:
+        checks["database"] = status.database
+    if status.serves and (state := status.state_of("broadcaster")) != "running":
+        checks["broadcaster"] = state
+    elif status.serves:
+        checks["broadcaster"] = OK
+    checks.update(status.topology_checks)
+    return Readiness(checks)
+
+
+class DatabaseProbe:
+    """Checks that the database accepts writes, every PROBE_INTERVAL_S (`run`); `state`
+    is "ok" or what is wrong. `dsn` answers "" until the database has started."""
+
+    def __init__(self, dsn: Callable[[], str], password: Callable[[], str | None]) -> None:
+        self.dsn = dsn
+        self.password = password
+        self.state = NOT_CHECKED
         self._limiter = trio.CapacityLimiter(1)  # one probe at a time, even one abandoned
         self._wake = trio.Event()
         self._store: PostgresStore | None = None  # used by one probe thread at a time
         self._closing = False
 
-    def readiness(self) -> Readiness:
-        d = self.daemon
-        checks = {"daemon": OK, "database": self.database, "broadcaster": OK}
-        if d.stopping:
-            checks["daemon"] = "stopping"
-        elif not d.ready.is_set():
-            checks["daemon"] = "starting"
-        states = {c.name: c.state for c in d.supervisor.snapshot()} if d.supervisor else {}
-        if (state := states.get("broadcaster", "not started")) != "running":
-            checks["broadcaster"] = state
-        if d.config.cluster.bus == "nats":
-            return Readiness(self._on_nats(checks, states))
-        group = d.config.consumers.group
-        if d.config.consumers.count > 0:
-            members = next((g.members for g in d.hub.statistics().groups if g.name == group), 0)
-            checks["consumers"] = OK if members else f"no member of group {group!r} connected"
-        return Readiness(checks)
-
-    def _on_nats(self, checks: dict[str, str], states: Mapping[str, str]) -> dict[str, str]:
-        """On the NATS bus: the role's own parts, the connection, and the database when
-        the role writes to it."""
-        d = self.daemon
-        roles = {"producer", "broadcaster", "consumer"} if d.role == "all" else {d.role}
-        checks["nats"] = OK if d.bus is not None and d.bus.connected else "not connected"
-        if "broadcaster" not in roles:
-            del checks["broadcaster"]
-        if not roles & {"producer", "consumer"}:
-            del checks["database"]
-        if "producer" in roles and (state := states.get("producer", "not started")) != "running":
-            checks["producer"] = state
-        if "consumer" in roles and d.config.consumers.count > 0:
-            connected = any(c.connected for c in d.consumers)
-            checks["consumers"] = OK if connected else "no consumer bound to the stream"
-        return checks
-
-    async def probe_database(self) -> None:
+    async def run(self) -> None:
         """Check the database every PROBE_INTERVAL_S until cancelled."""
         log = get_logger()
         try:
@@ -110,17 +99,17 @@ class Health:
                     )
                 if waited.cancelled_caught:
                     found = f"no answer within {PROBE_TIMEOUT_S:g} s"
-                if found != self.database:
+                if found != self.state:
                     if found == OK:
                         log.info("health.database_ready")
-                    elif self.daemon.dsn:
+                    elif self.dsn():
                         log.warning("health.database_not_ready", problem=found)
-                    self.database = found
+                    self.state = found
                 with trio.move_on_after(PROBE_INTERVAL_S):
                     await self._wake.wait()
                 self._wake = trio.Event()
         finally:
-            self.database = NOT_CHECKED
+            self.state = NOT_CHECKED
             self._closing = True  # (a probe thread still running closes it when it ends)
             if self._limiter.borrowed_tokens == 0:
                 self._close()
@@ -132,7 +121,7 @@ class Health:
     def _probe(self) -> str:
         """One probe, in a worker thread: "ok" or what is wrong. Never raises."""
         try:
-            if not self.daemon.dsn:
+            if not self.dsn():
                 return "not started"
             fresh = self._store is None
             try:
@@ -154,8 +143,8 @@ class Health:
     def _ask(self) -> str:
         if self._store is None:
             self._store = PostgresStore(
-                self.daemon.dsn,
-                password=self.daemon.config.db_password(),
+                self.dsn(),
+                password=self.password(),
                 application_name="userstreamd-health",
                 connect_timeout_s=PROBE_TIMEOUT_S,
                 statement_timeout_s=PROBE_TIMEOUT_S,

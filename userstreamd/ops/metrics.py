@@ -13,20 +13,17 @@ committed, whoever committed them.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from ..produce.producer import ProducerStatistics
-from ..sources.randomuser import RandomUserSource
 from ..stream.protocol import Batch
-
-if TYPE_CHECKING:
-    from ..runtime.daemon import Daemon
+from .health import readiness
+from .status import Status, StatusFn
 
 PREFIX = "userstreamd_"
 STATES = ("starting", "running", "backoff", "stopping", "stopped", "failed")
@@ -105,19 +102,18 @@ def _gauge(name: str, doc: str, value: float) -> Metric:
     return GaugeMetricFamily(f"{PREFIX}{name}", doc, value=value)
 
 
-class DaemonCollector(Collector):
-    """Counts and states read from a running `Daemon` at each scrape."""
+class StatusCollector(Collector):
+    """Counts and states read from the daemon's `Status` at each scrape."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    def __init__(self, status: StatusFn) -> None:
+        self.status = status
 
     def collect(self) -> Iterator[Metric]:
-        d = self.daemon
-        hub = d.hub
-        stats = hub.statistics()
-        producer = d.producer.statistics() if d.producer else None
+        status = self.status()
+        stats = status.feed
+        producer = status.producer
         invalid = dict(producer.invalid_by_source) if producer else {}
-        counts = d.counts()
+        counts = status.counts
         published = counts.published
         # (each series exists from its source's first user; on the NATS bus a consumer
         # node publishes nothing and commits what other nodes published)
@@ -151,11 +147,10 @@ class DaemonCollector(Collector):
             ["source", "stage"],
             dead,
         )
-        b = d.broadcaster
-        sent = {(k,): n for k, n in (b.sent if b else {}).items()}
-        fanout_clients, fanout_sent, fanout_slow = b.fanout_totals() if b else (0, 0, 0)
-        if d.config.broadcaster.workers:
-            sent[("fanout",)] = fanout_sent
+        fanout = status.fanout
+        sent = {(k,): n for k, n in status.sent.items()}
+        if fanout.workers:
+            sent[("fanout",)] = fanout.sent
         yield _counter(
             "websocket_messages_sent",
             "Messages sent to WebSocket clients after their welcome (each user, also in a users "
@@ -167,66 +162,68 @@ class DaemonCollector(Collector):
         yield CounterMetricFamily(
             f"{PREFIX}websocket_slow_closes",
             "Plain clients cut off (closed with 3008) for falling too far behind",
-            value=stats.slow_disconnects + fanout_slow,
+            value=(stats.slow_disconnects if stats else 0) + fanout.slow_closes,
         )
         clients = GaugeMetricFamily(
             f"{PREFIX}websocket_clients", "Connected WebSocket clients, by kind", labels=["kind"]
         )
-        clients.add_metric(["plain"], stats.clients)
-        clients.add_metric(["member"], stats.members)
-        if d.config.broadcaster.workers:
-            clients.add_metric(["fanout"], fanout_clients)
+        clients.add_metric(["plain"], stats.clients if stats else 0)
+        clients.add_metric(["member"], stats.members if stats else 0)
+        if fanout.workers:
+            clients.add_metric(["fanout"], fanout.clients)
         yield clients
-        yield _gauge("buffer_messages", "Users held in the replay buffer", stats.buffered)
-        yield _gauge("buffer_bytes", "Bytes held in the replay buffer", stats.buffered_bytes)
-        yield _gauge("stream_last_seq", "The seq of the latest published user", stats.last_seq)
+        buffered, buffered_bytes = (stats.buffered, stats.buffered_bytes) if stats else (0, 0)
+        yield _gauge("buffer_messages", "Users held in the replay buffer", buffered)
+        yield _gauge("buffer_bytes", "Bytes held in the replay buffer", buffered_bytes)
+        last_seq = stats.last_seq if stats else counts.last_seq
+        yield _gauge("stream_last_seq", "The seq of the latest published user", last_seq)
         oldest = GaugeMetricFamily(
             f"{PREFIX}oldest_unacknowledged_seq",
             "The lowest seq a consumer group has not acknowledged, by group",
             labels=["group"],
         )
-        for g in stats.groups:
+        for g in stats.groups if stats else ():
             oldest.add_metric([g.name], g.watermark + 1)
         yield oldest
-        yield from self._producer(producer)
-        yield from self._components()
-        yield _gauge("ready", "1 while /readyz answers 200", float(d.health.readiness().ready))
+        yield from _producer(producer)
+        yield from _components(status)
+        yield _gauge("ready", "1 while /readyz answers 200", float(readiness(status).ready))
 
-    def _producer(self, stats: ProducerStatistics | None) -> Iterator[Metric]:
-        yield _gauge(
-            "upstream_circuit_open",
-            "1 while the Random User API's circuit is open",
-            float(stats is not None and stats.circuit_open),
-        )
-        yield _gauge(
-            "producer_fallback_active",
-            "1 while the fallback source serves",
-            float(stats is not None and stats.fallback_active),
-        )
-        producer = self.daemon.producer
-        primary = producer.primary if producer else None
-        if isinstance(primary, RandomUserSource) and primary.budget is not None:
-            yield _gauge(
-                "upstream_budget_remaining_users",
-                "Users the Random User API may still serve in the budget's window",
-                primary.budget.remaining(trio.current_time()),
-            )
 
-    def _components(self) -> Iterator[Metric]:
-        snapshot = self.daemon.supervisor.snapshot() if self.daemon.supervisor else []
-        restarts = CounterMetricFamily(
-            f"{PREFIX}component_restarts",
-            "Restarts of each supervised component",
-            labels=["component"],
+def _producer(stats: ProducerStatistics | None) -> Iterator[Metric]:
+    yield _gauge(
+        "upstream_circuit_open",
+        "1 while the Random User API's circuit is open",
+        float(stats is not None and stats.circuit_open),
+    )
+    yield _gauge(
+        "producer_fallback_active",
+        "1 while the fallback source serves",
+        float(stats is not None and stats.fallback_active),
+    )
+    if stats is not None and stats.budget_remaining_users is not None:
+        yield _gauge(
+            "upstream_budget_remaining_users",
+            "Users the Random User API may still serve in the budget's window",
+            stats.budget_remaining_users,
         )
-        state = GaugeMetricFamily(
-            f"{PREFIX}component_state",
-            "1 for each component's current state",
-            labels=["component", "state"],
-        )
-        for c in snapshot:
-            restarts.add_metric([c.name], c.restarts)
-            for s in STATES:
-                state.add_metric([c.name, s], float(c.state == s))
-        yield restarts
-        yield state
+
+
+def _components(status: Status) -> Iterator[Metric]:
+    snapshot = status.components
+    restarts = CounterMetricFamily(
+        f"{PREFIX}component_restarts",
+        "Restarts of each supervised component",
+        labels=["component"],
+    )
+    state = GaugeMetricFamily(
+        f"{PREFIX}component_state",
+        "1 for each component's current state",
+        labels=["component", "state"],
+    )
+    for c in snapshot:
+        restarts.add_metric([c.name], c.restarts)
+        for s in STATES:
+            state.add_metric([c.name, s], float(c.state == s))
+    yield restarts
+    yield state

@@ -113,6 +113,7 @@ class ProducerStatistics:
     rate_per_s: float
     position: int
     backpressure_waits: int
+    budget_remaining_users: float | None = None  # the API's budget, when it has one
 
 
 @dataclass(frozen=True)
@@ -278,7 +279,12 @@ class Producer:
             self.rate_per_s,
             self.position,
             self.backpressure_waits,
+            self._budget_remaining(),
         )
+
+    def _budget_remaining(self) -> float | None:
+        budget = getattr(self.primary, "budget", None)  # (the Random User API's)
+        return budget.remaining(trio.current_time()) if budget is not None else None
 
     def set_rate(self, rate_per_s: float) -> None:
         if rate_per_s != self.rate_per_s:

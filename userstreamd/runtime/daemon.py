@@ -13,11 +13,12 @@ drained: everything is stopped at once and the exit code is 1. SIGHUP re-reads t
 file and applies the keys in `config.RELOADABLE`; other changed keys are logged as
 needing a restart.
 
-With ``cluster.bus = "nats"`` the stream lives on a JetStream cluster (`jetstream`) and
-the daemon runs the parts of its `role` (``run --role``): after the endpoint, the
-connection to NATS, then the database (producer, consumer), the stream's mirror and the
-broadcaster, the consumers, the producer. Nothing is drained at a stop: the stream keeps
-what the group has not acknowledged.
+Where the stream lives is the `Topology` the config names (`topology.choose`): the
+daemon starts what it gives for this process's role, in the same order on every bus:
+after the endpoint, the topology's shared connection, the database (when the role
+writes to it), the stream, the broadcaster's feed and the broadcaster, the consumers,
+the producer. Observers (ops, metrics, health, systemd, the stats log) read one `Status`
+snapshot (`status`), never the daemon.
 """
 
 from __future__ import annotations
@@ -25,9 +26,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import ssl
-from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -37,35 +36,23 @@ import trio
 
 from .. import __version__
 from ..config import RELOADABLE, Config, changed_keys, load_config
-from ..consume.consumer import Consumer
 from ..errors import ConfigError
 from ..logs import bind, configure_logging, get_logger
 from ..ops.app import OpsApp, serve_ops, url_host
-from ..ops.health import Health
-from ..ops.metrics import DaemonCollector, Metrics
+from ..ops.health import DatabaseProbe, Readiness, readiness
+from ..ops.metrics import Metrics, StatusCollector
+from ..ops.status import FanoutTotals, Status, WebSocketInfo
 from ..produce.producer import Producer
 from ..serve.auth import Tokens, is_loopback
 from ..serve.broadcaster import Broadcaster
 from ..serve.edge import private_socket_path
+from ..serve.policy import admission_policy
 from ..store.bootstrap import run_database
-from ..store.postgres import StreamCheckpoint
-from ..store.streams import Stream, open_stream, record_stream, save_checkpoint
-from ..topology.nats.bus import Bus, open_bus
-from ..topology.nats.consumer import StreamConsumer
-from ..topology.nats.mirror import StreamMirror
-from ..topology.nats.outlet import Outlet, Publisher, run_producer
+from ..stream.hub import Hub
+from ..topology import Context, Hooks, StreamCounts, Topology, choose, config_rules
 from . import wiring
 from .supervisor import Supervisor
 from .systemd import Notifier
-
-
-@dataclass(frozen=True)
-class StreamCounts:
-    published: Mapping[str, int]  # by source
-    committed: Mapping[str, int]
-    rejected: Mapping[str, int]
-    last_seq: int
-    committed_total: int  # each seq once (on the NATS bus: each acknowledgement)
 
 
 def _client_host(host: str) -> str:
@@ -82,20 +69,19 @@ class Daemon:
     ) -> None:
         self.config = config  # as started; a reload changes only the RELOADABLE keys
         self.role = role
-        self.bus: Bus | None = None  # (cluster.bus = "nats")
         self.tokens = tokens or Tokens((), required=False)
         self.ssl_context = ssl_context
         self.metrics = Metrics()
-        self.metrics.watch(DaemonCollector(self))
-        self.health = Health(self)
-        self.hub = wiring.hub(config, Stream.new(), self.metrics)
+        self.worker_processes: set[trio.Process] = set()
+        hooks = Hooks(on_batch=self.metrics.batch, on_end_to_end=self.metrics.end_to_end)
+        self.topology: Topology = choose(Context(config, role, hooks, self.worker_processes))
+        self.probe = DatabaseProbe(lambda: self.dsn, config.db_password)
+        self.metrics.watch(StatusCollector(self.status))
         self.broadcaster: Broadcaster | None = None
-        self.consumers: list[Consumer] = []  # in-process ones
         self._consumer_names: list[str] = []
         self.producer: Producer | None = None
         self.notifier = Notifier.from_environ()
         self.supervisor: Supervisor | None = None
-        self.worker_processes: set[trio.Process] = set()
         self.dsn = ""
         self.url = ""
         self.ws_port: int | None = None
@@ -150,16 +136,13 @@ class Daemon:
             if c.http.enabled:
                 h = c.http
                 http_port = await sup.start(
-                    "http", partial(serve_ops, OpsApp(self), h.host, h.port)
+                    "http", partial(serve_ops, OpsApp(self.status, self.metrics), h.host, h.port)
                 )
                 self.http_url = f"http://{url_host(_client_host(h.host))}:{http_port}/"
                 page_origins = wiring.page_origins(h.host, http_port)
                 log.info("daemon.http_listening", url=self.http_url)
-            root.start_soon(self.health.probe_database)
-            if c.cluster.bus == "nats":
-                await self._start_on_nats(sup, http, resources, connections, page_origins)
-            else:
-                await self._start_embedded(sup, http, resources, page_origins)
+            root.start_soon(self.probe.run)
+            await self._start(sup, http, resources, connections, page_origins)
             log.info(
                 "daemon.ready", url=self.url, http_url=self.http_url, consumers=c.consumers.count
             )
@@ -170,38 +153,45 @@ class Daemon:
         await self._stop.wait()
         await self._shutdown(sup)
 
-    async def _start_embedded(
+    async def _start(
         self,
         sup: Supervisor,
         http: httpx.AsyncClient,
         resources: contextlib.ExitStack,
+        connections: contextlib.AsyncExitStack,
         page_origins: list[str],
     ) -> None:
-        c = self.config
-        self.dsn = await sup.start("database", partial(run_database, c))
-        self.health.probe_now()
-        stream = await trio.to_thread.run_sync(open_stream, c, self.dsn)
-        self.hub = wiring.hub(c, stream, self.metrics)
-        own = await self._start_broadcaster(sup, page_origins)
-        for name, run, consumer in wiring.consumers(c, own, self.dsn, self.worker_processes):
-            if consumer is not None:
-                self.consumers.append(consumer)
-            self._consumer_names.append(name)
-            await sup.start(name, run)
-        self.producer = wiring.producer(
-            c, self.hub, http, stream, self.dsn, resources, self.metrics
-        )
-        await sup.start("producer", self.producer.run)
+        """The parts the topology gives this role, each ready before the next starts."""
+        c, topology = self.config, self.topology
+        await topology.connect(connections)
+        if topology.uses_database:
+            self.dsn = await sup.start("database", partial(run_database, c))
+            self.probe.probe_now()
+        stream = await topology.open_stream(self.dsn)
+        own = ""
+        if "broadcaster" in topology.parts:
+            hub = await topology.open_feed(sup.start, stream)
+            own = await self._start_broadcaster(sup, hub, page_origins)
+        if "consumer" in topology.parts:
+            for name, run in topology.consumers(own, self.dsn):
+                self._consumer_names.append(name)
+                await sup.start(name, run)
+        if "producer" in topology.parts:
+            outlet = topology.outlet(stream)
+            self.producer = wiring.producer(
+                c, outlet, http, stream, self.dsn, resources, self.metrics
+            )
+            await sup.start("producer", topology.producer_component(self.producer))
 
-    async def _start_broadcaster(self, sup: Supervisor, page_origins: list[str]) -> str:
-        """The broadcaster over `self.hub` (and its fan-out workers); its private URL."""
+    async def _start_broadcaster(self, sup: Supervisor, hub: Hub, page_origins: list[str]) -> str:
+        """The broadcaster over `hub` (and its fan-out workers); its private URL."""
         c, b = self.config, self.config.broadcaster
         if b.auth == "none" and not is_loopback(b.host):
             get_logger().warning("daemon.no_auth", host=b.host, reason='auth = "none"')
         self.broadcaster = Broadcaster(
-            self.hub,
+            hub,
             b,
-            wiring.policy(c, self.tokens, page_origins),
+            admission_policy(c, self.tokens, page_origins),
             ssl_context=self.ssl_context,
             on_batch=self.metrics.batch,
         )
@@ -217,51 +207,6 @@ class Daemon:
         for name, run in wiring.fanout_workers(c, own, port, page_origins, self.worker_processes):
             await sup.start(name, run)
         return own
-
-    async def _start_on_nats(
-        self,
-        sup: Supervisor,
-        http: httpx.AsyncClient,
-        resources: contextlib.ExitStack,
-        connections: contextlib.AsyncExitStack,
-        page_origins: list[str],
-    ) -> None:
-        """The parts of `self.role` over the NATS bus (see `jetstream`): the stream is
-        the hub, so each part may run on any machine, as many times as wanted."""
-        c = self.config
-        roles = {"producer", "broadcaster", "consumer"} if self.role == "all" else {self.role}
-        bus = self.bus = await connections.enter_async_context(
-            open_bus(c, f"userstreamd-{self.role}")
-        )
-        if roles & {"producer", "consumer"}:
-            if self.role != "all" and not c.database.dsn:
-                get_logger().warning(
-                    "daemon.embedded_database_alone",
-                    role=self.role,
-                    reason="database.dsn is empty: this process writes to a PostgreSQL of "
-                    "its own; roles on other machines do not see it",
-                )
-            self.dsn = await sup.start("database", partial(run_database, c))
-            self.health.probe_now()
-            source = c.producer.source
-            seed = c.producer.seed or bus.epoch
-            await trio.to_thread.run_sync(record_stream, c, self.dsn, bus.epoch, seed, source)
-        if "broadcaster" in roles:
-            mirror = StreamMirror(bus, c.broadcaster)
-            self.hub = await sup.start("mirror", mirror.run)
-            await self._start_broadcaster(sup, page_origins)
-        if "consumer" in roles:
-            for name, consumer in wiring.stream_consumers(c, bus, self.dsn, self.metrics):
-                self.consumers.append(consumer)
-                self._consumer_names.append(name)
-                await sup.start(name, consumer.run)
-        if "producer" in roles:
-            stream = Stream(bus.epoch, seed, 0, 0, resumed=True)
-            outlet = Outlet(bus, 0, Publisher(bus))  # (each session makes its own)
-            self.producer = wiring.producer(
-                c, outlet, http, stream, self.dsn, resources, self.metrics
-            )
-            await sup.start("producer", partial(run_producer, bus, self.producer))
 
     @property
     def stopping(self) -> bool:
@@ -290,38 +235,12 @@ class Daemon:
         log.info("daemon.stopping", giving_up=self.giving_up)
         self.notifier.stopping("stopping" if self.giving_up else "stopping: draining consumers")
         await sup.stop("producer")
-        # (what cannot drain is not waited for; on the NATS bus the stream keeps it)
-        if not self.giving_up and self.config.cluster.bus == "embedded":
-            await self._drain()
-        self.hub.close()
+        if not self.giving_up:  # (what cannot drain is not waited for)
+            await self.topology.drain(self.dsn, self.config.supervisor.drain_timeout_s)
+        self.topology.close()
         await sup.stop(*self._consumer_names)
         await sup.stop_all()
         log.info("daemon.stopped", exit_code=self.exit_code, **self._totals())
-
-    async def _drain(self) -> None:
-        """Wait (bounded) until the group has committed everything published, then store
-        its final checkpoint."""
-        log = get_logger()
-        with trio.move_on_after(self.config.supervisor.drain_timeout_s) as drain:
-            await self.hub.wait_drained()
-        log.info(
-            "daemon.drained" if not drain.cancelled_caught else "daemon.drain_timeout",
-            last_seq=self.hub.last_seq,
-            committed_through=self.committed_through(),
-        )
-        group = self.config.consumers.group
-        if not self.hub.has_group(group):  # (no consumers)
-            return
-        seq, position = self.hub.watermark(group)
-        if seq == 0:
-            return
-        checkpoint = StreamCheckpoint(group, self.hub.epoch, seq, position)
-        with trio.move_on_after(self.config.supervisor.stop_timeout_s):
-            try:
-                await save_checkpoint(self.config, self.dsn, checkpoint)
-                log.info("daemon.checkpoint_saved", seq=seq, position=position)
-            except Exception as exc:  # the consumers' checkpoint stands; nothing is lost
-                log.warning("daemon.checkpoint_not_saved", seq=seq, error=str(exc))
 
     def _totals(self) -> dict[str, Any]:
         producer = self.producer.statistics() if self.producer else None
@@ -338,33 +257,45 @@ class Daemon:
         }
         return totals
 
-    def committed_through(self) -> int:
-        if self.bus is not None:  # (the group's ack floor, as this node's consumers saw it)
-            return max((c.committed_through for c in self._stream_consumers()), default=0)
-        group = self.config.consumers.group
-        return self.hub.watermark(group)[0] if self.hub.has_group(group) else 0
+    @property
+    def hub(self) -> Hub | None:
+        """The broadcaster's feed (the topology's hub), once there is one."""
+        return self.topology.hub
 
-    def _stream_consumers(self) -> list[StreamConsumer]:
-        return [c for c in self.consumers if isinstance(c, StreamConsumer)]
+    def committed_through(self) -> int:
+        return self.topology.committed_through()
 
     def counts(self) -> StreamCounts:
-        """Users published, committed and set aside (by source) as this daemon knows them:
-        its hub's; on the NATS bus, its own producer's and consumers'."""
-        hub = self.hub
-        if self.bus is None:
-            return StreamCounts(
-                hub.published, hub.committed, hub.rejected, hub.last_seq, hub.users_committed
-            )
-        outlet = self.producer.hub if self.producer else None
-        published = outlet.published if isinstance(outlet, Outlet) else hub.published
-        last_seq = outlet.last_seq if isinstance(outlet, Outlet) else hub.last_seq
-        committed: Counter[str] = Counter()
-        rejected: Counter[str] = Counter()
-        for consumer in self._stream_consumers():
-            committed.update(consumer.committed)
-            rejected.update(consumer.rejected)
-        total = sum(committed.values()) + sum(rejected.values())
-        return StreamCounts(published, committed, rejected, last_seq, total)
+        """Users published, committed and set aside (by source) as this daemon knows them."""
+        return self.topology.counts()
+
+    def status(self) -> Status:
+        """One snapshot of every part, for the observers."""
+        topology, b, c = self.topology, self.broadcaster, self.config
+        components = tuple(self.supervisor.snapshot()) if self.supervisor else ()
+        hub = topology.hub
+        return Status(
+            started=self.ready.is_set(),
+            stopping=self.stopping,
+            components=components,
+            database=self.probe.state if topology.uses_database else None,
+            serves="broadcaster" in topology.parts,
+            broadcasting=b is not None,
+            topology_checks=topology.checks({s.name: s.state for s in components}),
+            feed=hub.statistics() if hub is not None else None,
+            broadcaster=b.statistics() if b else None,
+            sent=dict(b.sent) if b else {},
+            fanout=FanoutTotals(c.broadcaster.workers, *(b.fanout_totals() if b else (0, 0, 0))),
+            counts=topology.counts(),
+            committed_through=topology.committed_through(),
+            producer=self.producer.statistics() if self.producer else None,
+            websocket=WebSocketInfo(
+                self.ws_port, "wss" if self.ssl_context else "ws", self.tokens.required
+            ),
+        )
+
+    def readiness(self) -> Readiness:
+        return readiness(self.status())
 
     def _status(self) -> str:
         """The one-line summary systemd shows (STATUS=): what /readyz says is wrong, if
@@ -372,10 +303,12 @@ class Daemon:
         producer = self.producer.statistics() if self.producer else None
         source = producer.active_source if producer else "-"
         rate = producer.rate_per_s if producer else 0
-        problems = self.health.readiness().problems
+        status = self.status()
+        problems = readiness(status).problems
+        clients = status.feed.clients if status.feed else 0
         summary = (
-            f"{self.counts().last_seq} users streamed at {rate:g}/s from {source}, "
-            f"{self.hub.clients} clients, committed through seq {self.committed_through()}"
+            f"{status.counts.last_seq} users streamed at {rate:g}/s from {source}, "
+            f"{clients} clients, committed through seq {status.committed_through}"
         )
         if not problems:
             return summary
@@ -390,7 +323,7 @@ class Daemon:
         while True:
             await trio.sleep(interval)
             self.notifier.status(self._status())
-            if self.notifier.watchdog_interval_s and self.health.readiness().alive:
+            if self.notifier.watchdog_interval_s and self.readiness().alive:
                 self.notifier.watchdog()
 
     async def _watch_signals(self, root: trio.CancelScope) -> None:
@@ -416,7 +349,7 @@ class Daemon:
         log = get_logger()
         self.notifier.reloading()
         try:
-            new = load_config(self.config.path)
+            new = load_config(self.config.path, rules=config_rules)
         except ConfigError as exc:
             log.error("daemon.reload_rejected", error=str(exc))
             self.notifier.ready(self._status())
@@ -468,7 +401,7 @@ class Daemon:
                 broadcaster=edge,
                 users_streamed=streamed,
                 rate_per_s=round(rate, 2),
-                active_clients=self.hub.clients,
+                active_clients=self.hub.clients if self.hub else 0,
                 source=source,
                 components=components,
                 **self._totals(),

@@ -30,11 +30,10 @@ import os
 import socket
 import time
 from collections.abc import Mapping
-from pathlib import Path
 
 from ..logs import get_logger
 
-__all__ = ["Notifier", "read_credential"]
+__all__ = ["Notifier"]
 
 
 def _socket_address(value: str) -> bytes | None:
@@ -158,23 +157,3 @@ class Notifier:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-
-
-def read_credential(name: str, environ: Mapping[str, str] = os.environ) -> str | None:
-    """Contents of $CREDENTIALS_DIRECTORY/<name> (systemd LoadCredential=), trailing newline
-    stripped; None if the variable or file is absent.
-
-    An empty credential (or a lone newline) also reads as None: the shipped unit's
-    ``SetCredential=db-password:\\n`` fallback, used when the password file is missing,
-    means "no password", the way an empty password environment variable does.
-    """
-    if not name or "/" in name or name in (".", ".."):
-        raise ValueError(f"invalid credential name {name!r}")
-    directory = environ.get("CREDENTIALS_DIRECTORY")
-    if not directory:
-        return None
-    try:
-        text = (Path(directory) / name).read_text(encoding="utf-8")
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    return text.rstrip("\r\n") or None

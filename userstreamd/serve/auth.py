@@ -29,8 +29,8 @@ import re
 from dataclasses import dataclass
 
 from ..config import Config
+from ..credentials import read_credential
 from ..errors import ConfigError
-from ..runtime.systemd import read_credential
 
 CREDENTIAL = "ws-tokens"
 MIN_TOKEN_CHARS = 16

@@ -33,14 +33,16 @@ from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 
 from ..config import BroadcasterConfig, Config
 from ..logs import bind, get_logger
-from ..runtime import lifeline, wiring
+from ..runtime import lifeline
 from ..runtime.supervisor import describe
 from ..runtime.workers import READY, stop_on_signal
 from ..stream.client import open_ws
 from ..stream.hub import Hub
+from ..stream.mirrors import mirror_hub
 from ..stream.protocol import FanoutReport, encode
 from .auth import Tokens
 from .broadcaster import CLOSE_GOING_AWAY, Broadcaster
+from .policy import admission_policy
 
 FEED_BATCH = 1000  # users per frame from the daemon, at most
 RECONNECT_MAX_S = 2.0
@@ -97,7 +99,7 @@ class Mirror:
         # (half the lag a client may have: a reader further behind than client_lag_max
         # would be told of a gap and moved to half of it)
         start = max(0, welcome.seq - self.settings.client_lag_max // 2)
-        hub = self.hub = wiring.mirror_hub(self.settings, welcome.epoch, first_seq=start + 1)
+        hub = self.hub = mirror_hub(self.settings, welcome.epoch, first_seq=start + 1)
         if start < welcome.seq:
             async with open_ws(self._url((hub.epoch, start))) as ws:
                 await ws.get_message()  # its welcome
@@ -197,7 +199,7 @@ async def run_fanout_worker(
         broadcaster = Broadcaster(
             hub,
             b,
-            wiring.policy(config, tokens, origins),
+            admission_policy(config, tokens, origins),
             ssl_context=ssl_context,
             relay=upstream,
         )

@@ -37,9 +37,9 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig, StreamInfo
 
 from ...config import ClusterConfig, Config
+from ...credentials import read_credential
 from ...errors import ConfigError
 from ...logs import get_logger
-from ...runtime.systemd import read_credential
 from .bridge import AsyncioThread, open_asyncio_thread
 
 T = TypeVar("T")

@@ -27,8 +27,8 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from ...config import BroadcasterConfig
 from ...logs import get_logger
-from ...runtime import wiring
 from ...stream.hub import Hub
+from ...stream.mirrors import mirror_hub
 from ...stream.protocol import hole_frame
 from .bus import Bus
 
@@ -93,7 +93,7 @@ class StreamMirror:
         if self.hub is None:
             first, history_end = await bus.bounds()
             start = max(first - 1, history_end - self.settings.client_lag_max // 2, 0)
-            self.hub = wiring.mirror_hub(self.settings, bus.epoch, first_seq=start + 1)
+            self.hub = mirror_hub(self.settings, bus.epoch, first_seq=start + 1)
         hub = self.hub
         inbox = _Inbox()
         subscription = await bus.retrying(
