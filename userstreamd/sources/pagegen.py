@@ -7,7 +7,7 @@ validated (`records.parse_user`) and already without the API's fake credentials 
 are kept, which the hub embeds in its frames as is (``msgspec.Raw``): the daemon neither
 builds, validates, nor re-encodes a synthetic user.
 
-The child is ``python -m userstreamd.sources.pagegen``, stateless: each request names the
+The child is ``python -m userstreamd.sources.pagechild``, stateless: each request names the
 seed, the positions and the options, and users are deterministic by (seed, position), so
 any child can serve any page. Protocol: one JSON `PageRequest` per line on its standard
 input; per request, an 8-byte big-endian length and a JSON `PreparedPage` on its standard
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import os
 import subprocess
 import sys
 from datetime import datetime
@@ -38,12 +37,12 @@ from ..errors import SourceUnavailable
 from ..logs import get_logger
 from ..runtime.lifeline import how
 
-__all__ = ["PAGE_TIMEOUT_S", "PageGenerator", "PageRequest", "PreparedPage", "main"]
+__all__ = ["PAGE_TIMEOUT_S", "PageGenerator", "PageRequest", "PreparedPage"]
 
 PAGE_TIMEOUT_S = 30.0  # a child that has not answered by then is killed (a page: ~0.2 s)
 STOP_TIMEOUT_S = 5.0  # after the lifeline's end, then SIGKILL
 PIPE_BYTES = 2**20  # the pipe the child writes pages into
-_LENGTH_BYTES = 8
+LENGTH_BYTES = 8
 
 
 class PageRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -69,7 +68,8 @@ class PreparedPage(msgspec.Struct, frozen=True):
     rejected: dict[int, str] = {}
 
 
-_encode = msgspec.json.Encoder().encode
+encode_page = msgspec.json.Encoder().encode
+CHILD_MODULE = "userstreamd.sources.pagechild"  # (run by name: it imports the generator)
 _decode_page = msgspec.json.Decoder(PreparedPage).decode
 
 
@@ -131,7 +131,7 @@ class PageGenerator:
     async def _start(self) -> trio.Process:
         try:
             proc = await trio.lowlevel.open_process(
-                [sys.executable, "-m", __name__],
+                [sys.executable, "-m", CHILD_MODULE],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 start_new_session=True,
@@ -166,13 +166,13 @@ class PageGenerator:
     async def _send(self, proc: trio.Process, request: PageRequest) -> None:
         assert proc.stdin is not None
         try:
-            await proc.stdin.send_all(_encode(request) + b"\n")
+            await proc.stdin.send_all(encode_page(request) + b"\n")
         except trio.BrokenResourceError:
             await self._died(proc)
 
     async def _receive(self, proc: trio.Process) -> bytes:
         assert proc.stdout is not None
-        header = await _receive_exactly(proc.stdout, _LENGTH_BYTES)
+        header = await _receive_exactly(proc.stdout, LENGTH_BYTES)
         size = int.from_bytes(header, "big")
         payload = await _receive_exactly(proc.stdout, size) if header else b""
         if not payload:
@@ -219,24 +219,3 @@ async def _receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
             return b""
         data += chunk
     return bytes(data)
-
-
-def main() -> int:
-    """The child: answer requests until the end of standard input (the lifeline)."""
-    from .synthetic import prepare_page  # (the parent's side never needs the generator)
-
-    decode_request = msgspec.json.Decoder(PageRequest).decode
-    out = sys.stdout.buffer
-    try:
-        for line in sys.stdin.buffer:
-            page = _encode(prepare_page(decode_request(line)))
-            out.write(len(page).to_bytes(_LENGTH_BYTES, "big"))
-            out.write(page)
-            out.flush()
-    except BrokenPipeError:  # the daemon is gone: so are we (quietly, at exit too)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
