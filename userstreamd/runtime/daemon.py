@@ -66,7 +66,10 @@ class Daemon:
         tokens: Tokens | None = None,
         ssl_context: ssl.SSLContext | None = None,
         role: str = "all",
+        topology: Callable[[Context], Topology] = choose,
     ) -> None:
+        """`topology` makes the topology from its context (default: the one the config
+        names; tests pass one of their own)."""
         self.config = config  # as started; a reload changes only the RELOADABLE keys
         self.role = role
         self.tokens = tokens or Tokens((), required=False)
@@ -74,7 +77,7 @@ class Daemon:
         self.metrics = Metrics()
         self.worker_processes: set[trio.Process] = set()
         hooks = Hooks(on_batch=self.metrics.batch, on_end_to_end=self.metrics.end_to_end)
-        self.topology: Topology = choose(Context(config, role, hooks, self.worker_processes))
+        self.topology = topology(Context(config, role, hooks, self.worker_processes))
         self.probe = DatabaseProbe(lambda: self.dsn, config.db_password)
         self.metrics.watch(StatusCollector(self.status))
         self.broadcaster: Broadcaster | None = None
