@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -44,6 +43,7 @@ from typing import Any, Protocol, runtime_checkable
 import msgspec
 import trio
 
+from ..backoff import Backoff
 from ..errors import InvalidRecord, SourceError
 from ..logs import bind, get_logger
 from ..sources.pagegen import PreparedPage
@@ -157,12 +157,12 @@ class Circuit:
         self.is_open = False
         self.failures = 0  # in a row
         self.retry_at = -math.inf  # the primary is not tried before this time
-        self._delay = 0.0
+        self._delays = Backoff(min(RETRY_MIN_S, retry_max_s), retry_max_s).delays()
 
     def failed(self, now: float, *, retry_after_s: float | None, rate_limited: bool) -> float:
         """Count a failure of the primary at `now`; the seconds until it may be tried again."""
         self.failures += 1
-        self._delay = min(self.retry_max_s, max(RETRY_MIN_S, self._delay * 2))
+        backoff_s = self._delays.next_s()  # (grows with every failure, whatever waits)
         if retry_after_s is not None:
             wait = min(retry_after_s, MAX_RETRY_AFTER_S)
             if wait > self.probe_interval_s:  # too long to hold the stream: open
@@ -170,8 +170,8 @@ class Circuit:
         elif rate_limited:  # the window is minutes long: sooner only earns more 429s
             wait = self.probe_interval_s
             self.is_open = True
-        else:  # equal jitter: the delay stays in [d/2, d], so delays still grow
-            wait = self._delay * random.uniform(0.5, 1.0)
+        else:
+            wait = backoff_s
         if self.failures >= self.failures_to_open:
             self.is_open = True
         if self.is_open and self.fallback:
@@ -182,7 +182,8 @@ class Circuit:
     def succeeded(self) -> bool:
         """Count a success of the primary; True if that closed the circuit."""
         was_open = self.is_open
-        self.is_open, self.failures, self._delay = False, 0, 0.0
+        self.is_open, self.failures = False, 0
+        self._delays.reset()
         self.retry_at = -math.inf
         return was_open
 

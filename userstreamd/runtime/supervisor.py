@@ -23,7 +23,6 @@ The model is Erlang/OTP's, in one trio nursery:
 
 from __future__ import annotations
 
-import random
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import Any, Literal
 
 import trio
 
+from ..backoff import Backoff
 from ..logs import bind, get_logger
 
 State = Literal["starting", "running", "backoff", "stopping", "stopped", "failed"]
@@ -126,7 +126,7 @@ class Supervisor:
         bind(component=c.name)
         log = get_logger()
         reported = False
-        delay = c.policy.delay_min_s
+        delays = Backoff(c.policy.delay_min_s, c.policy.delay_max_s).delays()
         try:
             with c.scope:
                 while True:
@@ -152,7 +152,7 @@ class Supervisor:
                     if started_at is not None and (
                         trio.current_time() - started_at >= c.policy.reset_after_s
                     ):
-                        delay = c.policy.delay_min_s
+                        delays.reset()
                     if not self._restart_allowed(c):
                         c.state = "failed"
                         log.error("supervisor.intensity_exceeded", reason=self.failure)
@@ -162,7 +162,7 @@ class Supervisor:
                         await trio.sleep_forever()  # stays failed until the daemon stops it
                     c.restarts += 1
                     c.state = "backoff"
-                    wait = delay * random.uniform(0.5, 1.0)
+                    wait = delays.next_s()
                     log.warning(
                         "supervisor.backoff",
                         restart_in_s=round(wait, 3),
@@ -170,7 +170,6 @@ class Supervisor:
                         last_exit=c.last_exit,
                     )
                     await trio.sleep(wait)
-                    delay = min(c.policy.delay_max_s, delay * 2)
         finally:
             # Also when cancelled from outside (a start that never reported ready).
             if c.state != "failed":

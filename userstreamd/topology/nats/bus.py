@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import random
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,6 +35,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig, StreamInfo
 
+from ...backoff import Backoff
 from ...config import ClusterConfig, Config
 from ...credentials import read_credential
 from ...errors import ConfigError
@@ -92,7 +92,7 @@ class Bus:
         leader being elected): each attempt bounded by ATTEMPT_S, each failure logged
         as ``what``. A refusal (`nats.js.errors.APIError` other than "unavailable") and
         a deleted stream are raised (`BusError`)."""
-        delay = 0.1
+        delays = Backoff(0.1, RETRY_MAX_S).delays()
         while True:
             with trio.move_on_after(ATTEMPT_S) as attempt:
                 try:
@@ -105,9 +105,8 @@ class Bus:
                     error = f"{type(exc).__name__}: {exc}"
             if attempt.cancelled_caught:
                 error = f"no answer within {ATTEMPT_S:g} s"
-            get_logger().warning(what, error=error, retry_in_s=round(delay, 2))
-            await trio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(RETRY_MAX_S, delay * 2)
+            get_logger().warning(what, error=error, retry_in_s=round(delays.ceiling_s, 2))
+            await delays.sleep()
 
     async def quietly(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """`call` as a last step (an unsubscribe at stop): shielded from cancellation,
@@ -290,7 +289,7 @@ async def open_bus(config: Config, name: str) -> AsyncIterator[Bus]:
     options = checked_options(config, name)
     reporter = _Reporter()
     async with open_asyncio_thread() as thread:
-        delay = 0.25
+        delays = Backoff(0.25, RETRY_MAX_S).delays()
         while True:
             try:
                 nc, info = await thread.run(_connect, options, cl, reporter)
@@ -298,7 +297,9 @@ async def open_bus(config: Config, name: str) -> AsyncIterator[Bus]:
             except nats.errors.AuthorizationError as exc:
                 raise BusError(f"the servers refused the credentials ([cluster]): {exc}") from exc
             except nats.js.errors.ServiceUnavailableError as exc:  # (no quorum: yet)
-                log.warning("nats.unavailable", error=str(exc), retry_in_s=round(delay, 2))
+                log.warning(
+                    "nats.unavailable", error=str(exc), retry_in_s=round(delays.ceiling_s, 2)
+                )
             except nats.js.errors.APIError as exc:  # connected, but the stream was refused
                 raise BusError(
                     f"stream {cl.stream!r} (replicas = {cl.replicas}): {exc.description}"
@@ -308,10 +309,9 @@ async def open_bus(config: Config, name: str) -> AsyncIterator[Bus]:
                     "nats.unreachable",
                     servers=cl.servers,
                     error=f"{type(exc).__name__}: {exc}",
-                    retry_in_s=round(delay, 2),
+                    retry_in_s=round(delays.ceiling_s, 2),
                 )
-            await trio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(RETRY_MAX_S, delay * 2)
+            await delays.sleep()
         bus = Bus(thread, nc, nc.jetstream(timeout=OP_TIMEOUT_S), cl, epoch_of(info))
         log.info(
             "nats.connected",
