@@ -1,0 +1,146 @@
+"""The observers (readiness, metrics, the ops endpoint) read a `Status` snapshot and
+nothing else: each is tested here on snapshots made by hand, with no daemon."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import trio
+
+from userstreamd.ops.app import OpsApp
+from userstreamd.ops.health import readiness
+from userstreamd.ops.metrics import Metrics, StatusCollector
+from userstreamd.ops.status import FanoutTotals, Status, WebSocketInfo
+from userstreamd.runtime.supervisor import ComponentState
+from userstreamd.stream.hub import GroupStatistics, HubStatistics
+from userstreamd.topology import StreamCounts
+
+RUNNING = (
+    ComponentState("database", "running", 0, None),
+    ComponentState("broadcaster", "running", 0, None),
+    ComponentState("consumer-1", "running", 2, "OSError: gone"),
+)
+FEED = HubStatistics(
+    epoch="e1",
+    last_seq=120,
+    clients=3,
+    members=1,
+    buffered=120,
+    buffered_bytes=4096,
+    slow_disconnects=1,
+    bad_frames=0,
+    groups_cut_off=0,
+    members_evicted=0,
+    groups=(GroupStatistics("db", 1, 100, 10, 10),),
+)
+
+
+def _status(**changes: object) -> Status:
+    fields: dict[str, object] = {
+        "started": True,
+        "components": RUNNING,
+        "database": "ok",
+        "serves": True,
+        "broadcasting": True,
+        "topology_checks": {"consumers": "ok"},
+        "feed": FEED,
+        "sent": {"plain": 300, "member": 100},
+        "fanout": FanoutTotals(workers=2, clients=5, sent=50, slow_closes=2),
+        "counts": StreamCounts({"synthetic": 120}, {"synthetic": 100}, {}, 120, 100),
+        "committed_through": 100,
+        "websocket": WebSocketInfo(8765, "ws", False),
+    }
+    fields.update(changes)
+    return Status(**fields)  # type: ignore[arg-type]
+
+
+def test_ready_when_every_part_is() -> None:
+    found = readiness(_status())
+    assert found.checks == {
+        "daemon": "ok",
+        "database": "ok",
+        "broadcaster": "ok",
+        "consumers": "ok",
+    }
+    assert found.ready and found.alive
+
+
+def test_a_dependency_down_is_not_ready_but_alive() -> None:
+    found = readiness(_status(database="unreachable: connection refused"))
+    assert not found.ready and found.alive
+    assert found.problems == {"database": "unreachable: connection refused"}
+
+
+def test_an_own_part_down_is_neither() -> None:
+    backoff = (ComponentState("broadcaster", "backoff", 1, "OSError: port in use"),)
+    found = readiness(_status(components=backoff))
+    assert found.checks["broadcaster"] == "backoff"
+    assert not found.ready and not found.alive
+
+
+def test_starting_stopping_and_parts_not_run() -> None:
+    assert readiness(_status(started=False)).checks["daemon"] == "starting"
+    assert readiness(_status(stopping=True)).checks["daemon"] == "stopping"
+    alone = readiness(_status(database=None, serves=False, topology_checks={"nats": "ok"}))
+    assert alone.checks == {"daemon": "ok", "nats": "ok"}
+
+
+def _exposition(status: Status) -> str:
+    metrics = Metrics()
+    metrics.watch(StatusCollector(lambda: status))
+    return metrics.exposition()[0].decode()
+
+
+def test_metrics_are_read_from_the_snapshot() -> None:
+    text = _exposition(_status())
+    assert 'userstreamd_users_broadcast_total{source="synthetic"} 120.0' in text
+    assert 'userstreamd_users_committed_total{source="synthetic"} 100.0' in text
+    assert 'userstreamd_websocket_messages_sent_total{kind="fanout"} 50.0' in text
+    assert 'userstreamd_websocket_clients{kind="fanout"} 5.0' in text
+    assert "userstreamd_websocket_slow_closes_total 3.0" in text
+    assert 'userstreamd_oldest_unacknowledged_seq{group="db"} 101.0' in text
+    assert 'userstreamd_component_restarts_total{component="consumer-1"} 2.0' in text
+    assert "userstreamd_ready 1.0" in text
+
+
+def test_metrics_of_a_process_without_a_feed() -> None:
+    """A consumer-only node: no hub, no fan-out; what it has is still exposed."""
+    status = _status(feed=None, serves=False, broadcasting=False, fanout=FanoutTotals(), sent={})
+    text = _exposition(status)
+    assert "userstreamd_buffer_messages 0.0" in text
+    assert "userstreamd_stream_last_seq 120.0" in text  # (from the counts)
+    assert 'kind="fanout"' not in text
+
+
+def test_each_scrape_reads_a_new_snapshot() -> None:
+    snapshots = iter([_status(), _status(counts=StreamCounts({"synthetic": 500}, {}, {}, 500, 0))])
+    metrics = Metrics()
+    metrics.watch(StatusCollector(lambda: next(snapshots)))
+    assert 'users_broadcast_total{source="synthetic"} 120.0' in metrics.exposition()[0].decode()
+    assert 'users_broadcast_total{source="synthetic"} 500.0' in metrics.exposition()[0].decode()
+
+
+async def test_the_ops_endpoint_answers_from_the_snapshot() -> None:
+    current = {"status": _status()}
+    app = OpsApp(lambda: current["status"], Metrics())
+    transport = httpx.ASGITransport(app=app)
+    with trio.fail_after(10):
+        async with httpx.AsyncClient(transport=transport, base_url="http://ops") as client:
+            assert (await client.get("/readyz")).status_code == 200
+            body = json.loads((await client.get("/status.json")).text)
+            assert body["stream"] == {
+                "epoch": "e1",
+                "last_seq": 120,
+                "committed": 100,
+                "committed_through": 100,
+                "rate_per_s": 0,
+                "source": None,
+            }
+            assert body["clients"] == {"plain": 3, "member": 1}
+            assert body["websocket"] == {"port": 8765, "scheme": "ws", "token_required": False}
+            current["status"] = _status(database="read-only (transaction_read_only)")
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["checks"]["database"] == "read-only (transaction_read_only)"
+            assert (await client.get("/healthz")).status_code == 200
