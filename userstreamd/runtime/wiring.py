@@ -11,24 +11,18 @@ import httpx
 import trio
 
 from .. import __version__
-from ..config import BroadcasterConfig, Config
-from ..consume.consumer import Consumer, Milestones, make_consumer
+from ..config import Config
 from ..ops.app import url_host
 from ..ops.metrics import Metrics
 from ..produce.deadletters import DeadLetters
 from ..produce.producer import Outlet, Producer, Source, page_size_for
-from ..serve.admission import Policy
-from ..serve.auth import Tokens
 from ..sources.randomuser import RandomUserSource, UserBudget
 from ..sources.synthetic import SyntheticSource
 from ..store.ledger import BudgetLedger
 from ..store.postgres import PostgresStore
 from ..store.streams import Stream
-from ..stream.hub import Hub
-from ..topology.nats.bus import Bus
-from ..topology.nats.consumer import StreamConsumer
 from .supervisor import ComponentFn, Intensity, RestartPolicy, Supervisor
-from .workers import run_consumer_process, run_worker_process
+from .workers import run_worker_process
 
 
 def http_client(config: Config) -> httpx.AsyncClient:
@@ -55,41 +49,6 @@ def supervisor(
     )
 
 
-def hub(config: Config, stream: Stream, metrics: Metrics | None = None) -> Hub:
-    """The hub; the daemon's own group holds the producer back only when it has consumers
-    (a broadcast-only daemon waits for nobody)."""
-    b, c = config.broadcaster, config.consumers
-    new = Hub(
-        stream.epoch,
-        first_seq=stream.seq + 1,
-        buffer_messages=b.buffer_messages,
-        buffer_bytes=b.buffer_bytes,
-        client_lag_max=b.client_lag_max,
-        group_lag_max=b.group_lag_max,
-        window=c.window,
-        lead_max=c.max_lead,
-        on_committed=metrics.end_to_end if metrics else None,
-    )
-    if c.count > 0:
-        new.declare_group(
-            c.group, watermark=stream.seq, position=stream.position, holds_producer=True
-        )
-    for name in b.groups:
-        new.declare_group(name)
-    return new
-
-
-def mirror_hub(settings: BroadcasterConfig, epoch: str, first_seq: int) -> Hub:
-    """A fan-out worker's hub: the daemon's stream from `first_seq` on, the same bounds."""
-    return Hub(
-        epoch,
-        first_seq=first_seq,
-        buffer_messages=settings.buffer_messages,
-        buffer_bytes=settings.buffer_bytes,
-        client_lag_max=settings.client_lag_max,
-    )
-
-
 def fanout_workers(
     config: Config, upstream: str, port: int, origins: Sequence[str], running: set[trio.Process]
 ) -> list[tuple[str, ComponentFn]]:
@@ -110,19 +69,6 @@ def fanout_workers(
         )
         for worker in range(1, config.broadcaster.workers + 1)
     ]
-
-
-def policy(config: Config, tokens: Tokens, page_origins: Sequence[str] = ()) -> Policy:
-    """Who may connect; the live page's own origins (`page_origins`) may too."""
-    b = config.broadcaster
-    return Policy(
-        tokens,
-        own_group=config.consumers.group,
-        groups=frozenset(b.groups),
-        allow_ad_hoc_groups=b.allow_ad_hoc_groups,
-        allowed_origins=frozenset(o.lower() for o in [*b.allowed_origins, *page_origins]),
-        default_window=config.consumers.window,
-    )
 
 
 def page_origins(host: str, port: int) -> list[str]:
@@ -195,45 +141,3 @@ def producer(
         start_position=stream.position + 1,
         stop_at_position=p.stop_at_position,
     )
-
-
-def stream_consumers(
-    config: Config, bus: Bus, dsn: str, metrics: Metrics
-) -> list[tuple[str, StreamConsumer]]:
-    """(component name, consumer) per consumer on the NATS bus (trio tasks, always)."""
-    milestones = Milestones(config.database.milestone_every)
-    found = []
-    for worker in range(1, config.consumers.count + 1):
-        store = PostgresStore.from_config(
-            config, dsn, application_name=f"userstreamd-consumer-{worker}"
-        )
-        consumer = StreamConsumer(
-            bus, store, config, worker, milestones, metrics.batch, metrics.end_to_end
-        )
-        found.append((f"consumer-{worker}", consumer))
-    return found
-
-
-def consumers(
-    config: Config, url: str, dsn: str, running: set[trio.Process]
-) -> list[tuple[str, ComponentFn, Consumer | None]]:
-    """(component name, its run function, the in-process Consumer or None) per consumer."""
-    c = config.consumers
-    milestones = Milestones(config.database.milestone_every)
-    found: list[tuple[str, ComponentFn, Consumer | None]] = []
-    for worker in range(1, c.count + 1):
-        if config.consumer_processes:
-            run = partial(
-                run_consumer_process,
-                config,
-                worker,
-                url,
-                dsn,
-                stop_timeout_s=config.supervisor.stop_timeout_s,
-                running=running,
-            )
-            found.append((f"consumer-{worker}", run, None))
-        else:
-            consumer = make_consumer(config, url, dsn, worker, milestones)
-            found.append((f"consumer-{worker}", consumer.run, consumer))
-    return found
