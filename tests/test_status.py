@@ -11,6 +11,7 @@ import trio
 from userstreamd.ops.app import OpsApp
 from userstreamd.ops.health import readiness
 from userstreamd.ops.metrics import Metrics, StatusCollector
+from userstreamd.ops.report import stats, summary_line, totals
 from userstreamd.ops.status import FanoutTotals, Status, WebSocketInfo
 from userstreamd.runtime.supervisor import ComponentState
 from userstreamd.stream.hub import GroupStatistics, HubStatistics
@@ -144,3 +145,32 @@ async def test_the_ops_endpoint_answers_from_the_snapshot() -> None:
             assert ready.status_code == 503
             assert ready.json()["checks"]["database"] == "read-only (transaction_read_only)"
             assert (await client.get("/healthz")).status_code == 200
+
+
+def test_the_systemd_line_leads_with_what_is_wrong() -> None:
+    assert summary_line(_status()) == (
+        "120 users streamed at 0/s from -, 3 clients, committed through seq 100"
+    )
+    down = summary_line(_status(database="unreachable: refused"))
+    assert down.startswith("not ready: database: unreachable: refused; 120 users streamed")
+
+
+def test_the_stats_event_and_the_totals() -> None:
+    fields = stats(_status(rows_inserted=100), rate_per_s=12.345)
+    assert fields["rate_per_s"] == 12.35
+    assert fields["users_streamed"] == 120 and fields["active_clients"] == 3
+    assert fields["components"]["consumer-1"] == {
+        "state": "running",
+        "restarts": 2,
+        "last_exit": "OSError: gone",
+    }
+    assert totals(_status(rows_inserted=100)) == {
+        "published": 0,
+        "invalid": 0,
+        "fetch_failures": {},
+        "backpressure_waits": 0,
+        "last_seq": 120,
+        "committed_through": 100,
+        "committed": 100,
+        "rows_inserted": 100,
+    }

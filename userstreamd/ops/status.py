@@ -56,6 +56,7 @@ class Status:
     counts: StreamCounts = NO_COUNTS
     committed_through: int = 0
     producer: ProducerStatistics | None = None
+    rows_inserted: int = 0  # by this process's consumers and the ones it started
     websocket: WebSocketInfo = WebSocketInfo()
 
     def state_of(self, component: str) -> str:

@@ -41,6 +41,7 @@ from ..logs import bind, configure_logging, get_logger
 from ..ops.app import OpsApp, serve_ops, url_host
 from ..ops.health import DatabaseProbe, Readiness, readiness
 from ..ops.metrics import Metrics, StatusCollector
+from ..ops.report import log_stats, summary_line, totals
 from ..ops.status import FanoutTotals, Status, WebSocketInfo
 from ..produce.producer import Producer
 from ..serve.auth import Tokens, is_loopback
@@ -151,7 +152,7 @@ class Daemon:
             )
             self.ready.set()
             self.notifier.ready(self._status())
-            root.start_soon(self._log_stats)
+            root.start_soon(log_stats, self.status, c.daemon.stats_interval_s)
             root.start_soon(self._keep_systemd_informed)
         await self._stop.wait()
         await self._shutdown(sup)
@@ -243,22 +244,7 @@ class Daemon:
         self.topology.close()
         await sup.stop(*self._consumer_names)
         await sup.stop_all()
-        log.info("daemon.stopped", exit_code=self.exit_code, **self._totals())
-
-    def _totals(self) -> dict[str, Any]:
-        producer = self.producer.statistics() if self.producer else None
-        counts = self.counts()
-        totals: dict[str, Any] = {
-            "published": producer.published if producer else 0,
-            "invalid": producer.invalid if producer else 0,
-            "fetch_failures": dict(producer.failures_by_kind) if producer else {},
-            "backpressure_waits": producer.backpressure_waits if producer else 0,
-            "last_seq": counts.last_seq,
-            "committed_through": self.committed_through(),
-            "committed": counts.committed_total,  # by every consumer, process or not
-            "rows_inserted": self.metrics.rows_inserted,
-        }
-        return totals
+        log.info("daemon.stopped", exit_code=self.exit_code, **totals(self.status()))
 
     @property
     def hub(self) -> Hub | None:
@@ -292,6 +278,7 @@ class Daemon:
             counts=topology.counts(),
             committed_through=topology.committed_through(),
             producer=self.producer.statistics() if self.producer else None,
+            rows_inserted=self.metrics.rows_inserted,
             websocket=WebSocketInfo(
                 self.ws_port, "wss" if self.ssl_context else "ws", self.tokens.required
             ),
@@ -301,21 +288,7 @@ class Daemon:
         return readiness(self.status())
 
     def _status(self) -> str:
-        """The one-line summary systemd shows (STATUS=): what /readyz says is wrong, if
-        anything, then the stream."""
-        producer = self.producer.statistics() if self.producer else None
-        source = producer.active_source if producer else "-"
-        rate = producer.rate_per_s if producer else 0
-        status = self.status()
-        problems = readiness(status).problems
-        clients = status.feed.clients if status.feed else 0
-        summary = (
-            f"{status.counts.last_seq} users streamed at {rate:g}/s from {source}, "
-            f"{clients} clients, committed through seq {status.committed_through}"
-        )
-        if not problems:
-            return summary
-        return "not ready: " + ", ".join(f"{k}: {v}" for k, v in problems.items()) + "; " + summary
+        return summary_line(self.status())
 
     async def _keep_systemd_informed(self) -> None:
         """STATUS= every few seconds; WATCHDOG=1 only while the daemon's own parts are fine
@@ -382,33 +355,6 @@ class Daemon:
         if ignored:
             log.warning("daemon.reload_needs_restart", keys=ignored)
         self.notifier.ready(self._status())
-
-    async def _log_stats(self) -> None:
-        log = get_logger().bind(component="daemon")
-        interval = self.config.daemon.stats_interval_s
-        last_seq, last_time = self.counts().last_seq, trio.current_time()
-        while True:
-            await trio.sleep(interval)
-            now = trio.current_time()
-            streamed = self.counts().last_seq
-            rate = (streamed - last_seq) / (now - last_time)
-            last_seq, last_time = streamed, now
-            source = self.producer.statistics().active_source if self.producer else None
-            components = {
-                s.name: {"state": s.state, "restarts": s.restarts, "last_exit": s.last_exit}
-                for s in (self.supervisor.snapshot() if self.supervisor else [])
-            }
-            edge = self.broadcaster.statistics() if self.broadcaster else None
-            log.info(
-                "daemon.stats",
-                broadcaster=edge,
-                users_streamed=streamed,
-                rate_per_s=round(rate, 2),
-                active_clients=self.hub.clients if self.hub else 0,
-                source=source,
-                components=components,
-                **self._totals(),
-            )
 
 
 async def run_daemon(
