@@ -165,44 +165,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if mode == "stages" and args.plot and (reason := bench.plot_available()) is not None:
         print(f"userstreamd: --plot: {reason}", file=sys.stderr)
         return 2
-    on_nats = getattr(args, "bus", "embedded") == "nats"
-    if mode == "fanout" and on_nats and args.compare:
-        print(
-            "userstreamd: bench fanout: --compare works with --bus embedded only", file=sys.stderr
-        )
-        return 2
+    if mode == "fanout" and args.compare:
+        from ..bench.fanout_servers import LAUNCHERS
+
+        if not LAUNCHERS[args.bus].compares:
+            which = " or ".join(bus for bus, server in LAUNCHERS.items() if server.compares)
+            print(
+                f"userstreamd: bench fanout: --compare works with --bus {which} only",
+                file=sys.stderr,
+            )
+            return 2
     configure_logging("warning", stream=sys.stderr)  # stdout is for the figures
     progress = sys.stderr.isatty()
     try:
-        if mode == "e2e" and on_nats:
-            report = bench.run_e2e_nats(
-                duration_s=args.duration,
-                warmup_s=args.warmup,
-                consumers=args.consumers,
-                consumer_processes=args.consumer_processes or args.consumers,
-                progress=progress,
-            )
-            bench.print_e2e_nats(report)
-        elif mode == "e2e":
+        if mode == "e2e":
             report = bench.run_e2e(
+                bus=args.bus,
                 duration_s=args.duration,
                 warmup_s=args.warmup,
                 consumers=args.consumers,
+                consumer_processes=args.consumer_processes,
                 progress=progress,
             )
             bench.print_e2e(report)
-        elif mode == "fanout" and on_nats:
-            report = bench.run_fanout_nats(
-                clients=args.clients,
-                rate_per_s=args.rate,
-                duration_s=args.duration,
-                warmup_s=args.warmup,
-                harness_procs=args.harness_procs,
-                progress=progress,
-            )
-            bench.print_fanout_nats(report)
         elif mode == "fanout":
             report = bench.run_fanout(
+                bus=args.bus,
                 clients=args.clients,
                 rate_per_s=args.rate,
                 duration_s=args.duration,
@@ -219,8 +207,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except bench.BenchError as exc:
         print(f"userstreamd: bench {mode}: {exc}", file=sys.stderr)
         return 1
-    if mode != "stages":
-        report["bus"] = args.bus
     if args.json:
         bench.write_json(report, args.json)
     if mode == "stages" and args.plot:
