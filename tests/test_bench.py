@@ -9,6 +9,7 @@ shape), never on a rate or a latency from such a window."""
 
 from __future__ import annotations
 
+import argparse
 import base64
 import contextlib
 import fcntl
@@ -31,9 +32,15 @@ import pytest
 
 from userstreamd import __version__, bench
 from userstreamd.bench import LABELS, fanout, harness
-from userstreamd.commands.cli import main
+from userstreamd.commands.cli import _parser, main
 
 from .helpers import drain
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPORT: dict[str, Any] = {
@@ -511,6 +518,20 @@ def test_bench_fanout_on_nats_splits_the_clients_over_two_broadcasters(tmp_path:
     assert {"producer", "broadcaster 1", "broadcaster 2", "nats-server n1"} <= names
     assert "over 2 broadcaster processes (3/2)" in result.stdout
     assert "0 slow closes, 0 dropped; 5 of 5 clients connected" in result.stdout
+
+
+def test_each_bus_choice_is_a_topology_of_both_benchmarks() -> None:
+    """``--bus`` offers exactly the topologies the two registries hold (the parser names
+    them without importing the bench, so that ``bench --help`` needs no extra)."""
+    from userstreamd.bench import e2e_topologies, fanout_servers
+
+    modes = next(
+        a for a in _commands()["bench"]._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    for mode in ("e2e", "fanout"):
+        bus = next(a for a in modes.choices[mode]._actions if "--bus" in a.option_strings)
+        assert set(bus.choices or ()) == set(e2e_topologies.LAUNCHERS)
+    assert set(e2e_topologies.LAUNCHERS) == set(fanout_servers.LAUNCHERS)
 
 
 def test_bench_fanout_compare_is_for_the_embedded_bus(capsys: pytest.CaptureFixture[str]) -> None:
