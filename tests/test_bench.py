@@ -1,10 +1,15 @@
 """`userstreamd bench` runs every stage for real and reports figures (never asserted:
 what is asserted is that each stage did the work it timed); its progress shows on a
 terminal only; --plot draws the figures. `bench e2e` and `bench fanout` run the real
-daemon as a child process; the fan-out harness counts every frame of a known server."""
+daemon as a child process; the fan-out harness counts every frame of a known server.
+
+The end-to-end tests run for a second or two on a machine shared with other work, so
+they assert on counted work (users committed, none missing, frames received, the JSON's
+shape), never on a rate or a latency from such a window."""
 
 from __future__ import annotations
 
+import argparse
 import base64
 import contextlib
 import fcntl
@@ -27,9 +32,15 @@ import pytest
 
 from userstreamd import __version__, bench
 from userstreamd.bench import LABELS, fanout, harness
-from userstreamd.commands.cli import main
+from userstreamd.commands.cli import _parser, main
 
 from .helpers import drain
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPORT: dict[str, Any] = {
@@ -231,15 +242,15 @@ def test_bench_e2e_writes_every_figure(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert report["bus"] == "embedded"
     e2e = report["e2e"]
-    assert e2e["users_per_s"] > 0
+    assert isinstance(e2e["users_per_s"], float)
     loss = e2e["zero_loss"]
     assert loss["verified"] is True and loss["drained"] is True
     assert loss["published"] > 0
     assert loss["rows"] == loss["distinct_seqs"] == loss["max_seq"] == loss["published"]
     assert loss["min_seq"] == 1
     latency = e2e["latency_ms"]
-    assert 0 < latency["p50"] <= latency["p99"] <= latency["max"]
     assert e2e["latency_users"] > 0 and "commit timestamp" in e2e["latency_source"]
+    assert latency["p50"] <= latency["p99"] <= latency["max"]  # (of the users counted)
     assert set(e2e["latency_ms_daemon_histogram"]) >= {"p50", "p99"}
     for run in ("processes", "latency_processes"):
         names = {p["process"] for p in e2e[run]}
@@ -247,8 +258,6 @@ def test_bench_e2e_writes_every_figure(tmp_path: Path) -> None:
         assert any(n.startswith("postgres backend (") for n in names)
         for proc in e2e[run]:
             assert proc["cpu_s"] >= 0 and proc["peak_rss_kib"] > 0, proc
-    daemon = next(p for p in e2e["processes"] if p["process"] == "daemon")
-    assert daemon["cpu_s"] > 0
     assert "zero loss verified" in result.stdout
     assert re.search(r"produced -> committed +p50 [\d.]+ ms, p99 [\d.]+ ms", result.stdout)
 
@@ -273,17 +282,17 @@ def test_bench_fanout_compare_writes_every_figure(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     compare = report["fanout_compare"]
     for row in (report["fanout"], compare["websockets"]):
-        assert row["delivered_per_s"] > 0 and row["delivered"] > 0
+        assert row["delivered"] > 0 and "delivered_per_s" in row
         assert row["clients_connected"] == row["connected_at_end"] == 5
         assert row["missed"] == 0 and row["dropped"] == 0
         assert 0 <= row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
         assert row["slow_closes"] >= 0 and row["rss_per_idle_client_kib"] is not None
-        assert row["server_cpu_pct"] > 0
+        assert row["server_cpu_pct"] >= 0 and row["server_processes"] >= 1
     assert report["fanout"]["server"].startswith("userstreamd ")
     assert any(p["process"].startswith("consumer-worker") for p in report["fanout"]["processes"])
     assert compare["websockets"]["server"].startswith("websockets ")
     node = compare["node_ws"]
-    assert "unavailable" in node or node["delivered_per_s"] > 0
+    assert "unavailable" in node or node["delivered"] > 0
     lines = stdout.splitlines()
     assert any(line.split()[:1] == ["userstreamd"] for line in lines[2:])
     assert any(line.split()[:1] == ["websockets"] for line in lines[2:])
@@ -463,15 +472,15 @@ def test_bench_e2e_on_nats_checks_zero_loss_over_the_stream(tmp_path: Path) -> N
     assert embedded_keys <= set(e2e)
     assert e2e["consumer_processes"] == 2 and e2e["consumers_per_process"] == [1, 1]
     assert e2e["nats_servers"] == 3 and e2e["replicas"] == 3
-    assert e2e["users_per_s"] > 0 and e2e["published_per_s"] > 0
+    assert {"users_per_s", "published_per_s", "backlog_at_end", "drain_s"} <= set(e2e)
     loss = e2e["zero_loss"]
     assert loss["verified"] is True and loss["drained"] is True
     assert loss["published"] > 0
     assert loss["rows"] == loss["distinct_seqs"] == loss["max_seq"] == loss["published"]
     assert loss["min_seq"] == 1
     latency = e2e["latency_ms"]
-    assert 0 < latency["p50"] <= latency["p99"] <= latency["max"]
     assert e2e["latency_users"] > 0 and "commit timestamp" in e2e["latency_source"]
+    assert latency["p50"] <= latency["p99"] <= latency["max"]  # (of the users counted)
     for run in ("processes", "latency_processes"):
         names = {p["process"] for p in e2e[run]}
         assert {"producer", "consumer process 1", "consumer process 2"} <= names
@@ -499,16 +508,30 @@ def test_bench_fanout_on_nats_splits_the_clients_over_two_broadcasters(tmp_path:
     row = report["fanout"]
     assert row["broadcasters"] == 2 and row["clients_by_broadcaster"] == [3, 2]
     assert row["clients_connected"] == row["connected_at_end"] == 5
-    assert row["delivered"] > 0 and row["delivered_per_s"] > 0
+    assert row["delivered"] > 0 and "delivered_per_s" in row
     assert row["missed"] == 0 and row["dropped"] == 0 and row["slow_closes"] == 0
     assert 0 <= row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
-    assert all(pct > 0 for pct in row["broadcaster_cpu_pct"])
-    assert row["server_cpu_pct"] > 0 and row["rss_per_idle_client_kib"] is not None
+    assert len(row["broadcaster_cpu_pct"]) == 2 and row["server_processes"] == 2
+    assert row["stream_last_seq"] > 0 and row["rss_per_idle_client_kib"] is not None
     assert len(row["nats_server_cpu_pct"]) == 3 and row["harness_processes"] == 2
     names = {p["process"] for p in row["processes"]}
     assert {"producer", "broadcaster 1", "broadcaster 2", "nats-server n1"} <= names
     assert "over 2 broadcaster processes (3/2)" in result.stdout
     assert "0 slow closes, 0 dropped; 5 of 5 clients connected" in result.stdout
+
+
+def test_each_bus_choice_is_a_topology_of_both_benchmarks() -> None:
+    """``--bus`` offers exactly the topologies the two registries hold (the parser names
+    them without importing the bench, so that ``bench --help`` needs no extra)."""
+    from userstreamd.bench import e2e_topologies, fanout_servers
+
+    modes = next(
+        a for a in _commands()["bench"]._actions if isinstance(a, argparse._SubParsersAction)
+    )
+    for mode in ("e2e", "fanout"):
+        bus = next(a for a in modes.choices[mode]._actions if "--bus" in a.option_strings)
+        assert set(bus.choices or ()) == set(e2e_topologies.LAUNCHERS)
+    assert set(e2e_topologies.LAUNCHERS) == set(fanout_servers.LAUNCHERS)
 
 
 def test_bench_fanout_compare_is_for_the_embedded_bus(capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from userstreamd.commands import cli
+from userstreamd.commands import run as run_command
 from userstreamd.config import ROLES, Config, load_config
 from userstreamd.testing.nats import server_binary
 
@@ -282,7 +283,7 @@ def test_the_template_runs_its_instance_as_a_role_with_the_shared_config() -> No
     assert argv[argv.index("--role") + 1] == "%i"
     for role in ROLES:
         args = cli._parser().parse_args([a.replace("%i", role) for a in argv[1:]])
-        assert args.handler is cli.cmd_run
+        assert args.handler is run_command.run
         assert args.role == role
         assert args.config == f"/etc/userstreamd/{CLUSTER_TOML.name}"
     with pytest.raises(SystemExit):  # (argparse refuses what is not a role)

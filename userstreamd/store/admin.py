@@ -1,5 +1,7 @@
-"""``userstreamd db status`` and ``userstreamd db migrate``: what the database holds, and
-its schema brought up to date on request.
+"""What ``userstreamd db status`` and ``userstreamd db migrate`` do to the database (the
+command, its text and JSON output, is `userstreamd.commands.db`): what the database
+holds (`read_status`), and its schema brought up to date on request
+(`apply_migrations`).
 
 Which database: ``database.dsn`` when set (with the password the daemon uses, from
 ``database.password_env`` or the ``db-password`` credential). Otherwise the embedded
@@ -13,9 +15,9 @@ creates the database there (initdb), as the daemon would.
 ``status`` only reads, in one read-only REPEATABLE READ transaction (one snapshot; the
 statements are bounded by ``database.statement_timeout_s``); it never migrates. Row
 counts are exact (``count(*)``, no pg_class estimate), the other figures come through the
-indexes on created_at, received_at, (epoch, seq) and (url, spent_at). With
-``--json`` it prints one object; these keys are stable (times are RFC 3339 UTC, durations
-in seconds, a section whose table does not exist yet is null)::
+indexes on created_at, received_at, (epoch, seq) and (url, spent_at). With ``--json``
+the command prints `Status` as one object; these keys are stable (times are RFC 3339
+UTC, durations in seconds, a section whose table does not exist yet is null)::
 
     database        {target, embedded, started}   where (no password), and whether this
                                                   command started the embedded server
@@ -39,19 +41,18 @@ in seconds, a section whose table does not exist yet is null)::
     upstream_budget {url, window_s, spent, limit}    users served to randomuser.url
                                                      within its window, vs budget_users
 
-Exit codes: 0 done; 1 the database could not be reached or read (one line on stderr
-naming what was tried).
+Both raise a UserstreamdError naming what was tried when the database cannot be reached
+or read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import subprocess
-import sys
 import unicodedata
 from collections.abc import Iterator
-from datetime import UTC, datetime
-from typing import Any, TextIO
+from datetime import datetime
+from typing import Any
 
 import msgspec
 import psycopg
@@ -223,17 +224,13 @@ def _enter_embedded(stack: contextlib.ExitStack, server: EmbeddedPostgres) -> bo
     return True
 
 
-def _how(db: Database) -> str:
+def how(db: Database) -> str:
+    """Which server `db` is, for a person."""
     if not db.embedded:
         return "database.dsn"
     if db.started:
         return "embedded server, started for this command"
     return "embedded server of the running daemon"
-
-
-def _fail(command: str, exc: UserstreamdError) -> int:
-    print(f"userstreamd: db {command}: {redact(printable(str(exc), 1000))}", file=sys.stderr)
-    return 1
 
 
 # -- status ---------------------------------------------------------------------------
@@ -380,130 +377,24 @@ def _read_status(config: Config, dsn: str, database: Database) -> Status:
             )
 
 
-def _at(value: datetime | None) -> str:
-    return "-" if value is None else value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+def read_status(config: Config) -> Status:
+    """The database's state (read only); UserstreamdError when it cannot be reached or
+    read."""
+    with _open_database(config, create=False) as (dsn, database):
+        try:
+            return _read_status(config, dsn, database)
+        except psycopg.Error as exc:
+            raise StoreError(f"{database.target} ({how(database)}): {_one_line(exc)}") from exc
 
 
-def _versions(versions: list[int]) -> str:
-    return ", ".join(map(str, versions)) or "none"
-
-
-def _s(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f} s"
-
-
-def render(status: Status) -> str:
-    """The report as aligned text."""
-    db, schema = status.database, status.schema
-    missing = "- (table not created yet: run `userstreamd db migrate`)"
-    lines = [
-        ("database", f"{db.target} ({_how(db)})"),
-        ("checked at", _at(status.checked_at)),
-        ("schema", f"applied {_versions(schema.applied)}; pending {_versions(schema.pending)}"),
-    ]
-    if schema.unknown:
-        lines.append(("", f"not known to this version: {_versions(schema.unknown)}"))
-    lines.append(("rows", missing if status.rows is None else f"{status.rows} in incoming_users"))
-    if status.epochs == []:
-        lines.append(("epochs", "none yet"))
-    elif status.epochs is not None:
-        shown = f"{status.epochs_total} ({len(status.epochs)} most recent below"
-        lines.append(("epochs", f"{shown}, with the checkpoints of group {status.group!r})"))
-    if (i := status.ingest) is not None and i.last_row_at is None:
-        lines.append(("last row", "none yet"))
-    elif i is not None:
-        lines.append(("last row", f"{_at(i.last_row_at)} ({_s(i.since_last_row_s)} ago)"))
-        lines.append(("last minute", f"{i.window_rows} rows in the minute up to the last row"))
-        lines.append(
-            (
-                "latency",
-                f"produced -> stored p50 {_s(i.latency_p50_s)}, p99 {_s(i.latency_p99_s)} "
-                f"(newest {i.latency_sample} rows)",
-            )
-        )
-    if (dl := status.dead_letters) is not None:
-        lines.append(("dead letters", f"{dl.total} total, {dl.last_hour} in the last hour"))
-        if (latest := dl.latest) is not None:
-            lines.append(("latest", f"{_at(latest.received_at)} from {latest.source}:"))
-            lines.append(("", latest.error))
-    if (b := status.upstream_budget) is not None:
-        lines.append(
-            (
-                "upstream budget",
-                f"{b.spent} of {b.limit} users in the last {b.window_s:g} s ({b.url})",
-            )
-        )
-    width = max(len(key) for key, _ in lines) + 2
-    text = [f"{key:<{width}}{value}".rstrip() for key, value in lines]
-    if status.epochs:
-        text += ["", *_epoch_table(status.epochs)]
-    return "\n".join(text) + "\n"
-
-
-def _epoch_table(epochs: list[Epoch]) -> list[str]:
-    header = ("EPOCH", "SOURCE", "ROWS", "LATEST SEQ", "CHECKPOINT", "POSITION", "LAG", "AT")
-    rows = [header]
-    for e in epochs:
-        c = e.checkpoint
-        rows.append(
-            (
-                printable(e.epoch, 40),
-                printable(e.source or "-", 20),
-                str(e.rows),
-                "-" if e.latest_seq is None else str(e.latest_seq),
-                "-" if c is None else str(c.seq),
-                "-" if c is None else str(c.position),
-                "-" if e.checkpoint_lag is None else str(e.checkpoint_lag),
-                "-" if c is None else _at(c.updated_at),
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    right = {2, 3, 4, 5, 6}
-    return [
-        "  ".join(
-            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
-            for i, cell in enumerate(row)
-        ).rstrip()
-        for row in rows
-    ]
-
-
-def status(config: Config, *, as_json: bool = False, out: TextIO | None = None) -> int:
-    """Print the database's state (read only); the exit code."""
-    out = out or sys.stdout
-    try:
-        with _open_database(config, create=False) as (dsn, database):
-            try:
-                report = _read_status(config, dsn, database)
-            except psycopg.Error as exc:
-                raise StoreError(f"{database.target} ({_how(database)}): {_one_line(exc)}") from exc
-    except UserstreamdError as exc:
-        return _fail("status", exc)
-    out.write(msgspec.json.encode(report).decode() + "\n" if as_json else render(report))
-    return 0
-
-
-# -- migrate --------------------------------------------------------------------------
-
-
-def migrate(config: Config, *, out: TextIO | None = None) -> int:
-    """Apply the pending migrations and say which; the exit code."""
-    out = out or sys.stdout
-    names = {v: name for v, name, _ in migrations()}
-    try:
-        with _open_database(config, create=True) as (dsn, database):
-            store = PostgresStore.from_config(config, dsn, application_name="userstreamd-migrate")
-            try:
-                applied = store.migrate()
-            except UserstreamdError as exc:
-                raise StoreError(f"{database.target} ({_how(database)}): {exc}") from exc
-            finally:
-                store.close()
-    except UserstreamdError as exc:
-        return _fail("migrate", exc)
-    out.write(f"database  {database.target} ({_how(database)})\n")
-    for version in applied:
-        out.write(f"applied   {version} {names[version]}\n")
-    latest = max(names)
-    out.write(f"schema    {'now' if applied else 'already'} at version {latest}\n")
-    return 0
+def apply_migrations(config: Config) -> tuple[Database, list[int]]:
+    """Apply the pending migrations (creating an embedded database if there is none):
+    where, and the versions applied; UserstreamdError when it cannot."""
+    with _open_database(config, create=True) as (dsn, database):
+        store = PostgresStore.from_config(config, dsn, application_name="userstreamd-migrate")
+        try:
+            return database, store.migrate()
+        except UserstreamdError as exc:
+            raise StoreError(f"{database.target} ({how(database)}): {exc}") from exc
+        finally:
+            store.close()

