@@ -339,6 +339,7 @@ def test_the_nats_password_comes_from_the_environment_else_a_systemd_credential(
     assert "token" not in connect_options(config, "test")
 
 
+@pytest.mark.e2e
 def test_only_roles_that_serve_websocket_clients_need_their_tokens(tmp_path: Path) -> None:
     """A real process each: the consumer gets past its config (and waits for NATS, here
     unreachable); the broadcaster, with auth on and no token, exits 2 at once."""
@@ -369,6 +370,7 @@ def test_only_roles_that_serve_websocket_clients_need_their_tokens(tmp_path: Pat
         consumer.wait(10)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("server", ["silent", "garbage"])
 def test_a_nats_server_that_says_nothing_or_garbage_is_waited_out(
     tmp_path: Path, server: str

@@ -162,6 +162,7 @@ def streaming_tables(tmp_path: Path, dsn: str, rate_per_s: float) -> dict[str, d
     return tables
 
 
+@pytest.mark.e2e
 def test_users_appear_with_the_pipeline_state(
     tmp_path: Path, dsn: str, daemon_factory: Any, browser: WebDriver
 ) -> None:
@@ -204,6 +205,7 @@ def test_users_appear_with_the_pipeline_state(
     shutil.copyfile(shot, SCREENSHOT_COPY)  # for a human to look at
 
 
+@pytest.mark.e2e
 def test_the_page_resumes_the_epoch_after_a_restart(
     tmp_path: Path, dsn: str, daemon_factory: Any, browser: WebDriver
 ) -> None:

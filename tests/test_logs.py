@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +22,17 @@ import structlog
 from userstreamd.logs import configure_logging, forward, get_logger
 
 from .conftest import daemon_tables, toml_text
-from .helpers import drain
+from .helpers import drain, wait_until
 
 ANSI = re.compile(rb"\x1b\[[0-9;]*m")
 TIMESTAMP = re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
 
 
-def _under_pty(command: list[str], env: dict[str, str], run_s: float | None) -> bytes:
-    """Run `command` with a pseudo-terminal as stdout and stderr; SIGINT after `run_s`
-    (None: let it finish); everything it wrote."""
+def _under_pty(
+    command: list[str], env: dict[str, str], until: Callable[[bytes], bool] | None
+) -> bytes:
+    """Run `command` with a pseudo-terminal as stdout and stderr; SIGINT once `until` holds
+    for what it wrote so far (None: let it finish); everything it wrote."""
     master, slave = pty.openpty()
     proc = subprocess.Popen(
         command, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env={**os.environ, **env}
@@ -39,8 +42,8 @@ def _under_pty(command: list[str], env: dict[str, str], run_s: float | None) -> 
     reader = threading.Thread(target=drain, args=(master, output, stop))
     reader.start()
     try:
-        if run_s is not None:
-            time.sleep(run_s)
+        if until is not None:
+            wait_until(lambda: until(bytes(output)) or proc.poll() is not None, 90, "output")
             proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
     finally:
@@ -128,34 +131,70 @@ def _daemon(path: Path) -> list[str]:
 
 @pytest.mark.e2e
 def test_no_line_tears_under_a_pipe(tmp_path: Path, dsn: str) -> None:
+    """Busy until over 1,000 users were published and every worker logged a milestone
+    (however long that takes here), then SIGINT: every line of the pipe is one record."""
     path = _busy_daemon(tmp_path, dsn)
     proc = subprocess.Popen(
         _daemon(path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
     )
-    out: list[bytes] = []
-    reader = threading.Thread(target=lambda: out.append(proc.communicate(timeout=90)[0]))
+    lines: list[bytes] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        with proc.stdout as out:
+            for line in out:
+                lines.append(line)
+
+    events: list[dict[str, Any]] = []
+
+    def busy_enough() -> bool:
+        events.extend(json.loads(line) for line in lines[len(events) :])
+        workers = {e["worker"] for e in events if e["event"] == "consumer.milestone"}
+        published = sum(e["event"] == "producer.published" for e in events)
+        return workers == {1, 2, 3, 4} and published > 1000
+
+    reader = threading.Thread(target=read)
     reader.start()
-    time.sleep(5)
-    proc.send_signal(signal.SIGINT)
-    reader.join(90)
-    assert proc.returncode == 0
-    events: list[dict[str, Any]] = [json.loads(line) for line in out[0].splitlines()]
+    try:
+        started = time.monotonic()
+        wait_until(lambda: busy_enough() or proc.poll() is not None, 90, "a busy daemon")
+        print(f"busy enough after {time.monotonic() - started:.1f} s")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(90) == 0
+    finally:
+        proc.kill()
+        reader.join(90)
+    events = [json.loads(line) for line in lines]
     workers = {e["worker"] for e in events if e["event"] == "consumer.milestone"}
     assert workers == {1, 2, 3, 4}, "every worker's lines came through"
     assert sum(e["event"] == "producer.published" for e in events) > 1000
 
 
+def _terminal_lines(out: bytes) -> list[bytes]:
+    return [line for line in ANSI.sub(b"", out).split(b"\r\n") if line]
+
+
+def _milestone_workers(lines: list[bytes]) -> set[bytes]:
+    milestones = [line for line in lines if b"consumer.milestone" in line]
+    return {m[1] for line in milestones if (m := re.search(rb"worker=(\d)", line))}
+
+
 @pytest.mark.e2e
 def test_no_two_records_share_a_line_on_a_terminal(tmp_path: Path, dsn: str) -> None:
     path = _busy_daemon(tmp_path, dsn)
-    out = ANSI.sub(b"", _under_pty(_daemon(path), {"NO_COLOR": ""}, 5.0))
-    lines = [line for line in out.split(b"\r\n") if line]
+
+    def busy_enough(out: bytes) -> bool:
+        if out.count(b"\r\n") <= 1000:
+            return False
+        lines = _terminal_lines(out)
+        return len(lines) > 1000 and _milestone_workers(lines) == {b"1", b"2", b"3", b"4"}
+
+    lines = _terminal_lines(_under_pty(_daemon(path), {"NO_COLOR": ""}, busy_enough))
     assert len(lines) > 1000
     for line in lines:
         assert TIMESTAMP.match(line), line
         assert len(TIMESTAMP.findall(line)) == 1, line
-    milestones = [line for line in lines if b"consumer.milestone" in line]
-    workers = {m[1] for line in milestones if (m := re.search(rb"worker=(\d)", line))}
+    workers = _milestone_workers(lines)
     assert workers == {b"1", b"2", b"3", b"4"}, "every worker's lines came through"
 
 

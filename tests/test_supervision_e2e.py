@@ -8,6 +8,7 @@ import signal
 import socket
 import time
 from datetime import datetime
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -111,10 +112,13 @@ def test_sigterm_at_200_per_s_commits_everything_received(
     tables["supervisor"] = {"stop_timeout_s": 10, "drain_timeout_s": 10}
     daemon = daemon_factory(tables)
     daemon.wait_for("daemon.ready")
-    time.sleep(4)
+    wait_until(lambda: len(daemon.events("producer.published")) >= 600, 60, "600 published")
     sent_at = time.monotonic()
     assert daemon.stop(signal.SIGTERM) == 0
-    assert time.monotonic() - sent_at < 20  # drain + stop timeouts
+    print(f"stopped {time.monotonic() - sent_at:.1f} s after SIGTERM")
+    # Within the drain and stop timeouts: neither ran out.
+    assert not daemon.events("daemon.drain_timeout")
+    assert not daemon.events("supervisor.stop_timeout")
     published = daemon.events("producer.published")
     assert len(published) >= 600
     drained = daemon.events("daemon.drained")
@@ -144,8 +148,8 @@ def test_sd_notify_ready_watchdog_status_stopping(
 
         receive_until("READY=1")
         ready_event = daemon.wait_for("daemon.ready")
-        receive_until("WATCHDOG=1")
-        time.sleep(1.6)
+        while sum("WATCHDOG=1" in m for _, m in messages) < 3:  # one every 0.5 s
+            messages.append((time.time(), sock.recv(4096).decode()))
         daemon.proc.send_signal(signal.SIGTERM)
         receive_until("STOPPING=1")
         assert daemon.stop_when_exited() == 0
@@ -154,7 +158,9 @@ def test_sd_notify_ready_watchdog_status_stopping(
     assert "not ready" not in ready, ready  # the STATUS= line says what /readyz says
     ready_at = next(t for t, m in messages if "READY=1" in m)
     assert ready_at >= _ts(ready_event) - 0.05, "READY=1 only once every component is up"
-    assert sum("WATCHDOG=1" in m for _, m in messages) >= 3  # every 0.5 s
+    assert sum("WATCHDOG=1" in m for _, m in messages) >= 3
+    watchdogs = [t for t, m in messages if "WATCHDOG=1" in m]
+    print("watchdog intervals", [round(b - a, 2) for a, b in pairwise(watchdogs)])
     statuses = [m for _, m in messages if m.startswith("STATUS=")]
     assert statuses and "users streamed at 20/s from synthetic" in statuses[-1]
     assert not any("not ready" in m for m in statuses), statuses
@@ -212,10 +218,11 @@ def test_a_second_signal_exits_at_once(tmp_path: Path, dsn: str, daemon_factory:
         for pid in [e["pid"] for e in daemon.events("supervisor.process_started")]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-    assert code == 1
-    assert time.monotonic() - sent_at < 20
+    assert code == 1  # (stop_when_exited's 30 s: not the 60 s a graceful stop would wait)
+    print(f"exited {time.monotonic() - sent_at:.1f} s after the first signal")
     actions = [e["action"] for e in daemon.events("daemon.signal")]
     assert actions == ["graceful stop", "immediate exit"]
+    assert not daemon.events("daemon.drained") and not daemon.events("daemon.drain_timeout")
 
 
 def test_two_daemons_cannot_share_a_state_directory(tmp_path: Path, daemon_factory: Any) -> None:

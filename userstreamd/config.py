@@ -13,7 +13,6 @@ documents each key.
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import re
 import tomllib
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_type_hints
 
 import msgspec
+import tomli_w
 
 from .errors import ConfigError
 from .sources.fields import FIELDS
@@ -534,13 +534,9 @@ def effective_toml(config: Config, environ: Mapping[str, str] | None = None) -> 
 
 
 def toml_text(tables: dict[str, dict[str, Any]]) -> str:
-    """A config file from {table: {key: value}} of strings, numbers, booleans and lists
-    (JSON literals are valid TOML values): what `bench` and the tests write."""
-    lines = []
-    for table, keys in tables.items():
-        lines.append(f"[{table}]")
-        lines += [f"{key} = {json.dumps(value)}" for key, value in keys.items()]
-    return "\n".join(lines) + "\n"
+    """A config file from {table: {key: value}}: what `bench` and the tests write. Any
+    value TOML can hold round-trips through `tomllib` (tomli-w writes it)."""
+    return tomli_w.dumps(tables)
 
 
 def default_config_text() -> str:
