@@ -70,6 +70,7 @@ def _assert_png(path: Path) -> None:
     assert len({tuple(pixel) for pixel in image.reshape(-1, image.shape[2])}) > 10  # drawn on
 
 
+@pytest.mark.e2e
 def test_bench_prints_and_writes_every_figure(tmp_path: Path, pg_server: str) -> None:
     """Through a pipe, as in CI: the table, the JSON and the plot; no progress display and
     not one escape code."""
@@ -152,6 +153,7 @@ def _run_with_stderr_on_a_terminal(command: list[str]) -> tuple[int, str, str]:
     return proc.returncode, stdout.decode(), terminal.decode(errors="replace")
 
 
+@pytest.mark.e2e
 def test_bench_shows_each_stage_on_a_terminal(pg_server: str) -> None:
     """stderr a terminal: a live row per stage (its label, which run, a bar, elapsed and at
     the end its figure); stdout still holds the plain table and nothing else."""
@@ -233,6 +235,7 @@ def _run_bench(*options: str, timeout_s: float = 120) -> subprocess.CompletedPro
     return result
 
 
+@pytest.mark.e2e
 def test_bench_e2e_writes_every_figure(tmp_path: Path) -> None:
     """Both runs of the daemon: users committed per second with zero loss verified in its
     database, produced -> committed latency of every user of the 1,000/s run, and each
@@ -262,6 +265,7 @@ def test_bench_e2e_writes_every_figure(tmp_path: Path) -> None:
     assert re.search(r"produced -> committed +p50 [\d.]+ ms, p99 [\d.]+ ms", result.stdout)
 
 
+@pytest.mark.e2e
 def test_bench_fanout_compare_writes_every_figure(tmp_path: Path) -> None:
     """userstreamd and the websockets reference side by side (Node's ws too when this
     machine has it; the test never installs it): users delivered to every client, their
