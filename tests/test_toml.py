@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 import tomllib
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from userstreamd.config import toml_text
+from userstreamd.config import effective_toml, load_config, toml_text
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -96,3 +97,21 @@ _values = st.recursive(
 @given(st.dictionaries(_keys, st.dictionaries(_keys, _values, max_size=5), max_size=4))
 def test_any_tables_round_trip(tables: dict[str, dict[str, Any]]) -> None:
     _round_trips(tables)
+
+
+def test_the_effective_config_is_toml_whatever_its_values(tmp_path: Path) -> None:
+    """`check --effective` writes values TOML can read back, hostile ones included."""
+    path = tmp_path / "c.toml"
+    path.write_text(
+        toml_text(
+            {
+                "producer": {"seed": 'a "quoted"\\\\ seed 🦀', "rate_per_s": 12.5},
+                "broadcaster": {"allowed_origins": ["https://ex.ample"]},
+            }
+        )
+    )
+    config = load_config(path)
+    reread = tomllib.loads(effective_toml(config, environ={}))
+    assert reread["producer"]["seed"] == 'a "quoted"\\\\ seed 🦀'
+    assert reread["producer"]["rate_per_s"] == 12.5
+    assert reread["broadcaster"]["allowed_origins"] == ["https://ex.ample"]

@@ -526,7 +526,7 @@ def effective_toml(config: Config, environ: Mapping[str, str] | None = None) -> 
         for key, value in values.items():
             if f"{table}.{key}" == "database.dsn":
                 value = redact(value)
-            line = f"{key} = {msgspec.json.encode(value).decode()}"  # JSON scalars are TOML
+            line = tomli_w.dumps({key: value}).rstrip("\n")  # (every key is a scalar or list)
             if variable := overrides.get(f"{table}.{key}"):
                 line += f"  # from ${variable}"
             out.append(line)
