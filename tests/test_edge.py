@@ -277,7 +277,7 @@ async def test_wss_consumers_verify_the_server_and_the_stream_flows(
     store.migrate()
     hub = Hub("e")
     hub.declare_group("audit")
-    consumer = Consumer(
+    consumer = Consumer.websocket(
         "",
         store,
         batch_size=10,

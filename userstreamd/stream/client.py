@@ -201,12 +201,20 @@ class StreamClient:
         self._delays.reset()
 
     def target(self) -> str:
-        """The URL to connect to now: resuming after the cursor, or joining the group."""
+        """The URL to connect to now: resuming after the cursor, or joining the group
+        (in place of those keys in `url`); `url` as it is when neither is set."""
+        managed = set()
+        if self.group is not None:
+            managed.add("group")
+        elif self.epoch is not None and self.seq is not None:
+            managed.update(("epoch", "since"))
+        if not managed:
+            return self.url
         parts = urlsplit(self.url)
         query = [
             (key, value)
             for key, value in parse_qsl(parts.query, keep_blank_values=True)
-            if key not in ("epoch", "since", "group")
+            if key not in managed
         ]
         if self.group is not None:
             query.append(("group", self.group))
