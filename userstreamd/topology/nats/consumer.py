@@ -277,8 +277,8 @@ class JetStreamReceiver:
 
 class StreamConsumer(Consumer):
     """A `Consumer` whose receiver is the group's JetStream consumer (the writer is the
-    same). Only composes: the daemon reads `committed`, `rejected` and
-    `committed_through` from its receiver."""
+    same). Only composes: the daemon reads `committed`, `rejected`, `committed_through`
+    and `foreign` from its receiver."""
 
     def __init__(
         self,
@@ -313,3 +313,8 @@ class StreamConsumer(Consumer):
     @property
     def committed_through(self) -> int:
         return self.jetstream.committed_through
+
+    @property
+    def foreign(self) -> int:
+        """Messages on the stream's subject that were not its users (acked as rejected)."""
+        return self.jetstream.foreign
