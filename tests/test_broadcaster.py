@@ -17,17 +17,11 @@ from trio_websocket import ConnectionClosed, wrap_client_stream
 
 from userstreamd.config import BroadcasterConfig
 from userstreamd.produce.producer import Producer
-from userstreamd.serve.broadcaster import (
-    CLOSE_GOING_AWAY,
-    CLOSE_RATE,
-    CLOSE_SLOW,
-    OPEN_POLICY,
-    Broadcaster,
-    run_broadcaster,
-)
+from userstreamd.serve.broadcaster import OPEN_POLICY, Broadcaster, run_broadcaster
 from userstreamd.sources.synthetic import SyntheticSource, synthetic_user
 from userstreamd.stream.client import open_ws
 from userstreamd.stream.hub import Hub
+from userstreamd.stream.protocol import CLOSE_GOING_AWAY, CLOSE_RATE, CLOSE_SLOW
 
 from .helpers import eventually
 

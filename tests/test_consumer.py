@@ -90,7 +90,9 @@ async def _consume_all(
 ) -> Hub:
     """Publish `users` to a consumer on the private socket; return once all are acked."""
     hub = _own_group_hub()
-    consumer = Consumer("", PostgresStore(dsn), batch_size=batch_size, batch_interval_s=0.05)
+    consumer = Consumer.websocket(
+        "", PostgresStore(dsn), batch_size=batch_size, batch_interval_s=0.05
+    )
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             consumer.url = await _start_private(nursery, hub, tmp_path)
@@ -117,7 +119,9 @@ async def test_database_outage_loses_nothing(dsn: str, pg_server: str, tmp_path:
     _migrate(dsn)
     dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
     hub = _own_group_hub()
-    consumer = Consumer("", PostgresStore(dsn), batch_size=20, batch_interval_s=0.05, retry=FAST)
+    consumer = Consumer.websocket(
+        "", PostgresStore(dsn), batch_size=20, batch_interval_s=0.05, retry=FAST
+    )
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             consumer.url = await _start_private(nursery, hub, tmp_path)
@@ -141,7 +145,7 @@ async def test_database_outage_loses_nothing(dsn: str, pg_server: str, tmp_path:
 async def test_consumer_reconnects_after_the_broadcaster_restarts(dsn: str) -> None:
     _migrate(dsn)
     hub = _own_group_hub()
-    consumer = Consumer(
+    consumer = Consumer.websocket(
         "", PostgresStore(dsn), batch_interval_s=0.05, reconnect_min_s=0.05, reconnect_max_s=0.2
     )
 
@@ -204,7 +208,7 @@ async def test_a_dead_letter_write_that_fails_is_retried_not_fatal(
     users = _refusing_bob(dsn)
     hub = _own_group_hub()
     store = PostgresStore(dsn, statement_timeout_s=0.2)  # a blocked write fails, transiently
-    consumer = Consumer("", store, batch_size=50, batch_interval_s=0.05, retry=FAST)
+    consumer = Consumer.websocket("", store, batch_size=50, batch_interval_s=0.05, retry=FAST)
     with capture_logs() as logs, trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             consumer.url = await _start_private(nursery, hub, tmp_path)
@@ -224,7 +228,7 @@ async def test_a_blocked_database_is_reported_while_it_blocks(dsn: str, tmp_path
     _migrate(dsn)
     hub = _own_group_hub()
     store = PostgresStore(dsn, stall_warning_s=0.2)
-    consumer = Consumer("", store, worker=3, batch_size=10, batch_interval_s=0.05)
+    consumer = Consumer.websocket("", store, worker=3, batch_size=10, batch_interval_s=0.05)
     with capture_logs(processors=[merge_contextvars]) as logs, trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             consumer.url = await _start_private(nursery, hub, tmp_path)
@@ -256,7 +260,7 @@ async def test_a_server_that_closes_at_once_is_retried_ever_more_slowly() -> Non
         ws = await request.accept()
         await ws.aclose(1001, "stopping")
 
-    consumer = Consumer(
+    consumer = Consumer.websocket(
         "", PostgresStore("host=127.0.0.1 port=1"), reconnect_min_s=0.1, reconnect_max_s=5.0
     )
     with trio.fail_after(30):
@@ -294,7 +298,7 @@ NO_DB = "host=127.0.0.1 port=1"  # never reached: the tests below replace the in
 
 
 class FakeDatabase:
-    """Takes the place of `Consumer._insert`: records each batch's seqs and the virtual
+    """Takes the place of `Writer.insert`: records each batch's seqs and the virtual
     time it arrived; `hold` keeps the writer inside an insert until it is set."""
 
     def __init__(self, consumer: Consumer, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -302,7 +306,7 @@ class FakeDatabase:
         self.hold = trio.Event()
         self.hold.set()
         self.holding = trio.Event()
-        monkeypatch.setattr(consumer, "_insert", self.insert)
+        monkeypatch.setattr(consumer.writer, "insert", self.insert)
 
     async def insert(self, rows: list[UserRow], checkpoint: StreamCheckpoint | None) -> int:
         self.batches.append((trio.current_time(), [row.seq for row in rows]))
@@ -322,14 +326,14 @@ def _item(seq: int) -> Item:
 
 def _writer(nursery: trio.Nursery, consumer: Consumer) -> trio.MemorySendChannel[Item]:
     send, receive = trio.open_memory_channel[Item](consumer.batch_size * 4)  # as `run`
-    nursery.start_soon(consumer._write_batches, receive)
+    nursery.start_soon(consumer.writer.run, receive, consumer.receiver)
     return send
 
 
 async def test_group_commit_writes_all_that_came_while_the_last_batch_was_written(
     autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    consumer = Consumer("", PostgresStore(NO_DB), batch_size=50)
+    consumer = Consumer.websocket("", PostgresStore(NO_DB), batch_size=50)
     db = FakeDatabase(consumer, monkeypatch)
     db.hold = trio.Event()
     async with trio.open_nursery() as nursery:
@@ -350,7 +354,7 @@ async def test_group_commit_writes_all_that_came_while_the_last_batch_was_writte
 async def test_a_lone_user_is_written_at_once_without_a_timer(
     autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    consumer = Consumer("", PostgresStore(NO_DB), batch_size=500)  # batch_interval_s 0
+    consumer = Consumer.websocket("", PostgresStore(NO_DB), batch_size=500)  # batch_interval_s 0
     db = FakeDatabase(consumer, monkeypatch)
     sent_at = []
     async with trio.open_nursery() as nursery:
@@ -367,7 +371,7 @@ async def test_a_lone_user_is_written_at_once_without_a_timer(
 async def test_a_batch_interval_lingers_for_a_fuller_batch_and_no_longer(
     autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    consumer = Consumer("", PostgresStore(NO_DB), batch_size=3, batch_interval_s=0.5)
+    consumer = Consumer.websocket("", PostgresStore(NO_DB), batch_size=3, batch_interval_s=0.5)
     db = FakeDatabase(consumer, monkeypatch)
     async with trio.open_nursery() as nursery:
         send = _writer(nursery, consumer)
@@ -437,7 +441,7 @@ async def test_users_frames_are_stored_once_each_in_order_and_all_acked(dsn: str
         all_acked.set()
         await trio.sleep_forever()
 
-    consumer = Consumer("", PostgresStore(dsn), batch_size=4)
+    consumer = Consumer.websocket("", PostgresStore(dsn), batch_size=4)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             listener = await nursery.start(serve_websocket, server, "127.0.0.1", 0, None)

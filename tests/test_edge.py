@@ -25,18 +25,18 @@ from userstreamd.config import BroadcasterConfig
 from userstreamd.consume.consumer import Consumer
 from userstreamd.serve.admission import Policy
 from userstreamd.serve.auth import Token, Tokens
-from userstreamd.serve.broadcaster import (
-    CLOSE_ACK_TIMEOUT,
-    CLOSE_GROUP_LAGGING,
-    CLOSE_RATE,
-    CLOSE_TOO_BIG,
-    Broadcaster,
-)
+from userstreamd.serve.broadcaster import Broadcaster
 from userstreamd.serve.edge import reuse_port_sockets
 from userstreamd.sources.synthetic import synthetic_user
 from userstreamd.store.postgres import PostgresStore
 from userstreamd.stream.client import open_ws
 from userstreamd.stream.hub import Hub
+from userstreamd.stream.protocol import (
+    CLOSE_ACK_TIMEOUT,
+    CLOSE_GROUP_LAGGING,
+    CLOSE_RATE,
+    CLOSE_TOO_BIG,
+)
 
 from .conftest import query
 from .helpers import eventually
@@ -277,7 +277,7 @@ async def test_wss_consumers_verify_the_server_and_the_stream_flows(
     store.migrate()
     hub = Hub("e")
     hub.declare_group("audit")
-    consumer = Consumer(
+    consumer = Consumer.websocket(
         "",
         store,
         batch_size=10,

@@ -12,10 +12,11 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from userstreamd.config import BroadcasterConfig
-from userstreamd.serve.broadcaster import CLOSE_GOING_AWAY, OPEN_POLICY, Broadcaster
+from userstreamd.serve.broadcaster import OPEN_POLICY, Broadcaster
 from userstreamd.serve.fanout import Mirror
 from userstreamd.stream.client import open_ws
 from userstreamd.stream.hub import Hub
+from userstreamd.stream.protocol import CLOSE_GOING_AWAY
 
 from .helpers import eventually
 

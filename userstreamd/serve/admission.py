@@ -15,16 +15,13 @@ socket; on the public port it is refused whatever the token says.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlsplit
 
+from ..stream.protocol import MAX_BATCH, MAX_WINDOW, NAME
 from .auth import Tokens
 
 MAX_TARGET_CHARS = 2048
-MAX_WINDOW = 100_000
-MAX_BATCH = 1000
-NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # an epoch or a group
 _QUERY_KEYS = frozenset({"epoch", "since", "group", "window", "batch", "token"})
 
 

@@ -6,7 +6,7 @@ they are gone). ``?group=NAME`` joins a consumer group instead: the member recei
 share of the users and must ``ack`` them. Who may connect and ask for what is decided in
 `admission` and `edge`; this module serves the ones let in.
 
-Close codes (the README has the table):
+Close codes (`protocol` defines them; docs/protocol.md has the table):
 
 - 1001 the server is stopping (after everything queued for the client was sent)
 - 1007 a text frame that is not UTF-8; 1002 a frame that breaks the protocol
@@ -37,12 +37,18 @@ import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 
 from ..config import BroadcasterConfig
-from ..errors import ProtocolError
+from ..errors import ProtocolError, describe
 from ..logs import Throttle, bind, get_logger
-from ..runtime.supervisor import describe
 from ..stream.client import open_ws
 from ..stream.hub import AckTimeout, GroupLagging, Hub, Member, Slow, StaleAck, Subscription
 from ..stream.protocol import (
+    CLOSE_ACK_TIMEOUT,
+    CLOSE_GOING_AWAY,
+    CLOSE_GROUP_LAGGING,
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_NOT_SENDABLE,
+    CLOSE_RATE,
+    CLOSE_SLOW,
     GAP_PREFIX,
     Batch,
     FanoutReport,
@@ -56,14 +62,6 @@ from .auth import Tokens
 from .edge import Edge, EdgeStatistics, raise_fd_limit, reuse_port_sockets
 from .wsframes import send_frames
 
-CLOSE_GOING_AWAY = 1001
-CLOSE_RATE = 1008
-CLOSE_INTERNAL_ERROR = 1011
-_NOT_SENDABLE = {1005, 1006, 1015}  # close codes that only report what happened locally
-CLOSE_TOO_BIG = 1009
-CLOSE_SLOW = 3008
-CLOSE_ACK_TIMEOUT = 4000
-CLOSE_GROUP_LAGGING = 4001
 SLOW_CLOSE_TIMEOUT_S = 10.0
 FRAMES_PER_WRITE = 256  # at most, to one client in one write (about 256 KiB of users)
 USERS_FRAME_MAX_BYTES = 256 * 1024  # a ``users`` frame stops growing here
@@ -303,7 +301,7 @@ class Broadcaster:
                 ended = (f"closed_{closed.code}", closed.reason)
             elif isinstance(exc := group.exceptions[0], ConnectionClosed) and exc.reason:
                 code, reason = exc.reason.code, exc.reason.reason or ""
-                if code in _NOT_SENDABLE:  # the daemon went away without a close frame
+                if code in CLOSE_NOT_SENDABLE:  # the daemon went away without a close frame
                     code, reason = CLOSE_INTERNAL_ERROR, "upstream unavailable"
         except* (OSError, HandshakeError, trio.TooSlowError) as group:
             get_logger().warning("broadcaster.relay_failed", error=describe(group), **who)

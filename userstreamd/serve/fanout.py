@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import ssl
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -29,49 +28,36 @@ from urllib.parse import urlencode
 
 import msgspec
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
+from trio_websocket import WebSocketConnection
 
+from ..backoff import Backoff
 from ..config import BroadcasterConfig, Config
 from ..logs import bind, get_logger
 from ..runtime import lifeline
-from ..runtime.supervisor import describe
 from ..runtime.workers import READY, stop_on_signal
-from ..stream.client import open_ws
+from ..stream.client import StreamClient, closed_with, describe_lost
 from ..stream.hub import Hub
 from ..stream.mirrors import mirror_hub
-from ..stream.protocol import FanoutReport, encode
+from ..stream.protocol import (
+    CLOSE_GOING_AWAY,
+    MAX_BATCH,
+    FanoutReport,
+    Welcome,
+    decode_head,
+    decode_kind,
+    encode,
+)
 from .auth import Tokens
-from .broadcaster import CLOSE_GOING_AWAY, Broadcaster
+from .broadcaster import Broadcaster
 from .policy import admission_policy
 
-FEED_BATCH = 1000  # users per frame from the daemon, at most
-RECONNECT_MAX_S = 2.0
+FEED_BATCH = MAX_BATCH  # users per frame from the daemon, at most
+RECONNECT = Backoff(0.05, 2.0)
 REPORT_INTERVAL_S = 1.0
 
 
-class _Head(msgspec.Struct):
-    """What the mirror reads of a ``user`` message (the rest is kept as it came)."""
-
-    seq: int
-    position: int
-    source: str
-
-
-class _Welcome(msgspec.Struct):
-    epoch: str
-    seq: int
-
-
-class _Frame(msgspec.Struct):
-    type: str
-    items: list[msgspec.Raw] = []
-    from_seq: int | None = None  # (a gap)
-    to_seq: int = 0
-
-
-_frame = msgspec.json.Decoder(_Frame)
-_head = msgspec.json.Decoder(_Head)
-_welcome = msgspec.json.Decoder(_Welcome)
+class _Ended(Exception):
+    """The daemon's stream ended (it closed with 1001): so does the mirror's."""
 
 
 class Mirror:
@@ -81,59 +67,58 @@ class Mirror:
         self.upstream = upstream
         self.settings = settings
         self.hub: Hub | None = None
-        self.reconnects = 0
+        self.client = StreamClient(
+            f"{upstream}?{urlencode({'batch': FEED_BATCH})}", backoff=RECONNECT
+        )
         self.report: Callable[[], FanoutReport] | None = None  # sent upstream every second
 
-    def _url(self, since: tuple[str, int] | None) -> str:
-        query: dict[str, str | int] = {"batch": FEED_BATCH}
-        if since is not None:
-            query.update(epoch=since[0], since=since[1])
-        return f"{self.upstream}?{urlencode(query)}"
+    @property
+    def reconnects(self) -> int:
+        return self.client.reconnects
 
     async def run(self, *, task_status: trio.TaskStatus[Hub] = trio.TASK_STATUS_IGNORED) -> None:
         """Feed the hub until the daemon's stream ends (then the hub is closed). Reports
         the hub once it holds the history up to where the stream stood at the start."""
-        log = get_logger()
-        async with open_ws(self._url(None)) as ws:  # where the stream stands
-            welcome = _welcome.decode(await ws.get_message())
+        client = self.client
+        welcomes: list[Welcome] = []
+
+        async def where_it_stands(ws: WebSocketConnection, welcome: Welcome) -> None:
+            welcomes.append(welcome)
+
+        await client.run_once(where_it_stands)
+        welcome = welcomes[0]
         # (half the lag a client may have: a reader further behind than client_lag_max
         # would be told of a gap and moved to half of it)
         start = max(0, welcome.seq - self.settings.client_lag_max // 2)
         hub = self.hub = mirror_hub(self.settings, welcome.epoch, first_seq=start + 1)
         if start < welcome.seq:
-            async with open_ws(self._url((hub.epoch, start))) as ws:
-                await ws.get_message()  # its welcome
+
+            async def history(ws: WebSocketConnection, _: Welcome) -> None:
                 while hub.last_seq < welcome.seq:
                     self._append(await ws.get_message(), hub)
+
+            client.resume_after(hub.epoch, start)
+            await client.run_once(history)
         task_status.started(hub)
-        delay = 0.05
-        while True:
-            ended = False
-            try:
-                async with (
-                    open_ws(self._url((hub.epoch, hub.last_seq))) as ws,
-                    trio.open_nursery() as nursery,
-                ):
-                    await ws.get_message()  # its welcome
-                    delay = 0.05
-                    nursery.start_soon(self._report, ws)
-                    while True:
-                        self._append(await ws.get_message(), hub)
-            except* ConnectionClosed as group:
-                exc = group.exceptions[0]
-                assert isinstance(exc, ConnectionClosed)
-                ended = exc.reason is not None and exc.reason.code == CLOSE_GOING_AWAY
-                if not ended:
-                    log.warning("fanout.upstream_lost", error=describe(exc))
-            except* (OSError, HandshakeError, trio.TooSlowError) as group:
-                log.warning("fanout.upstream_lost", error=describe(group))
-            if ended:
-                log.info("fanout.upstream_ended")
-                hub.close()
-                return
-            self.reconnects += 1
-            await trio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(RECONNECT_MAX_S, delay * 2)
+        client.resume_after(hub.epoch, hub.last_seq)
+        try:
+            await client.run(partial(self._follow, hub), partial(self._lost, hub))
+        except _Ended:
+            get_logger().info("fanout.upstream_ended")
+            hub.close()
+
+    async def _follow(self, hub: Hub, ws: WebSocketConnection, welcome: Welcome) -> None:
+        self.client.progressed()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._report, ws)
+            while True:
+                self._append(await ws.get_message(), hub)
+
+    def _lost(self, hub: Hub, exc: BaseException) -> None:
+        if closed_with(exc, CLOSE_GOING_AWAY):
+            raise _Ended from None
+        get_logger().warning("fanout.upstream_lost", error=describe_lost(exc))
+        self.client.resume_after(hub.epoch, hub.last_seq)
 
     async def _report(self, ws: WebSocketConnection) -> None:
         while True:
@@ -146,14 +131,14 @@ class Mirror:
         """One frame from the daemon into the hub (a gap needs nothing: the next user's
         seq starts the buffer over)."""
         frame = message.encode() if isinstance(message, str) else message
-        parsed = _frame.decode(frame)
+        parsed = decode_kind(frame)
         if parsed.type == "users":
             for item in parsed.items:
                 raw = bytes(item)
-                head = _head.decode(raw)
+                head = decode_head(raw)
                 hub.append(head.seq, raw, head.source, head.position)
         elif parsed.type == "user":
-            head = _head.decode(frame)
+            head = decode_head(frame)
             hub.append(head.seq, frame, head.source, head.position)
         elif parsed.type == "gap" and parsed.from_seq == parsed.to_seq == hub.last_seq + 1:
             hub.append(parsed.to_seq, frame, "", 0)  # a hole in a mirrored stream, kept

@@ -37,10 +37,16 @@ its own clients there, every second: ``{"type": "fanout", "worker": 1, "pid": 42
 "clients": 120, "sent": 51234, "slow_closes": 0}``.
 
 Anything else a client sends is counted and logged as a bad frame, then ignored.
+
+This module owns the format: every frame type, the partial decoders the hot paths use
+(`RawUser`: the record left as JSON text; `UserHead`: only what routing needs;
+`FrameKind`: a frame's type and its items undecoded), the handshake's query limits and
+the close codes with their meanings (`CLOSE_MEANINGS`). Nothing else defines a frame.
 """
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -52,6 +58,53 @@ from ..errors import ProtocolError
 PROTOCOL = 2
 
 Seq = Annotated[int, msgspec.Meta(ge=0)]
+
+# -- the handshake's query (``?epoch=E&since=S``, ``?group=NAME&window=N``, ``?batch=N``)
+
+NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # an epoch or a group
+MAX_WINDOW = 100_000  # unacknowledged users a group member may hold, at most
+MAX_BATCH = 1000  # users per ``users`` frame a client may ask for, at most
+
+# -- close codes (docs/protocol.md has the table) ------------------------------------------
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_NO_STATUS = 1005
+CLOSE_LOST = 1006
+CLOSE_NOT_UTF8 = 1007
+CLOSE_RATE = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL_ERROR = 1011
+CLOSE_TLS_FAILED = 1015
+CLOSE_SLOW = 3008
+CLOSE_ACK_TIMEOUT = 4000
+CLOSE_GROUP_LAGGING = 4001
+
+# What each code means, said from the client's side.
+CLOSE_MEANINGS: dict[int, str] = {
+    CLOSE_NORMAL: "closed by the server",
+    CLOSE_GOING_AWAY: "the server is stopping",
+    CLOSE_PROTOCOL_ERROR: "a frame from us broke the WebSocket protocol",
+    CLOSE_LOST: "connection lost",
+    CLOSE_NOT_UTF8: "a text frame from us was not UTF-8",
+    CLOSE_RATE: "too many messages from us",
+    CLOSE_TOO_BIG: "a message from us was too big",
+    CLOSE_INTERNAL_ERROR: "server error",
+    CLOSE_SLOW: "too far behind (slow)",
+    CLOSE_ACK_TIMEOUT: "acked nothing within the server's ack_timeout_s",
+    CLOSE_GROUP_LAGGING: "the group fell too far behind and was cut off",
+}
+# Codes that only report locally what happened; never sent in a close frame.
+CLOSE_NOT_SENDABLE = frozenset({CLOSE_NO_STATUS, CLOSE_LOST, CLOSE_TLS_FAILED})
+
+
+def close_meaning(code: int) -> str:
+    """What a close code means ("closed" for one this protocol does not define)."""
+    return CLOSE_MEANINGS.get(code, "closed")
+
+
+# -- frames ------------------------------------------------------------------------------
 
 
 class Welcome(msgspec.Struct, tag="welcome", frozen=True, kw_only=True):
@@ -114,9 +167,54 @@ class FanoutReport(msgspec.Struct, tag="fanout", frozen=True, kw_only=True):
 
 ServerMessage = Welcome | UserMessage | Users | Gap | Checkpoint
 
+# -- partial decoders (the hot paths: decode only what they use) -------------------------
+
+
+class RawUser(msgspec.Struct, tag="user", frozen=True, kw_only=True, gc=False):
+    """`UserMessage` as a consumer decodes it: the record left as JSON text, to be
+    validated on its own (one bad record is one rejection, not a bad frame)."""
+
+    epoch: str
+    seq: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]  # a bigint column
+    position: int
+    produced_at: datetime
+    source: str
+    user: msgspec.Raw
+
+
+class RawUsers(msgspec.Struct, tag="users", frozen=True, kw_only=True):
+    items: list[RawUser]
+
+
+class UserHead(msgspec.Struct):
+    """What routing reads of a ``user`` frame (mirrors, outlets): the rest is kept as it
+    came."""
+
+    epoch: str
+    seq: int
+    position: int
+    source: str
+
+
+class FrameKind(msgspec.Struct):
+    """A server frame's type, and for ``users`` its items undecoded (a mirror passes
+    each on as it came); for a ``gap`` its seqs."""
+
+    type: str
+    items: list[msgspec.Raw] = []
+    from_seq: int | None = None
+    to_seq: int = 0
+
+
+RawServerMessage = Welcome | RawUser | RawUsers | Gap | Checkpoint
+
 _encoder = msgspec.json.Encoder()
 _server_decoder = msgspec.json.Decoder(ServerMessage)
 _client_decoder = msgspec.json.Decoder(Ack | FanoutReport)
+_raw_decoder = msgspec.json.Decoder(RawServerMessage)
+_raw_user_decoder = msgspec.json.Decoder(RawUser)
+_head_decoder = msgspec.json.Decoder(UserHead)
+_kind_decoder = msgspec.json.Decoder(FrameKind)
 
 
 def encode(message: Welcome | UserMessage | Gap | Checkpoint | Ack | FanoutReport) -> str:
@@ -154,3 +252,36 @@ def decode_client(frame: str | bytes) -> Ack | FanoutReport:
         return _client_decoder.decode(frame)
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"bad client frame: {exc}") from None
+
+
+def decode_server_raw(frame: str | bytes) -> RawServerMessage:
+    """`decode_server` with each record left as JSON text (`RawUser`); ProtocolError if
+    the frame is not ours."""
+    try:
+        return _raw_decoder.decode(frame)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"bad server frame: {exc}") from None
+
+
+def decode_raw_user(data: bytes) -> RawUser:
+    """One ``user`` frame, its record left as JSON text; ProtocolError if it is not one."""
+    try:
+        return _raw_user_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"not a user frame: {exc}") from None
+
+
+def decode_head(data: bytes) -> UserHead:
+    """What routing needs of a ``user`` frame; ProtocolError if it is not one."""
+    try:
+        return _head_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"not a user frame: {exc}") from None
+
+
+def decode_kind(frame: bytes) -> FrameKind:
+    """A server frame's type (and items, undecoded); ProtocolError if it is not JSON."""
+    try:
+        return _kind_decoder.decode(frame)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"bad server frame: {exc}") from None

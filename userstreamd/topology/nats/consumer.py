@@ -5,8 +5,8 @@ named G: the server hands each message to one of them, redelivers what is not
 acknowledged within ``cluster.ack_wait_s`` (a member killed mid-batch), and keeps at most
 ``consumers.window`` messages unacknowledged across the group (its ``MaxAckPending``).
 
-`StreamConsumer` is the WebSocket `Consumer` with another receiver: the writer is the
-same (group commit, retries through database outages, one-by-one refusal into the dead
+`StreamConsumer` is a `Consumer` with another receiver (`JetStreamReceiver`): the
+writer is the same (group commit, retries through database outages, one-by-one refusal into the dead
 letters), and it acknowledges each message only after its batch committed. The rows
 are keyed by uuid and by (epoch, seq), so a redelivered message stores nothing twice.
 
@@ -26,30 +26,25 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import msgspec
 import nats.errors
 import nats.js.errors
 import trio
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from ...config import Config
-from ...consume.consumer import Consumer, Item, Milestones, _User
-from ...errors import StoreError
+from ...consume.consumer import Consumer
+from ...consume.receiver import Rows, send_item
+from ...consume.writer import Item, Milestones, Writer
+from ...errors import ProtocolError, StoreError, describe
 from ...logs import get_logger
 from ...store.postgres import PostgresStore, StreamCheckpoint, UserRow
-from ...stream.protocol import Batch
+from ...stream.protocol import Batch, decode_head, decode_raw_user
 from .bus import Bus
 
 FETCH_WAIT_S = 1.0  # the longest a fetch waits for a first user
 MORE_WAIT_S = 0.02  # ... and for more, once there is one
 REBIND_AFTER = 3  # failed fetches in a row before asking whether the durable still exists
 FLOOR_EVERY_S = 1.0
-
-_user = msgspec.json.Decoder(_User)
-
-
-class _Head(msgspec.Struct):
-    position: int
 
 
 async def _bind(bus: Bus, group: str, window: int, first_seq: int) -> Any:
@@ -109,32 +104,29 @@ async def _floor(bus: Bus, group: str) -> tuple[int, int]:
     if seq == 0:
         return 0, 0
     message = await bus.js.get_msg(bus.stream, seq)
-    return seq, msgspec.json.decode(message.data or b"", type=_Head).position
+    return seq, decode_head(message.data or b"").position
 
 
-class StreamConsumer(Consumer):
+class JetStreamReceiver:
+    """The group's durable pull consumer as a `Receiver`: acks each message after its
+    batch committed; keeps the checkpoint at the group's ack floor."""
+
     def __init__(
         self,
         bus: Bus,
-        store: PostgresStore,
-        config: Config,
-        worker: int,
-        milestones: Milestones,
+        group: str,
+        window: int,
+        batch_size: int,
         on_batch: Callable[[Batch], None] | None = None,
         on_committed: Callable[[float], None] | None = None,
+        retry_s: float = 0.1,
     ) -> None:
-        c = config.consumers
-        super().__init__(
-            f"nats:{bus.stream}/{c.group}",
-            store,
-            worker=worker,
-            batch_size=c.batch_size,
-            batch_interval_s=c.batch_interval_s,
-            milestones=milestones,
-        )
         self.bus = bus
-        self.group = c.group
-        self.window = c.window
+        self.group, self.window, self.batch_size = group, window, batch_size
+        self.url = f"nats:{bus.stream}/{group}"
+        self.rows = Rows()
+        self.reconnects = 0
+        self.retry_s = retry_s  # after a failed fetch, times the failures in a row
         self.foreign = 0  # messages that are not users of this stream
         self.on_batch = on_batch
         self.committed: Counter[str] = Counter()  # users acknowledged as stored, by source
@@ -143,25 +135,32 @@ class StreamConsumer(Consumer):
         # seq -> its message, source and production time (Unix)
         self._unacked: dict[int, tuple[Any, str, float]] = {}
         self._bound = False
-        self._stored_through = 0  # the checkpoint last written
+        self._checkpoint: StreamCheckpoint | None = None
 
     @property
     def connected(self) -> bool:
         return self._bound and self.bus.connected
 
     @property
+    def checkpoint(self) -> StreamCheckpoint | None:
+        return self._checkpoint
+
+    @property
     def committed_through(self) -> int:
         """The group's ack floor, as last read: everything up to it is committed."""
         return self._checkpoint.seq if self._checkpoint else 0
 
-    async def _receive_forever(
-        self, send: trio.MemorySendChannel[Item], task_status: trio.TaskStatus[None]
+    async def receive(
+        self,
+        send: trio.MemorySendChannel[Item],
+        writer: Writer,
+        task_status: trio.TaskStatus[None],
     ) -> None:
         self._unacked.clear()  # (a restart: what the last run received is redelivered)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._follow_floor)
+            nursery.start_soon(self._follow_floor, writer)
             while True:
-                subscription = await self._bind()
+                subscription = await self._bind(writer)
                 task_status.started()
                 task_status = trio.TASK_STATUS_IGNORED
                 try:
@@ -169,13 +168,14 @@ class StreamConsumer(Consumer):
                 finally:
                     self._bound = False
                     await self.bus.quietly(subscription.unsubscribe)
+                self.reconnects += 1
 
-    async def _bind(self) -> Any:
+    async def _bind(self, writer: Writer) -> Any:
         """Subscribe to the group's durable consumer (made from the stored checkpoint on,
         when it is missing), retrying while the cluster does not answer."""
         bus = self.bus
-        found = await self.db.retrying(
-            "consumer.checkpoint_unreadable", self.store.last_checkpoint, self.group
+        found = await writer.db.retrying(
+            "consumer.checkpoint_unreadable", writer.store.last_checkpoint, self.group
         )
         first_seq = found[0].seq + 1 if found and found[0].epoch == bus.epoch else 1
         subscription = await bus.retrying(
@@ -194,11 +194,11 @@ class StreamConsumer(Consumer):
                 failures = 0
             except (nats.errors.Error, TimeoutError) as exc:
                 failures += 1
-                get_logger().warning("consumer.fetch_failed", error=f"{type(exc).__name__}: {exc}")
+                get_logger().warning("consumer.fetch_failed", error=describe(exc))
                 if failures >= REBIND_AFTER and not await self._durable_exists():
                     get_logger().warning("consumer.durable_missing", group=self.group)
                     return
-                await trio.sleep(self.reconnect_min_s * min(failures, 10))
+                await trio.sleep(self.retry_s * min(failures, 10))
                 continue
             received_at = datetime.now(UTC)
             for message in messages:
@@ -208,11 +208,7 @@ class StreamConsumer(Consumer):
                     self._unacked[seq] = (message, "unknown", 0.0)
                 else:
                     self._unacked[seq] = (message, row.source, row.produced_at.timestamp())
-                item = (seq, row)
-                try:
-                    send.send_nowait(item)
-                except trio.WouldBlock:
-                    await send.send(item)
+                await send_item(send, (seq, row))
 
     async def _durable_exists(self) -> bool:
         try:
@@ -225,44 +221,38 @@ class StreamConsumer(Consumer):
 
     def _row(self, seq: int, data: bytes, received_at: datetime) -> UserRow | None:
         try:
-            user = _user.decode(data)
+            user = decode_raw_user(data)
             if user.seq != seq or user.epoch != self.bus.epoch:
-                raise ValueError(f"seq {user.seq} in epoch {user.epoch}")
-        except (msgspec.DecodeError, ValueError) as exc:
-            self.received += 1
-            self.invalid += 1
+                raise ProtocolError(f"seq {user.seq} in epoch {user.epoch}")
+        except ProtocolError as exc:
+            self.rows.received += 1
+            self.rows.invalid += 1
             self.foreign += 1
             get_logger().warning("consumer.foreign_message", seq=seq, error=str(exc))
             return None
-        return self._to_row(user, received_at)
+        return self.rows.row(user, received_at)
 
-    async def _follow_floor(self) -> None:
+    async def _follow_floor(self, writer: Writer) -> None:
         """Keep the checkpoint the next batch writes at the group's ack floor; when no
         batch wrote it within a look (idle, or the other members took the last users),
         write it alone."""
-        batches = self.batches
+        batches = writer.batches
         while True:
             await trio.sleep(FLOOR_EVERY_S)
             try:
                 seq, position = await self.bus.call(_floor, self.bus, self.group)
-            except (nats.errors.Error, TimeoutError, msgspec.DecodeError):
+            except (nats.errors.Error, TimeoutError, ProtocolError):
                 continue  # (the next one will do)
             if seq > self.committed_through:
                 self._checkpoint = StreamCheckpoint(self.group, self.bus.epoch, seq, position)
-            elif self.committed_through > self._stored_through and self.batches == batches:
+            elif self.committed_through > writer.stored_through and writer.batches == batches:
                 try:
-                    await self._insert([], self._checkpoint)
+                    await writer.insert([], self._checkpoint)
                 except StoreError as exc:  # (the next batch writes it)
                     get_logger().warning("consumer.checkpoint_not_saved", error=str(exc))
-            batches = self.batches
+            batches = writer.batches
 
-    async def _insert(self, rows: list[UserRow], checkpoint: StreamCheckpoint | None) -> int:
-        inserted = await super()._insert(rows, checkpoint)
-        if checkpoint is not None:
-            self._stored_through = max(self._stored_through, checkpoint.seq)
-        return inserted
-
-    async def _acknowledge(self, seqs: list[int], rejected: list[int], report: Batch) -> None:
+    async def acknowledge(self, seqs: list[int], rejected: list[int], report: Batch) -> None:
         if self.on_batch is not None:
             self.on_batch(report)
         refused = set(rejected)
@@ -282,4 +272,49 @@ class StreamConsumer(Consumer):
         try:
             await self.bus.call(_ack, messages)
         except (nats.errors.Error, TimeoutError) as exc:  # redelivered after ack_wait_s
-            get_logger().warning("consumer.ack_failed", error=f"{type(exc).__name__}: {exc}")
+            get_logger().warning("consumer.ack_failed", error=describe(exc))
+
+
+class StreamConsumer(Consumer):
+    """A `Consumer` whose receiver is the group's JetStream consumer (the writer is the
+    same). Only composes: the daemon reads `committed`, `rejected`, `committed_through`
+    and `foreign` from its receiver."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        store: PostgresStore,
+        config: Config,
+        worker: int,
+        milestones: Milestones,
+        on_batch: Callable[[Batch], None] | None = None,
+        on_committed: Callable[[float], None] | None = None,
+    ) -> None:
+        c = config.consumers
+        writer = Writer(
+            store,
+            batch_size=c.batch_size,
+            batch_interval_s=c.batch_interval_s,
+            milestones=milestones,
+        )
+        self.jetstream = JetStreamReceiver(
+            bus, c.group, c.window, c.batch_size, on_batch, on_committed
+        )
+        super().__init__(writer, self.jetstream, worker=worker)
+
+    @property
+    def committed(self) -> Counter[str]:
+        return self.jetstream.committed
+
+    @property
+    def rejected(self) -> Counter[str]:
+        return self.jetstream.rejected
+
+    @property
+    def committed_through(self) -> int:
+        return self.jetstream.committed_through
+
+    @property
+    def foreign(self) -> int:
+        """Messages on the stream's subject that were not its users (acked as rejected)."""
+        return self.jetstream.foreign

@@ -21,31 +21,21 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import msgspec
 import trio
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from ...config import BroadcasterConfig
+from ...errors import ProtocolError
 from ...logs import get_logger
 from ...stream.hub import Hub
 from ...stream.mirrors import mirror_hub
-from ...stream.protocol import hole_frame
+from ...stream.protocol import decode_head, hole_frame
 from .bus import Bus
 
 BATCH_MAX = 2000  # messages per crossing from the client's loop
 WAIT_S = 1.0  # the longest a crossing waits for a first message
 HEARTBEAT_S = 1.0
 INBOX_MAX = 50_000  # messages taken from the subscription and not yet by the hub
-
-
-class _Head(msgspec.Struct):
-    epoch: str
-    seq: int
-    position: int
-    source: str
-
-
-_head = msgspec.json.Decoder(_Head)
 
 
 class _Inbox:
@@ -115,10 +105,10 @@ class StreamMirror:
     def _append(self, hub: Hub, seq: int, data: bytes) -> None:
         """A user as it is; anything else as a hole (clients are told of that seq)."""
         try:
-            head = _head.decode(data)
+            head = decode_head(data)
             if head.seq != seq or head.epoch != hub.epoch:
-                raise ValueError(f"seq {head.seq} in epoch {head.epoch}")
-        except (msgspec.DecodeError, ValueError) as exc:
+                raise ProtocolError(f"seq {head.seq} in epoch {head.epoch}")
+        except ProtocolError as exc:
             self.foreign += 1
             get_logger().warning("mirror.foreign_message", seq=seq, error=str(exc))
             hub.append(seq, hole_frame(hub.epoch, seq, "not a user"), "", 0)
