@@ -9,6 +9,7 @@ that asks for ``dsn`` gets a database of its own, dropped afterwards.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -27,7 +28,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from userstreamd.config import toml_text
+from userstreamd.config import Config, load_config, toml_text
 from userstreamd.store.embedded import EmbeddedPostgres
 from userstreamd.stream.records import SECRET_LOGIN_FIELDS
 
@@ -302,3 +303,35 @@ def assert_rows_match(dsn: str, published: list[dict[str, Any]]) -> list[tuple[A
         assert picture == raw["picture"]["large"]
         assert not set(SECRET_LOGIN_FIELDS) & set(raw["login"]), "fake credentials stored"
     return rows
+
+
+# -- a local NATS JetStream cluster (tests/cluster, and the contract tests' nats case) ----
+
+_streams = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def nats_urls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """A 3-node JetStream cluster shared by the tests that do not kill its nodes (each
+    test gets a stream of its own); the ones that do start their own (`LocalCluster`)."""
+    from userstreamd.testing.nats import LocalCluster
+
+    with LocalCluster(tmp_path_factory.mktemp("nats")) as cluster:
+        yield cluster.urls
+
+
+@pytest.fixture
+def nats_config(tmp_path: Path, dsn: str, nats_urls: list[str]) -> Any:
+    """make(**tables): a config on the shared cluster, with a stream of this test's own."""
+    from .helpers import write_config
+
+    stream = f"T{next(_streams)}"
+
+    def make(**tables: dict[str, Any]) -> Config:
+        cluster = {"bus": "nats", "servers": nats_urls, "stream": stream, "lease_ttl_s": 2.0}
+        merged = {**tables}
+        merged["producer"] = {"source": "synthetic", **tables.get("producer", {})}
+        merged["cluster"] = {**cluster, **tables.get("cluster", {})}
+        return load_config(write_config(tmp_path, dsn, **merged))
+
+    return make

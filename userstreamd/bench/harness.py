@@ -34,36 +34,21 @@ import socket
 import sys
 import time
 from array import array
-from datetime import datetime
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import msgspec
 
+from ..stream.protocol import CLOSE_SLOW, decode_timed
+
 RESOLUTION_MS = 0.1  # a latency histogram bucket
 MAX_LATENCY_MS = 60_000  # longer ones land in the last bucket
-SLOW_CLOSE = 3008
 CONNECTING_MAX = 128  # handshakes in flight at once
 CONNECT_TIMEOUT_S = 30.0
 RECV_BYTES = 262_144
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 TEXT, BINARY, CLOSE, PING, PONG = 1, 2, 8, 9, 10
-
-
-class _Item(msgspec.Struct):
-    seq: int = 0
-    produced_at: datetime | None = None
-
-
-class _Frame(msgspec.Struct):
-    type: str = ""
-    seq: int = 0
-    produced_at: datetime | None = None
-    items: list[_Item] = []
-
-
-_decode = msgspec.json.Decoder(_Frame).decode
 
 
 def mask(payload: bytes, key: bytes) -> bytes:
@@ -290,7 +275,7 @@ class Harness:
         for opcode, payload in frames:
             if opcode == TEXT:
                 try:
-                    frame = _decode(payload)
+                    frame = decode_timed(payload)
                 except msgspec.DecodeError:
                     self.bad_frames += 1
                     continue
@@ -360,7 +345,7 @@ class Harness:
             "missed_total": self.missed_total + self.missed,
             "latency_hist": hist,  # [bucket, count]: bucket * RESOLUTION_MS ms and up
             "resolution_ms": RESOLUTION_MS,
-            "slow_closes": self.closes.get(SLOW_CLOSE, 0),
+            "slow_closes": self.closes.get(CLOSE_SLOW, 0),
             "closes": {str(code): n for code, n in sorted(self.closes.items())},
             "dropped": self.dropped,
             "bad_frames": self.bad_frames,

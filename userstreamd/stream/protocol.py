@@ -206,6 +206,22 @@ class FrameKind(msgspec.Struct):
     to_seq: int = 0
 
 
+class TimedItem(msgspec.Struct):
+    seq: int = 0
+    produced_at: datetime | None = None
+
+
+class TimedFrame(msgspec.Struct):
+    """What a latency probe (the bench's client harness) reads of any server frame:
+    its type, seq and ``produced_at``, and a ``users`` frame's items; the rest is
+    skipped."""
+
+    type: str = ""
+    seq: int = 0
+    produced_at: datetime | None = None
+    items: list[TimedItem] = []
+
+
 RawServerMessage = Welcome | RawUser | RawUsers | Gap | Checkpoint
 
 _encoder = msgspec.json.Encoder()
@@ -214,6 +230,7 @@ _client_decoder = msgspec.json.Decoder(Ack | FanoutReport)
 _raw_decoder = msgspec.json.Decoder(RawServerMessage)
 _raw_user_decoder = msgspec.json.Decoder(RawUser)
 _head_decoder = msgspec.json.Decoder(UserHead)
+decode_timed = msgspec.json.Decoder(TimedFrame).decode
 _kind_decoder = msgspec.json.Decoder(FrameKind)
 
 

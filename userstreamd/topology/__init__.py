@@ -11,9 +11,10 @@ it got: the registry `TOPOLOGIES` names the module of each, imported only when c
 (so nats-py is loaded only for the NATS bus).
 
 To add a topology: write one module beside `embedded` that defines ``TOPOLOGY`` (a class
-with this protocol's class methods and a constructor ``(config, role, hooks, running)``),
-add its name to `TOPOLOGIES` and to ``ClusterConfig.bus``, and run the contract tests
-(tests/topology/) against it.
+with this protocol's members and a constructor ``(context: Context)``), add its name to
+`TOPOLOGIES` and to ``ClusterConfig.bus`` (the config's schema), and add it to the
+contract tests (tests/topology/test_contract.py), which every topology passes: the
+in-memory one there (tests/topology/fake.py) shows the least a topology must do.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import contextlib
 import importlib
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import trio
@@ -48,11 +50,18 @@ Start = Callable[..., Awaitable[Any]]  # Supervisor.start(name, fn) -> what fn r
 
 @dataclass(frozen=True)
 class StreamCounts:
+    """Users published, committed and set aside, by source, as this process knows them
+    (a copy: the counts it was made from go on counting)."""
+
     published: Mapping[str, int]  # by source
     committed: Mapping[str, int]
     rejected: Mapping[str, int]
     last_seq: int
     committed_total: int  # each seq once (on the NATS bus: each acknowledgement)
+
+    def __post_init__(self) -> None:
+        for name in ("published", "committed", "rejected"):
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
 
 
 @dataclass(frozen=True)

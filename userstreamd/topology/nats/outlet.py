@@ -35,9 +35,10 @@ import nats.errors
 import nats.js.errors
 import trio
 
+from ...errors import ProtocolError
 from ...logs import get_logger
 from ...produce.producer import Producer
-from ...stream.protocol import UserMessage
+from ...stream.protocol import UserMessage, decode_head
 from .bridge import Submitted
 from .bus import Bus
 from .lease import LeaseLost, hold_lease
@@ -64,15 +65,6 @@ class Entry(NamedTuple):
 
 class Resync(Exception):
     """The stream did not store a batch as expected: start again from its last message."""
-
-
-class _Head(msgspec.Struct):
-    epoch: str
-    seq: int
-    position: int
-
-
-_head = msgspec.json.Decoder(_Head)
 
 
 class Outlet:
@@ -263,8 +255,8 @@ async def last_stored(bus: Bus) -> tuple[int, int]:
         except nats.js.errors.NotFoundError:  # (deleted)
             continue
         try:
-            head = _head.decode(message.data or b"")
-        except msgspec.DecodeError:
+            head = decode_head(message.data or b"")
+        except ProtocolError:  # (not a user: a stranger's message)
             continue
         if head.seq == seq and head.epoch == bus.epoch:
             return last, head.position
