@@ -1,15 +1,25 @@
-"""The one stream client's pure parts: the URL it connects to (resume cursor, group) and
-how a lost connection is described (the protocol's close-code table)."""
+"""The one stream client: the URL it connects to (resume cursor, group), how a lost
+connection is described (the protocol's close-code table), and how it closes."""
 
 from __future__ import annotations
 
+from functools import partial
 from urllib.parse import urlsplit
 
 import pytest
-from trio_websocket import CloseReason, ConnectionClosed
+import trio
+import trio.testing
+from trio_websocket import CloseReason, ConnectionClosed, WebSocketRequest, serve_websocket
 
 from userstreamd.stream import protocol
-from userstreamd.stream.client import StreamClient, closed_with, describe_lost
+from userstreamd.stream.client import (
+    CLOSE_SENT_S,
+    CLOSE_WAIT_S,
+    StreamClient,
+    closed_with,
+    describe_lost,
+    open_ws,
+)
 
 
 def test_the_target_resumes_after_the_cursor_in_place_of_the_url_s_own() -> None:
@@ -58,3 +68,34 @@ def test_every_close_code_the_server_sends_has_a_meaning() -> None:
         protocol.CLOSE_MEANINGS
     )
     assert protocol.close_meaning(4999) == "closed"
+
+
+async def test_a_cancelled_client_sends_its_close_without_waiting_for_an_answer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Its reader task is cancelled with it, so no answer could be read: a stopping
+    consumer used to wait the whole close timeout (2 s) for one."""
+    closes: list[int | None] = []
+
+    async def handler(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        try:
+            await ws.get_message()
+        except ConnectionClosed as exc:
+            closes.append(exc.reason.code if exc.reason else None)
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(partial(serve_websocket, handler, "127.0.0.1", 0, None))
+        url = f"ws://127.0.0.1:{server.port}/"
+        with trio.CancelScope() as scope:
+            async with open_ws(url):
+                scope.cancel()
+                cancelled_at = trio.current_time()
+                await trio.sleep_forever()
+        closed_s = trio.current_time() - cancelled_at
+        with trio.fail_after(5):
+            while not closes:  # noqa: ASYNC110 (the server's handler records it)
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert closes == [1000]  # (the close was sent)
+    assert closed_s <= CLOSE_SENT_S < CLOSE_WAIT_S  # (virtual seconds: which bound applied)

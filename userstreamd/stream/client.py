@@ -19,6 +19,7 @@ socket). Consumers reconnect often, so we own the stream and close it ourselves.
 
 from __future__ import annotations
 
+import math
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -37,6 +38,8 @@ from ..errors import ProtocolError, describe
 from .protocol import Welcome, close_meaning, decode_server
 
 Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
+CLOSE_WAIT_S = 2.0  # for the server's answer to our close
+CLOSE_SENT_S = 0.1  # to send our close when no answer can be read
 
 
 async def _connect(url: str, ca_file: str | None) -> tuple[Stream, str, str]:
@@ -94,7 +97,12 @@ async def open_ws(
                 try:
                     yield ws
                 finally:
-                    with trio.move_on_after(2, shield=True):
+                    # Cancelled from outside, the reader task is cancelled too: it can
+                    # read no answer to our close, so the close is sent, not waited on.
+                    cancelled = trio.current_effective_deadline() == -math.inf
+                    with trio.move_on_after(
+                        CLOSE_SENT_S if cancelled else CLOSE_WAIT_S, shield=True
+                    ):
                         await ws.aclose()
             finally:
                 await trio.aclose_forcefully(stream)
