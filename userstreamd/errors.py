@@ -68,14 +68,18 @@ class ProtocolError(UserstreamdError):
     """A WebSocket frame that does not follow the wire format."""
 
 
-def describe(exc: BaseException) -> str:
-    """One line for a log or a status: ``Type: message``, its cause in parentheses, and
-    for an exception group each leaf in turn. The one way to describe an exception;
-    a part with more to say (a close code's meaning) adds it around this."""
+def describe(exc: BaseException, *, with_type: bool = True) -> str:
+    """One line for a log or a status: ``Type: message`` (the message alone without
+    `with_type`, when it already says what failed), its cause in parentheses, and for an
+    exception group each leaf in turn. The one way to describe an exception; a part with
+    more to say (a close code's meaning) adds it around this."""
     if isinstance(exc, BaseExceptionGroup):
-        return "; ".join(describe(e) for e in exc.exceptions)
+        return "; ".join(describe(e, with_type=with_type) for e in exc.exceptions)
     lines = str(exc).strip().splitlines()
-    text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    if not lines:
+        text = type(exc).__name__
+    else:
+        text = f"{type(exc).__name__}: {lines[0]}" if with_type else lines[0]
     if exc.__cause__ is not None and not isinstance(exc.__cause__, BaseExceptionGroup):
         cause = str(exc.__cause__).strip().splitlines()
         if cause and cause[0] not in text:

@@ -198,7 +198,7 @@ async def test_consumers_store_each_seq_once_ack_a_foreign_message_and_checkpoin
         assert await run_until(daemon, until_committed) == 0
     seqs = [s for (s,) in query(dsn, "SELECT seq FROM incoming_users ORDER BY seq")]
     assert seqs == [*range(1, 301), *range(302, 401)]
-    assert sum(c.foreign for c in daemon.topology.stream_consumers) == 1
+    assert sum(c.foreign for c in daemon.topology.receivers) == 1
     assert daemon.counts().rejected == {"unknown": 1}
     assert checkpoints() == [("db", bus.epoch, 400, 399)]  # (position: seq 301 was no user)
 

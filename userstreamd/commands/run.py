@@ -11,8 +11,8 @@ from typing import Any, TextIO
 import trio
 
 from ..config import ROLES, Config, load_config
+from ..errors import describe
 from ..logs import add_secrets, configure_logging, dsn_secrets, get_logger
-from ..runtime.supervisor import describe
 from ..topology import check_role, config_rules, topology_class
 from .parsing import add_command
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import trio
 
-from ..errors import StoreError
+from ..errors import StoreError, describe
 from ..logs import get_logger
 from ..store.postgres import PostgresStore
 from .status import Status
@@ -128,14 +128,14 @@ class DatabaseProbe:
                 return self._ask()
             except StoreError as exc:
                 if fresh:
-                    return f"unreachable: {_first_line(exc)}"
+                    return f"unreachable: {describe(exc, with_type=False)}"
             try:  # the connection was from before a restart of the server: once more
                 return self._ask()
             except StoreError as exc:
-                return f"unreachable: {_first_line(exc)}"
+                return f"unreachable: {describe(exc, with_type=False)}"
         except Exception as exc:  # (a credential file that cannot be read, ...)
             self._close()
-            return f"probe failed: {type(exc).__name__}: {_first_line(exc)}"
+            return f"probe failed: {describe(exc)}"
         finally:
             if self._closing:
                 self._close()
@@ -162,8 +162,3 @@ class DatabaseProbe:
         store, self._store = self._store, None
         if store is not None:
             store.close()
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:200]

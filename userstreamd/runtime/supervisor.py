@@ -31,6 +31,7 @@ from typing import Any, Literal
 import trio
 
 from ..backoff import Backoff
+from ..errors import describe
 from ..logs import bind, get_logger
 
 State = Literal["starting", "running", "backoff", "stopping", "stopped", "failed"]
@@ -57,13 +58,6 @@ class ComponentState:
     state: State
     restarts: int
     last_exit: str | None
-
-
-def describe(exc: BaseException) -> str:
-    """``Type: message`` of the exception, or of each leaf of an exception group."""
-    if isinstance(exc, BaseExceptionGroup):
-        return "; ".join(describe(e) for e in exc.exceptions)
-    return f"{type(exc).__name__}: {exc}"
 
 
 class _Component:

@@ -34,9 +34,8 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
 from ..config import BroadcasterConfig, Config
-from ..errors import ConfigError
+from ..errors import ConfigError, describe
 from ..logs import Throttle, get_logger
-from ..runtime.supervisor import describe
 from .admission import Admission, Policy, Refused, admit
 
 Session = Callable[[WebSocketConnection, Admission, str, bool], Awaitable[None]]

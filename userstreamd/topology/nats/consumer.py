@@ -5,9 +5,10 @@ named G: the server hands each message to one of them, redelivers what is not
 acknowledged within ``cluster.ack_wait_s`` (a member killed mid-batch), and keeps at most
 ``consumers.window`` messages unacknowledged across the group (its ``MaxAckPending``).
 
-`StreamConsumer` is a `Consumer` with another receiver (`JetStreamReceiver`): the
-writer is the same (group commit, retries through database outages, one-by-one refusal into the dead
-letters), and it acknowledges each message only after its batch committed. The rows
+A consumer here is the same `Consumer` with another receiver (`JetStreamReceiver`,
+`stream_consumer`): the writer is the same (group commit, retries through database
+outages, one-by-one refusal into the dead letters), and it acknowledges each message only
+after its batch committed. The rows
 are keyed by uuid and by (epoch, seq), so a redelivered message stores nothing twice.
 
 **Checkpoint.** About once a second a member reads the group's ack floor (everything up
@@ -275,46 +276,23 @@ class JetStreamReceiver:
             get_logger().warning("consumer.ack_failed", error=describe(exc))
 
 
-class StreamConsumer(Consumer):
-    """A `Consumer` whose receiver is the group's JetStream consumer (the writer is the
-    same). Only composes: the daemon reads `committed`, `rejected`, `committed_through`
-    and `foreign` from its receiver."""
-
-    def __init__(
-        self,
-        bus: Bus,
-        store: PostgresStore,
-        config: Config,
-        worker: int,
-        milestones: Milestones,
-        on_batch: Callable[[Batch], None] | None = None,
-        on_committed: Callable[[float], None] | None = None,
-    ) -> None:
-        c = config.consumers
-        writer = Writer(
-            store,
-            batch_size=c.batch_size,
-            batch_interval_s=c.batch_interval_s,
-            milestones=milestones,
-        )
-        self.jetstream = JetStreamReceiver(
-            bus, c.group, c.window, c.batch_size, on_batch, on_committed
-        )
-        super().__init__(writer, self.jetstream, worker=worker)
-
-    @property
-    def committed(self) -> Counter[str]:
-        return self.jetstream.committed
-
-    @property
-    def rejected(self) -> Counter[str]:
-        return self.jetstream.rejected
-
-    @property
-    def committed_through(self) -> int:
-        return self.jetstream.committed_through
-
-    @property
-    def foreign(self) -> int:
-        """Messages on the stream's subject that were not its users (acked as rejected)."""
-        return self.jetstream.foreign
+def stream_consumer(
+    bus: Bus,
+    store: PostgresStore,
+    config: Config,
+    worker: int,
+    milestones: Milestones,
+    on_batch: Callable[[Batch], None] | None = None,
+    on_committed: Callable[[float], None] | None = None,
+) -> tuple[Consumer, JetStreamReceiver]:
+    """A member of the configured group: the one `Writer` composed with the group's
+    JetStream consumer; the receiver too, for its counts (committed, rejected, foreign)."""
+    c = config.consumers
+    writer = Writer(
+        store,
+        batch_size=c.batch_size,
+        batch_interval_s=c.batch_interval_s,
+        milestones=milestones,
+    )
+    receiver = JetStreamReceiver(bus, c.group, c.window, c.batch_size, on_batch, on_committed)
+    return Consumer(writer, receiver, worker=worker), receiver

@@ -35,7 +35,7 @@ import nats.errors
 import nats.js.errors
 import trio
 
-from ...errors import ProtocolError
+from ...errors import ProtocolError, describe
 from ...logs import get_logger
 from ...produce.producer import Producer
 from ...stream.protocol import UserMessage, decode_head
@@ -145,7 +145,7 @@ class Outlet:
             try:
                 answers = await sent.result()
             except (nats.errors.Error, TimeoutError) as exc:
-                raise Resync(f"batch from seq {batch[0].seq}: {_describe(exc)}") from exc
+                raise Resync(f"batch from seq {batch[0].seq}: {describe(exc)}") from exc
             for (seq, *_), answer in zip(batch, answers, strict=True):
                 if "error" in answer:
                     error = answer["error"] if isinstance(answer["error"], dict) else {}
@@ -231,12 +231,6 @@ def _answer(data: bytes) -> dict[str, Any]:
     except ValueError:
         answer = None
     return answer if isinstance(answer, dict) else {"error": {"description": "not JSON"}}
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, nats.js.errors.APIError):
-        return f"{exc.description} (error {exc.err_code})"
-    return f"{type(exc).__name__}: {exc}"
 
 
 async def last_stored(bus: Bus) -> tuple[int, int]:

@@ -31,7 +31,7 @@ from ...store.streams import Stream, record_stream
 from ...stream.hub import Hub
 from .. import PARTS, Context, Rule, Start, StreamCounts
 from .bus import Bus, checked_options, open_bus
-from .consumer import StreamConsumer
+from .consumer import JetStreamReceiver, stream_consumer
 from .mirror import StreamMirror
 from .outlet import Outlet, Publisher, run_producer
 
@@ -49,7 +49,7 @@ class NatsTopology:
         self.bus: Bus | None = None
         self.hub: Hub | None = None  # (the mirror's, once it runs)
         self.producer: Producer | None = None
-        self.stream_consumers: list[StreamConsumer] = []
+        self.receivers: list[JetStreamReceiver] = []  # (this node's consumers')
 
     @classmethod
     def rules(cls, config: Config) -> Iterator[Rule]:
@@ -120,10 +120,10 @@ class NatsTopology:
             store = PostgresStore.from_config(
                 config, dsn, application_name=f"userstreamd-consumer-{worker}"
             )
-            consumer = StreamConsumer(
+            consumer, receiver = stream_consumer(
                 self._bus(), store, config, worker, milestones, hooks.on_batch, hooks.on_end_to_end
             )
-            self.stream_consumers.append(consumer)
+            self.receivers.append(receiver)
             found.append((f"consumer-{worker}", consumer.run))
         return found
 
@@ -154,15 +154,15 @@ class NatsTopology:
         published, last_seq = self._published()
         committed: Counter[str] = Counter()
         rejected: Counter[str] = Counter()
-        for consumer in self.stream_consumers:
-            committed.update(consumer.committed)
-            rejected.update(consumer.rejected)
+        for receiver in self.receivers:
+            committed.update(receiver.committed)
+            rejected.update(receiver.rejected)
         total = sum(committed.values()) + sum(rejected.values())
         return StreamCounts(published, committed, rejected, last_seq, total)
 
     def committed_through(self) -> int:
         """The group's ack floor, as this node's consumers saw it."""
-        return max((c.committed_through for c in self.stream_consumers), default=0)
+        return max((r.committed_through for r in self.receivers), default=0)
 
     def checks(self, states: Mapping[str, str]) -> dict[str, str]:
         """The connection, and the role's own parts."""
@@ -171,7 +171,7 @@ class NatsTopology:
         if "producer" in parts and (state := states.get("producer", "not started")) != "running":
             checks["producer"] = state
         if "consumer" in parts and self.config.consumers.count > 0:
-            connected = any(c.connected for c in self.stream_consumers)
+            connected = any(r.connected for r in self.receivers)
             checks["consumers"] = OK if connected else "no consumer bound to the stream"
         return checks
 
