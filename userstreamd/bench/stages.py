@@ -46,7 +46,7 @@ from ..stream.records import parse_user
 from .display import progress_rows
 
 SEED = "bench"
-# Each figure's name in the JSON and its label in the printed table (and in the README's).
+# Each figure's name in the JSON and its label in the printed table (and in docs/performance.md's).
 LABELS = {
     "generate_users_per_s": "synthetic generation",
     "validate_rows_per_s": "validation into rows",

@@ -59,7 +59,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from ..config import Config
-from ..errors import EmbeddedPostgresError, StoreError, UserstreamdError
+from ..errors import EmbeddedPostgresError, StoreError, UserstreamdError, describe
 from ..logs import add_secrets, dsn_secrets, redact
 from .embedded import EmbeddedPostgres, hold_state_dir
 from .postgres import PostgresStore, migrations
@@ -164,7 +164,7 @@ def describe_dsn(dsn: str) -> str:
 
 
 def _one_line(exc: BaseException) -> str:
-    return redact(printable(f"{type(exc).__name__}: {exc}", 500))
+    return redact(printable(describe(exc), 500))
 
 
 @contextlib.contextmanager
