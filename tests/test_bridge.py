@@ -1,4 +1,4 @@
-"""nats-py's asyncio loop in its own thread, awaited from trio (`jetstream.bridge`)."""
+"""nats-py's asyncio loop in its own thread, awaited from trio (`topology.nats.bridge`)."""
 
 from __future__ import annotations
 

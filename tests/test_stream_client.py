@@ -3,6 +3,7 @@ connection is described (the protocol's close-code table), and how it closes."""
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 from urllib.parse import urlsplit
 
@@ -15,6 +16,7 @@ from userstreamd.stream import protocol
 from userstreamd.stream.client import (
     CLOSE_SENT_S,
     CLOSE_WAIT_S,
+    WELCOME_TIMEOUT_S,
     StreamClient,
     closed_with,
     describe_lost,
@@ -99,3 +101,33 @@ async def test_a_cancelled_client_sends_its_close_without_waiting_for_an_answer(
         nursery.cancel_scope.cancel()
     assert closes == [1000]  # (the close was sent)
     assert closed_s <= CLOSE_SENT_S < CLOSE_WAIT_S  # (virtual seconds: which bound applied)
+
+
+async def test_a_server_silent_after_the_handshake_is_a_lost_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """No welcome within WELCOME_TIMEOUT_S: the client gives up on it and reconnects,
+    where it used to wait forever (its keepalive starts after the welcome)."""
+    accepted = 0
+
+    async def silent(request: WebSocketRequest) -> None:
+        nonlocal accepted
+        ws = await request.accept()
+        accepted += 1
+        with contextlib.suppress(ConnectionClosed):
+            await ws.get_message()
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(partial(serve_websocket, silent, "127.0.0.1", 0, None))
+        client = StreamClient(f"ws://127.0.0.1:{server.port}/")
+        start = trio.current_time()
+
+        async def session(ws: object, welcome: object) -> None:
+            raise AssertionError("no welcome was sent")
+
+        with trio.move_on_after(WELCOME_TIMEOUT_S * 3) as guard, pytest.raises(trio.TooSlowError):
+            await client.run_once(session)
+        assert not guard.cancelled_caught, "still waiting for a welcome"
+        assert trio.current_time() - start == pytest.approx(WELCOME_TIMEOUT_S, abs=1.0)
+        assert accepted == 1
+        nursery.cancel_scope.cancel()

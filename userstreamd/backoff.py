@@ -7,9 +7,10 @@ so delays still grow while callers never retry in step), then ``d`` doubles up t
 carried users, a component that ran for a while), so one blip is not paid for at the
 longest delay. `Delays.sleep` does both halves of a retry: draws and sleeps.
 
-Calls that retry one operation until it succeeds use stamina (`store.calls`) with the
-same numbers (`Backoff.min_s`, `Backoff.max_s`); the loops here need more than stamina
-gives: a reset on progress, a logged delay before the sleep, and no end.
+A call retried until it succeeds (a database write, `store.calls`) uses stamina, which
+fits that case (exponential delays with jitter, the attempt logged by the caller); the
+loops here need more than stamina gives: a reset on progress, the next delay known
+before the sleep (to log it), and no end.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Is the daemon ready to do its job? One answer for ``/readyz``, the ``ready`` metric, the
 live page and systemd.
 
-`Health.readiness` names every check and what is wrong with it:
+`readiness(status)` names every check and what is wrong with it:
 
 - ``daemon``: started (not starting, not stopping);
 - ``database``: accepts writes, as a probe every `PROBE_INTERVAL_S` finds it (reachable

@@ -2,9 +2,9 @@
 ``userstreamd_``.
 
 Durations and sizes are histograms, observed as they happen. Every count and state is
-read from the components when ``/metrics`` is scraped (`DaemonCollector`): the hot paths
-keep plain integers, and nothing is counted twice. The consumers, in-process or child
-processes, report through their acks (`messages.Batch`, ``rejected``) and the hub counts
+read from the daemon's `Status` snapshot when ``/metrics`` is scraped (`StatusCollector`):
+the hot paths keep plain integers, and nothing is counted twice. The consumers, in-process or child
+processes, report through their acks (`protocol.Batch`, ``rejected``) and the hub counts
 each stream seq once, so a worker killed and restarted loses nothing from the counts:
 ``userstreamd_users_committed_total`` is the number of users the consumer group has
 committed, whoever committed them.

@@ -59,8 +59,8 @@ MAX_RETRY_AFTER_S = 600.0  # a longer Retry-After is read as this (the server ma
 
 
 class Outlet(Protocol):
-    """Where the producer publishes: the `hub.Hub`, or on the NATS bus a
-    `jetstream.outlet.Outlet` (a JetStream stream)."""
+    """Where the producer publishes: the topology's (`stream.hub.Hub` on the embedded
+    bus, `topology.nats.outlet.Outlet`, a JetStream stream, on the NATS bus)."""
 
     @property
     def clients(self) -> int: ...

@@ -1,4 +1,4 @@
-"""systemd integration without libsystemd: sd_notify(3) and service credentials.
+"""systemd integration without libsystemd: sd_notify(3) (credentials: `credentials`).
 
 ``Notifier`` speaks the notify protocol: one datagram of newline-separated
 ``KEY=VALUE`` assignments sent to the AF_UNIX socket named by ``NOTIFY_SOCKET``
@@ -11,9 +11,6 @@ as False - a missed status update must not take the daemon down.
 ``NOTIFY_SOCKET`` is deliberately left in the environment: the shipped unit sets
 ``NotifyAccess=main``, so messages from children that inherit it (the embedded
 PostgreSQL) are ignored by systemd, and the daemon may re-create a ``Notifier``.
-
-``read_credential`` reads what ``LoadCredential=`` / ``SetCredential=`` put in
-``$CREDENTIALS_DIRECTORY``.
 
 The daemon's side of the unit (``systemd/userstreamd.service``)::
 

@@ -38,6 +38,7 @@ from ..errors import ProtocolError, describe
 from .protocol import Welcome, close_meaning, decode_server
 
 Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
+WELCOME_TIMEOUT_S = 10.0  # the server sends it right after the handshake
 CLOSE_WAIT_S = 2.0  # for the server's answer to our close
 CLOSE_SENT_S = 0.1  # to send our close when no answer can be read
 
@@ -267,8 +268,10 @@ class StreamClient:
 
     @staticmethod
     async def wait_welcome(ws: WebSocketConnection) -> Welcome:
-        """The first frame, which must be the welcome."""
-        frame = await ws.get_message()
+        """The first frame, which must be the welcome, within WELCOME_TIMEOUT_S (a server
+        that vanished after the handshake is noticed: the keepalive starts after it)."""
+        with trio.fail_after(WELCOME_TIMEOUT_S):
+            frame = await ws.get_message()
         message = decode_server(frame)
         if not isinstance(message, Welcome):
             raise ProtocolError(f"expected a welcome, got a {type(message).__name__} frame")

@@ -231,7 +231,7 @@ class Hub:
 
     def append(self, seq: int, frame: bytes, source: str, position: int) -> None:
         """Mirror another hub: append its encoded ``user`` frame as it numbered it (or,
-        with no `source`, the `messages.hole_frame` of a seq that holds no user). A seq
+        with no `source`, the `protocol.hole_frame` of a seq that holds no user). A seq
         that does not follow the last one starts the buffer over at it (clients still
         reading the old part are cut off, and learn what they missed when they resume)."""
         if seq != self._replay.last_seq + 1:
@@ -241,7 +241,7 @@ class Hub:
     def _add(self, entry: Entry) -> None:
         replay, consumers = self._replay, self._consumers
         replay.add(entry)
-        if entry.source:  # (not a `messages.hole_frame`)
+        if entry.source:  # (not a `protocol.hole_frame`)
             self.published[entry.source] += 1
         replay.evict(consumers.floor())
         consumers.follow()

@@ -174,8 +174,8 @@ def check_role(config: Config, role: str) -> None:
         able = [name for name in TOPOLOGIES if role in topology_class(name).roles]
         raise ConfigError(
             f"{config.path}: run --role {role}: expected [cluster] bus = "
-            f'"{" or ".join(able)}" (each role on its own needs a shared bus), '
-            f"got {config.cluster.bus!r}"
+            + " or ".join(f'"{name}"' for name in able)
+            + f" (each role on its own needs a shared bus), got {config.cluster.bus!r}"
         )
 
 

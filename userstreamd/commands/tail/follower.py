@@ -240,8 +240,8 @@ class Tail:
 
     def stop(self) -> None:
         """Leave: `run` closes the connection properly (sending the last acks) and returns.
-        (Cancelling `run` also stops it, but the close then waits out its timeout: the
-        connection's reader is cancelled too, so the server's reply goes unread.)"""
+        (Cancelling `run` also stops it, without the last acks: the close is sent, and
+        not waited on, since the connection's reader is cancelled too.)"""
         self._stopping = True
         if self._in_session:
             self._session_scope.cancel()

@@ -32,6 +32,7 @@ import nats.js.errors
 import trio
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from ...backoff import Backoff
 from ...config import Config
 from ...consume.consumer import Consumer
 from ...consume.receiver import Rows, send_item
@@ -127,7 +128,7 @@ class JetStreamReceiver:
         self.url = f"nats:{bus.stream}/{group}"
         self.rows = Rows()
         self.reconnects = 0
-        self.retry_s = retry_s  # after a failed fetch, times the failures in a row
+        self.retry_s = retry_s  # the first delay after a failed fetch (then doubling, to 10x)
         self.foreign = 0  # messages that are not users of this stream
         self.on_batch = on_batch
         self.committed: Counter[str] = Counter()  # users acknowledged as stored, by source
@@ -189,17 +190,19 @@ class JetStreamReceiver:
     async def _receive(self, subscription: Any, send: trio.MemorySendChannel[Item]) -> None:
         """Fetch batches until the durable consumer is gone (then bind again)."""
         bus, failures = self.bus, 0
+        delays = Backoff(self.retry_s, self.retry_s * 10).delays()
         while True:
             try:
                 messages = await bus.call(_fetch, subscription, self.batch_size)
                 failures = 0
+                delays.reset()
             except (nats.errors.Error, TimeoutError) as exc:
                 failures += 1
                 get_logger().warning("consumer.fetch_failed", error=describe(exc))
                 if failures >= REBIND_AFTER and not await self._durable_exists():
                     get_logger().warning("consumer.durable_missing", group=self.group)
                     return
-                await trio.sleep(self.retry_s * min(failures, 10))
+                await delays.sleep()
                 continue
             received_at = datetime.now(UTC)
             for message in messages:

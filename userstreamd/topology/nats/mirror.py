@@ -13,7 +13,7 @@ and reports the hub only once it has them (or the stream has no more: its users
 expired), so a client moving here from a broadcaster that died finds what it missed. A
 message that is not a user of this stream (not decodable, or not its seq or epoch:
 published by something else) is logged, counted, and kept as a ``gap`` over its one seq
-(`messages.hole_frame`): clients read it in its place, and the buffer stays whole.
+(`protocol.hole_frame`): clients read it in its place, and the buffer stays whole.
 """
 
 from __future__ import annotations

@@ -86,6 +86,13 @@ class NatsTopology:
         return self.bus
 
     async def connect(self, stack: contextlib.AsyncExitStack) -> None:
+        if self.uses_database and self.role != "all" and not self.config.database.dsn:
+            get_logger().warning(
+                "daemon.embedded_database_alone",
+                role=self.role,
+                reason="database.dsn is empty: this process writes to a PostgreSQL of "
+                "its own; roles on other machines do not see it",
+            )
         self.bus = await stack.enter_async_context(
             open_bus(self.config, f"userstreamd-{self.role}")
         )
@@ -94,13 +101,6 @@ class NatsTopology:
         bus, p = self._bus(), self.config.producer
         seed = p.seed or bus.epoch
         if self.uses_database:
-            if self.role != "all" and not self.config.database.dsn:
-                get_logger().warning(
-                    "daemon.embedded_database_alone",
-                    role=self.role,
-                    reason="database.dsn is empty: this process writes to a PostgreSQL of "
-                    "its own; roles on other machines do not see it",
-                )
             await trio.to_thread.run_sync(
                 record_stream, self.config, dsn, bus.epoch, seed, p.source
             )
