@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from ..logs import configure_logging
+from ..topology import TOPOLOGIES
 from .parsing import add_command
 
 
@@ -113,7 +114,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     )
     e2e_mode.add_argument(
         "--bus",
-        choices=("embedded", "nats"),
+        choices=tuple(TOPOLOGIES),
         default="embedded",
         help="embedded: one daemon; nats: the parts as processes on a local NATS "
         "cluster (default: embedded)",
@@ -157,7 +158,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     )
     fanout_mode.add_argument(
         "--bus",
-        choices=("embedded", "nats"),
+        choices=tuple(TOPOLOGIES),
         default="embedded",
         help="embedded: one daemon; nats: a producer and 2 broadcasters as processes on a "
         "local NATS cluster (default: embedded)",

@@ -15,7 +15,6 @@ from pathlib import Path
 from .. import __version__
 from ..config import load_config
 from ..errors import ConfigError
-from ..topology import config_rules
 from . import bench, check, db, init_config, run, workers
 from .parsing import DEFAULT_CONFIG, Help, add_command, config_option
 
@@ -28,7 +27,7 @@ def _tail_url(args: argparse.Namespace) -> str:
         return str(args.url)
     if args.config == DEFAULT_CONFIG and not Path(args.config).exists():
         return "ws://127.0.0.1:8765/"
-    broadcaster = load_config(args.config, rules=config_rules).broadcaster
+    broadcaster = load_config(args.config).broadcaster  # (its address: no topology needed)
     host = broadcaster.host if broadcaster.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
     host = f"[{host}]" if ":" in host else host
     scheme = "wss" if broadcaster.tls_cert_file else "ws"

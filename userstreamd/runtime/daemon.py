@@ -298,8 +298,9 @@ class Daemon:
         interval = min(5.0, self.notifier.watchdog_interval_s or 5.0)
         while True:
             await trio.sleep(interval)
-            self.notifier.status(self._status())
-            if self.notifier.watchdog_interval_s and self.readiness().alive:
+            status = self.status()
+            self.notifier.status(summary_line(status))
+            if self.notifier.watchdog_interval_s and readiness(status).alive:
                 self.notifier.watchdog()
 
     async def _watch_signals(self, root: trio.CancelScope) -> None:
