@@ -16,6 +16,7 @@ from userstreamd.stream import protocol
 from userstreamd.stream.client import (
     CLOSE_SENT_S,
     CLOSE_WAIT_S,
+    LOST,
     WELCOME_TIMEOUT_S,
     StreamClient,
     closed_with,
@@ -131,3 +132,49 @@ async def test_a_server_silent_after_the_handshake_is_a_lost_connection(
         assert trio.current_time() - start == pytest.approx(WELCOME_TIMEOUT_S, abs=1.0)
         assert accepted == 1
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        b"\xff\xfe not json",
+        b'{"type":"user","epoch":"e","seq":1}',
+        b'{"type":"welcome"}',
+        None,  # (closes at once, after the handshake)
+    ],
+    ids=["garbage", "not-a-welcome", "welcome-missing-fields", "early-close"],
+)
+async def test_a_hostile_first_frame_is_a_lost_connection_and_the_client_retries(
+    first: bytes | None, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Whatever the server says instead of a welcome: no session starts, the connection
+    counts as lost, and the client connects again (with its backoff)."""
+    accepted = 0
+
+    async def hostile(request: WebSocketRequest) -> None:
+        nonlocal accepted
+        ws = await request.accept()
+        accepted += 1
+        if first is None:
+            await ws.aclose(1011)
+            return
+        await ws.send_message(first)
+        with contextlib.suppress(ConnectionClosed):
+            await ws.get_message()
+
+    lost: list[BaseException] = []
+
+    async def session(ws: object, welcome: object) -> None:
+        raise AssertionError("a session started without a welcome")
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(partial(serve_websocket, hostile, "127.0.0.1", 0, None))
+        client = StreamClient(f"ws://127.0.0.1:{server.port}/")
+        with trio.move_on_after(30):
+            nursery.start_soon(partial(client.run, session, on_lost=lost.append))
+            while accepted < 3:  # noqa: ASYNC110 (the server counts the connections)
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert accepted >= 3, "the client kept reconnecting"
+    assert client.reconnects >= 2
+    assert all(isinstance(exc, LOST) for exc in lost)
