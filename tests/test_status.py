@@ -105,6 +105,19 @@ def test_metrics_are_read_from_the_snapshot() -> None:
     assert "userstreamd_ready 1.0" in text
 
 
+def test_committed_seq_is_where_the_stream_stands_not_a_count_since_start() -> None:
+    """A daemon resumed at seq 100 that has committed 5 users since: the counter says 5
+    (it starts at 0 with the daemon), the gauge the stream's committed seq."""
+    resumed = _status(
+        counts=StreamCounts({"synthetic": 5}, {"synthetic": 5}, {}, 105, 5),
+        committed_through=105,
+    )
+    text = _exposition(resumed)
+    assert 'userstreamd_users_committed_total{source="synthetic"} 5.0' in text
+    assert "userstreamd_stream_committed_seq 105.0" in text
+    assert "# TYPE userstreamd_stream_committed_seq gauge" in text
+
+
 def test_metrics_of_a_process_without_a_feed() -> None:
     """A consumer-only node: no hub, no fan-out; what it has is still exposed."""
     status = _status(feed=None, serves=False, broadcasting=False, fanout=FanoutTotals(), sent={})

@@ -7,7 +7,9 @@ the hot paths keep plain integers, and nothing is counted twice. The consumers, 
 processes, report through their acks (`protocol.Batch`, ``rejected``) and the hub counts
 each stream seq once, so a worker killed and restarted loses nothing from the counts:
 ``userstreamd_users_committed_total`` is the number of users the consumer group has
-committed, whoever committed them.
+committed since this daemon started, whoever committed them. Like every counter it
+starts at 0 with the daemon (``rate()`` it); ``userstreamd_stream_committed_seq`` is
+where the stream stands, kept across restarts (the group's checkpoint).
 """
 
 from __future__ import annotations
@@ -133,7 +135,8 @@ class StatusCollector(Collector):
         )
         yield _counter(
             "users_committed",
-            "Users the consumer group committed to PostgreSQL (each stream seq once), by source",
+            "Users the consumer group committed to PostgreSQL since this daemon started (each "
+            "stream seq once), by source",
             ["source"],
             {(s,): counts.committed.get(s, 0) for s in sources},
         )
@@ -177,6 +180,13 @@ class StatusCollector(Collector):
         yield _gauge("buffer_bytes", "Bytes held in the replay buffer", buffered_bytes)
         last_seq = stats.last_seq if stats else counts.last_seq
         yield _gauge("stream_last_seq", "The seq of the latest published user", last_seq)
+        yield _gauge(
+            "stream_committed_seq",
+            "The seq through which the daemon's consumer group has committed every user of "
+            "the stream's epoch (its checkpoint: kept across restarts, unlike "
+            "users_committed_total)",
+            status.committed_through,
+        )
         oldest = GaugeMetricFamily(
             f"{PREFIX}oldest_unacknowledged_seq",
             "The lowest seq a consumer group has not acknowledged, by group",
