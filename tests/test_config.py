@@ -87,6 +87,20 @@ def test_wrong_type_says_what_was_expected(
             '[cluster]\nbus = "nats"\n[broadcaster]\ngroups = ["audit"]\n',
             "broadcaster.groups: expected no groups for WebSocket clients",
         ),
+        (
+            '[database]\nlisten_port = 5433\nlisten_host = "0.0.0.0"\n',
+            "database.listen_host: expected a loopback address (127.0.0.1, ::1 or localhost), "
+            "got '0.0.0.0'",
+        ),
+        (
+            '[database]\nlisten_port = 5433\nlisten_host = "db.example.net"\n',
+            "database.listen_host: expected a loopback address",
+        ),
+        (
+            '[database]\nlisten_port = 5433\ndsn = "host=db.example.net"\n',
+            "database.listen_port: expected 0 with database.dsn set, got 5433",
+        ),
+        ("[database]\nlisten_port = 8766\n", "database.listen_port: expected a port other than"),
     ],
 )
 def test_invalid_values(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +28,10 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg.conninfo import make_conninfo
 
+from userstreamd.config import load_config
+from userstreamd.errors import ConfigError
 from userstreamd.sources.synthetic import synthetic_user
+from userstreamd.store.bootstrap import run_database
 from userstreamd.store.postgres import (
     DeadLetter,
     Envelope,
@@ -35,11 +39,13 @@ from userstreamd.store.postgres import (
     StreamCheckpoint,
     row_values,
 )
+from userstreamd.store.reader import READER_ROLE, READER_TABLES, ensure_reader
 from userstreamd.stream.records import parse_user
+from userstreamd.topology.embedded import EmbeddedTopology
 
 from .conftest import query
 from .fakeapi import FakeRandomUserAPI
-from .helpers import eventually, in_process_daemon, run_until
+from .helpers import eventually, in_process_daemon, run_until, write_config
 
 GRAFANA = Path(__file__).resolve().parent.parent / "grafana"
 PROVISIONING = GRAFANA / "provisioning"
@@ -141,8 +147,7 @@ def test_macros_expand_as_grafana_does() -> None:
 # --- realtime_users.json against the real schema ---
 
 
-@pytest.fixture
-def filled(dsn: str) -> str:
+def fill(dsn: str) -> str:
     """USERS users from two sources, spread over the last USERS seconds, with ingest
     latencies from 0 to ~0.5 s; and one dead letter."""
     store = PostgresStore(dsn)
@@ -168,6 +173,11 @@ def filled(dsn: str) -> str:
             "WHERE uuid = s.id"
         )
     return dsn
+
+
+@pytest.fixture
+def filled(dsn: str) -> str:
+    return fill(dsn)
 
 
 def _grafana_range(board: dict[str, Any]) -> tuple[datetime, datetime]:
@@ -356,6 +366,151 @@ def test_provisioning_serves_both_dashboards_their_datasources() -> None:
     shipped = sorted(p.name for p in GRAFANA.glob("*.json"))
     assert shipped == ["pipeline_health.json", "realtime_users.json"]
     assert not (GRAFANA / "userstreamd.json").exists(), "the old dashboard is replaced"
+
+
+# --- what Grafana needs besides the dashboards: its refresh floor, a way in ---
+
+
+def _drop_in() -> dict[str, str]:
+    """The shipped systemd drop-in for grafana-server: {variable: value} of its
+    Environment= lines, and {"EnvironmentFile": ...}."""
+    text = (PROVISIONING / "grafana-server.conf").read_text()
+    assert re.search(r"^\[Service\]$", text, re.MULTILINE), "a drop-in for the [Service]"
+    found = {}
+    for line in text.splitlines():
+        if match := re.fullmatch(r"Environment=(\w+)=(\S+)", line):
+            found[match[1]] = match[2]
+        elif line.startswith("EnvironmentFile="):
+            found["EnvironmentFile"] = line.partition("=")[2]
+    return found
+
+
+def test_grafana_is_allowed_every_refresh_the_dashboards_ask_for() -> None:
+    """Grafana's min_refresh_interval (5s by default) overrides a dashboard's faster
+    refresh: the shipped setting is at or below every refresh the dashboards offer."""
+    floor = parse_interval(_drop_in()["GF_DASHBOARDS_MIN_REFRESH_INTERVAL"])
+    for board in (REALTIME, HEALTH):
+        offered = [board["refresh"], *board.get("timepicker", {}).get("refresh_intervals", [])]
+        assert all(floor <= parse_interval(r) for r in offered), (board["uid"], offered)
+    assert REALTIME["refresh"] == "1s"
+
+
+def test_the_drop_in_gives_the_datasources_what_they_read() -> None:
+    """Every ${VARIABLE} of the datasources file is set by the drop-in, the password
+    through its EnvironmentFile (a secret never in a unit), and as written it points at
+    the embedded server's listener and role."""
+    datasources = (PROVISIONING / "datasources" / "userstreamd.yaml").read_text()
+    lines = [line for line in datasources.splitlines() if not line.lstrip().startswith("#")]
+    wanted = set(re.findall(r"\$\{(\w+)\}", "\n".join(lines)))
+    given = _drop_in()
+    assert wanted - set(given) == {"USERSTREAMD_PG_PASSWORD"}
+    assert given["EnvironmentFile"].startswith("-/etc/grafana/")
+    assert given["USERSTREAMD_PG_USER"] == READER_ROLE
+    assert given["USERSTREAMD_PG_HOST"].startswith("127.0.0.1:")
+
+
+def test_the_role_reads_exactly_the_tables_the_dashboards_read(filled: str) -> None:
+    tables = {row[0] for row in query(filled, "SELECT tablename FROM pg_tables")}
+    named = {
+        name
+        for panel in SQL_PANELS
+        for name in re.findall(r"\bFROM\s+(\w+)", panel["targets"][0]["rawSql"], re.IGNORECASE)
+    }
+    assert set(READER_TABLES) == named & tables
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _grafana_dsn(port: int, password: str) -> str:
+    return make_conninfo(
+        host="127.0.0.1", port=port, dbname="userstreamd", user=READER_ROLE, password=password
+    )
+
+
+def _refused(dsn: str, sql: str) -> str | None:
+    """The SQLSTATE of `sql` run by `dsn`'s role (a refused login: libpq's message; None:
+    it ran)."""
+    try:
+        with psycopg.connect(dsn) as conn:
+            conn.execute(sql)
+    except psycopg.Error as exc:
+        return exc.sqlstate or str(exc)
+    return None
+
+
+WRITES = [
+    "INSERT INTO incoming_users (uuid) VALUES (gen_random_uuid())",
+    "UPDATE incoming_users SET age = 1",
+    "DELETE FROM dead_letters",
+    "TRUNCATE dead_letters",
+    "CREATE TABLE grafana_was_here (x int)",
+    "CREATE TEMP TABLE grafana_was_here (x int)",
+    "CREATE VIEW grafana_was_here AS SELECT 1",
+    "SELECT * FROM stream_checkpoints",  # (not a table the dashboards read)
+]
+
+
+async def test_grafana_reaches_the_embedded_server_read_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`database.listen_port`: the daemon's embedded server also listens on loopback,
+    where the read-only role (password from its environment variable) runs every panel's
+    query and can write nothing; the server's superuser is not let in over TCP."""
+    port, password = _free_port(), f"pw-{uuid.uuid4().hex}"
+    monkeypatch.setenv("USERSTREAMD_GRAFANA_PASSWORD", password)
+    config = load_config(write_config(tmp_path, "", database={"listen_port": port}))
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(120):
+            own_dsn = await nursery.start(run_database, config)
+        await trio.to_thread.run_sync(fill, own_dsn)
+        grafana = _grafana_dsn(port, password)
+
+        def every_panel() -> None:
+            for panel in SQL_PANELS:
+                assert_fits_panel(panel, *_query(grafana, panel))
+
+        await trio.to_thread.run_sync(every_panel)
+        for sql in WRITES:
+            assert await trio.to_thread.run_sync(_refused, grafana, sql) == "42501", sql
+        assert await trio.to_thread.run_sync(_refused, own_dsn, "SELECT 1") is None
+        wrong = _grafana_dsn(port, "not-the-password")
+        assert "password authentication failed" in await trio.to_thread.run_sync(
+            _refused, wrong, "SELECT 1"
+        )
+        superuser = make_conninfo(
+            host="127.0.0.1", port=port, dbname="userstreamd", user="postgres"
+        )
+        assert "no pg_hba.conf entry" in await trio.to_thread.run_sync(
+            _refused, superuser, "SELECT 1"
+        )
+
+        # made again at each start: a new password replaces the old, the grants stay
+        await trio.to_thread.run_sync(ensure_reader, own_dsn, "pw-2")
+        assert "password authentication failed" in await trio.to_thread.run_sync(
+            _refused, grafana, "SELECT 1"
+        )
+        renewed = _grafana_dsn(port, "pw-2")
+        assert await trio.to_thread.run_sync(_refused, renewed, WRITES[0]) == "42501"
+        assert await trio.to_thread.run_sync(_query, renewed, SQL_PANELS[0])
+        nursery.cancel_scope.cancel()
+
+
+def test_a_listener_without_a_password_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("USERSTREAMD_GRAFANA_PASSWORD", raising=False)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    config = load_config(write_config(tmp_path, "", database={"listen_port": 5433}))
+    with pytest.raises(ConfigError, match=r"database.listen_port: .*USERSTREAMD_GRAFANA_PASSWORD"):
+        EmbeddedTopology.preflight(config)
+    (tmp_path / "grafana-password").write_text("from-systemd\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    EmbeddedTopology.preflight(config)
+    assert config.reader_password() == "from-systemd"
 
 
 # --- pipeline_health.json: only metrics the daemon exposes ---

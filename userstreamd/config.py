@@ -13,6 +13,7 @@ documents each key.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import tomllib
@@ -33,6 +34,8 @@ DEFAULT_RANDOMUSER_URL = "https://randomuser.me/api/1.4/"
 DEFAULT_PORT = 8765
 DEFAULT_HTTP_PORT = 8766
 DEFAULT_PASSWORD_ENV = "USERSTREAMD_DB_PASSWORD"
+DEFAULT_READER_PASSWORD_ENV = "USERSTREAMD_GRAFANA_PASSWORD"
+READER_CREDENTIAL = "grafana-password"
 DEFAULT_TOKENS_ENV = "USERSTREAMD_TOKENS"
 # fmt: off
 NATIONALITIES = frozenset((
@@ -135,6 +138,10 @@ class DatabaseConfig(_Table, frozen=True):
     connect_timeout_s: Annotated[int, msgspec.Meta(ge=2)] = 5  # libpq: whole seconds, >= 2
     statement_timeout_s: NonNegative = 30.0
     stall_warning_s: Positive = 5.0
+    # the embedded server's TCP listener for Grafana (0: none, a Unix socket only)
+    listen_host: str = "127.0.0.1"
+    listen_port: Port = 0
+    reader_password_env: str = DEFAULT_READER_PASSWORD_ENV
 
 
 class SupervisorConfig(_Table, frozen=True):
@@ -218,6 +225,17 @@ class Config(_Table, frozen=True):
         if self.database.password_env and (password := os.environ.get(self.database.password_env)):
             return password
         return read_credential("db-password")
+
+    def reader_password(self) -> str | None:
+        """The password of the embedded server's read-only role (``listen_port``): the
+        environment variable ``database.reader_password_env`` names, else the systemd
+        credential ``grafana-password``, else None."""
+        from .credentials import read_credential
+
+        variable = self.database.reader_password_env
+        if variable and (password := os.environ.get(variable)):
+            return password
+        return read_credential(READER_CREDENTIAL)
 
 
 _ORIGIN = re.compile(r"^(\*|[a-z][a-z0-9+.-]*://[^/?#\s]+|null)$")
@@ -432,6 +450,7 @@ def _rules(config: Config) -> Iterator[tuple[str, str]]:
     h = config.http
     if h.enabled and h.port != 0 and h.port == b.port:
         yield "http.port", f"expected a port other than broadcaster.port ({b.port})"
+    yield from _listener_rules(config)
     yield from _cluster_rules(config.cluster)
     c = config.consumers
     if c.reconnect_max_s < c.reconnect_min_s:
@@ -439,6 +458,34 @@ def _rules(config: Config) -> Iterator[tuple[str, str]]:
             "consumers.reconnect_max_s",
             f"expected >= reconnect_min_s ({c.reconnect_min_s}), got {c.reconnect_max_s}",
         )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _listener_rules(config: Config) -> Iterator[tuple[str, str]]:
+    """The embedded server's TCP listener: loopback only, and only for that server."""
+    db, taken = config.database, {config.broadcaster.port, config.http.port} - {0}
+    if not is_loopback(db.listen_host):
+        yield (
+            "database.listen_host",
+            f"expected a loopback address (127.0.0.1, ::1 or localhost), got {db.listen_host!r}: "
+            "the embedded server's listener is for a Grafana on this machine",
+        )
+    if db.listen_port and db.dsn:
+        yield (
+            "database.listen_port",
+            f"expected 0 with database.dsn set, got {db.listen_port}: only the embedded server "
+            "gets a listener (give Grafana a read-only role on your own server)",
+        )
+    elif db.listen_port in taken:
+        yield "database.listen_port", f"expected a port other than {sorted(taken)}"
 
 
 _NATS_URL = re.compile(r"^(nats|tls)://[^/?#\s]+$")

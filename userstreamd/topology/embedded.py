@@ -17,13 +17,15 @@ from typing import ClassVar
 
 import trio
 
-from ..config import Config
+from ..config import READER_CREDENTIAL, Config
 from ..consume.consumer import Milestones, make_consumer
+from ..errors import ConfigError
 from ..logs import get_logger
 from ..produce.producer import Outlet, Producer
 from ..runtime.supervisor import ComponentFn
 from ..runtime.workers import run_consumer_process
 from ..store.postgres import StreamCheckpoint
+from ..store.reader import READER_ROLE
 from ..store.streams import Stream, open_stream, save_checkpoint
 from ..stream.hub import Hub
 from . import PARTS, Context, Rule, Start, StreamCounts
@@ -71,7 +73,13 @@ class EmbeddedTopology:
 
     @classmethod
     def preflight(cls, config: Config) -> None:
-        return None
+        db = config.database
+        if db.listen_port and config.reader_password() is None:
+            raise ConfigError(
+                f"{config.path}: database.listen_port: expected a password for the "
+                f"read-only role {READER_ROLE!r} in ${db.reader_password_env} or the "
+                f"systemd credential {READER_CREDENTIAL!r} (the listener needs one)"
+            )
 
     @property
     def parts(self) -> frozenset[str]:
