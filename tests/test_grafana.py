@@ -11,8 +11,10 @@ metric has a panel. Both: uid, title, refresh, time range, datasources, ids and 
 from __future__ import annotations
 
 import json
+import math
 import re
 import socket
+import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,9 +45,9 @@ from userstreamd.store.reader import READER_ROLE, READER_TABLES, ensure_reader
 from userstreamd.stream.records import parse_user
 from userstreamd.topology.embedded import EmbeddedTopology
 
-from .conftest import query
+from .conftest import daemon_tables, query
 from .fakeapi import FakeRandomUserAPI
-from .helpers import eventually, in_process_daemon, run_until, write_config
+from .helpers import eventually, in_process_daemon, run_until, wait_until, write_config
 
 GRAFANA = Path(__file__).resolve().parent.parent / "grafana"
 PROVISIONING = GRAFANA / "provisioning"
@@ -598,3 +600,104 @@ def test_every_expression_uses_exposed_metrics_and_every_metric_has_a_panel(
     families = {re.sub(r"_(bucket|sum|count|created)$", "", n) for n in exposed}
     unused = {f for f in families if not any(n.startswith(f) for n in used)}
     assert not unused, f"no panel for {sorted(unused)}"
+
+
+# --- pipeline_health.json against a real Prometheus scraping a real daemon ---
+
+PROMETHEUS = "/usr/bin/prometheus"
+STOP_AT = 600  # users the daemon streams (6 s), then it is caught up
+WINDOW = "1m"  # for $__rate_interval and $__range: every sample of the run
+
+
+def _prometheus_config(path: Path, target: str) -> Path:
+    path.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        "scrape_configs:\n  - job_name: userstreamd\n"
+        f"    static_configs:\n      - targets: ['{target}']\n"
+    )
+    return path
+
+
+def _instant(client: httpx.Client, expr: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """An instant query through Prometheus' HTTP API: {labels: value}."""
+    answer = client.get("/api/v1/query", params={"query": expr}).json()
+    assert answer["status"] == "success", (expr, answer)
+    assert answer["data"]["resultType"] == "vector", expr
+    return {
+        tuple(
+            sorted(
+                (k, v) for k, v in r["metric"].items() if k not in ("__name__", "job", "instance")
+            )
+        ): (float(r["value"][1]))
+        for r in answer["data"]["result"]
+    }
+
+
+@pytest.mark.e2e
+def test_every_promql_expression_against_a_real_prometheus(
+    daemon_factory: Any, tmp_path: Path, dsn: str, fake_api: FakeRandomUserAPI
+) -> None:
+    """Debian's Prometheus scrapes a real daemon every second while it streams STOP_AT
+    users from the (fake) API and its consumers catch up; then each expression of the
+    dashboard answers with data and a sane value: nothing negative or NaN (the lag is 0
+    once caught up), the committed seq is where the stream stands."""
+    assert Path(PROMETHEUS).exists(), "needs Debian's prometheus (apt-get install prometheus)"
+    http_port, port = _free_port(), _free_port()
+    config = _prometheus_config(tmp_path / "prometheus.yml", f"127.0.0.1:{http_port}")
+    with (tmp_path / "prometheus.log").open("wb") as log:  # (first: it sees the whole run)
+        prometheus = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    tables = daemon_tables(tmp_path, dsn)
+    tables["http"] = {"port": http_port}
+    tables["producer"] = {"source": "randomuser", "rate_per_s": 100, "stop_at_position": STOP_AT}
+    tables["randomuser"] = {"url": fake_api.url, "page_size": 20}
+    daemon = daemon_factory(tables)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+
+            def caught_up() -> bool:
+                try:
+                    seqs = _instant(client, "userstreamd_stream_committed_seq")
+                except httpx.TransportError:
+                    return False  # (not listening yet)
+                if list(seqs.values()) != [STOP_AT]:
+                    return False
+                scrapes = _instant(client, f"count_over_time(userstreamd_ready[{WINDOW}])")
+                return max(scrapes.values()) >= 5  # (and the rates have 5 points)
+
+            wait_until(caught_up, 90, "Prometheus scraped a daemon caught up at STOP_AT")
+            answers = {}
+            for title, ref, expr in PROM_TARGETS:
+                query_text = expr.replace("$__rate_interval", WINDOW).replace("$__range", WINDOW)
+                found = _instant(client, query_text)
+                assert found, f"{title}/{ref}: no data for {query_text}"
+                assert all(math.isfinite(v) and v >= 0 for v in found.values()), (title, found)
+                answers[title, ref] = found
+    finally:
+        prometheus.terminate()
+        prometheus.wait(30)
+    daemon.stop()
+
+    def one(title: str, ref: str = "A") -> float:
+        (value,) = answers[title, ref].values()
+        return value
+
+    assert answers["Consumer lag (seqs)", "A"] == {(("group", "db"),): 0.0}
+    assert one("Ready") == 1 and one("Upstream circuit") == 0 and one("Fallback source") == 0
+    assert 0 < one("Upstream budget remaining") < 20_000
+    seqs = "Last seq, committed seq, oldest unacknowledged"
+    assert one(seqs, "A") == one(seqs, "B") == STOP_AT
+    assert answers[seqs, "C"] == {(("group", "db"),): STOP_AT + 1}
+    rates = "Users per second: produced, broadcast, committed"
+    for ref in "ABC":
+        assert one(rates, ref) > 0, ref  # (by source: randomuser alone)
+    assert answers["API requests per second by outcome", "A"].keys() == {(("outcome", "ok"),)}
+    assert 0 < one("API request latency p99 by outcome") < 10
+    assert 0 < one("End-to-end latency p50 / p99", "A") <= one("End-to-end latency p50 / p99", "B")
+    assert one("Component restarts in range") == 0
+    states = answers["Component states", "A"]
+    assert all(dict(labels)["state"] == "running" for labels in states), states
+    assert one("Consumer batch size", "A") >= 1
