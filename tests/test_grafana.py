@@ -701,3 +701,31 @@ def test_every_promql_expression_against_a_real_prometheus(
     states = answers["Component states", "A"]
     assert all(dict(labels)["state"] == "running" for labels in states), states
     assert one("Consumer batch size", "A") >= 1
+
+
+async def test_the_committed_seq_carries_on_across_a_restart_and_the_counter_does_not(
+    tmp_path: Path, dsn: str
+) -> None:
+    """Two runs of one daemon on one database: the second resumes the stream where the
+    first committed it. users_committed_total starts again at 0 (a counter counts what
+    this daemon did); userstreamd_stream_committed_seq says where the stream stands."""
+    tables = {"producer": {"source": "synthetic", "rate_per_s": 500, "stop_at_position": 100}}
+    scraped: list[dict[str, float]] = []
+    for _ in range(2):
+        daemon = in_process_daemon(tmp_path, dsn, consumers={"count": 1}, **tables)
+
+        async def scrape(daemon: Any = daemon) -> None:
+            await eventually(lambda: daemon.committed_through() == 100)
+            async with httpx.AsyncClient() as client:
+                text = (await client.get(f"{daemon.http_url}metrics")).text
+            scraped.append(
+                {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+            )
+
+        assert await run_until(daemon, scrape) == 0
+    first, second = scraped
+    assert query(dsn, "SELECT count(*) FROM incoming_users") == [(100,)]
+    assert first["userstreamd_users_committed_total"] == 100
+    assert second.get("userstreamd_users_committed_total", 0) == 0
+    assert first["userstreamd_stream_committed_seq"] == 100
+    assert second["userstreamd_stream_committed_seq"] == 100
