@@ -276,10 +276,15 @@ def test_unit_declares_the_contract_with_the_daemon() -> None:
     assert d["Service.LoadCredential"] == [
         "db-password:/etc/userstreamd/db-password",
         "ws-tokens:/etc/userstreamd/ws-tokens",
+        "grafana-password:/etc/userstreamd/grafana-password",
     ]
-    # The fallbacks that make both files optional must be what read_credential
+    # The fallbacks that make the files optional must be what read_credential
     # turns into None (see test_read_credential_empty_means_none).
-    assert d["Service.SetCredential"] == ["db-password:\\n", "ws-tokens:\\n"]
+    assert d["Service.SetCredential"] == [
+        "db-password:\\n",
+        "ws-tokens:\\n",
+        "grafana-password:\\n",
+    ]
     # Room for broadcaster.max_connections (the shipped default) and the rest.
     assert int(d["Service.LimitNOFILE"][0]) >= 4096 + 128
     assert d["Install.WantedBy"] == ["multi-user.target"]
