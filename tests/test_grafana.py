@@ -30,6 +30,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg.conninfo import make_conninfo
 
+from userstreamd.commands.cli import main
 from userstreamd.config import load_config
 from userstreamd.errors import ConfigError
 from userstreamd.sources.synthetic import synthetic_user
@@ -502,13 +503,17 @@ async def test_grafana_reaches_the_embedded_server_read_only(
 
 
 def test_a_listener_without_a_password_is_a_config_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.delenv("USERSTREAMD_GRAFANA_PASSWORD", raising=False)
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
-    config = load_config(write_config(tmp_path, "", database={"listen_port": 5433}))
+    path = write_config(tmp_path, "", database={"listen_port": 5433})
+    config = load_config(path)
     with pytest.raises(ConfigError, match=r"database.listen_port: .*USERSTREAMD_GRAFANA_PASSWORD"):
         EmbeddedTopology.preflight(config)
+    assert main(["--config", str(path), "check"]) == 2  # (`run` checks the same first)
+    assert "database.listen_port: expected a password" in capsys.readouterr().err
+    assert not (tmp_path / "state").exists()
     (tmp_path / "grafana-password").write_text("from-systemd\n")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
     EmbeddedTopology.preflight(config)
