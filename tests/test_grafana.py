@@ -15,6 +15,7 @@ import math
 import re
 import socket
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -465,11 +466,16 @@ async def test_grafana_reaches_the_embedded_server_read_only(
     query and can write nothing; the server's superuser is not let in over TCP."""
     port, password = _free_port(), f"pw-{uuid.uuid4().hex}"
     monkeypatch.setenv("USERSTREAMD_GRAFANA_PASSWORD", password)
-    config = load_config(write_config(tmp_path, "", database={"listen_port": port}))
+    path = write_config(tmp_path, "", database={"listen_port": port})
+    config = load_config(path)
     async with trio.open_nursery() as nursery:
         with trio.fail_after(120):
             own_dsn = await nursery.start(run_database, config)
         await trio.to_thread.run_sync(fill, own_dsn)
+        # `db status` finds this running server (its socket is named by listen_port)
+        command = [sys.executable, "-m", "userstreamd", "--config", str(path), "db", "status"]
+        report = await trio.run_process([*command, "--json"], capture_stdout=True)
+        assert json.loads(report.stdout)["rows"] == USERS
         grafana = _grafana_dsn(port, password)
 
         def every_panel() -> None:
