@@ -62,7 +62,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from ..config import Config
-from ..errors import EmbeddedPostgresError, StoreError, UserstreamdError, describe
+from ..errors import EmbeddedPostgresError, InUseError, StoreError, UserstreamdError, describe
 from ..logs import add_secrets, dsn_secrets, redact
 from .embedded import EmbeddedPostgres, hold_state_dir
 from .postgres import PostgresStore, migrations
@@ -221,7 +221,7 @@ def _enter_embedded(stack: contextlib.ExitStack, server: EmbeddedPostgres) -> bo
     state_dir.mkdir(parents=True, exist_ok=True)
     try:
         stack.enter_context(hold_state_dir(state_dir))
-    except EmbeddedPostgresError:  # a daemon holds it: its server runs
+    except InUseError:  # a daemon holds it: its server runs
         return False
     server.prepare()
     stack.enter_context(_serving(server))
