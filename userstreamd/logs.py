@@ -27,6 +27,7 @@ import select
 import sys
 import threading
 import time
+from collections.abc import Callable, Mapping
 from typing import IO, Any
 
 import msgspec
@@ -171,6 +172,28 @@ def _timestamp(logger: Any, method: str, event: Any) -> Any:
 
 _writer: _LineWriter | None = None
 _console = False
+_sentences: dict[str, Callable[[Mapping[str, Any]], str]] = {}
+_CONSOLE_KEEPS = ("timestamp", "level", "event", "component", "worker")
+
+
+def say_on_console(event: str, sentence: Callable[[Mapping[str, Any]], str]) -> None:
+    """On the console, `event` reads as ``event: <sentence made from its fields>`` instead
+    of its fields as key=value pairs (for an event with many, such as ``daemon.stats``).
+    JSON lines keep every field."""
+    _sentences[event] = sentence
+
+
+def _in_words(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    sentence = _sentences.get(event.get("event", ""))
+    if sentence is None:
+        return event
+    try:
+        said = sentence(event)
+    except Exception:  # a log line is never a reason to stop: then the fields as they are
+        return event
+    kept = {key: event[key] for key in _CONSOLE_KEEPS if key in event}
+    kept["event"] = f"{event['event']}: {said}"
+    return kept
 
 
 def configure_logging(
@@ -190,6 +213,7 @@ def configure_logging(
     ]
     if console:
         colors = tty and not os.environ.get("NO_COLOR")
+        processors.append(_in_words)
         processors.append(
             structlog.dev.ConsoleRenderer(
                 colors=colors, exception_formatter=structlog.dev.plain_traceback
