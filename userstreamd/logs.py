@@ -20,6 +20,7 @@ come out as the same JSON lines.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -27,7 +28,7 @@ import select
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any
 
 import msgspec
@@ -130,10 +131,14 @@ class _LineWriter:
             self._fd = None
         self._stream = stream
         self._lock = threading.Lock()
+        self.through: Callable[[str], None] | None = None  # (see `logs_through`)
 
     def write(self, line: bytes) -> None:
         with self._lock:
             try:
+                if self.through is not None:
+                    self.through(line.decode("utf-8", "replace").rstrip("\n"))
+                    return
                 if self._fd is None:
                     self._stream.write(line.decode("utf-8", "replace"))
                     self._stream.flush()
@@ -236,6 +241,22 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers = [_ToStructlog()]
     root.setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def logs_through(write: Callable[[str], None]) -> Iterator[None]:
+    """While inside, every log line (without its newline) goes to `write` instead of the
+    output stream: a live display on the same terminal (bench's progress rows) draws each
+    line above itself, where a line written behind its back would break its redrawing."""
+    writer = _writer
+    if writer is None:  # (logging not configured: nothing would be written anyway)
+        yield
+        return
+    before, writer.through = writer.through, write
+    try:
+        yield
+    finally:
+        writer.through = before
 
 
 _decode_line = msgspec.json.Decoder(dict[str, Any])
