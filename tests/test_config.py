@@ -209,6 +209,43 @@ def test_every_mistake_is_reported_with_its_line_and_key(
     ]
 
 
+def test_type_range_and_rule_mistakes_are_all_reported_in_one_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A rule (the 18-character seed) is checked even while other keys are refused, so
+    that one run of check names every mistake (issue 22 item 9)."""
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        '[producer]\nrate_per_s = "fast"\nseed = "abcdefghijklmnopqr"\n\n'
+        "[broadcaster]\nport = 70000\n"
+    )
+    assert main(["check", "--config", str(path)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3, lines
+    assert lines[0].startswith(
+        f"userstreamd: config error: {path}:2: producer.rate_per_s: expected `float`, got `str`"
+    )
+    assert lines[1].startswith(
+        f"userstreamd: config error: {path}:3: producer.seed: expected any length but 18 "
+        "characters, got 'abcdefghijklmnopqr'"
+    )
+    assert lines[2] == (
+        f"userstreamd: config error: {path}:6: broadcaster.port: expected `int` <= 65535"
+    )
+
+
+def test_a_rule_about_a_refused_value_is_left_out(tmp_path: Path) -> None:
+    """restart_delay_min_s is refused: comparing max_s with its default would be a
+    mistake the file does not hold."""
+    path = tmp_path / "c.toml"
+    path.write_text('[supervisor]\nrestart_delay_min_s = "soon"\nrestart_delay_max_s = 0.01\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    assert str(caught.value).splitlines() == [
+        f"{path}:2: supervisor.restart_delay_min_s: expected `float`, got `str`"
+    ]
+
+
 def test_a_cross_key_rule_still_runs_and_points_at_its_line(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("[consumers]\nreconnect_min_s = 9.0\n\nreconnect_max_s = 1.0\n")

@@ -27,7 +27,7 @@ from selenium.webdriver.chrome.webdriver import WebDriver
 from userstreamd.sources.synthetic import synthetic_user
 
 from .conftest import daemon_tables
-from .helpers import in_process_daemon, run_until
+from .helpers import in_process_daemon, run_until, wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -203,6 +203,33 @@ def test_users_appear_with_the_pipeline_state(
     assert browser.get_screenshot_as_file(str(shot))
     assert shot.stat().st_size > 1000 and shot.read_bytes().startswith(PNG_MAGIC)
     shutil.copyfile(shot, SCREENSHOT_COPY)  # for a human to look at
+
+
+@pytest.mark.e2e
+def test_the_page_opens_with_the_newest_users_of_the_replay_buffer(
+    tmp_path: Path, dsn: str, daemon_factory: Any, browser: WebDriver
+) -> None:
+    """Issue 22 item 16: at a slow rate a visitor saw an empty page for seconds. The
+    producer stops after 80 users, so no user arrives while the page is open: what it
+    shows came from the replay buffer, asked for with ?epoch=&since= 50 behind the last
+    seq of /status.json. Not counted as a rate, and no gap said."""
+    tables = streaming_tables(tmp_path, dsn, 200)
+    tables["producer"]["stop_at_position"] = 80
+    daemon = daemon_factory(tables)
+    ready = daemon.wait_for("daemon.ready")
+    daemon.wait_for("producer.stopped_at_position")
+    wait_until(lambda: len(daemon.events("producer.published")) == 80, 30, "80 users published")
+    last = max(e["seq"] for e in daemon.events("producer.published"))
+    browser.get(ready["http_url"])
+    seen = wait_for_page(
+        browser, lambda s: is_live(s) and len(s["rows"]) >= 50, 10, "live with 50 users"
+    )
+    assert seqs(seen) == list(range(last, last - 50, -1))
+    assert all(row["name"].strip() for row in seen["rows"])
+    assert digits(seen["total"]) == 50 and seen["duplicates"] == 0
+    assert float(seen["rate"]) == 0, "users replayed on opening are not a rate"
+    assert seen["notices"] == []
+    assert page_errors(browser) == []
 
 
 @pytest.mark.e2e

@@ -187,3 +187,54 @@ def test_the_stats_event_and_the_totals() -> None:
         "committed": 100,
         "rows_inserted": 100,
     }
+
+
+def _stats_lines(fmt: str, status: Status) -> list[str]:
+    """What `log_stats` writes in `fmt` for two intervals of `status`."""
+    import io
+
+    import structlog
+
+    from userstreamd.logs import configure_logging
+    from userstreamd.ops.report import log_stats
+
+    out = io.StringIO()
+    configure_logging("info", fmt, out)
+
+    async def main() -> None:
+        with trio.move_on_after(2.5):
+            await log_stats(lambda: status, 1.0)
+
+    try:
+        trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    finally:
+        structlog.reset_defaults()
+    return out.getvalue().splitlines()
+
+
+def test_the_console_stats_line_is_a_sentence_and_json_keeps_the_fields() -> None:
+    """Issue 22 item 11: no Python reprs, each count said in words; JSON unchanged."""
+    from userstreamd.ops.report import stats
+    from userstreamd.serve.broadcaster import BroadcasterStatistics
+    from userstreamd.serve.edge import EdgeStatistics
+
+    edge = EdgeStatistics(3, 40, {401: 2}, 1, 0, 0, 0, 0, 4096)
+    broadcaster = BroadcasterStatistics(edge, {"closed_1000": 5}, 0)
+    status = _status(rows_inserted=90, broadcaster=broadcaster)
+    console = _stats_lines("console", status)
+    assert len(console) == 2
+    line = console[0]
+    assert "daemon.stats: stream at seq 120 (0 published since start, 0/s, from" in line
+    assert "), 3 clients;" in line
+    assert (
+        "PostgreSQL holds every seq through 100 (100 committed since start, 90 of them new rows)"
+    ) in line
+    assert "consumer-1 running after 2 restarts (last exit: OSError: gone)" in line
+    assert "; 3 connections turned away" in line
+    for repr_mark in ("EdgeStatistics(", "{", "'", "=None", "users_streamed="):
+        assert repr_mark not in line, repr_mark
+    assert len(line) < 350
+
+    [first, _] = [json.loads(line) for line in _stats_lines("json", status)]
+    assert set(first) == {"event", "level", "timestamp", "component", *stats(status, 0)}
+    assert first["users_streamed"] == 120 and first["committed_through"] == 100

@@ -165,3 +165,39 @@ async def test_stop_is_bounded_by_the_timeout(autojump_clock: trio.abc.Clock) ->
         await sup.stop("stubborn")
         assert trio.current_time() - before == 3
         nursery.cancel_scope.cancel()
+
+
+async def test_a_port_held_at_start_escalates_at_once_without_a_restart(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """InUseError (here inside the component's own nursery's group, as a real bind
+    failure arrives) is a configuration fault: failed at once, one escalation naming it,
+    no crash log, no restart (issue 22 item 10)."""
+    from structlog.testing import capture_logs
+
+    from userstreamd.errors import InUseError
+
+    starts = 0
+
+    async def held(task_status: trio.TaskStatus[None]) -> None:
+        nonlocal starts
+        starts += 1
+        async with trio.open_nursery():
+            raise InUseError("cannot listen on 127.0.0.1:8765 (broadcaster.port): in use")
+
+    reasons: list[str] = []
+    with capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            sup = Supervisor(nursery, intensity=Intensity(5, 60), on_escalate=reasons.append)
+
+            async def start() -> None:
+                await sup.start("broadcaster", held)
+
+            nursery.start_soon(start)
+            await trio.sleep(60)
+            [state] = sup.snapshot()
+            nursery.cancel_scope.cancel()
+    assert starts == 1
+    assert (state.state, state.restarts) == ("failed", 0)
+    assert reasons == ["broadcaster: cannot listen on 127.0.0.1:8765 (broadcaster.port): in use"]
+    assert [e["event"] for e in logs if e["log_level"] in ("warning", "error")] == []

@@ -290,6 +290,21 @@ def test_unit_declares_the_contract_with_the_daemon() -> None:
     assert d["Install.WantedBy"] == ["multi-user.target"]
 
 
+def test_unit_comments_say_where_state_dir_resolves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The unit's install notes match Config.state_path: under the unit, the shipped
+    relative state_dir lands in $STATE_DIRECTORY, not next to the config in /etc."""
+    from userstreamd.config import Config, DaemonConfig
+
+    text = UNIT.read_text()
+    assert "in /etc, which is read-only" not in text
+    assert "$STATE_DIRECTORY" in text
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "var-lib"))
+    config = Config(daemon=DaemonConfig(state_dir="state"), path="/etc/userstreamd/config.toml")
+    assert config.state_path == (tmp_path / "var-lib" / "state").resolve()
+
+
 def test_every_directive_has_a_comment() -> None:
     lines = UNIT.read_text().splitlines()
     uncommented = [

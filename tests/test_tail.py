@@ -268,7 +268,13 @@ async def test_it_resumes_after_a_disconnect_without_gap_or_duplicate() -> None:
     assert text.count("skipped a bad frame") == 2
     assert "disconnected: the server is stopping (1001: server stopping); reconnecting" in text
     assert "resuming after seq 13 of epoch E1" in text
-    assert "gap: seqs 14-15 of epoch E1 are lost: no longer in the buffer" in text
+    # A gap is this client's, not the stream's: never "lost" (item 13 of issue 22).
+    assert "lost" not in text
+    assert (
+        "gap: skipped seqs 14-15 of epoch E1, which this client will not be sent: "
+        "no longer in the buffer (skipped for this client only: the daemon's consumers "
+        "still store them in PostgreSQL)"
+    ) in text
     assert "gap: continuing live in epoch E2 from seq 4: a new epoch" in text
 
 

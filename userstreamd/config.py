@@ -528,16 +528,31 @@ def parse_config(
     problems += found
     config = msgspec.convert(values, Config)  # each value was checked on its own
     config = msgspec.structs.replace(config, path=str(path.resolve()))
-    if not problems:
-        for key, message in [*_rules(config), *(rules(config) if rules else ())]:
-            if key in overrides:
-                problems.append(Problem(f"${overrides[key]}", key, message))
-            else:
-                problems.append(Problem(str(path), key, message, lines.get(key)))
+    # The rules run on whatever parsed (a refused value is its default here), so that one
+    # run reports every mistake; a rule about a refused key, or naming one, would be
+    # about a value the file does not hold, and is left out.
+    refused = {p.key.partition("[")[0] for p in problems}
+    for key, message in [*_rules(config), *(rules(config) if rules else ())]:
+        if key in refused or any(_names(key, message, other) for other in refused):
+            continue
+        if key in overrides:
+            problems.append(Problem(f"${overrides[key]}", key, message))
+        else:
+            problems.append(Problem(str(path), key, message, lines.get(key)))
     if problems:
         problems.sort(key=lambda p: (p.where != str(path), p.line or 0, p.key))
         raise ConfigError("\n".join(map(str, problems)))
     return config
+
+
+def _names(key: str, message: str, refused: str) -> bool:
+    """Whether the rule about `key` names the `refused` key in its message: dotted
+    ("broadcaster.port"), or bare ("budget_users") when both are of one table."""
+    table, _, bare = refused.rpartition(".")
+    same_table = key.partition(".")[0] == table
+    return re.search(rf"\b{re.escape(refused)}\b", message) is not None or (
+        same_table and re.search(rf"(?<![\w.]){re.escape(bare)}\b", message) is not None
+    )
 
 
 def load_config(

@@ -8,6 +8,8 @@
      +-- InvalidRecord          one record failed validation (the rest of its batch lives on)
      +-- StoreError             PostgreSQL failed (connection lost, server down)
      +-- EmbeddedPostgresError  the embedded PostgreSQL server could not be set up or started
+ +-- InUseError             a port or the state directory is held by another process at
+                            start: a configuration fault, never restarted
      +-- ProtocolError          a WebSocket frame that does not follow the wire format
 
 Library exceptions (httpx, psycopg, wsproto) are mapped to these at the component
@@ -15,6 +17,9 @@ boundary with ``raise ... from exc`` so callers handle one vocabulary.
 """
 
 from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
 
 
 class UserstreamdError(Exception):
@@ -62,6 +67,34 @@ class StoreError(UserstreamdError):
 
 class EmbeddedPostgresError(UserstreamdError):
     """The embedded PostgreSQL server could not be initialised or started."""
+
+
+class InUseError(UserstreamdError):
+    """A port or the state directory is held by another process (another userstreamd,
+    most likely) at start. A restart cannot cure it: the supervisor gives up at once and
+    the daemon exits 1, with this message (which names the address or the holder)."""
+
+
+def leaves(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` itself, or every exception inside it when it is a group (nested too)."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from leaves(inner)
+    else:
+        yield exc
+
+
+def address_in_use(exc: BaseException) -> bool:
+    """Whether `exc` (or one in it) is a bind refused because the address is taken."""
+    return any(isinstance(e, OSError) and e.errno == errno.EADDRINUSE for e in leaves(exc))
+
+
+def in_use_text(address: str, key: str) -> str:
+    """What InUseError says about a taken port: the address, and the key that names it."""
+    return (
+        f"cannot listen on {address} ({key}): the address is in use by another process "
+        "(another userstreamd?)"
+    )
 
 
 class ProtocolError(UserstreamdError):

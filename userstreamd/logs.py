@@ -20,6 +20,7 @@ come out as the same JSON lines.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -27,6 +28,7 @@ import select
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator, Mapping
 from typing import IO, Any
 
 import msgspec
@@ -129,10 +131,14 @@ class _LineWriter:
             self._fd = None
         self._stream = stream
         self._lock = threading.Lock()
+        self.through: Callable[[str], None] | None = None  # (see `logs_through`)
 
     def write(self, line: bytes) -> None:
         with self._lock:
             try:
+                if self.through is not None:
+                    self.through(line.decode("utf-8", "replace").rstrip("\n"))
+                    return
                 if self._fd is None:
                     self._stream.write(line.decode("utf-8", "replace"))
                     self._stream.flush()
@@ -171,6 +177,28 @@ def _timestamp(logger: Any, method: str, event: Any) -> Any:
 
 _writer: _LineWriter | None = None
 _console = False
+_sentences: dict[str, Callable[[Mapping[str, Any]], str]] = {}
+_CONSOLE_KEEPS = ("timestamp", "level", "event", "component", "worker")
+
+
+def say_on_console(event: str, sentence: Callable[[Mapping[str, Any]], str]) -> None:
+    """On the console, `event` reads as ``event: <sentence made from its fields>`` instead
+    of its fields as key=value pairs (for an event with many, such as ``daemon.stats``).
+    JSON lines keep every field."""
+    _sentences[event] = sentence
+
+
+def _in_words(_: Any, __: str, event: dict[str, Any]) -> dict[str, Any]:
+    sentence = _sentences.get(event.get("event", ""))
+    if sentence is None:
+        return event
+    try:
+        said = sentence(event)
+    except Exception:  # a log line is never a reason to stop: then the fields as they are
+        return event
+    kept = {key: event[key] for key in _CONSOLE_KEEPS if key in event}
+    kept["event"] = f"{event['event']}: {said}"
+    return kept
 
 
 def configure_logging(
@@ -190,6 +218,7 @@ def configure_logging(
     ]
     if console:
         colors = tty and not os.environ.get("NO_COLOR")
+        processors.append(_in_words)
         processors.append(
             structlog.dev.ConsoleRenderer(
                 colors=colors, exception_formatter=structlog.dev.plain_traceback
@@ -212,6 +241,22 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers = [_ToStructlog()]
     root.setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def logs_through(write: Callable[[str], None]) -> Iterator[None]:
+    """While inside, every log line (without its newline) goes to `write` instead of the
+    output stream: a live display on the same terminal (bench's progress rows) draws each
+    line above itself, where a line written behind its back would break its redrawing."""
+    writer = _writer
+    if writer is None:  # (logging not configured: nothing would be written anyway)
+        yield
+        return
+    before, writer.through = writer.through, write
+    try:
+        yield
+    finally:
+        writer.through = before
 
 
 _decode_line = msgspec.json.Decoder(dict[str, Any])

@@ -70,11 +70,13 @@ def _closed_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _rows(epoch: str, seqs: range, produced_at: datetime) -> list[UserRow]:
+def _rows(
+    epoch: str, seqs: range, produced_at: datetime, source: str = "synthetic"
+) -> list[UserRow]:
     rows = []
     for seq in seqs:
         raw = synthetic_user(f"admin-{epoch}", seq)
-        env = Envelope(seq, epoch, "synthetic", produced_at, produced_at)
+        env = Envelope(seq, epoch, source, produced_at, produced_at)
         rows.append(row_values(parse_user(raw), raw, env))
     return rows
 
@@ -223,10 +225,39 @@ def test_status_reports_the_rows_checkpoints_dead_letters_and_budget_inserted(
     assert "100 of 500 users in the last 600 s" in text
     assert not any(c in text for c in "\x1b\x07\u202e\t")
     table = [line.split() for line in text.splitlines() if line.startswith(("new ", "old "))]
-    assert [row[:7] for row in table] == [
-        ["new", "randomuser", "8", "8", "6", "60", "2"],
-        ["old", "synthetic", "5", "5", "5", "50", "0"],
+    assert [row[:9] for row in table] == [
+        ["new", "randomuser", "8", "synthetic", "8", "8", "6", "60", "2"],
+        ["old", "synthetic", "5", "synthetic", "5", "5", "5", "50", "0"],
     ]
+
+
+def test_status_says_what_the_rows_of_an_epoch_are(dsn: str, tmp_path: Path) -> None:
+    """An epoch begun with source = "randomuser" whose users came mostly from the
+    synthetic fallback: status counts the rows by the source each row records (issue 22
+    item 12), beside the epoch's configured source."""
+    config = _config(tmp_path, dsn)
+    store = PostgresStore(dsn)
+    store.migrate()
+    store.begin_stream("mixed", "seed-mixed", "randomuser")
+    produced = datetime.now(UTC)
+    rows = _rows("mixed", range(1, 4), produced, "randomuser") + _rows(
+        "mixed", range(4, 9), produced
+    )
+    assert store.insert_users(rows, StreamCheckpoint("db", "mixed", 8, 80)) == 8
+    store.close()
+
+    code, report = _status(config)
+    assert code == 0
+    [epoch] = report["epochs"]
+    assert (epoch["source"], epoch["rows"]) == ("randomuser", 8)
+    assert epoch["rows_by_source"] == {"randomuser": 3, "synthetic": 5}
+
+    out = io.StringIO()
+    assert db_command.status(config, out=out) == 0
+    text = out.getvalue()
+    [line] = [line for line in text.splitlines() if line.startswith("mixed ")]
+    assert line.split()[:6] == ["mixed", "randomuser", "8", "randomuser", "3,", "synthetic"]
+    assert "ROWS BY SOURCE is what the stored users are" in text
 
 
 def test_status_never_writes(dsn: str, tmp_path: Path) -> None:

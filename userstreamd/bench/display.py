@@ -12,6 +12,9 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Column
+from rich.text import Text
+
+from ..logs import logs_through
 
 LABEL_WIDTH = 44
 TICK_S = 0.5  # how often a timed step refreshes its status
@@ -55,8 +58,19 @@ class Steps:
         step.done(status() if status else "done")
 
 
-def progress_rows(console: Console, label_width: int) -> Progress:
-    """The rows every mode of ``bench`` draws: label, bar, status, elapsed time."""
+@contextmanager
+def progress_rows(console: Console, label_width: int) -> Iterator[Progress]:
+    """The rows every mode of ``bench`` draws (label, bar, status, elapsed time), live
+    while inside; meanwhile the log lines are printed above them, through the console."""
+
+    def above(line: str) -> None:
+        console.print(Text.from_ansi(line), soft_wrap=True)
+
+    with _rows(console, label_width) as progress, logs_through(above):
+        yield progress
+
+
+def _rows(console: Console, label_width: int) -> Progress:
     return Progress(
         TextColumn(
             "{task.description}",
@@ -73,9 +87,11 @@ def progress_rows(console: Console, label_width: int) -> Progress:
 
 
 @contextmanager
-def open_steps(live: bool) -> Iterator[Steps]:
+def open_steps(live: bool, console: Console | None = None) -> Iterator[Steps]:
+    """The rows on `console` (stderr's by default) when `live`; else rows that show
+    nothing."""
     if not live:
         yield Steps(None)
         return
-    with progress_rows(Console(stderr=True), LABEL_WIDTH) as progress:
+    with progress_rows(console or Console(stderr=True), LABEL_WIDTH) as progress:
         yield Steps(progress)

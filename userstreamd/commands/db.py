@@ -144,15 +144,27 @@ def render(status: Status) -> str:
 
 
 def _epoch_table(epochs: list[Epoch]) -> list[str]:
-    header = ("EPOCH", "SOURCE", "ROWS", "LATEST SEQ", "CHECKPOINT", "POSITION", "LAG", "AT")
+    header = (
+        "EPOCH",
+        "CONFIGURED",
+        "ROWS",
+        "ROWS BY SOURCE",
+        "LATEST SEQ",
+        "CHECKPOINT",
+        "POSITION",
+        "LAG",
+        "AT",
+    )
     rows = [header]
     for e in epochs:
         c = e.checkpoint
+        by_source = ", ".join(f"{printable(k, 20)} {n}" for k, n in e.rows_by_source.items())
         rows.append(
             (
                 printable(e.epoch, 40),
                 printable(e.source or "-", 20),
                 str(e.rows),
+                by_source or "-",
                 "-" if e.latest_seq is None else str(e.latest_seq),
                 "-" if c is None else str(c.seq),
                 "-" if c is None else str(c.position),
@@ -161,11 +173,17 @@ def _epoch_table(epochs: list[Epoch]) -> list[str]:
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    right = {2, 3, 4, 5, 6}
+    right = {2, 4, 5, 6, 7}
     return [
-        "  ".join(
-            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
-            for i, cell in enumerate(row)
-        ).rstrip()
-        for row in rows
+        *(
+            "  ".join(
+                cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
+                for i, cell in enumerate(row)
+            ).rstrip()
+            for row in rows
+        ),
+        "",
+        "CONFIGURED is producer.source when the epoch began (what regenerates it);",
+        "ROWS BY SOURCE is what the stored users are: randomuser from the API, synthetic",
+        "generated here (the source, or the fallback while the API was unreachable).",
     ]

@@ -27,6 +27,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from ..errors import InUseError, address_in_use, in_use_text
 from .health import readiness
 from .metrics import Metrics
 from .status import StatusFn
@@ -159,5 +160,10 @@ async def serve_ops(
     config.graceful_timeout = 1.0
     config.include_server_header = False
     async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(serve, app, config)
+        try:
+            binds: list[str] = await nursery.start(serve, app, config)
+        except Exception as exc:
+            if address_in_use(exc):
+                raise InUseError(in_use_text(config.bind[0], "http.port")) from exc
+            raise
         task_status.started(int(binds[0].rpartition(":")[2]))

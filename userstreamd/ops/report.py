@@ -3,11 +3,12 @@ and the totals logged at the stop, each made from a `Status` snapshot."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import trio
 
-from ..logs import get_logger
+from ..logs import get_logger, say_on_console
 from .health import readiness
 from .status import Status, StatusFn
 
@@ -60,8 +61,73 @@ def stats(status: Status, rate_per_s: float) -> dict[str, Any]:
     }
 
 
+def _stored(f: Mapping[str, Any]) -> str:
+    return (
+        f"PostgreSQL holds every seq through {f['committed_through']} "
+        f"({f['committed']} committed since start, {f['rows_inserted']} of them new rows)"
+    )
+
+
+def _troubles(f: Mapping[str, Any]) -> list[str]:
+    """What went wrong since the start, in words; nothing when nothing did."""
+    said = []
+    if f["invalid"]:
+        said.append(f"{f['invalid']} invalid records set aside as dead letters")
+    if failures := f["fetch_failures"]:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(failures.items()))
+        said.append(f"source fetches failed: {kinds}")
+    if f["backpressure_waits"]:
+        said.append(f"the producer waited for the consumers {f['backpressure_waits']} times")
+    return said
+
+
+def stats_sentence(f: Mapping[str, Any]) -> str:
+    """A ``daemon.stats`` event's fields as the console shows them: what each count is,
+    in words (docs/operations.md has the glossary), instead of reprs side by side."""
+    said = [
+        f"stream at seq {f['users_streamed']} ({f['published']} published since start, "
+        f"{f['rate_per_s']:.3g}/s, from {f['source'] or 'no source'}), "
+        f"{f['active_clients']} clients",
+        _stored(f),
+    ]
+    components = f["components"]
+    unwell = [
+        f"{name} {c['state']}"
+        + (
+            f" after {c['restarts']} restarts (last exit: {str(c['last_exit'])[:80]})"
+            if c["restarts"]
+            else ""
+        )
+        for name, c in components.items()
+        if c["state"] != "running" or c["restarts"]
+    ]
+    running = sum(c["state"] == "running" for c in components.values())
+    said.append(f"all {running} components running" if not unwell else ", ".join(unwell))
+    said += _troubles(f)
+    if (broadcaster := f.get("broadcaster")) is not None:
+        edge = broadcaster.edge
+        refused = sum(edge.refused.values()) + edge.over_limit
+        if refused:
+            said.append(f"{refused} connections turned away")
+        if edge.accept_errors:
+            said.append(f"{edge.accept_errors} accept errors (descriptors short?)")
+    return "; ".join(said)
+
+
+def stopped_sentence(f: Mapping[str, Any]) -> str:
+    """``daemon.stopped`` on the console."""
+    said = [
+        f"exit code {f['exit_code']}, stream at seq {f['last_seq']} "
+        f"({f['published']} published since start)",
+        _stored(f),
+        *_troubles(f),
+    ]
+    return "; ".join(said)
+
+
 async def log_stats(status: StatusFn, interval_s: float) -> None:
     """``daemon.stats`` every `interval_s`, until cancelled."""
+    say_on_console("daemon.stats", stats_sentence)
     log = get_logger().bind(component="daemon")
     last_seq, last_time = status().counts.last_seq, trio.current_time()
     while True:

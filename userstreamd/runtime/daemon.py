@@ -37,11 +37,11 @@ import trio
 from .. import __version__
 from ..config import RELOADABLE, Config, changed_keys, load_config
 from ..errors import ConfigError
-from ..logs import bind, configure_logging, get_logger
+from ..logs import bind, configure_logging, get_logger, say_on_console
 from ..ops.app import OpsApp, serve_ops, url_host
 from ..ops.health import DatabaseProbe, Readiness, readiness
 from ..ops.metrics import Metrics, StatusCollector
-from ..ops.report import log_stats, summary_line, totals
+from ..ops.report import log_stats, stopped_sentence, summary_line, totals
 from ..ops.status import FanoutTotals, Status, WebSocketInfo
 from ..produce.producer import Producer
 from ..serve.auth import Tokens, is_loopback
@@ -244,6 +244,7 @@ class Daemon:
         self.topology.close()
         await sup.stop(*self._consumer_names)
         await sup.stop_all()
+        say_on_console("daemon.stopped", stopped_sentence)
         log.info("daemon.stopped", exit_code=self.exit_code, **totals(self.status()))
 
     @property

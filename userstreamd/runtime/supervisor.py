@@ -13,6 +13,9 @@ The model is Erlang/OTP's, in one trio nursery:
   within ``window_s`` escalates: the component is marked *failed*, ``on_escalate`` is
   called with the reason, and the daemon stops everything and exits non-zero, so systemd
   or the operator sees the failure instead of a crash loop.
+- A configuration fault found at start (`errors.InUseError`: a port or the state
+  directory held by another process) escalates at once, with no restart and no
+  traceback: the reason names the address or the holder.
 
     sup = Supervisor(nursery, policy=RestartPolicy(), intensity=Intensity(5, 60))
     dsn = await sup.start("database", run_database)   # returns what the component
@@ -26,12 +29,12 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import trio
 
 from ..backoff import Backoff
-from ..errors import describe
+from ..errors import InUseError, describe, leaves
 from ..logs import bind, get_logger
 
 State = Literal["starting", "running", "backoff", "stopping", "stopped", "failed"]
@@ -139,6 +142,10 @@ class Supervisor:
                         c.last_exit, crashed = "returned", False
                     except Exception as exc:
                         c.last_exit = describe(exc)
+                        held = next((e for e in leaves(exc) if isinstance(e, InUseError)), None)
+                        if held is not None:  # a configuration fault: no restart cures it
+                            self.failure = f"{c.name}: {describe(held, with_type=False)}"
+                            await self._give_up(c, None)
                         log.error("supervisor.component_crashed", error=c.last_exit, exc_info=exc)
                     if not crashed and c.policy.restart == "transient":
                         log.info("supervisor.component_done")
@@ -148,12 +155,7 @@ class Supervisor:
                     ):
                         delays.reset()
                     if not self._restart_allowed(c):
-                        c.state = "failed"
-                        log.error("supervisor.intensity_exceeded", reason=self.failure)
-                        if self.on_escalate is not None:
-                            assert self.failure is not None
-                            self.on_escalate(self.failure)
-                        await trio.sleep_forever()  # stays failed until the daemon stops it
+                        await self._give_up(c, "supervisor.intensity_exceeded")
                     c.restarts += 1
                     c.state = "backoff"
                     wait = delays.next_s()
@@ -169,6 +171,18 @@ class Supervisor:
             if c.state != "failed":
                 c.state = "stopped"
             c.done.set()
+
+    async def _give_up(self, c: _Component, event: str | None) -> NoReturn:
+        """Mark `c` failed and escalate `self.failure`; it stays failed until the daemon
+        stops it. With no `event` the escalation is the one line that says why (the
+        daemon logs it), unless there is no one to escalate to."""
+        c.state = "failed"
+        assert self.failure is not None
+        if event is not None or self.on_escalate is None:
+            get_logger().error(event or "supervisor.component_failed", reason=self.failure)
+        if self.on_escalate is not None:
+            self.on_escalate(self.failure)
+        await trio.sleep_forever()
 
     async def stop(self, *names: str) -> None:
         """Cancel these components together and wait (bounded) until each has finished

@@ -37,7 +37,7 @@ import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 
 from ..config import BroadcasterConfig
-from ..errors import ProtocolError, describe
+from ..errors import InUseError, ProtocolError, address_in_use, describe, in_use_text
 from ..logs import Throttle, bind, get_logger
 from ..stream.client import open_ws
 from ..stream.hub import AckTimeout, GroupLagging, Hub, Member, Slow, StaleAck, Subscription
@@ -166,13 +166,18 @@ class Broadcaster:
         `reuse_port`)."""
         bind(component="broadcaster")
         async with trio.open_nursery() as nursery:
-            if public:
-                bound = await nursery.start(
-                    partial(self.edge.serve_tcp, host, port, reuse_port=reuse_port)
-                )
-            else:  # (relayed group members still hold a descriptor each, here)
-                raise_fd_limit(self.settings.max_connections)
-                bound = await nursery.start(_hold_port, host, port)
+            try:
+                if public:
+                    bound = await nursery.start(
+                        partial(self.edge.serve_tcp, host, port, reuse_port=reuse_port)
+                    )
+                else:  # (relayed group members still hold a descriptor each, here)
+                    raise_fd_limit(self.settings.max_connections)
+                    bound = await nursery.start(_hold_port, host, port)
+            except OSError as exc:
+                if address_in_use(exc):
+                    raise InUseError(in_use_text(f"{host}:{port}", "broadcaster.port")) from exc
+                raise
             if private_path is not None:
                 await nursery.start(self.edge.serve_unix, private_path)
             nursery.start_soon(self._evict_silent_members)

@@ -29,9 +29,12 @@ UTC, durations in seconds, a section whose table does not exist yet is null)::
     group           the consumer group whose checkpoints are shown (consumers.group)
     epochs_total    epochs known (streams, checkpoints)
     epochs          the most recent 10 (latest stream or checkpoint activity first):
-                    [{epoch, source, started_at, rows, latest_seq,
-                      checkpoint: {seq, position, updated_at} | null,
+                    [{epoch, source, started_at, rows, rows_by_source,
+                      latest_seq, checkpoint: {seq, position, updated_at} | null,
                       checkpoint_lag}]                latest_seq - checkpoint.seq
+                    source: producer.source when the epoch began (what
+                    regenerates it); rows_by_source: {source: rows}, what
+                    the rows are (the fallback's users are "synthetic")
     ingest          {last_row_at, since_last_row_s, window_rows, latency_sample,
                      latency_p50_s, latency_p99_s}   rows in the minute up to the newest
                                                      row; created_at - produced_at over
@@ -59,7 +62,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from ..config import Config
-from ..errors import EmbeddedPostgresError, StoreError, UserstreamdError, describe
+from ..errors import EmbeddedPostgresError, InUseError, StoreError, UserstreamdError, describe
 from ..logs import add_secrets, dsn_secrets, redact
 from .bootstrap import embedded_server
 from .embedded import EmbeddedPostgres, hold_state_dir
@@ -92,9 +95,10 @@ class Checkpoint(msgspec.Struct, frozen=True):
 
 class Epoch(msgspec.Struct, frozen=True):
     epoch: str
-    source: str | None
+    source: str | None  # producer.source when the epoch began: what regenerates it
     started_at: datetime | None
     rows: int
+    rows_by_source: dict[str, int]  # where the rows came from (the fallback's are synthetic)
     latest_seq: int | None
     checkpoint: Checkpoint | None
     checkpoint_lag: int | None
@@ -218,7 +222,7 @@ def _enter_embedded(stack: contextlib.ExitStack, server: EmbeddedPostgres) -> bo
     state_dir.mkdir(parents=True, exist_ok=True)
     try:
         stack.enter_context(hold_state_dir(state_dir))
-    except EmbeddedPostgresError:  # a daemon holds it: its server runs
+    except InUseError:  # a daemon holds it: its server runs
         return False
     server.prepare()
     stack.enter_context(_serving(server))
@@ -269,14 +273,18 @@ WITH seen AS (
 ), recent AS (
     SELECT epoch, at, count(*) OVER () AS total FROM seen ORDER BY at DESC, epoch LIMIT %s
 )
-SELECT r.epoch, s.source, s.created_at, u.rows, u.latest_seq,
+SELECT r.epoch, s.source, s.created_at, u.rows, u.by_source, u.latest_seq,
        c.seq, c.position, c.updated_at, r.total
 FROM recent r
 LEFT JOIN streams s ON s.epoch = r.epoch
 LEFT JOIN stream_checkpoints c ON c.epoch = r.epoch AND c.group_name = %s
 CROSS JOIN LATERAL (
-    SELECT count(*) AS rows, max(seq) AS latest_seq FROM incoming_users i
-    WHERE i.epoch = r.epoch
+    SELECT coalesce(sum(n), 0)::bigint AS rows, max(latest) AS latest_seq,
+           json_object_agg(source, n ORDER BY source) AS by_source
+    FROM (
+        SELECT source, count(*) AS n, max(seq) AS latest FROM incoming_users i
+        WHERE i.epoch = r.epoch GROUP BY source
+    ) per_source
 ) u
 ORDER BY r.at DESC, r.epoch"""
 
@@ -284,10 +292,10 @@ ORDER BY r.at DESC, r.epoch"""
 def _epochs(conn: psycopg.Connection[Any], group: str) -> tuple[int, list[Epoch]]:
     found = conn.execute(_EPOCHS, (EPOCHS_SHOWN, group)).fetchall()
     epochs = []
-    for epoch, source, started, rows, latest, seq, position, at, _ in found:
+    for epoch, source, started, rows, by_source, latest, seq, position, at, _ in found:
         checkpoint = None if seq is None else Checkpoint(seq, position, at)
         lag = None if latest is None or seq is None else latest - seq
-        epochs.append(Epoch(epoch, source, started, rows, latest, checkpoint, lag))
+        epochs.append(Epoch(epoch, source, started, rows, by_source or {}, latest, checkpoint, lag))
     return (found[0][-1] if found else 0), epochs
 
 

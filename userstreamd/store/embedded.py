@@ -32,7 +32,7 @@ from typing import IO, Any
 import psycopg
 import trio
 
-from ..errors import EmbeddedPostgresError
+from ..errors import EmbeddedPostgresError, InUseError
 from ..logs import get_logger
 from .reader import hba_lines
 
@@ -93,8 +93,8 @@ def _lock(state_dir: Path) -> None:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
         os.close(fd)
-        raise EmbeddedPostgresError(
-            f"{state_dir} is in use by another userstreamd (pid {holder}); "
+        raise InUseError(
+            f"{state_dir} (daemon.state_dir) is in use by another userstreamd (pid {holder}); "
             "give each daemon its own daemon.state_dir"
         ) from None
     os.ftruncate(fd, 0)
@@ -105,7 +105,7 @@ def _lock(state_dir: Path) -> None:
 @contextlib.contextmanager
 def hold_state_dir(state_dir: Path) -> Iterator[None]:
     """The state directory's lock for a one-off command (``userstreamd db``): a daemon
-    cannot start meanwhile. EmbeddedPostgresError if a daemon holds it; released at the
+    cannot start meanwhile. InUseError if a daemon holds it; released at the
     end unless this process held it before."""
     held = state_dir in _locks
     _lock(state_dir)

@@ -29,7 +29,7 @@ from ...stream.protocol import (
     decode_server,
     encode,
 )
-from .render import clean, format_user, json_line, notice
+from .render import clean, format_user, gap_notice, json_line, notice
 
 RETRY_NOTICE_S = 30.0  # while the server stays unreachable, one notice this often
 ANNOUNCE_AFTER_S = 0.5  # a connection that lasts this long (or carries a frame) is "up"
@@ -380,18 +380,7 @@ class Tail:
             )
 
     def _on_gap(self, gap: Gap) -> None:
-        epoch = clean(gap.epoch, 64)
-        reason = clean(gap.reason, 200)
-        if gap.from_seq is None:
-            self.notice(
-                f"gap: continuing live in epoch {epoch} from seq {gap.to_seq + 1}: {reason}"
-            )
-        elif gap.from_seq == gap.to_seq:
-            self.notice(f"gap: seq {gap.from_seq} of epoch {epoch} is lost: {reason}")
-        else:
-            self.notice(
-                f"gap: seqs {gap.from_seq}-{gap.to_seq} of epoch {epoch} are lost: {reason}"
-            )
+        self.notice(gap_notice(gap))
         if gap.epoch != self.epoch:
             self._recent.clear()
         if self.group is None:  # the lost seqs count as passed: a resume starts after them

@@ -9,7 +9,7 @@ from typing import TextIO
 
 import msgspec
 
-from ...stream.protocol import UserMessage
+from ...stream.protocol import Gap, UserMessage
 
 PROG = "userstreamd tail"
 
@@ -62,6 +62,24 @@ def format_user(message: UserMessage) -> str:
     country = clean(_field(user, "location", "country") or "-", 24)
     age = clean(_field(user, "dob", "age") or "-", 5)
     return f"{message.seq:>7}  {name:<30}  {country:<16}  {age:>3}  {clean(message.source, 24)}"
+
+
+def gap_notice(gap: Gap) -> str:
+    """What a gap means for this client: the seqs it will not be sent, and why. A gap is
+    this connection's, not the stream's: seqs that left the replay buffer (or that a
+    cut-off group missed) were still published, and the daemon's consumers store them."""
+    epoch = clean(gap.epoch, 64)
+    reason = clean(gap.reason, 200)
+    if gap.from_seq is None:
+        return f"gap: continuing live in epoch {epoch} from seq {gap.to_seq + 1}: {reason}"
+    seqs = (
+        f"seq {gap.from_seq}" if gap.from_seq == gap.to_seq else f"seqs {gap.from_seq}-{gap.to_seq}"
+    )
+    return (
+        f"gap: skipped {seqs} of epoch {epoch}, which this client will not be sent: "
+        f"{reason} (skipped for this client only: the daemon's consumers still store them "
+        "in PostgreSQL)"
+    )
 
 
 def json_line(frame: str | bytes) -> str:

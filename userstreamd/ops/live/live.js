@@ -7,7 +7,9 @@
 //
 // The stream resumes after a reconnect with ?epoch=E&since=S (S = the last seq shown), so a
 // restart of the daemon shows neither a duplicate nor, unless the server says so with a
-// "gap" message, a hole.
+// "gap" message, a hole. The first connection resumes MAX_ROWS behind the stream's last
+// seq (from /status.json), so the page opens with the newest users from the server's
+// replay buffer instead of empty, however slow the stream.
 "use strict";
 
 (() => {
@@ -121,6 +123,8 @@
     genders: new Map(),
     arrivals: [], // [slot, count] per 100 ms, for the rate
     firstArrival: null,
+    filledThrough: 0, // the first connection's replayed seqs (not counted in the rate)
+    fillFrom: null, // the first connection's cursor, while its replay may still come
   };
   let pending = []; // users not drawn yet (the newest MAX_ROWS), oldest first
   let drawScheduled = false;
@@ -138,6 +142,7 @@
     const epoch = epochOf(message.epoch);
     const seq = seqOf(message.seq);
     if (epoch === null || seq === null) return;
+    if (stream.fillFrom !== null && epoch === stream.epoch) stream.filledThrough = seq;
     if (stream.epoch === null) adoptEpoch(epoch, seq);
     else if (epoch !== stream.epoch) adoptEpoch(epoch, 0);
     if (typeof message.server === "string") el.version.textContent = text(message.server);
@@ -178,12 +183,15 @@
     stream.total += 1;
     count(stream.countries, country || "(unknown)");
     count(stream.genders, gender || "(unknown)");
-    const now = Date.now();
-    const slot = Math.floor(now / 100);
-    const lastSlot = stream.arrivals[stream.arrivals.length - 1];
-    if (lastSlot && lastSlot[0] === slot) lastSlot[1] += 1;
-    else stream.arrivals.push([slot, 1]);
-    if (stream.firstArrival === null) stream.firstArrival = now;
+    if (seq > stream.filledThrough) {
+      // (users replayed on opening arrive at once: not a rate)
+      const now = Date.now();
+      const slot = Math.floor(now / 100);
+      const lastSlot = stream.arrivals[stream.arrivals.length - 1];
+      if (lastSlot && lastSlot[0] === slot) lastSlot[1] += 1;
+      else stream.arrivals.push([slot, 1]);
+      if (stream.firstArrival === null) stream.firstArrival = now;
+    }
 
     pending.push(row);
     if (pending.length > MAX_ROWS) pending.shift();
@@ -200,6 +208,9 @@
     // The stream continues after to_seq: from_seq null means it did not know where this
     // page stood (another epoch, or ahead of a restarted daemon's history).
     stream.lastSeq = from === null ? to : Math.max(stream.lastSeq, to);
+    if (from !== null && stream.fillFrom !== null && from === stream.fillFrom + 1) {
+      return; // fewer users to fill the page with than asked for: nothing was missed
+    }
     const why = reason ? `: ${reason}` : "";
     const missed =
       from === null
@@ -464,6 +475,14 @@
       }
       const scheme = ws.scheme === "wss" ? "wss" : "ws";
       const query = new URLSearchParams();
+      if (stream.lastSeq !== stream.fillFrom) stream.fillFrom = null; // (filled, or moved on)
+      const st = obj(s.stream);
+      const latest = seqOf(st.last_seq);
+      if (stream.epoch === null && epochOf(st.epoch) !== null && latest !== null) {
+        // Opening: resume MAX_ROWS behind the last seq, to show the newest users at once.
+        adoptEpoch(st.epoch, Math.max(0, latest - MAX_ROWS));
+        stream.fillFrom = stream.lastSeq;
+      }
       if (stream.epoch !== null) {
         query.set("epoch", stream.epoch);
         query.set("since", String(stream.lastSeq));
