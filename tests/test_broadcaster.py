@@ -116,8 +116,9 @@ async def test_resume_replays_what_was_missed_or_reports_the_gap() -> None:
                 await _receive(ws)
                 gap = await _receive(ws)
                 first = await _receive(ws)
-            assert gap["type"] == "gap" and (gap["from_seq"], gap["to_seq"]) == (36, 149)
-            assert first["seq"] == 150
+            # (half the buffer behind: 25 users it can read before they are evicted)
+            assert gap["type"] == "gap" and (gap["from_seq"], gap["to_seq"]) == (36, 174)
+            assert first["seq"] == 175
             nursery.cancel_scope.cancel()
 
 
@@ -330,3 +331,33 @@ async def test_a_stranger_cannot_pose_as_a_fanout_worker() -> None:
                 await eventually(lambda: hub.bad_frames == 1)
             nursery.cancel_scope.cancel()
     assert broadcaster.fanout == {} and broadcaster.fanout_totals() == (0, 0, 0)
+
+
+async def test_a_client_resuming_past_a_full_buffer_at_1000_per_s_receives_users() -> None:
+    """buffer_messages = 1000 at about 1,000 users/s: a client resuming 1,500 behind
+    gets its welcome, a gap naming exactly what it skipped, then users, and is not
+    closed slow (each of 5 tries)."""
+    hub = Hub("e", buffer_messages=1000)
+    _publish(hub, range(1, 3001))
+
+    async def produce() -> None:
+        position = 3001
+        while True:  # about 1,000 users/s, one at a time
+            _publish(hub, range(position, position + 1))
+            position += 1
+            await trio.sleep(0.001)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            url = await _start(nursery, hub)
+            nursery.start_soon(produce)
+            for _ in range(5):
+                since = hub.last_seq - 1500
+                async with open_ws(f"{url}?epoch=e&since={since}") as ws:
+                    welcome = await _receive(ws)
+                    gap = await _receive(ws)
+                    assert gap["type"] == "gap" and gap["from_seq"] == since + 1
+                    seqs = [(await _receive(ws))["seq"] for _ in range(600)]
+                    assert seqs[0] == gap["to_seq"] + 1 > welcome["seq"] - 1000
+                    assert seqs == list(range(seqs[0], seqs[0] + 600)), "in order, no hole"
+            nursery.cancel_scope.cancel()

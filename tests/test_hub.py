@@ -72,8 +72,32 @@ def test_resume_past_the_buffer_reports_the_gap() -> None:
     _publish(hub, 30)  # no group holds anything: the buffer keeps the last 10
     sub = hub.subscribe("late", since=("ep", 4))
     assert sub.gap is not None
-    assert (sub.gap.from_seq, sub.gap.to_seq) == (5, 20)
-    assert [m["seq"] for m in _read(hub, sub)] == list(range(21, 31))
+    # It starts half the buffer behind (not at its oldest user, which the next publish
+    # would evict, cutting it off at once).
+    assert (sub.gap.from_seq, sub.gap.to_seq) == (5, 25)
+    assert sub.gap.reason == "no longer in the replay buffer"
+    assert [m["seq"] for m in _read(hub, sub)] == list(range(26, 31))
+
+
+def test_a_resume_past_a_full_buffer_survives_the_publishes_that_follow() -> None:
+    hub = Hub("ep", buffer_messages=1000)
+    _publish(hub, 3000)
+    sub = hub.subscribe("late", since=("ep", 1500))
+    assert sub.gap is not None and (sub.gap.from_seq, sub.gap.to_seq) == (1501, 2500)
+    _publish(hub, 400)  # evicts the 400 oldest: none of them is the client's
+    assert [m["seq"] for m in _read(hub, sub)] == list(range(2501, 3401))
+    assert not sub.slow
+
+
+def test_a_resume_far_ahead_of_this_epoch_says_it_is_ahead() -> None:
+    hub = Hub("ep")
+    _publish(hub, 3)
+    sub = hub.subscribe("future", since=("ep", 1_000_003))
+    assert sub.gap is not None and (sub.gap.from_seq, sub.gap.to_seq) == (None, 3)
+    assert "ahead of this stream" in sub.gap.reason and "is not this stream's" not in sub.gap.reason
+    assert hub.subscribe("other", since=("old", 2)).gap.reason.startswith(  # type: ignore[union-attr]
+        "epoch old is not this stream's history"
+    )
 
 
 def test_resume_from_another_epoch_is_a_gap_and_continues_live() -> None:
