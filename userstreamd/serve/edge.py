@@ -31,12 +31,14 @@ from functools import partial
 from pathlib import Path
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
+from trio_websocket import ConnectionClosed, WebSocketConnection
+from wsproto.utilities import LocalProtocolError
 
 from ..config import BroadcasterConfig, Config
 from ..errors import ConfigError, describe
 from ..logs import Throttle, get_logger
 from .admission import Admission, Policy, Refused, admit
+from .wsconn import accept_stream
 
 Session = Callable[[WebSocketConnection, Admission, str, bool], Awaitable[None]]
 
@@ -59,6 +61,9 @@ class EdgeStatistics:
     accept_errors: int
     handler_errors: int
     max_connections: int
+    # what peers did that breaks the protocol, by kind: protocol_error_1002 (_1007: a
+    # close frame with that code was sent), ping_while_closing (ignored), state_error
+    peer_faults: dict[str, int]
 
 
 def tls_context(config: Config) -> ssl.SSLContext | None:
@@ -174,6 +179,7 @@ class Edge:
         self.accepted = self.over_limit = self.handshake_timeouts = self.handshakes_failed = 0
         self.accept_errors = self.handler_errors = 0
         self.refused: Counter[int] = Counter()
+        self.peer_faults: Counter[str] = Counter()
         self._throttle = Throttle()
         self._slot_freed = trio.Event()
 
@@ -188,6 +194,7 @@ class Edge:
             self.accept_errors,
             self.handler_errors,
             self.max_connections,
+            dict(self.peer_faults),
         )
 
     # -- listeners -----------------------------------------------------------------------
@@ -291,6 +298,15 @@ class Edge:
                 if admitted is not None:
                     await self.session(admitted[0], admitted[1], peer, private)
                 nursery.cancel_scope.cancel()
+        except* LocalProtocolError as group:  # the peer's timing, never our fault
+            self.peer_faults["state_error"] += 1
+            self._throttle.log(
+                "peer_state",
+                "info",
+                "broadcaster.peer_out_of_step",
+                peer=peer,
+                detail=describe(group),
+            )
         except* Exception as group:  # nothing a client does escapes its own handler
             self.handler_errors += 1
             self._throttle.log(
@@ -320,9 +336,11 @@ class Edge:
             try:
                 if isinstance(stream, trio.SSLStream):
                     await stream.do_handshake()
-                request = await wrap_server_stream(
+                request = await accept_stream(
                     nursery,
                     stream,
+                    faults=self.peer_faults,
+                    close_timeout_s=self.settings.close_timeout_s,
                     message_queue_size=16,
                     max_message_size=(
                         _PRIVATE_MAX_MESSAGE if private else self.settings.max_message_bytes
