@@ -21,6 +21,7 @@ from userstreamd.stream.hub import (
     StaleAck,
     Subscription,
 )
+from userstreamd.stream.groups import EMPTY_GROUPS_MAX
 
 
 def _publish(hub: Hub, n: int) -> None:
@@ -166,6 +167,40 @@ def test_unacked_users_of_a_member_that_leaves_are_redelivered() -> None:
     assert redelivered == got_a[1:]
     hub.ack(b, redelivered)
     assert hub.watermark("db")[0] == 8
+
+
+async def test_an_emptied_ad_hoc_group_keeps_what_it_held_for_the_grace_then_is_forgotten(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    hub = Hub("ep", window=100)
+    member = hub.join("adhoc", "a")
+    _publish(hub, 50)
+    assert _take(hub, member) == list(range(1, 51))
+    hub.leave(member)  # held 50, acknowledged none
+    await trio.sleep(20)
+    assert hub.forget_empty_groups(30) == []
+    again = hub.join("adhoc", "a")
+    assert _take(hub, again) == list(range(1, 51)), "50 of 50 redelivered within the grace"
+    hub.leave(again)
+    await trio.sleep(30)
+    assert hub.forget_empty_groups(30) == ["adhoc"]
+    assert not hub.has_group("adhoc") and hub.statistics().groups == ()
+    late = hub.join("adhoc", "a")  # a new group, at the live end
+    _publish(hub, 1)
+    assert _take(hub, late) == [51]
+
+
+def test_empty_ad_hoc_groups_kept_are_bounded_and_a_declared_group_is_never_forgotten() -> None:
+    hub = Hub("ep")
+    hub.declare_group("audit")
+    hub.leave(hub.join("audit", "a"))
+    for n in range(EMPTY_GROUPS_MAX + 10):
+        hub.leave(hub.join(f"g{n}", "a"))
+    names = [g.name for g in hub.statistics().groups]
+    assert len(names) == EMPTY_GROUPS_MAX + 1 and "audit" in names
+    assert "g0" not in names and f"g{EMPTY_GROUPS_MAX + 9}" in names, "the oldest go first"
+    assert sorted(hub.forget_empty_groups(0)) == sorted(n for n in names if n != "audit")
+    assert [g.name for g in hub.statistics().groups] == ["audit"]
 
 
 def test_acks_for_seqs_not_held_are_stale() -> None:

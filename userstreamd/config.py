@@ -103,6 +103,7 @@ class BroadcasterConfig(_Table, frozen=True):
     # groups strangers may join (never consumers.group)
     groups: list[GroupName] = msgspec.field(default_factory=list)
     allow_ad_hoc_groups: bool = False
+    ad_hoc_group_grace_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 30.0
     group_lag_max: Annotated[int, msgspec.Meta(ge=1)] = 10_000
     ack_timeout_s: Positive = 60.0
     # limits

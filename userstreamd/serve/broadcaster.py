@@ -190,7 +190,9 @@ class Broadcaster:
             task_status.started(bound)
 
     async def _evict_silent_members(self) -> None:
-        timeout = self.settings.ack_timeout_s
+        """Members silent for ``ack_timeout_s``; ad-hoc groups empty for
+        ``ad_hoc_group_grace_s`` (checked once a second at most)."""
+        timeout, grace = self.settings.ack_timeout_s, self.settings.ad_hoc_group_grace_s
         while True:
             await trio.sleep(min(1.0, timeout / 4))
             for member in self.hub.evict_silent_members(timeout):
@@ -199,6 +201,14 @@ class Broadcaster:
                     peer=member.peer,
                     group=member.group.name,
                     ack_timeout_s=timeout,
+                )
+            for name in self.hub.forget_empty_groups(grace):
+                self._throttle.log(
+                    "group_forgotten",
+                    "info",
+                    "broadcaster.ad_hoc_group_forgotten",
+                    group=name,
+                    empty_for_s=grace,
                 )
 
     # -- one session ---------------------------------------------------------------------
