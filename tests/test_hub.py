@@ -12,6 +12,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from userstreamd.stream.groups import EMPTY_GROUPS_MAX
 from userstreamd.stream.hub import (
     AckTimeout,
     GroupLagging,
@@ -21,7 +22,6 @@ from userstreamd.stream.hub import (
     StaleAck,
     Subscription,
 )
-from userstreamd.stream.groups import EMPTY_GROUPS_MAX
 
 
 def _publish(hub: Hub, n: int) -> None:

@@ -19,6 +19,7 @@ next minor version; `tests/test_edge.py` checks both on the wire.
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 
 import trio
@@ -55,10 +56,8 @@ class ServerConnection(WebSocketConnection):
             # connection on a frame of the peer's. Tell the peer why before closing.
             self._faults[f"protocol_error_{event.code}"] += 1
             with trio.move_on_after(self._close_timeout_s):
-                try:
+                with contextlib.suppress(ConnectionClosed):
                     await self._send(CloseConnection(code=event.code, reason=event.reason))
-                except ConnectionClosed:
-                    pass
         await super()._handle_close_connection_event(event)
 
     async def _handle_ping_event(self, event: Ping) -> None:

@@ -272,7 +272,7 @@ class Groups:
         """Forget the ad-hoc groups empty for `grace_s` or more (what their members held
         is no longer redelivered to anyone); their names."""
         deadline = _now() - grace_s
-        gone = [g for g in self.empty.values() if g.emptied_at is not None and g.emptied_at <= deadline]
+        gone = [g for g in self.empty.values() if (g.emptied_at or 0.0) <= deadline]
         for group in gone:
             self._forget(group)
         return [g.name for g in gone]
