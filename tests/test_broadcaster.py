@@ -8,6 +8,7 @@ import socket
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -330,7 +331,7 @@ async def test_a_stranger_cannot_pose_as_a_fanout_worker() -> None:
                 await ws.send_message(report)
                 await eventually(lambda: hub.bad_frames == 1)
             nursery.cancel_scope.cancel()
-    assert broadcaster.fanout == {} and broadcaster.fanout_totals() == (0, 0, 0)
+    assert broadcaster.fanout == {} and broadcaster.fanout_totals() == (0, 0, 0, 0)
 
 
 async def test_a_client_resuming_past_a_full_buffer_at_1000_per_s_receives_users() -> None:
@@ -379,4 +380,41 @@ async def test_a_member_of_an_ad_hoc_group_that_leaves_and_rejoins_gets_what_it_
                 await _receive(member)
                 again = [(await _receive(member))["seq"] for _ in range(50)]
             assert held == again == list(range(1, 51))
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_reader_that_takes_nothing_for_write_timeout_s_is_dropped_and_counted() -> None:
+    """A client that stops reading while users keep coming: once a write to it has
+    taken write_timeout_s, it is dropped and counted in write_timeouts: closed with 3008
+    when the write stopped between two frames, else (a torn frame, which no close frame
+    can follow) its TCP connection is closed, 1006 for the client. The others are
+    served on."""
+    hub = Hub("e")
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            settings = BroadcasterConfig(write_timeout_s=0.5, coalesce_ms=0)
+            broadcaster = Broadcaster(hub, settings, OPEN_POLICY)
+            port = await nursery.start(partial(broadcaster.run, "127.0.0.1", 0))
+            url = f"ws://127.0.0.1:{port}/"
+            async with _open_stalling_ws(url) as stalled:
+                position = 0
+                while not broadcaster.write_timeouts:  # one user per write, as at a low rate
+                    position += 1
+                    _publish(hub, range(position, position + 1))
+                    await trio.sleep(0.002)
+                with pytest.raises(ConnectionClosed) as closed:
+                    while True:
+                        await stalled.get_message()
+            stats = broadcaster.statistics()
+            assert stats.write_timeouts == 1
+            if closed.value.reason.code == CLOSE_SLOW:
+                assert stats.closed == {"closed_3008": 1}
+            else:
+                assert closed.value.reason.code == 1006
+                assert stats.closed == {"write_timeout": 1}
+            assert hub.slow_disconnects == 0, "it was never too far behind: the write timed out"
+            async with open_ws(url) as good:  # the others are served on
+                await _receive(good)
+                _publish(hub, range(position + 1, position + 2))
+                assert (await _receive(good))["seq"] == position + 1
             nursery.cancel_scope.cancel()

@@ -14,6 +14,8 @@ from userstreamd.ops.metrics import Metrics, StatusCollector
 from userstreamd.ops.report import stats, summary_line, totals
 from userstreamd.ops.status import FanoutTotals, Status, WebSocketInfo
 from userstreamd.runtime.supervisor import ComponentState
+from userstreamd.serve.broadcaster import BroadcasterStatistics
+from userstreamd.serve.edge import EdgeStatistics
 from userstreamd.stream.hub import GroupStatistics, HubStatistics
 from userstreamd.topology import StreamCounts
 
@@ -103,6 +105,17 @@ def test_metrics_are_read_from_the_snapshot() -> None:
     assert 'userstreamd_oldest_unacknowledged_seq{group="db"} 101.0' in text
     assert 'userstreamd_component_restarts_total{component="consumer-1"} 2.0' in text
     assert "userstreamd_ready 1.0" in text
+
+
+def test_write_timeouts_of_the_daemon_and_its_fanout_workers_are_one_counter() -> None:
+    edge = EdgeStatistics(0, 0, {}, 0, 0, 0, 0, 0, 4096, {})
+    broadcaster = BroadcasterStatistics(edge, {"write_timeout": 2}, 0, write_timeouts=2)
+    fanout = FanoutTotals(workers=2, clients=5, sent=50, slow_closes=2, write_timeouts=1)
+    text = _exposition(_status(broadcaster=broadcaster, fanout=fanout))
+    assert "userstreamd_websocket_write_timeouts_total 3.0" in text
+    assert "userstreamd_websocket_write_timeouts_total 0.0" in _exposition(
+        _status(fanout=FanoutTotals())
+    )
 
 
 def test_metrics_of_a_process_without_a_feed() -> None:

@@ -113,6 +113,7 @@ class BroadcasterConfig(_Table, frozen=True):
     ping_interval_s: Positive = 20.0
     pong_timeout_s: Positive = 20.0
     close_timeout_s: Positive = 5.0
+    write_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 5.0
     max_message_bytes: Annotated[int, msgspec.Meta(ge=256, le=16 * 2**20)] = 65536
     max_messages_per_s: Positive = 100.0
 
