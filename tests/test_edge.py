@@ -25,7 +25,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected
 from userstreamd.config import BroadcasterConfig
 from userstreamd.consume.consumer import Consumer
 from userstreamd.serve.admission import Policy
-from userstreamd.serve.auth import Token, Tokens
+from userstreamd.serve.auth import FREE_FAILURES, Token, Tokens
 from userstreamd.serve.broadcaster import Broadcaster
 from userstreamd.serve.edge import reuse_port_sockets
 from userstreamd.sources.synthetic import synthetic_user
@@ -405,4 +405,30 @@ async def test_a_ping_while_we_are_closing_is_no_error_of_ours() -> None:
             stats = broadcaster.edge.statistics()
             assert stats.handler_errors == 0
             assert stats.peer_faults == {"ping_while_closing": 1}
+            nursery.cancel_scope.cancel()
+
+
+async def test_repeated_wrong_tokens_from_one_address_are_answered_429_before_the_handshake() -> (
+    None
+):
+    """After FREE_FAILURES wrong tokens, the address is locked out (429 with Retry-After,
+    before any handshake, whatever it presents); other addresses go on as before."""
+    hub = Hub("e")
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            broadcaster, port = await _serve(nursery, hub)
+            wrong = "/?token=" + "w" * 24
+
+            async def status(target: str, ip: str) -> str:
+                return (await _raw_status(port, target, ip)).split()[1]
+
+            statuses = [await status(wrong, "127.0.0.5") for _ in range(FREE_FAILURES)]
+            assert statuses == ["401"] * FREE_FAILURES
+            assert await status(wrong, "127.0.0.5") == "401"  # the one that locks it out
+            right = f"/?token={READ.secret}"
+            assert await status(right, "127.0.0.5") == "429", "locked out, whatever it presents"
+            assert await status(wrong, "127.0.0.6") == "401"
+            assert await status(right, "127.0.0.6") == "101"
+            stats = broadcaster.edge.statistics()
+            assert stats.token_lockouts == 1 and stats.refused[429] == 1
             nursery.cancel_scope.cancel()

@@ -108,7 +108,7 @@ def test_metrics_are_read_from_the_snapshot() -> None:
 
 
 def test_write_timeouts_of_the_daemon_and_its_fanout_workers_are_one_counter() -> None:
-    edge = EdgeStatistics(0, 0, {}, 0, 0, 0, 0, 0, 4096, {})
+    edge = EdgeStatistics(0, 0, {}, 0, 0, 0, 0, 0, 4096, {}, 0)
     broadcaster = BroadcasterStatistics(edge, {"write_timeout": 2}, 0, write_timeouts=2)
     fanout = FanoutTotals(workers=2, clients=5, sent=50, slow_closes=2, write_timeouts=1)
     text = _exposition(_status(broadcaster=broadcaster, fanout=fanout))
