@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import structlog
 import trio
 from trio_websocket import ConnectionClosed, wrap_client_stream
 
@@ -418,3 +419,16 @@ async def test_a_reader_that_takes_nothing_for_write_timeout_s_is_dropped_and_co
                 _publish(hub, range(position + 1, position + 2))
                 assert (await _receive(good))["seq"] == position + 1
             nursery.cancel_scope.cancel()
+
+
+async def test_the_listening_line_says_who_can_reach_the_port_and_what_they_need() -> None:
+    hub = Hub("e")
+    with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            url = await _start(nursery, hub)
+            nursery.cancel_scope.cancel()
+    (line,) = [e for e in logs if e["event"] == "broadcaster.listening"]
+    assert line["url"] == url and line["port"] == int(url.rsplit(":", 1)[1].strip("/"))
+    assert line["reachable_from"] == "this machine only", "loopback is not public"
+    assert line["access"] == "no token needed" and line["served_by"] == "this process"
+    assert "public" not in line and "auth" not in line

@@ -60,7 +60,7 @@ from ..stream.protocol import (
     users_frame,
 )
 from .admission import Admission, Policy
-from .auth import Tokens
+from .auth import Tokens, is_loopback
 from .edge import Edge, EdgeStatistics, raise_fd_limit, reuse_port_sockets
 from .wsframes import WriteTimeout, send_frames
 
@@ -186,14 +186,16 @@ class Broadcaster:
                 await nursery.start(self.edge.serve_unix, private_path)
             nursery.start_soon(self._evict_silent_members)
             nursery.start_soon(self.hub.pace, self.settings.coalesce_ms / 1000)
+            scheme = "wss" if self.edge.ssl_context is not None else "ws"
+            shown = f"[{host}]" if ":" in host else host or "0.0.0.0"
             get_logger().info(
                 "broadcaster.listening",
-                host=host,
+                url=f"{scheme}://{shown}:{bound}/",
                 port=bound,
-                public=public,
-                tls=self.edge.ssl_context is not None,
-                auth=self.edge.policy.tokens.required,
-                private=private_path and str(private_path),
+                reachable_from="this machine only" if is_loopback(host) else "other machines too",
+                access="token required" if self.edge.policy.tokens.required else "no token needed",
+                served_by="this process" if public else "the fan-out workers",
+                consumers_socket=private_path and str(private_path),
                 max_connections=self.edge.max_connections,
             )
             task_status.started(bound)
