@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import structlog
+import trio
 
 from userstreamd.config import Config, parse_config
 from userstreamd.errors import ConfigError
-from userstreamd.serve.admission import Policy, Refused, admit
-from userstreamd.serve.auth import Token, Tokens, load_tokens, parse_tokens
+from userstreamd.serve.admission import Policy, Refused, WrongToken, admit
+from userstreamd.serve.auth import (
+    FREE_FAILURES,
+    LOCKOUT_ADDRESSES_MAX,
+    Lockouts,
+    Token,
+    Tokens,
+    load_tokens,
+    parse_tokens,
+)
 
 READER = Token("dash", "r" * 20, frozenset({"read"}))
 AUDITOR = Token("audit", "a" * 20, frozenset({"group:audit", "group:db"}))
@@ -151,3 +162,63 @@ def test_beyond_loopback_tokens_are_required_unless_auth_is_none(
     assert from_env.required, "a configured token turns auth on, loopback or not"
     with pytest.raises(ConfigError, match="tokens_file: cannot read"):
         load_tokens(_config(tmp_path, 'tokens_file = "missing"'))
+
+
+@pytest.mark.parametrize(("mode", "warned"), [(0o644, True), (0o640, True), (0o600, False)])
+def test_a_tokens_file_its_group_or_others_may_read_is_warned_about_once_at_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: int, warned: bool
+) -> None:
+    monkeypatch.delenv("USERSTREAMD_TOKENS", raising=False)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    path = tmp_path / "tokens"
+    path.write_text("dash 0123456789abcdef0123 read\n")
+    os.chmod(path, mode)
+    with structlog.testing.capture_logs() as logs:
+        tokens = load_tokens(_config(tmp_path, 'tokens_file = "tokens"'))
+    assert tokens.required, "still used: a warning, as ssh gives"
+    exposed = [e for e in logs if e["event"] == "broadcaster.tokens_file_exposed"]
+    if warned:
+        assert len(exposed) == 1 and exposed[0]["log_level"] == "warning"
+        assert exposed[0]["file"] == str(path) and exposed[0]["mode"] == f"{mode:04o}"
+    else:
+        assert exposed == []
+
+
+def test_a_wrong_token_is_told_apart_from_none() -> None:
+    with pytest.raises(WrongToken):
+        admit("/?token=" + "x" * 20, [], LOCKED, private=False)
+    with pytest.raises(Refused) as none:
+        admit("/", [], LOCKED, private=False)
+    assert none.value.status == 401 and not isinstance(none.value, WrongToken)
+
+
+async def test_10000_wrong_tokens_at_657_per_s_are_slowed_to_a_handful(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The issue's guessing run: 10,000 wrong tokens from one address at 657/s. Without
+    lockouts each is checked; with them, after FREE_FAILURES each further try waits a
+    delay doubling up to 60 s, so few are ever checked. Another address is unaffected."""
+    lockouts = Lockouts()
+    checked = 0
+    for _ in range(10_000):
+        if not lockouts.locked_for("127.0.0.9"):
+            checked += 1
+            lockouts.failed("127.0.0.9")
+        await trio.sleep(1 / 657)
+    # (15.2 s: 5 free, then lockouts of [0.5, 1], [1, 2], [2, 4], [4, 8] s...)
+    print(f"{checked} of 10,000 wrong tokens checked")
+    assert FREE_FAILURES < checked <= FREE_FAILURES + 5, checked
+    assert lockouts.locked_for("127.0.0.10") == 0
+    assert lockouts.lockouts == checked - FREE_FAILURES
+    await trio.sleep(601)  # a quiet 10 minutes: the address starts afresh
+    assert all(lockouts.failed("127.0.0.9") == 0 for _ in range(FREE_FAILURES))
+
+
+async def test_the_lockout_table_is_bounded_and_ipv6_counts_per_64() -> None:
+    lockouts = Lockouts()
+    for n in range(LOCKOUT_ADDRESSES_MAX + 100):
+        lockouts.failed(f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}")
+    assert len(lockouts) == LOCKOUT_ADDRESSES_MAX
+    for n in range(FREE_FAILURES + 1):  # one host, a new address from its /64 each time
+        lockouts.failed(f"2001:db8::{n + 1:x}")
+    assert lockouts.locked_for("2001:db8::ffff") > 0 and lockouts.locked_for("2001:db9::1") == 0

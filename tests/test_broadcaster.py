@@ -8,10 +8,12 @@ import socket
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import structlog
 import trio
 from trio_websocket import ConnectionClosed, wrap_client_stream
 
@@ -116,8 +118,9 @@ async def test_resume_replays_what_was_missed_or_reports_the_gap() -> None:
                 await _receive(ws)
                 gap = await _receive(ws)
                 first = await _receive(ws)
-            assert gap["type"] == "gap" and (gap["from_seq"], gap["to_seq"]) == (36, 149)
-            assert first["seq"] == 150
+            # (half the buffer behind: 25 users it can read before they are evicted)
+            assert gap["type"] == "gap" and (gap["from_seq"], gap["to_seq"]) == (36, 174)
+            assert first["seq"] == 175
             nursery.cancel_scope.cancel()
 
 
@@ -329,4 +332,103 @@ async def test_a_stranger_cannot_pose_as_a_fanout_worker() -> None:
                 await ws.send_message(report)
                 await eventually(lambda: hub.bad_frames == 1)
             nursery.cancel_scope.cancel()
-    assert broadcaster.fanout == {} and broadcaster.fanout_totals() == (0, 0, 0)
+    assert broadcaster.fanout == {} and broadcaster.fanout_totals() == (0, 0, 0, 0)
+
+
+async def test_a_client_resuming_past_a_full_buffer_at_1000_per_s_receives_users() -> None:
+    """buffer_messages = 1000 at about 1,000 users/s: a client resuming 1,500 behind
+    gets its welcome, a gap naming exactly what it skipped, then users, and is not
+    closed slow (each of 5 tries)."""
+    hub = Hub("e", buffer_messages=1000)
+    _publish(hub, range(1, 3001))
+
+    async def produce() -> None:
+        position = 3001
+        while True:  # about 1,000 users/s, one at a time
+            _publish(hub, range(position, position + 1))
+            position += 1
+            await trio.sleep(0.001)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            url = await _start(nursery, hub)
+            nursery.start_soon(produce)
+            for _ in range(5):
+                since = hub.last_seq - 1500
+                async with open_ws(f"{url}?epoch=e&since={since}") as ws:
+                    welcome = await _receive(ws)
+                    gap = await _receive(ws)
+                    assert gap["type"] == "gap" and gap["from_seq"] == since + 1
+                    seqs = [(await _receive(ws))["seq"] for _ in range(600)]
+                    assert seqs[0] == gap["to_seq"] + 1 > welcome["seq"] - 1000
+                    assert seqs == list(range(seqs[0], seqs[0] + 600)), "in order, no hole"
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_member_of_an_ad_hoc_group_that_leaves_and_rejoins_gets_what_it_held() -> None:
+    """An unconfigured group's only member holds 50 users, leaves, and rejoins 0.5 s
+    later: 50 of 50 redelivered (as for a configured group)."""
+    hub = Hub("e")
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            url = await _start(nursery, hub, ad_hoc_group_grace_s=30.0)
+            async with open_ws(url + "?group=adhoc") as member:
+                await _receive(member)
+                _publish(hub, range(1, 51))
+                held = [(await _receive(member))["seq"] for _ in range(50)]
+            await trio.sleep(0.5)
+            async with open_ws(url + "?group=adhoc") as member:
+                await _receive(member)
+                again = [(await _receive(member))["seq"] for _ in range(50)]
+            assert held == again == list(range(1, 51))
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_reader_that_takes_nothing_for_write_timeout_s_is_dropped_and_counted() -> None:
+    """A client that stops reading while users keep coming: once a write to it has
+    taken write_timeout_s, it is dropped and counted in write_timeouts: closed with 3008
+    when the write stopped between two frames, else (a torn frame, which no close frame
+    can follow) its TCP connection is closed, 1006 for the client. The others are
+    served on."""
+    hub = Hub("e")
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            settings = BroadcasterConfig(write_timeout_s=0.5, coalesce_ms=0)
+            broadcaster = Broadcaster(hub, settings, OPEN_POLICY)
+            port = await nursery.start(partial(broadcaster.run, "127.0.0.1", 0))
+            url = f"ws://127.0.0.1:{port}/"
+            async with _open_stalling_ws(url) as stalled:
+                position = 0
+                while not broadcaster.write_timeouts:  # one user per write, as at a low rate
+                    position += 1
+                    _publish(hub, range(position, position + 1))
+                    await trio.sleep(0.002)
+                with pytest.raises(ConnectionClosed) as closed:
+                    while True:
+                        await stalled.get_message()
+            stats = broadcaster.statistics()
+            assert stats.write_timeouts == 1
+            if closed.value.reason.code == CLOSE_SLOW:
+                assert stats.closed == {"closed_3008": 1}
+            else:
+                assert closed.value.reason.code == 1006
+                assert stats.closed == {"write_timeout": 1}
+            assert hub.slow_disconnects == 0, "it was never too far behind: the write timed out"
+            async with open_ws(url) as good:  # the others are served on
+                await _receive(good)
+                _publish(hub, range(position + 1, position + 2))
+                assert (await _receive(good))["seq"] == position + 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_the_listening_line_says_who_can_reach_the_port_and_what_they_need() -> None:
+    hub = Hub("e")
+    with trio.fail_after(10), structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            url = await _start(nursery, hub)
+            nursery.cancel_scope.cancel()
+    (line,) = [e for e in logs if e["event"] == "broadcaster.listening"]
+    assert line["url"] == url and line["port"] == int(url.rsplit(":", 1)[1].strip("/"))
+    assert line["reachable_from"] == "this machine only", "loopback is not public"
+    assert line["access"] == "no token needed" and line["served_by"] == "this process"
+    assert "public" not in line and "auth" not in line

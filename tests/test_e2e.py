@@ -107,3 +107,55 @@ def test_invalid_records_go_to_dead_letters_and_the_rest_is_stored(
         published[0]["seq"] == 1
         and published[0]["uuid"] == synthetic_user("dl", 4)["login"]["uuid"]
     )
+
+
+def test_a_resume_from_1500_behind_a_1000_user_buffer_receives_users(
+    tmp_path: Any, dsn: str, daemon_factory: Any
+) -> None:
+    """The issue's run: buffer_messages = 1000 at 1,000 users/s, a client resuming 1,500
+    behind. It used to get its welcome, a gap, then 3008 "slow" with 0 users (16 of 20
+    tries); now each of 10 tries gets a gap naming what it skipped, then users in order."""
+    import json
+
+    import trio
+
+    from userstreamd.stream.client import open_ws
+
+    tables = daemon_tables(tmp_path, dsn)
+    tables["producer"] = {"source": "synthetic", "rate_per_s": 1000, "seed": "resume"}
+    tables["broadcaster"] = {"port": 0, "buffer_messages": 1000}
+    tables["daemon"]["log_level"] = "info"  # (not a line per user)
+    daemon = daemon_factory(tables)
+    url = daemon.wait_for("daemon.ready")["url"]
+    outcomes: list[int] = []  # users each resume received (in 2 s, at most 500)
+
+    async def resume_1500_behind() -> None:
+        async with open_ws(url) as ws:
+            welcome = json.loads(await ws.get_message())
+        epoch, since = welcome["epoch"], welcome["seq"] - 1500
+        async with open_ws(f"{url}?epoch={epoch}&since={since}") as ws:
+            json.loads(await ws.get_message())  # welcome
+            gap = json.loads(await ws.get_message())
+            assert gap["type"] == "gap" and gap["from_seq"] == since + 1, gap
+            seqs: list[int] = []
+            with trio.move_on_after(2):
+                while len(seqs) < 500:
+                    seqs.append(json.loads(await ws.get_message())["seq"])
+            assert seqs == list(range(gap["to_seq"] + 1, gap["to_seq"] + 1 + len(seqs)))
+            outcomes.append(len(seqs))
+
+    async def main() -> None:
+        with trio.fail_after(60):
+            while True:  # until the buffer has been full for a while
+                async with open_ws(url) as ws:
+                    if json.loads(await ws.get_message())["seq"] >= 3000:
+                        break
+                await trio.sleep(0.2)
+            for _ in range(10):
+                await resume_1500_behind()
+                await trio.sleep(0.2)
+
+    trio.run(main)
+    assert daemon.stop() == 0
+    print(f"users received by each of 10 resumes 1,500 behind: {outcomes}")
+    assert outcomes == [500] * 10

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import trio
 import trustme
 from trio_websocket import ConnectionClosed, ConnectionRejected
@@ -24,7 +25,7 @@ from trio_websocket import ConnectionClosed, ConnectionRejected
 from userstreamd.config import BroadcasterConfig
 from userstreamd.consume.consumer import Consumer
 from userstreamd.serve.admission import Policy
-from userstreamd.serve.auth import Token, Tokens
+from userstreamd.serve.auth import FREE_FAILURES, Token, Tokens
 from userstreamd.serve.broadcaster import Broadcaster
 from userstreamd.serve.edge import reuse_port_sockets
 from userstreamd.sources.synthetic import synthetic_user
@@ -38,6 +39,7 @@ from userstreamd.stream.protocol import (
     CLOSE_TOO_BIG,
 )
 
+from . import hostile
 from .conftest import query
 from .helpers import eventually
 
@@ -328,3 +330,105 @@ def test_a_held_port_is_shared_by_its_workers_and_refused_to_anyone_else() -> No
     finally:
         for sock in [*held, *workers]:
             sock.close()
+
+
+async def _server_close(stream: trio.SocketStream, data: bytes = b"") -> int | None:
+    """Read the server's frames until its close frame (its code) or EOF (None)."""
+    while True:
+        while len(data) >= 2:
+            opcode, n, start = data[0] & 0x0F, data[1] & 0x7F, 2
+            if n == 126:
+                n, start = int.from_bytes(data[2:4], "big"), 4
+            elif n == 127:
+                n, start = int.from_bytes(data[2:10], "big"), 10
+            if len(data) < start + n:
+                break
+            if opcode == 0x8:
+                return int.from_bytes(data[start : start + 2], "big")
+            data = data[start + n :]
+        try:
+            chunk = await stream.receive_some(65536)
+        except trio.BrokenResourceError:
+            return None
+        if not chunk:
+            return None
+        data += chunk
+
+
+@pytest.mark.parametrize(
+    ("breach", "code"),
+    [
+        pytest.param(b"\x81\x05hello", 1002, id="unmasked"),
+        pytest.param(hostile.frame(b"x", opcode=0x3), 1002, id="opcode-3"),
+        pytest.param(hostile.frame((999).to_bytes(2, "big"), opcode=0x8), 1002, id="close-999"),
+        pytest.param(hostile.frame(b"\xff\xfe not utf-8"), 1007, id="not-utf-8"),
+    ],
+)
+async def test_a_frame_that_breaks_the_protocol_gets_a_close_frame_with_its_code(
+    breach: bytes, code: int
+) -> None:
+    hub = Hub("e")
+    open_policy = Policy(Tokens((), required=False), own_group="db", groups=frozenset())
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            broadcaster, port = await _serve(nursery, hub, open_policy, close_timeout_s=2.0)
+            stream, rest = await hostile.upgrade(port, "127.0.0.1")
+            await stream.send_all(breach)
+            assert await _server_close(stream, rest) == code
+            await stream.aclose()
+            stats = broadcaster.statistics()
+            await eventually(lambda: broadcaster.closed.get(f"closed_{code}", 0) == 1)
+            assert broadcaster.edge.statistics().peer_faults == {f"protocol_error_{code}": 1}
+            assert stats.edge.handler_errors == 0
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_ping_while_we_are_closing_is_no_error_of_ours() -> None:
+    """The client answers our close frame (1008 here) with a ping, then its close: no
+    error-level line, no handler error; the ping is counted and the close completes."""
+    hub = Hub("e")
+    open_policy = Policy(Tokens((), required=False), own_group="db", groups=frozenset())
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            broadcaster, port = await _serve(
+                nursery, hub, open_policy, max_messages_per_s=5, close_timeout_s=5.0
+            )
+            with structlog.testing.capture_logs() as logs:
+                stream, rest = await hostile.upgrade(port, "127.0.0.1")
+                await stream.send_all(hostile.frame(b'{"type":"nonsense"}') * 30)
+                assert await _server_close(stream, rest) == CLOSE_RATE
+                await stream.send_all(hostile.frame(b"still there?", opcode=0x9))
+                await stream.send_all(hostile.frame(CLOSE_RATE.to_bytes(2, "big"), opcode=0x8))
+                assert await _eof_within(stream, 5)
+                await eventually(lambda: broadcaster.edge.statistics().open_connections == 0)
+            assert [e for e in logs if e["log_level"] in ("error", "critical")] == []
+            stats = broadcaster.edge.statistics()
+            assert stats.handler_errors == 0
+            assert stats.peer_faults == {"ping_while_closing": 1}
+            nursery.cancel_scope.cancel()
+
+
+async def test_repeated_wrong_tokens_from_one_address_are_answered_429_before_the_handshake() -> (
+    None
+):
+    """After FREE_FAILURES wrong tokens, the address is locked out (429 with Retry-After,
+    before any handshake, whatever it presents); other addresses go on as before."""
+    hub = Hub("e")
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            broadcaster, port = await _serve(nursery, hub)
+            wrong = "/?token=" + "w" * 24
+
+            async def status(target: str, ip: str) -> str:
+                return (await _raw_status(port, target, ip)).split()[1]
+
+            statuses = [await status(wrong, "127.0.0.5") for _ in range(FREE_FAILURES)]
+            assert statuses == ["401"] * FREE_FAILURES
+            assert await status(wrong, "127.0.0.5") == "401"  # the one that locks it out
+            right = f"/?token={READ.secret}"
+            assert await status(right, "127.0.0.5") == "429", "locked out, whatever it presents"
+            assert await status(wrong, "127.0.0.6") == "401"
+            assert await status(right, "127.0.0.6") == "101"
+            stats = broadcaster.edge.statistics()
+            assert stats.token_lockouts == 1 and stats.refused[429] == 1
+            nursery.cancel_scope.cancel()

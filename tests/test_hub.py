@@ -12,6 +12,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from userstreamd.stream.groups import EMPTY_GROUPS_MAX
 from userstreamd.stream.hub import (
     AckTimeout,
     GroupLagging,
@@ -72,8 +73,32 @@ def test_resume_past_the_buffer_reports_the_gap() -> None:
     _publish(hub, 30)  # no group holds anything: the buffer keeps the last 10
     sub = hub.subscribe("late", since=("ep", 4))
     assert sub.gap is not None
-    assert (sub.gap.from_seq, sub.gap.to_seq) == (5, 20)
-    assert [m["seq"] for m in _read(hub, sub)] == list(range(21, 31))
+    # It starts half the buffer behind (not at its oldest user, which the next publish
+    # would evict, cutting it off at once).
+    assert (sub.gap.from_seq, sub.gap.to_seq) == (5, 25)
+    assert sub.gap.reason == "no longer in the replay buffer"
+    assert [m["seq"] for m in _read(hub, sub)] == list(range(26, 31))
+
+
+def test_a_resume_past_a_full_buffer_survives_the_publishes_that_follow() -> None:
+    hub = Hub("ep", buffer_messages=1000)
+    _publish(hub, 3000)
+    sub = hub.subscribe("late", since=("ep", 1500))
+    assert sub.gap is not None and (sub.gap.from_seq, sub.gap.to_seq) == (1501, 2500)
+    _publish(hub, 400)  # evicts the 400 oldest: none of them is the client's
+    assert [m["seq"] for m in _read(hub, sub)] == list(range(2501, 3401))
+    assert not sub.slow
+
+
+def test_a_resume_far_ahead_of_this_epoch_says_it_is_ahead() -> None:
+    hub = Hub("ep")
+    _publish(hub, 3)
+    sub = hub.subscribe("future", since=("ep", 1_000_003))
+    assert sub.gap is not None and (sub.gap.from_seq, sub.gap.to_seq) == (None, 3)
+    assert "ahead of this stream" in sub.gap.reason and "is not this stream's" not in sub.gap.reason
+    assert hub.subscribe("other", since=("old", 2)).gap.reason.startswith(  # type: ignore[union-attr]
+        "epoch old is not this stream's history"
+    )
 
 
 def test_resume_from_another_epoch_is_a_gap_and_continues_live() -> None:
@@ -142,6 +167,40 @@ def test_unacked_users_of_a_member_that_leaves_are_redelivered() -> None:
     assert redelivered == got_a[1:]
     hub.ack(b, redelivered)
     assert hub.watermark("db")[0] == 8
+
+
+async def test_an_emptied_ad_hoc_group_keeps_what_it_held_for_the_grace_then_is_forgotten(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    hub = Hub("ep", window=100)
+    member = hub.join("adhoc", "a")
+    _publish(hub, 50)
+    assert _take(hub, member) == list(range(1, 51))
+    hub.leave(member)  # held 50, acknowledged none
+    await trio.sleep(20)
+    assert hub.forget_empty_groups(30) == []
+    again = hub.join("adhoc", "a")
+    assert _take(hub, again) == list(range(1, 51)), "50 of 50 redelivered within the grace"
+    hub.leave(again)
+    await trio.sleep(30)
+    assert hub.forget_empty_groups(30) == ["adhoc"]
+    assert not hub.has_group("adhoc") and hub.statistics().groups == ()
+    late = hub.join("adhoc", "a")  # a new group, at the live end
+    _publish(hub, 1)
+    assert _take(hub, late) == [51]
+
+
+def test_empty_ad_hoc_groups_kept_are_bounded_and_a_declared_group_is_never_forgotten() -> None:
+    hub = Hub("ep")
+    hub.declare_group("audit")
+    hub.leave(hub.join("audit", "a"))
+    for n in range(EMPTY_GROUPS_MAX + 10):
+        hub.leave(hub.join(f"g{n}", "a"))
+    names = [g.name for g in hub.statistics().groups]
+    assert len(names) == EMPTY_GROUPS_MAX + 1 and "audit" in names
+    assert "g0" not in names and f"g{EMPTY_GROUPS_MAX + 9}" in names, "the oldest go first"
+    assert sorted(hub.forget_empty_groups(0)) == sorted(n for n in names if n != "audit")
+    assert [g.name for g in hub.statistics().groups] == ["audit"]
 
 
 def test_acks_for_seqs_not_held_are_stale() -> None:

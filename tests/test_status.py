@@ -14,6 +14,8 @@ from userstreamd.ops.metrics import Metrics, StatusCollector
 from userstreamd.ops.report import stats, summary_line, totals
 from userstreamd.ops.status import FanoutTotals, Status, WebSocketInfo
 from userstreamd.runtime.supervisor import ComponentState
+from userstreamd.serve.broadcaster import BroadcasterStatistics
+from userstreamd.serve.edge import EdgeStatistics
 from userstreamd.stream.hub import GroupStatistics, HubStatistics
 from userstreamd.topology import StreamCounts
 
@@ -118,6 +120,17 @@ def test_committed_seq_is_where_the_stream_stands_not_a_count_since_start() -> N
     assert "# TYPE userstreamd_stream_committed_seq gauge" in text
 
 
+def test_write_timeouts_of_the_daemon_and_its_fanout_workers_are_one_counter() -> None:
+    edge = EdgeStatistics(0, 0, {}, 0, 0, 0, 0, 0, 4096, {}, 0)
+    broadcaster = BroadcasterStatistics(edge, {"write_timeout": 2}, 0, write_timeouts=2)
+    fanout = FanoutTotals(workers=2, clients=5, sent=50, slow_closes=2, write_timeouts=1)
+    text = _exposition(_status(broadcaster=broadcaster, fanout=fanout))
+    assert "userstreamd_websocket_write_timeouts_total 3.0" in text
+    assert "userstreamd_websocket_write_timeouts_total 0.0" in _exposition(
+        _status(fanout=FanoutTotals())
+    )
+
+
 def test_metrics_of_a_process_without_a_feed() -> None:
     """A consumer-only node: no hub, no fan-out; what it has is still exposed."""
     status = _status(feed=None, serves=False, broadcasting=False, fanout=FanoutTotals(), sent={})
@@ -218,8 +231,8 @@ def test_the_console_stats_line_is_a_sentence_and_json_keeps_the_fields() -> Non
     from userstreamd.serve.broadcaster import BroadcasterStatistics
     from userstreamd.serve.edge import EdgeStatistics
 
-    edge = EdgeStatistics(3, 40, {401: 2}, 1, 0, 0, 0, 0, 4096)
-    broadcaster = BroadcasterStatistics(edge, {"closed_1000": 5}, 0)
+    edge = EdgeStatistics(3, 40, {401: 2}, 1, 0, 0, 0, 0, 4096, {}, 0)
+    broadcaster = BroadcasterStatistics(edge, {"closed_1000": 5}, 0, 0)
     status = _status(rows_inserted=90, broadcaster=broadcaster)
     console = _stats_lines("console", status)
     assert len(console) == 2

@@ -125,8 +125,9 @@ async def test_hostile_clients_change_nothing_for_anyone_else(
     last = daemon.events("daemon.stats")[-1]
     assert all(c["restarts"] == 0 for c in last["components"].values()), last["components"]
     assert last["broadcaster"]["edge"]["handler_errors"] == 0
-    # (wsproto closes on invalid UTF-8 without sending its 1007 frame: the peer sees EOF)
+    # (invalid UTF-8: the peer gets its close frame, 1007, before the TCP close)
     assert last["broadcaster"]["closed"]["closed_1007"] == 1, last["broadcaster"]["closed"]
+    assert answers.get("close_1007") == 1, answers
     assert last["broadcaster"]["edge"]["handshake_timeouts"] >= 100
     assert daemon.events("broadcaster.connection_failed") == []
     print(

@@ -106,6 +106,7 @@ class BroadcasterConfig(_Table, frozen=True):
     # groups strangers may join (never consumers.group)
     groups: list[GroupName] = msgspec.field(default_factory=list)
     allow_ad_hoc_groups: bool = False
+    ad_hoc_group_grace_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 30.0
     group_lag_max: Annotated[int, msgspec.Meta(ge=1)] = 10_000
     ack_timeout_s: Positive = 60.0
     # limits
@@ -115,6 +116,7 @@ class BroadcasterConfig(_Table, frozen=True):
     ping_interval_s: Positive = 20.0
     pong_timeout_s: Positive = 20.0
     close_timeout_s: Positive = 5.0
+    write_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 5.0
     max_message_bytes: Annotated[int, msgspec.Meta(ge=256, le=16 * 2**20)] = 65536
     max_messages_per_s: Positive = 100.0
 

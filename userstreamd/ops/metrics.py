@@ -167,6 +167,14 @@ class StatusCollector(Collector):
             "Plain clients cut off (closed with 3008) for falling too far behind",
             value=(stats.slow_disconnects if stats else 0) + fanout.slow_closes,
         )
+        yield CounterMetricFamily(
+            f"{PREFIX}websocket_write_timeouts",
+            "WebSocket clients dropped because a write to them took longer than "
+            "broadcaster.write_timeout_s (closed with 3008 between two frames, else "
+            "without a close frame)",
+            value=(status.broadcaster.write_timeouts if status.broadcaster else 0)
+            + fanout.write_timeouts,
+        )
         clients = GaugeMetricFamily(
             f"{PREFIX}websocket_clients", "Connected WebSocket clients, by kind", labels=["kind"]
         )

@@ -30,6 +30,7 @@ class FanoutTotals:
     clients: int = 0
     sent: int = 0
     slow_closes: int = 0
+    write_timeouts: int = 0
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,10 @@ class Refused(Exception):
         self.reason = reason
 
 
+class WrongToken(Refused):
+    """A token was presented and matches none (401): counted against the address."""
+
+
 @dataclass(frozen=True)
 class Admission:
     group: str | None
@@ -128,7 +132,9 @@ def admit(
         presented = _bearer(headers) or query.get("token")
         token = policy.tokens.find(presented) if presented else None
         if token is None:
-            raise Refused(401, "a valid token is required" if presented else "token required")
+            if presented:
+                raise WrongToken(401, "a valid token is required")
+            raise Refused(401, "token required")
         who = token.name
     if group is None:
         if token is not None and not token.may_read():

@@ -18,23 +18,40 @@ the token by its *name*, never its value.
 warning when the port is not loopback); ``auto`` (the default) requires one when any
 token is configured or the port listens beyond loopback, and then refuses to start
 without tokens.
+
+A tokens file that its group or others may read is used, with a warning at load
+(``broadcaster.tokens_file_exposed``, naming the file and its mode), as ssh warns about
+a private key. Guessing is slowed per address (`Lockouts`): after `FREE_FAILURES` wrong
+tokens, each further one locks the address (an IPv6 /64) out for a delay doubling from 1
+s to 60 s (the one backoff), answered 429 before any handshake.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import os
 import re
+import stat
+from collections import OrderedDict
 from dataclasses import dataclass
 
+import trio
+
+from ..backoff import Backoff, Delays
 from ..config import Config, is_loopback
 from ..credentials import read_credential
 from ..errors import ConfigError
+from ..logs import get_logger
 
 CREDENTIAL = "ws-tokens"
 MIN_TOKEN_CHARS = 16
 _TOKEN = re.compile(r"^[!-~]+$")  # printable ASCII, no spaces
 _PERMISSION = re.compile(r"^(read|group:[A-Za-z0-9_.-]{1,64})$")
+FREE_FAILURES = 5  # wrong tokens an address may present before it is slowed down
+LOCKOUT = Backoff(min_s=1.0, max_s=60.0)
+LOCKOUT_ADDRESSES_MAX = 4096  # addresses remembered (the one failed longest ago goes first)
+LOCKOUT_FORGET_S = 600.0  # an address with no failure for this long starts afresh
 
 
 @dataclass(frozen=True)
@@ -97,6 +114,62 @@ def parse_tokens(text: str, where: str) -> list[Token]:
     return tokens
 
 
+@dataclass
+class _Failures:
+    count: int
+    last: float
+    locked_until: float
+    delays: Delays
+
+
+class Lockouts:
+    """Wrong tokens per client address, and how long each is locked out.
+
+    A success does not clear an address (a client holding one token could otherwise
+    guess another between successes); a quiet `LOCKOUT_FORGET_S` does. At most
+    `LOCKOUT_ADDRESSES_MAX` addresses are remembered."""
+
+    def __init__(self) -> None:
+        self._by_address: OrderedDict[str, _Failures] = OrderedDict()
+        self.lockouts = 0  # times an address was locked out
+
+    @staticmethod
+    def _key(ip: str) -> str:
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return ip
+        if address.version == 6:  # (one host has a /64 to choose from)
+            return str(ipaddress.ip_network(f"{address}/64", strict=False))
+        return ip
+
+    def locked_for(self, ip: str) -> float:
+        """Seconds `ip` is still locked out (0: it may try)."""
+        failures = self._by_address.get(self._key(ip))
+        return 0.0 if failures is None else max(0.0, failures.locked_until - trio.current_time())
+
+    def failed(self, ip: str) -> float:
+        """`ip` presented a wrong token: the lockout it earns (0: none yet)."""
+        now, key = trio.current_time(), self._key(ip)
+        failures = self._by_address.pop(key, None)
+        if failures is None or now - failures.last > LOCKOUT_FORGET_S:
+            failures = _Failures(0, now, 0.0, LOCKOUT.delays())
+        self._by_address[key] = failures  # (the most recent last)
+        while len(self._by_address) > LOCKOUT_ADDRESSES_MAX:
+            self._by_address.popitem(last=False)
+        failures.count += 1
+        failures.last = now
+        if failures.count <= FREE_FAILURES:
+            return 0.0
+        self.lockouts += 1
+        wait = failures.delays.next_s()
+        failures.locked_until = now + wait
+        return wait
+
+    def __len__(self) -> int:
+        return len(self._by_address)
+
+
 def load_tokens(config: Config) -> Tokens:
     """Read every token source and decide whether tokens are required; ConfigError when
     a source is unreadable or malformed, or when the port would be open to anyone
@@ -107,11 +180,19 @@ def load_tokens(config: Config) -> Tokens:
         path = config.resolve(b.tokens_file)
         try:
             text = path.read_text(encoding="utf-8")
+            mode = stat.S_IMODE(path.stat().st_mode)
         except OSError as exc:
             raise ConfigError(
                 f"{config.path}: broadcaster.tokens_file: cannot read {path}: {exc.strerror}"
             ) from None
         tokens += parse_tokens(text, str(path))
+        if mode & 0o077:
+            get_logger().warning(
+                "broadcaster.tokens_file_exposed",
+                file=str(path),
+                mode=f"{mode:04o}",
+                hint=f"its group or others may read the tokens: chmod 600 {path}",
+            )
     if b.tokens_env and (from_env := os.environ.get(b.tokens_env)):
         tokens += parse_tokens(from_env.replace(";", "\n"), f"${b.tokens_env}")
     if credential := read_credential(CREDENTIAL):

@@ -13,7 +13,9 @@ Close codes (`protocol` defines them; docs/protocol.md has the table):
 - 1008 more than ``max_messages_per_s`` messages from the client
 - 1011 (fan-out workers) a group member's connection to the daemon failed
 - 1009 a message larger than ``max_message_bytes``
-- 3008 a plain client more than ``client_lag_max`` users behind ("slow")
+- 3008 a plain client more than ``client_lag_max`` users behind ("slow"), or one that took
+  nothing for ``write_timeout_s`` while a write to it was due between two frames
+  (mid-frame, no close frame can follow: its TCP connection is closed)
 - 4000 a group member that held users and acknowledged none for ``ack_timeout_s``
 - 4001 the member's group fell more than ``group_lag_max`` users behind and was cut off
 
@@ -58,9 +60,9 @@ from ..stream.protocol import (
     users_frame,
 )
 from .admission import Admission, Policy
-from .auth import Tokens
+from .auth import Tokens, is_loopback
 from .edge import Edge, EdgeStatistics, raise_fd_limit, reuse_port_sockets
-from .wsframes import send_frames
+from .wsframes import WriteTimeout, send_frames
 
 SLOW_CLOSE_TIMEOUT_S = 10.0
 FRAMES_PER_WRITE = 256  # at most, to one client in one write (about 256 KiB of users)
@@ -80,6 +82,7 @@ class BroadcasterStatistics:
     edge: EdgeStatistics
     closed: dict[str, int]  # why sessions ended -> count
     bad_frames: int
+    write_timeouts: int  # clients dropped: a write took longer than write_timeout_s
 
 
 class TokenBucket:
@@ -124,6 +127,7 @@ class Broadcaster:
         self.sent: Counter[str] = Counter()
         self.fanout: dict[int, FanoutReport] = {}  # each fan-out worker's latest report
         self.fanout_retired: Counter[str] = Counter()  # the last counts of processes gone
+        self.write_timeouts = 0
         self._feeds: dict[int, int] = {}  # a worker's feed connection -> its worker number
         self.on_batch = on_batch
         self._throttle = Throttle()
@@ -135,21 +139,26 @@ class Broadcaster:
         if old is not None and old.pid != report.pid:
             self.fanout_retired["sent"] += old.sent
             self.fanout_retired["slow_closes"] += old.slow_closes
+            self.fanout_retired["write_timeouts"] += old.write_timeouts
         self.fanout[report.worker] = report
         self._feeds[connection] = report.worker
 
-    def fanout_totals(self) -> tuple[int, int, int]:
-        """The fan-out workers' (clients, frames sent, slow closes), the sent and slow
-        closes of workers since gone included."""
+    def fanout_totals(self) -> tuple[int, int, int, int]:
+        """The fan-out workers' (clients, frames sent, slow closes, write timeouts), the
+        counts of workers since gone included."""
         reports = self.fanout.values()
+        retired = self.fanout_retired
         return (
             sum(r.clients for r in reports),
-            sum(r.sent for r in reports) + self.fanout_retired["sent"],
-            sum(r.slow_closes for r in reports) + self.fanout_retired["slow_closes"],
+            sum(r.sent for r in reports) + retired["sent"],
+            sum(r.slow_closes for r in reports) + retired["slow_closes"],
+            sum(r.write_timeouts for r in reports) + retired["write_timeouts"],
         )
 
     def statistics(self) -> BroadcasterStatistics:
-        return BroadcasterStatistics(self.edge.statistics(), dict(self.closed), self.hub.bad_frames)
+        return BroadcasterStatistics(
+            self.edge.statistics(), dict(self.closed), self.hub.bad_frames, self.write_timeouts
+        )
 
     async def run(
         self,
@@ -182,20 +191,24 @@ class Broadcaster:
                 await nursery.start(self.edge.serve_unix, private_path)
             nursery.start_soon(self._evict_silent_members)
             nursery.start_soon(self.hub.pace, self.settings.coalesce_ms / 1000)
+            scheme = "wss" if self.edge.ssl_context is not None else "ws"
+            shown = f"[{host}]" if ":" in host else host or "0.0.0.0"
             get_logger().info(
                 "broadcaster.listening",
-                host=host,
+                url=f"{scheme}://{shown}:{bound}/",
                 port=bound,
-                public=public,
-                tls=self.edge.ssl_context is not None,
-                auth=self.edge.policy.tokens.required,
-                private=private_path and str(private_path),
+                reachable_from="this machine only" if is_loopback(host) else "other machines too",
+                access="token required" if self.edge.policy.tokens.required else "no token needed",
+                served_by="this process" if public else "the fan-out workers",
+                consumers_socket=private_path and str(private_path),
                 max_connections=self.edge.max_connections,
             )
             task_status.started(bound)
 
     async def _evict_silent_members(self) -> None:
-        timeout = self.settings.ack_timeout_s
+        """Members silent for ``ack_timeout_s``; ad-hoc groups empty for
+        ``ad_hoc_group_grace_s`` (checked once a second at most)."""
+        timeout, grace = self.settings.ack_timeout_s, self.settings.ad_hoc_group_grace_s
         while True:
             await trio.sleep(min(1.0, timeout / 4))
             for member in self.hub.evict_silent_members(timeout):
@@ -204,6 +217,14 @@ class Broadcaster:
                     peer=member.peer,
                     group=member.group.name,
                     ack_timeout_s=timeout,
+                )
+            for name in self.hub.forget_empty_groups(grace):
+                self._throttle.log(
+                    "group_forgotten",
+                    "info",
+                    "broadcaster.ad_hoc_group_forgotten",
+                    group=name,
+                    empty_for_s=grace,
                 )
 
     # -- one session ---------------------------------------------------------------------
@@ -260,9 +281,13 @@ class Broadcaster:
             code, reason = CLOSE_RATE, "message rate exceeded"
         except* DeadPeer:
             ended = ("dead_peer", f"no pong within {self.settings.pong_timeout_s:g} s")
+        except* WriteTimeout as group:
+            close, ended = self._write_timed_out(group)
+            code, reason = close or (code, reason)
         except* ConnectionClosed:
             closed = ws.closed
-            ended = (f"closed_{closed.code}", closed.reason) if closed else ("closed", None)
+            if ended is None and code is None:  # (not the abort of a write that timed out)
+                ended = (f"closed_{closed.code}", closed.reason) if closed else ("closed", None)
         finally:
             if member is not None:
                 hub.leave(member)
@@ -296,13 +321,18 @@ class Broadcaster:
                 nursery.start_soon(self._relay_acks, ws, upstream)
                 while True:
                     message = await upstream.get_message()
-                    await send_frames(ws, [_utf8(message)])
+                    await send_frames(ws, [_utf8(message)], self.settings.write_timeout_s)
         except* RateExceeded:
             code, reason = CLOSE_RATE, "message rate exceeded"
         except* DeadPeer:
             ended = ("dead_peer", f"no pong within {self.settings.pong_timeout_s:g} s")
+        except* WriteTimeout as group:
+            close, ended = self._write_timed_out(group)
+            code, reason = close or (code, reason)
         except* ConnectionClosed as group:
-            if (closed := ws.closed) is not None:  # the client went away
+            if ended is not None or code == CLOSE_SLOW:  # (a write that timed out)
+                pass
+            elif (closed := ws.closed) is not None:  # the client went away
                 ended = (f"closed_{closed.code}", closed.reason)
             elif isinstance(exc := group.exceptions[0], ConnectionClosed) and exc.reason:
                 code, reason = exc.reason.code, exc.reason.reason or ""
@@ -336,6 +366,18 @@ class Broadcaster:
                 )
                 continue
             await upstream.send_message(frame)
+
+    def _write_timed_out(
+        self, group: BaseExceptionGroup[WriteTimeout]
+    ) -> tuple[tuple[int, str] | None, tuple[str, str | None] | None]:
+        """A client that took nothing for ``write_timeout_s``: the close to start (3008)
+        when the write stopped between two frames, else how it ended (its connection is
+        already aborted)."""
+        self.write_timeouts += 1
+        exc = group.exceptions[0]
+        if isinstance(exc, WriteTimeout) and exc.intact:
+            return (CLOSE_SLOW, f"slow: {exc}"), None
+        return None, ("write_timeout", f"{exc} in the middle of a frame")
 
     def _ended(self, who: dict[str, str], why: str, detail: str | None) -> None:
         self.closed[why] += 1
@@ -414,17 +456,19 @@ class Broadcaster:
         limit = FRAMES_PER_WRITE
         while True:
             due = await self.hub.next_member_frames(member, limit)
-            await send_frames(ws, due.control + _in_frames(due.users, batch))
+            await send_frames(
+                ws, due.control + _in_frames(due.users, batch), self.settings.write_timeout_s
+            )
             self.sent["member"] += len(due.control) + len(due.users)
 
     async def _send_plain(self, ws: WebSocketConnection, sub: Subscription, batch: int) -> None:
         if sub.gap is not None:
-            await send_frames(ws, [encode(sub.gap).encode()])
+            await send_frames(ws, [encode(sub.gap).encode()], self.settings.write_timeout_s)
             self.sent["plain"] += 1
         limit = FRAMES_PER_WRITE
         while True:
             users = await self.hub.next_frames(sub, limit)
-            await send_frames(ws, _in_frames(users, batch))
+            await send_frames(ws, _in_frames(users, batch), self.settings.write_timeout_s)
             self.sent["plain"] += len(users)
 
 

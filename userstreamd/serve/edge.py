@@ -19,6 +19,7 @@ is always closed when the handler ends. Accept errors such as EMFILE are logged 
 from __future__ import annotations
 
 import errno
+import math
 import os
 import resource
 import socket
@@ -31,12 +32,15 @@ from functools import partial
 from pathlib import Path
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
+from trio_websocket import ConnectionClosed, WebSocketConnection
+from wsproto.utilities import LocalProtocolError
 
 from ..config import BroadcasterConfig, Config
 from ..errors import ConfigError, describe
 from ..logs import Throttle, get_logger
-from .admission import Admission, Policy, Refused, admit
+from .admission import Admission, Policy, Refused, WrongToken, admit
+from .auth import Lockouts
+from .wsconn import accept_stream
 
 Session = Callable[[WebSocketConnection, Admission, str, bool], Awaitable[None]]
 
@@ -59,6 +63,10 @@ class EdgeStatistics:
     accept_errors: int
     handler_errors: int
     max_connections: int
+    # what peers did that breaks the protocol, by kind: protocol_error_1002 (_1007: a
+    # close frame with that code was sent), ping_while_closing (ignored), state_error
+    peer_faults: dict[str, int]
+    token_lockouts: int  # an address locked out after too many wrong tokens (`auth.Lockouts`)
 
 
 def tls_context(config: Config) -> ssl.SSLContext | None:
@@ -174,6 +182,8 @@ class Edge:
         self.accepted = self.over_limit = self.handshake_timeouts = self.handshakes_failed = 0
         self.accept_errors = self.handler_errors = 0
         self.refused: Counter[int] = Counter()
+        self.peer_faults: Counter[str] = Counter()
+        self.lockouts = Lockouts()
         self._throttle = Throttle()
         self._slot_freed = trio.Event()
 
@@ -188,6 +198,8 @@ class Edge:
             self.accept_errors,
             self.handler_errors,
             self.max_connections,
+            dict(self.peer_faults),
+            self.lockouts.lockouts,
         )
 
     # -- listeners -----------------------------------------------------------------------
@@ -271,6 +283,15 @@ class Edge:
                 self._turn_away(nursery, sock, peer, 503, "too many connections")
             elif self._per_ip[ip] >= self.settings.max_connections_per_ip:
                 self._turn_away(nursery, sock, peer, 429, "too many connections from this address")
+            elif (locked_s := self.lockouts.locked_for(ip)) > 0:
+                self._turn_away(
+                    nursery,
+                    sock,
+                    peer,
+                    429,
+                    "too many wrong tokens from this address",
+                    retry_after_s=math.ceil(locked_s),
+                )
             else:
                 self._open += 1
                 self._per_ip[ip] += 1
@@ -287,10 +308,19 @@ class Edge:
             if self.ssl_context is not None and not private:
                 stream = trio.SSLStream(stream, self.ssl_context, server_side=True)
             async with trio.open_nursery() as nursery:
-                admitted = await self._handshake(nursery, stream, peer, private)
+                admitted = await self._handshake(nursery, stream, ip, peer, private)
                 if admitted is not None:
                     await self.session(admitted[0], admitted[1], peer, private)
                 nursery.cancel_scope.cancel()
+        except* LocalProtocolError as group:  # the peer's timing, never our fault
+            self.peer_faults["state_error"] += 1
+            self._throttle.log(
+                "peer_state",
+                "info",
+                "broadcaster.peer_out_of_step",
+                peer=peer,
+                detail=describe(group),
+            )
         except* Exception as group:  # nothing a client does escapes its own handler
             self.handler_errors += 1
             self._throttle.log(
@@ -312,7 +342,7 @@ class Edge:
             self._slot_freed = trio.Event()
 
     async def _handshake(
-        self, nursery: trio.Nursery, stream: trio.abc.Stream, peer: str, private: bool
+        self, nursery: trio.Nursery, stream: trio.abc.Stream, ip: str, peer: str, private: bool
     ) -> tuple[WebSocketConnection, Admission] | None:
         """TLS, the upgrade request and the admission decision, within the timeout."""
         log = get_logger()
@@ -320,9 +350,11 @@ class Edge:
             try:
                 if isinstance(stream, trio.SSLStream):
                     await stream.do_handshake()
-                request = await wrap_server_stream(
+                request = await accept_stream(
                     nursery,
                     stream,
+                    faults=self.peer_faults,
+                    close_timeout_s=self.settings.close_timeout_s,
                     message_queue_size=16,
                     max_message_size=(
                         _PRIVATE_MAX_MESSAGE if private else self.settings.max_message_bytes
@@ -333,6 +365,15 @@ class Edge:
                     admission = admit(request.path, request.headers, self.policy, private=private)
                 except Refused as refused:
                     self._refuse_logged(peer, refused)
+                    if isinstance(refused, WrongToken) and (wait := self.lockouts.failed(ip)):
+                        self._throttle.log(
+                            "token_lockout",
+                            "warning",
+                            "broadcaster.address_locked_out",
+                            peer=peer,
+                            why="too many wrong tokens",
+                            retry_after_s=round(wait, 1),
+                        )
                     headers = [(b"content-type", b"text/plain; charset=utf-8")]
                     if refused.status == 401:
                         headers.append((b"www-authenticate", b'Bearer realm="userstreamd"'))
@@ -368,7 +409,13 @@ class Edge:
         )
 
     def _turn_away(
-        self, nursery: trio.Nursery, sock: trio.socket.SocketType, peer: str, status: int, why: str
+        self,
+        nursery: trio.Nursery,
+        sock: trio.socket.SocketType,
+        peer: str,
+        status: int,
+        why: str,
+        retry_after_s: int = 5,
     ) -> None:
         """Over a connection limit: a canned HTTP answer (while few are pending), closed."""
         self.over_limit += 1
@@ -377,15 +424,18 @@ class Edge:
             sock.close()
             return
         self._turning_away += 1
-        nursery.start_soon(self._answer_and_close, sock, status, why)
+        nursery.start_soon(self._answer_and_close, sock, status, why, retry_after_s)
 
-    async def _answer_and_close(self, sock: trio.socket.SocketType, status: int, why: str) -> None:
+    async def _answer_and_close(
+        self, sock: trio.socket.SocketType, status: int, why: str, retry_after_s: int
+    ) -> None:
         stream = trio.SocketStream(sock)
         title = {429: "Too Many Requests", 503: "Service Unavailable"}[status]
         body = why.encode() + b"\n"
         response = (
             f"HTTP/1.1 {status} {title}\r\ncontent-type: text/plain; charset=utf-8\r\n"
-            f"content-length: {len(body)}\r\nretry-after: 5\r\nconnection: close\r\n\r\n"
+            f"content-length: {len(body)}\r\nretry-after: {retry_after_s}\r\n"
+            "connection: close\r\n\r\n"
         ).encode() + body
         try:
             with trio.move_on_after(1):

@@ -152,6 +152,7 @@ def _report(worker: int, hub: Hub, broadcaster: Broadcaster) -> FanoutReport:
         clients=stats.clients,
         sent=broadcaster.sent["plain"],
         slow_closes=stats.slow_disconnects,
+        write_timeouts=broadcaster.write_timeouts,
     )
 
 

@@ -21,7 +21,6 @@ import struct
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-WRITE_TIMEOUT_S = 5.0  # a write that takes longer is given up, the connection aborted
 _TEXT_FIN = 0x81
 _SHORT = struct.Struct("!BB")
 _MEDIUM = struct.Struct("!BBH")
@@ -46,16 +45,26 @@ def frames(payloads: list[bytes]) -> bytes:
     return b"".join(parts)
 
 
-async def send_frames(
-    ws: WebSocketConnection, payloads: list[bytes], timeout_s: float = WRITE_TIMEOUT_S
-) -> None:
+class WriteTimeout(Exception):
+    """A write to the peer took longer than its timeout: it reads too slowly, or not at
+    all. `intact`: the write stopped between two frames, so a close frame can still
+    follow; otherwise a frame was torn, and the connection has been aborted (no close
+    frame can follow: the peer would read it as the rest of the torn frame)."""
+
+    def __init__(self, timeout_s: float, *, intact: bool) -> None:
+        super().__init__(f"took nothing for {timeout_s:g} s")
+        self.timeout_s = timeout_s
+        self.intact = intact
+
+
+async def send_frames(ws: WebSocketConnection, payloads: list[bytes], timeout_s: float) -> None:
     """Send each payload as one text frame, all of them in one write; ConnectionClosed
     as `send_message` would raise it.
 
     The write is not cancelled half-way (a torn frame would turn the close frame that
     follows into garbage for the client): a cancellation waits for it to finish. A write
-    that takes longer than `timeout_s` is torn anyway, so the connection is aborted, with
-    no close frame, and ConnectionClosed raised."""
+    that takes longer than `timeout_s` raises WriteTimeout: between two frames the
+    connection is left for the caller to close; in the middle of one it is aborted."""
     stream = getattr(ws, "_stream", None)
     lock = getattr(ws, "_stream_lock", None)
     if stream is None or lock is None or not hasattr(ws, "_close_reason"):
@@ -68,25 +77,41 @@ async def send_frames(
     if ws._close_reason is not None:
         raise ConnectionClosed(ws._close_reason)
     data = memoryview(frames(payloads))
+    deadline = trio.current_time() + timeout_s
+    sent: int | None = 0
     if isinstance(stream, trio.SocketStream) and not lock.locked():
         # The common case, a socket with room: one write(2) under the lock, taken and
         # given back without waiting (nothing else runs meanwhile).
         lock.acquire_nowait()
         try:
-            data = data[_write_some(stream, data) :]
-            if not data:
+            sent = _write_some(stream, data)
+            if sent == len(data):
                 return
-            if await _send_rest(stream, data, timeout_s):  # (still holding the lock)
-                return
+            sent = await _send_rest(stream, data, sent, deadline)  # (still holding the lock)
         finally:
             lock.release()
     else:  # (TLS, or a ping or pong being written: wait for the lock, bounded too)
-        with trio.CancelScope(shield=True, deadline=trio.current_time() + timeout_s):
+        with trio.CancelScope(shield=True, deadline=deadline):
             async with lock:
-                if await _send_rest(stream, data, timeout_s):
-                    return
-    await ws._abort_web_socket()
-    raise ConnectionClosed(ws._close_reason)
+                sent = await _send_rest(stream, data, 0, deadline)
+    if sent == len(data):
+        return
+    if sent is not None and sent in _frame_ends(payloads):
+        raise WriteTimeout(timeout_s, intact=True)
+    with trio.CancelScope(shield=True):  # (its wake-ups must not cancel us before we say why)
+        await ws._abort_web_socket()
+    if sent is None:
+        raise ConnectionClosed(ws._close_reason)
+    raise WriteTimeout(timeout_s, intact=False)
+
+
+def _frame_ends(payloads: list[bytes]) -> set[int]:
+    """The offsets in `frames(payloads)` where a frame starts or ends."""
+    ends, at = {0}, 0
+    for payload in payloads:
+        at += len(header(len(payload))) + len(payload)
+        ends.add(at)
+    return ends
 
 
 def _write_some(stream: trio.SocketStream, data: memoryview) -> int:
@@ -98,13 +123,27 @@ def _write_some(stream: trio.SocketStream, data: memoryview) -> int:
         return 0
 
 
-async def _send_rest(stream: trio.abc.SendStream, data: memoryview, timeout_s: float) -> bool:
-    """Send all of `data`, not cancellable (a torn frame must not be followed by another)
-    but bounded by `timeout_s`; False if the stream broke or the time ran out."""
-    with trio.CancelScope(shield=True, deadline=trio.current_time() + timeout_s):
-        try:
-            await stream.send_all(data)
-            return True
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-    return False
+async def _send_rest(
+    stream: trio.abc.SendStream, data: memoryview, sent: int, deadline: float
+) -> int | None:
+    """Send `data` from `sent` on, not cancellable (a torn frame must not be followed by
+    another) but only until `deadline`: how much of `data` is sent then (-1: unknown,
+    TLS), None if the stream broke."""
+    with trio.CancelScope(shield=True, deadline=deadline):
+        if not isinstance(stream, trio.SocketStream):
+            try:
+                await stream.send_all(data[sent:])
+                return len(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return None
+        sock = stream.socket
+        while sent < len(data):
+            await trio.lowlevel.wait_writable(sock)
+            try:
+                sent += os.write(sock.fileno(), data[sent:])
+            except BlockingIOError:
+                pass
+            except OSError:
+                return None
+        return sent
+    return sent if isinstance(stream, trio.SocketStream) else -1

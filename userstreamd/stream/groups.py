@@ -17,6 +17,12 @@ join learns what the group missed from a `Gap`. A member holding frames that ack
 nothing for ``ack_timeout_s`` is evicted (`evict_silent_members`, `AckTimeout`) and what
 it held is redelivered.
 
+**Ad-hoc groups** (made up by a client's ``?group=NAME``, not declared) end with their
+last member, but not at once: an emptied one keeps what its last members held (and what
+is published meanwhile, bounded like any group) until `forget_empty_groups` finds it
+empty for the grace period, so a member that reconnects gets it redelivered. At most
+`EMPTY_GROUPS_MAX` are kept; beyond, the one empty the longest is forgotten.
+
 **Wake-ups.** Each member waits for the frames assigned to it (`Member.due`), the
 producer and `wait_drained` for acks (`acks`); a sender takes every frame that is due at
 once (`next_member_frames`).
@@ -42,6 +48,7 @@ from .protocol import Checkpoint, Gap
 from .replay import Replay, Signal
 
 _encoder = msgspec.json.Encoder()
+EMPTY_GROUPS_MAX = 256  # emptied ad-hoc groups kept for their grace period, at most
 
 
 def _now() -> float:
@@ -96,6 +103,7 @@ class Group:
     members: dict[int, Member] = field(default_factory=dict)
     turn: int = 0  # round robin among members with room
     gap: Gap | None = None  # what it missed when cut off, for the next member to join
+    emptied_at: float | None = None  # (ad hoc) when its last member left
 
     def __post_init__(self) -> None:
         self.next_seq = self.next_seq or self.watermark + 1
@@ -139,6 +147,7 @@ class Groups:
         self.committed: Counter[str] = Counter()  # by source
         self.rejected: Counter[str] = Counter()
         self.by_name: dict[str, Group] = {}
+        self.empty: dict[str, Group] = {}  # emptied ad-hoc groups, the longest empty first
         self.acks = Signal()  # the producer and drain: acks, leaves, cut-offs
         self.closed = False
         self._ids = ids
@@ -196,6 +205,8 @@ class Groups:
 
     def join(self, group_name: str, peer: str, window: int | None = None) -> Member:
         group = self.by_name.get(group_name) or self.declare(group_name, permanent=False)
+        if self.empty.pop(group_name, None) is not None:
+            group.emptied_at = None
         member = Member(next(self._ids), peer, group, window or self.window)
         member.silent_since = _now()
         member.gap, group.gap = group.gap, None
@@ -215,7 +226,11 @@ class Groups:
         member.in_flight.clear()
         member.outbox.clear()
         if not group.members and not group.permanent:
-            del self.by_name[group.name]  # nobody to deliver to: it no longer holds frames
+            # Kept for a member that comes back (`forget_empty_groups`), within bounds.
+            group.emptied_at = _now()
+            self.empty[group.name] = group
+            if len(self.empty) > EMPTY_GROUPS_MAX:
+                self._forget(next(iter(self.empty.values())))
         else:
             self._dispatch(group)
         member.due.fire()
@@ -245,8 +260,22 @@ class Groups:
         if group.permanent:  # lives on at the live end
             group.gap = missed
         else:
-            del self.by_name[group.name]
+            self._forget(group)
         self.acks.fire()
+
+    def _forget(self, group: Group) -> None:
+        """An ad-hoc group ends: what it held is released."""
+        self.by_name.pop(group.name, None)
+        self.empty.pop(group.name, None)
+
+    def forget_empty_groups(self, grace_s: float) -> list[str]:
+        """Forget the ad-hoc groups empty for `grace_s` or more (what their members held
+        is no longer redelivered to anyone); their names."""
+        deadline = _now() - grace_s
+        gone = [g for g in self.empty.values() if (g.emptied_at or 0.0) <= deadline]
+        for group in gone:
+            self._forget(group)
+        return [g.name for g in gone]
 
     def evict_silent_members(self, timeout_s: float) -> list[Member]:
         """End every member that holds frames and has acknowledged none for `timeout_s`;

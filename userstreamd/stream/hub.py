@@ -330,6 +330,11 @@ class Hub:
         what they held is redelivered."""
         return self._consumers.evict_silent_members(timeout_s)
 
+    def forget_empty_groups(self, grace_s: float) -> list[str]:
+        """Forget the ad-hoc groups that have had no member for `grace_s` (until then,
+        a member that joins gets what the last ones held); their names."""
+        return self._consumers.forget_empty_groups(grace_s)
+
     def next_member_frames_nowait(self, member: Member, limit: int = 1) -> Due | None:
         """What the member is due: a gap it missed and its group's checkpoint, then up to
         `limit` users in seq order. None if nothing is due; MemberEnded once it ended."""

@@ -34,7 +34,7 @@ they set aside instead of storing (``rejected``: invalid, or refused by the data
 dead-lettered) and, once per batch, ``batch``: ``{"rows": 500, "inserted": 498,
 "commit_s": 0.012}``. Elsewhere both are ignored. A fan-out worker (see `fanout`) reports
 its own clients there, every second: ``{"type": "fanout", "worker": 1, "pid": 4242,
-"clients": 120, "sent": 51234, "slow_closes": 0}``.
+"clients": 120, "sent": 51234, "slow_closes": 0, "write_timeouts": 0}``.
 
 Anything else a client sends is counted and logged as a bad frame, then ignored.
 
@@ -163,6 +163,7 @@ class FanoutReport(msgspec.Struct, tag="fanout", frozen=True, kw_only=True):
     clients: Annotated[int, msgspec.Meta(ge=0)]
     sent: Annotated[int, msgspec.Meta(ge=0)]
     slow_closes: Annotated[int, msgspec.Meta(ge=0)]
+    write_timeouts: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 ServerMessage = Welcome | UserMessage | Users | Gap | Checkpoint

@@ -179,40 +179,51 @@ class Replay:
         sub = Subscription(next(self._ids), peer, self.last_seq + 1, lag_max or self.client_lag_max)
         if since is not None:
             epoch, seq = since
-            if epoch == self.epoch and self.last_seq < seq <= self.last_seq + self.client_lag_max:
+            last = self.last_seq
+            if epoch == self.epoch and last < seq <= last + self.client_lag_max:
                 # Ahead of us: this daemon restarted and regenerates the epoch from its
                 # stored checkpoint. Those seqs will be the same stream: wait for them.
                 sub.next_seq = seq + 1
-            elif epoch != self.epoch or seq > self.last_seq:
+            elif epoch != self.epoch:
                 sub.gap = Gap(
                     epoch=self.epoch,
                     from_seq=None,
-                    to_seq=self.last_seq,
+                    to_seq=last,
                     reason=f"epoch {epoch} is not this stream's history; "
-                    f"continuing live from seq {self.last_seq + 1}",
+                    f"continuing live from seq {last + 1}",
                 )
-            elif self.last_seq - seq >= self.client_lag_max:
-                # Replaying all of it would cut the client off at once, and its reconnect
-                # would ask for the same again: skip to half the lag it may have.
-                sub.next_seq = max(self.oldest, self.last_seq + 1 - self.client_lag_max // 2)
+            elif seq > last:
+                sub.gap = Gap(
+                    epoch=self.epoch,
+                    from_seq=None,
+                    to_seq=last,
+                    reason=f"seq {seq} is ahead of this stream (at seq {last}) by more than "
+                    f"client_lag_max ({self.client_lag_max}); continuing live from seq {last + 1}",
+                )
+            elif seq + 1 >= self.oldest and last - seq < self.client_lag_max:
+                sub.next_seq = seq + 1
+            else:
+                # Replaying from the oldest buffered user (or all the lag it may have)
+                # would cut the client off at once: the next publish evicts that user (or
+                # puts it over the bound), and its reconnect asks for the same again.
+                # Start it `resume_behind` users back instead, where it can keep up.
+                sub.next_seq = last + 1 - self.resume_behind()
                 sub.gap = Gap(
                     epoch=self.epoch,
                     from_seq=seq + 1,
                     to_seq=sub.next_seq - 1,
-                    reason=f"more than client_lag_max ({self.client_lag_max}) users behind",
-                )
-            elif seq + 1 >= self.oldest:
-                sub.next_seq = seq + 1
-            else:
-                sub.next_seq = self.oldest
-                sub.gap = Gap(
-                    epoch=self.epoch,
-                    from_seq=seq + 1,
-                    to_seq=self.oldest - 1,
-                    reason="no longer in the replay buffer",
+                    reason="no longer in the replay buffer"
+                    if seq + 1 < self.oldest
+                    else f"more than client_lag_max ({self.client_lag_max}) users behind",
                 )
         self.subs[sub.id] = sub
         return sub
+
+    def resume_behind(self) -> int:
+        """How far behind the live end a client that cannot have everything it asked
+        for starts: half ``client_lag_max``, and at most half of what the buffer holds,
+        so that what it starts with stays buffered while it catches up."""
+        return min(self.client_lag_max // 2, len(self.entries) // 2)
 
     def unsubscribe(self, sub: Subscription) -> None:
         self.subs.pop(sub.id, None)
