@@ -23,6 +23,18 @@ would wait is postponed); the first good answer closes the circuit and switches 
 (``producer.fallback_off``). Records that fail validation are counted, logged and sent to
 the dead letters, never published.
 
+A spent budget (the primary's `Source.ready_in_s` > 0: the Random User API's users per
+window) is an open circuit too: with a fallback the stream switches to it at once
+(``producer.budget_spent``, ``producer.fallback_on``) and back when the window has room
+for a page, the moment the probe is due; without one the stream waits, says so once at
+warning (``producer.budget_wait``, with ``until``) and `ProducerStatistics` names the time
+(`readiness` turns it into a ``source`` check).
+
+A run of failures is said once: the first ``producer.fetch_failed`` at warning, then
+``producer.circuit_open``/``fallback_on``; the retries and probes that fail after it are
+logged at debug, with a reminder at info at most every `REMIND_EVERY_S` (with
+``failures``, the count so far).
+
 Each record is validated once. A source that prepares its pages (`PreparingSource`: the
 synthetic one, in a child process for big pages) hands over users already validated and
 encoded, which go to the hub as they are (``msgspec.Raw``); the others' records are
@@ -37,6 +49,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
 
@@ -56,6 +69,7 @@ MAX_BURST_USERS = 500  # ... and at most this many users (other tasks run in bet
 MAX_DEBT_S = 3.0  # at most this much of the rate is owed after the loop was held up
 RETRY_MIN_S = 0.1  # the first retry delay of the closed circuit
 MAX_RETRY_AFTER_S = 600.0  # a longer Retry-After is read as this (the server may be wrong)
+REMIND_EVERY_S = 300.0  # a source still failing is said again (at info) at most this often
 
 
 class Outlet(Protocol):
@@ -82,8 +96,9 @@ class Source(Protocol):
 
     async def fetch(self, start: int, count: int) -> list[dict[str, Any]]: ...
 
-    def ready_in_s(self) -> float:
-        """Seconds before `fetch` would send a request without waiting (0: now)."""
+    async def ready_in_s(self) -> float:
+        """Seconds before `fetch` would send a request without waiting (0: now): a spent
+        budget. May read what it needs once (the budget's ledger)."""
         ...
 
 
@@ -114,6 +129,8 @@ class ProducerStatistics:
     position: int
     backpressure_waits: int
     budget_remaining_users: float | None = None  # the API's budget, when it has one
+    budget_wait_until: str | None = None  # no users until then (ISO UTC): a spent budget
+    # and no fallback
 
 
 @dataclass(frozen=True)
@@ -191,6 +208,34 @@ class Circuit:
         """The primary cannot be tried before `until` (say, its budget is spent)."""
         self.retry_at = max(self.retry_at, until)
 
+    def open_until(self, until: float) -> None:
+        """Open without a failure: the primary must not be tried before `until` (its
+        budget is spent); the first success after closes it as usual."""
+        self.is_open = True
+        self.postpone(until)
+
+
+class _Repeats:
+    """How loudly to say the next failure of a run: the first at warning, the rest at
+    debug, with a reminder at info at most every `REMIND_EVERY_S`."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._said_at = -math.inf
+
+    def level(self, now: float) -> str:
+        self.count += 1
+        if self.count == 1:
+            self._said_at = now
+            return "warning"
+        if now - self._said_at >= REMIND_EVERY_S:
+            self._said_at = now
+            return "info"
+        return "debug"
+
+    def reset(self) -> None:
+        self.count, self._said_at = 0, -math.inf
+
 
 class _Schedule:
     """Users due at `rate_per_s` since a start time, minus those sent: the pacer's debt."""
@@ -256,6 +301,8 @@ class Producer:
         self.dead_letters = dead_letters
         self.stop_at_position = stop_at_position
         self.backpressure_waits = 0
+        self.budget_wait_until: str | None = None  # see ProducerStatistics
+        self._failing = _Repeats()  # the primary's failures in a row (for the log)
         self._rate_changed = trio.Event()
 
     @property
@@ -281,6 +328,7 @@ class Producer:
             self.position,
             self.backpressure_waits,
             self._budget_remaining(),
+            self.budget_wait_until,
         )
 
     def _budget_remaining(self) -> float | None:
@@ -338,10 +386,12 @@ class Producer:
                 except SourceError as exc:
                     await self._failed(source, exc)
                     continue
-                if source is self.primary and self.circuit.succeeded():
-                    get_logger().warning("producer.circuit_closed", source=source.name)
-                    if self.fallback is not None:
-                        get_logger().warning("producer.fallback_off", primary=source.name)
+                if source is self.primary:
+                    self._failing.reset()
+                    if self.circuit.succeeded():
+                        get_logger().warning("producer.circuit_closed", source=source.name)
+                        if self.fallback is not None:
+                            get_logger().warning("producer.fallback_off", primary=source.name)
                 await send.send(page)
                 self.position += len(page.users)
 
@@ -354,22 +404,54 @@ class Producer:
         return Page(source.name, self.position, await source.fetch(self.position, count))
 
     async def _next_source(self) -> Source:
-        """The source of the next page. While the circuit keeps the primary waiting, that is
-        the fallback when there is one; else this waits for the primary."""
-        circuit, fallback = self.circuit, self.fallback
+        """The source of the next page. While the circuit or a spent budget keeps the
+        primary waiting, that is the fallback when there is one; else this waits for the
+        primary."""
+        circuit, fallback, log = self.circuit, self.fallback, get_logger()
         now = trio.current_time()
         if fallback is not None and circuit.is_open:
             if now < circuit.retry_at:
                 return fallback
             # A probe is due. It must not wait (for the budget, say) while users are due.
-            if (wait := self.primary.ready_in_s()) > 0:
+            if (wait := await self.primary.ready_in_s()) > 0:
                 circuit.postpone(now + wait)
-                get_logger().info(
+                log.info(
                     "producer.probe_postponed", source=self.primary.name, probe_in_s=round(wait, 3)
                 )
                 return fallback
-        elif now < circuit.retry_at:
+            return self.primary
+        if now < circuit.retry_at:
             await trio.sleep_until(circuit.retry_at)
+        while (wait := await self.primary.ready_in_s()) > 0:  # the budget is spent
+            until = _utc_in(wait)
+            if fallback is not None:  # as an open circuit: the fallback serves meanwhile
+                circuit.open_until(trio.current_time() + wait)
+                log.warning(
+                    "producer.budget_spent",
+                    source=self.primary.name,
+                    until=until,
+                    wait_s=round(wait, 3),
+                )
+                log.warning(
+                    "producer.fallback_on",
+                    primary=self.primary.name,
+                    fallback=fallback.name,
+                    probe_in_s=round(wait, 3),
+                    reason="budget",
+                )
+                return fallback
+            log.warning(
+                "producer.budget_wait",
+                source=self.primary.name,
+                until=until,
+                wait_s=round(wait, 3),
+                reason="budget spent, no fallback",
+            )
+            self.budget_wait_until = until
+            try:
+                await trio.sleep(wait)
+            finally:
+                self.budget_wait_until = None
         return self.primary
 
     async def _failed(self, source: Source, exc: SourceError) -> None:
@@ -383,28 +465,21 @@ class Producer:
         circuit = self.circuit
         probing = circuit.is_open and self.fallback is not None
         was_open = circuit.is_open
+        now = trio.current_time()
         wait = circuit.failed(
-            trio.current_time(),
-            retry_after_s=exc.retry_after_s,
-            rate_limited=exc.kind == "http_429",
+            now, retry_after_s=exc.retry_after_s, rate_limited=exc.kind == "http_429"
         )
-        if probing:
-            log.info(
-                "producer.probe_failed",
-                source=source.name,
-                error=str(exc),
-                kind=exc.kind,
-                next_probe_in_s=round(wait, 3),
-            )
-            return
-        log.warning(
-            "producer.fetch_failed",
+        level = self._failing.level(now)
+        getattr(log, level)(
+            "producer.probe_failed" if probing else "producer.fetch_failed",
             source=source.name,
             error=str(exc),
             kind=exc.kind,
-            consecutive=circuit.failures,
+            failures=self._failing.count,
             retry_in_s=round(wait, 3),
         )
+        if probing:
+            return
         if circuit.is_open and not was_open:
             log.warning(
                 "producer.circuit_open", source=source.name, after_failures=circuit.failures
@@ -525,3 +600,9 @@ class Producer:
                 clients=self.hub.clients,
             )
         return waited
+
+
+def _utc_in(seconds: float) -> str:
+    """The wall-clock time `seconds` from now, ISO 8601 UTC to the second."""
+    at = datetime.now(UTC) + timedelta(seconds=seconds)
+    return at.isoformat(timespec="seconds").replace("+00:00", "Z")
