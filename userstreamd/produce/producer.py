@@ -120,8 +120,8 @@ class ProducerStatistics:
     published: int
     invalid: int
     fetch_failures: int
-    active_source: str
-    fallback_active: bool
+    active_source: str  # of the users going out now
+    fallback_active: bool  # ... and that is the fallback
     circuit_open: bool
     failures_by_kind: Mapping[str, int]
     invalid_by_source: Mapping[str, int]
@@ -303,6 +303,7 @@ class Producer:
         self.backpressure_waits = 0
         self.budget_wait_until: str | None = None  # see ProducerStatistics
         self._failing = _Repeats()  # the primary's failures in a row (for the log)
+        self._publishing: str | None = None  # the source of the page being published
         self._rate_changed = trio.Event()
 
     @property
@@ -314,13 +315,16 @@ class Producer:
         return self.circuit.is_open and self.fallback is not None
 
     def statistics(self) -> ProducerStatistics:
-        active = self.fallback if self.fallback_active and self.fallback else self.primary
+        # The source of the users going out now (the page being published; the next one,
+        # from the other source, may already be fetched), else the one asked first.
+        fetching = self.fallback if self.fallback_active and self.fallback else self.primary
+        active = self._publishing or fetching.name
         return ProducerStatistics(
             self.published,
             self.invalid,
             self.fetch_failures,
-            active.name,
-            self.fallback_active,
+            active,
+            self.fallback is not None and active != self.primary.name,
             self.circuit_open,
             MappingProxyType(dict(self.failures_by_kind)),
             MappingProxyType(dict(self.invalid_by_source)),
@@ -504,6 +508,7 @@ class Producer:
                     page = await self._next_page(receive, schedule)
                 except trio.EndOfChannel:
                     return
+                self._publishing = page.source
                 index = 0
                 while index < len(page.users):
                     if self._rate_changed.is_set():
