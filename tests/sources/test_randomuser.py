@@ -224,6 +224,28 @@ def test_check_rejects_an_18_character_seed(
     assert load_config(path).producer.seed == "0123456789abcdef-1~"
 
 
+@pytest.mark.parametrize(
+    ("fallback", "then"),
+    [("synthetic", "the synthetic fallback serves"), ("none", "the stream stops")],
+)
+def test_check_warns_when_the_rate_is_more_than_the_budget_allows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fallback: str, then: str
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f'[producer]\nrate_per_s = 400\nfallback = "{fallback}"\n')
+    assert main(["--config", str(path), "check"]) == 0, "a warning, not an error"
+    err = capsys.readouterr().err
+    assert f"{path}: warning: producer.rate_per_s: 400 users/s is more than" in err
+    assert "(randomuser.budget_users 20000 per budget_window_s 300 = 66.7 users/s)" in err
+    assert f"spent 50 s into each window, then {then}" in err
+    path.write_text("[producer]\nrate_per_s = 60\n")  # within the budget
+    assert main(["--config", str(path), "check"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    path.write_text('[producer]\nrate_per_s = 400\nsource = "synthetic"\n')  # no budget
+    assert main(["--config", str(path), "check"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 # -- the budget counts what the API may have served ---------------------------------------------
 
 
