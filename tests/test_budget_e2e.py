@@ -48,12 +48,28 @@ def test_a_spent_budget_switches_to_the_fallback_without_a_pause_and_back(
         url = daemon.wait_for("daemon.http_listening")["url"]
         seen: list[tuple[float, str, bool]] = []  # (time, status.json's source, /readyz 200)
         with httpx.Client(base_url=url, timeout=5) as http:
-            deadline = time.monotonic() + WINDOW_S + 12
-            while time.monotonic() < deadline:
+            deadline = time.monotonic() + 3 * WINDOW_S
+            back_for_s = None  # until 2 s after the API's second page began to go out
+            while time.monotonic() < deadline and (back_for_s is None or back_for_s < 2):
                 source = http.get("status.json").json()["stream"]["source"]
                 seen.append((time.time(), source, http.get("readyz").status_code == 200))
+                if back_for_s is None and daemon.events("producer.fallback_off"):
+                    back_for_s = 0.0
+                elif back_for_s is not None and source == "randomuser":
+                    back_for_s += 0.2
                 time.sleep(0.2)
         assert daemon.stop() == 0, daemon.log_path.read_text()[-3000:]
+
+        # A restart inside the window (spent at its second page): the fallback at once.
+        again = daemon_factory(tables, name="again")
+        again.wait_for("producer.published")
+        again.wait_for("producer.fallback_off", timeout_s=WINDOW_S + 5)
+        deadline = time.monotonic() + 10  # (the fallback's page fetched ahead goes out first)
+        while time.monotonic() < deadline and not any(
+            e["source"] == "randomuser" for e in again.events("producer.published")
+        ):
+            time.sleep(0.2)
+        assert again.stop() == 0, again.log_path.read_text()[-3000:]
         statuses = [r.status for r in api.requests]
 
     published = daemon.events("producer.published")
@@ -84,3 +100,11 @@ def test_a_spent_budget_switches_to_the_fallback_without_a_pause_and_back(
     assert during and set(during) == {"synthetic"}
     assert after and after[0] == "randomuser"
     assert all(ready for t, _, ready in seen if t > fallback_from)
+
+    # After the restart: what the ledger remembered, the fallback first, the API again.
+    restored = again.events("producer.budget_restored")
+    assert [e["users"] for e in restored] == [BUDGET], "the second page: the first left the window"
+    second = again.events("producer.published")
+    sources = [s for s, _ in itertools.groupby(e["source"] for e in second)]
+    assert sources[:2] == ["synthetic", "randomuser"], sources
+    assert again.events("producer.budget_spent")[0]["level"] == "warning"
