@@ -215,26 +215,22 @@ class Circuit:
         self.postpone(until)
 
 
-class _Repeats:
-    """How loudly to say the next failure of a run: the first at warning, the rest at
-    debug, with a reminder at info at most every `REMIND_EVERY_S`."""
+class _Reminder:
+    """How loudly to say a failure of a run: the first at warning, the rest at debug, with
+    a reminder at info at most every `REMIND_EVERY_S`."""
 
     def __init__(self) -> None:
-        self.count = 0
         self._said_at = -math.inf
 
-    def level(self, now: float) -> str:
-        self.count += 1
-        if self.count == 1:
+    def level(self, now: float, failures: int) -> str:
+        """The level for the `failures`-th failure in a row, at `now`."""
+        if failures == 1:
             self._said_at = now
             return "warning"
         if now - self._said_at >= REMIND_EVERY_S:
             self._said_at = now
             return "info"
         return "debug"
-
-    def reset(self) -> None:
-        self.count, self._said_at = 0, -math.inf
 
 
 class _Schedule:
@@ -302,7 +298,7 @@ class Producer:
         self.stop_at_position = stop_at_position
         self.backpressure_waits = 0
         self.budget_wait_until: str | None = None  # see ProducerStatistics
-        self._failing = _Repeats()  # the primary's failures in a row (for the log)
+        self._reminder = _Reminder()  # how loudly the primary's next failure is said
         self._publishing: str | None = None  # the source of the page being published
         self._rate_changed = trio.Event()
 
@@ -312,6 +308,8 @@ class Producer:
 
     @property
     def fallback_active(self) -> bool:
+        """The next pages come from the fallback (`statistics` says which source the
+        users going out now are from)."""
         return self.circuit.is_open and self.fallback is not None
 
     def statistics(self) -> ProducerStatistics:
@@ -390,12 +388,10 @@ class Producer:
                 except SourceError as exc:
                     await self._failed(source, exc)
                     continue
-                if source is self.primary:
-                    self._failing.reset()
-                    if self.circuit.succeeded():
-                        get_logger().warning("producer.circuit_closed", source=source.name)
-                        if self.fallback is not None:
-                            get_logger().warning("producer.fallback_off", primary=source.name)
+                if source is self.primary and self.circuit.succeeded():
+                    get_logger().warning("producer.circuit_closed", source=source.name)
+                    if self.fallback is not None:
+                        get_logger().warning("producer.fallback_off", primary=source.name)
                 await send.send(page)
                 self.position += len(page.users)
 
@@ -473,13 +469,12 @@ class Producer:
         wait = circuit.failed(
             now, retry_after_s=exc.retry_after_s, rate_limited=exc.kind == "http_429"
         )
-        level = self._failing.level(now)
-        getattr(log, level)(
+        getattr(log, self._reminder.level(now, circuit.failures))(
             "producer.probe_failed" if probing else "producer.fetch_failed",
             source=source.name,
             error=str(exc),
             kind=exc.kind,
-            failures=self._failing.count,
+            failures=circuit.failures,
             retry_in_s=round(wait, 3),
         )
         if probing:
