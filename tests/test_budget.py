@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
+import structlog
 import trio
 import trio.testing
 from structlog.testing import capture_logs
@@ -139,11 +141,16 @@ async def test_a_source_down_for_18_minutes_is_said_once_then_reminded(
         probe_interval_s=30,
         retry_max_s=30,
     )
-    with capture_logs() as logs:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(producer.run)
-            await trio.sleep(1100)  # reminders by 330, 660, 990 s; none before 1200
-            nursery.cancel_scope.cancel()
+    previous = structlog.get_config()
+    try:
+        with capture_logs() as logs:  # (every level, whatever an earlier test configured)
+            structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+            async with trio.open_nursery() as nursery:
+                await nursery.start(producer.run)
+                await trio.sleep(1100)  # reminders by 330, 660, 990 s; none before 1200
+                nursery.cancel_scope.cancel()
+    finally:
+        structlog.configure(**previous)
     failed = [e for e in logs if e["event"] in ("producer.fetch_failed", "producer.probe_failed")]
     assert len(failed) == len(primary.calls) > 30
     by_level = {
