@@ -20,6 +20,8 @@ the filter; ``inc``/``exc`` select top-level keys; ``noinfo`` drops ``info``; re
 keys use the last value; any other path is a plain-text 404. The rate limit counts *users* per
 window like the real one: a request is refused (429, "Whoa, ease up there cowboy") once the
 users already served in the window reach the budget, so the last allowed request may overshoot.
+Users are counted (`users_served`, `requests`) when a reply is generated, before it is sent:
+a reply the client gave up waiting for (`Fault.hang`, a timeout) counts, as on the real server.
 
 Deviations, on purpose: only JSON is served (``format`` is ignored except ``prettyjson``); the
 real API appends a hex nat index to ``info.seed`` for a single-``nat`` request, this fake does
@@ -106,7 +108,9 @@ class Fault:
 
     @classmethod
     def hang(cls, seconds: float) -> Fault:
-        """Sleep `seconds` before answering normally; other requests are served meanwhile."""
+        """Sleep `seconds` before sending a normal answer (generated and counted at once,
+        as the real server counts a page it is slow to send); other requests are served
+        meanwhile."""
         return cls("hang", seconds=seconds)
 
 
@@ -244,16 +248,19 @@ class FakeRandomUserAPI:
         with self._changed:
             fault = self._faults.pop(0) if self._faults else None
             self._changed.notify_all()
-        if fault is not None and fault.kind == "hang":
-            if self._stopping.wait(fault.seconds):
-                return None  # stop(): drop the connection unanswered
+        hang_s = fault.seconds if fault is not None and fault.kind == "hang" else None
+        if hang_s is not None:
             fault = None
+        # Generated and counted before it is sent, as the real server does: a reply the
+        # client gave up waiting for (a hang) is counted all the same.
         reply = self._reply(split.path, params, fault)
         record = RecordedRequest(at, split.path, params, reply.status, reply.users)
         with self._changed:
             self.requests.append(record)
             self.users_served += reply.users
             self._changed.notify_all()
+        if hang_s is not None and self._stopping.wait(hang_s):
+            return None  # stop(): drop the connection unanswered
         return reply, record
 
     def _reply(self, path: str, params: dict[str, str], fault: Fault | None) -> _Reply:

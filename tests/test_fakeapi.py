@@ -261,8 +261,19 @@ async def test_hang_delays_only_its_own_request(api: FakeRandomUserAPI) -> None:
             nursery.start_soon(trio.to_thread.run_sync, timed_get, "fast")
     assert durations["slow"] >= 1.4  # it did hang (a lower bound: no machine is too slow)
     assert list(durations) == ["fast", "slow"], "the fast one finished first"
-    assert [r.params["seed"] for r in api.requests] == ["fast", "slow"]
+    # Recorded (and counted) as they were generated, before the slow one was sent.
+    assert [r.params["seed"] for r in api.requests] == ["slow", "fast"]
     print(f"slow {durations['slow']:.2f} s, fast {durations['fast']:.2f} s")
+
+
+def test_a_reply_the_client_gave_up_on_is_counted(api: FakeRandomUserAPI) -> None:
+    """As on the real server: the page is generated and counted before it is sent, so a
+    client that times out waiting has spent it all the same."""
+    api.push(Fault.hang(2.0))
+    with httpx.Client(timeout=0.3) as http, pytest.raises(httpx.ReadTimeout):
+        http.get(api.url, params={"results": 30, "seed": "t"})
+    assert api.users_served == 30
+    assert [(r.status, r.users) for r in api.requests] == [(200, 30)]
 
 
 async def test_stop_does_not_wait_for_a_hanging_request() -> None:

@@ -42,11 +42,11 @@ class ScriptedSource:
         self.calls: list[float] = []
         self.ready_at = ready_at  # like a spent budget: a request waits until then
 
-    def ready_in_s(self) -> float:
+    async def ready_in_s(self) -> float:
         return max(0.0, self.ready_at - trio.current_time())
 
     async def fetch(self, start: int, count: int) -> list[dict[str, Any]]:
-        await trio.sleep(self.ready_in_s())  # as RandomUserSource waits for its budget
+        await trio.sleep(await self.ready_in_s())  # as RandomUserSource waits for its budget
         self.calls.append(trio.current_time())
         outcome = self.script.pop(0) if self.script else None
         if outcome is not None:
@@ -64,7 +64,7 @@ class BusySource:
     def __init__(self, clock: trio.testing.MockClock, chunk_s: float) -> None:
         self.clock, self.chunk_s = clock, chunk_s
 
-    def ready_in_s(self) -> float:
+    async def ready_in_s(self) -> float:
         return 0.0
 
     async def fetch(self, start: int, count: int) -> list[dict[str, Any]]:

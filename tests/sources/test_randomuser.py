@@ -224,28 +224,75 @@ def test_check_rejects_an_18_character_seed(
     assert load_config(path).producer.seed == "0123456789abcdef-1~"
 
 
-# -- the budget counts what the API served -------------------------------------------------------
+@pytest.mark.parametrize(
+    ("fallback", "then"),
+    [("synthetic", "the synthetic fallback serves"), ("none", "the stream stops")],
+)
+def test_check_warns_when_the_rate_is_more_than_the_budget_allows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fallback: str, then: str
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f'[producer]\nrate_per_s = 400\nfallback = "{fallback}"\n')
+    assert main(["--config", str(path), "check"]) == 0, "a warning, not an error"
+    err = capsys.readouterr().err
+    assert f"{path}: warning: producer.rate_per_s: 400 users/s is more than" in err
+    assert "(randomuser.budget_users 20000 per budget_window_s 300 = 66.7 users/s)" in err
+    assert f"spent 50 s into each window, then {then}" in err
+    path.write_text("[producer]\nrate_per_s = 60\n")  # within the budget
+    assert main(["--config", str(path), "check"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    path.write_text('[producer]\nrate_per_s = 400\nsource = "synthetic"\n')  # no budget
+    assert main(["--config", str(path), "check"]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
-async def test_failed_requests_spend_no_budget(fake_api: FakeRandomUserAPI) -> None:
+# -- the budget counts what the API may have served ---------------------------------------------
+
+
+async def test_requests_that_never_reached_the_api_spend_no_budget(
+    fake_api: FakeRandomUserAPI,
+) -> None:
     budget = UserBudget(40, 300.0)
-    fake_api.push(
-        Fault.status(429), Fault.status(503), Fault.empty_results(), Fault.error_json("Uh oh")
-    )
+    fake_api.push(Fault.status(429))  # refused before the API counts
     with trio.fail_after(20):
         async with httpx.AsyncClient(timeout=5) as client:
             source = _source(client, fake_api, budget=budget)
-            for _ in range(4):
-                with pytest.raises(SourceError):
-                    await source.fetch(1, 20)
+            with pytest.raises(SourceUnavailable, match="429"):
+                await source.fetch(1, 20)
             fake_api.down()
-            with pytest.raises(SourceUnavailable, match="connection failed"):
+            with pytest.raises(SourceUnavailable, match="connection failed: ConnectError"):
                 await source.fetch(1, 20)
             fake_api.up()
-            assert source.ready_in_s() == 0
+            assert await source.ready_in_s() == 0
             assert len(await source.fetch(1, 20)) == 20
             assert len(await source.fetch(21, 20)) == 20
-            assert source.ready_in_s() > 290, "what the API served is counted"
+            assert await source.ready_in_s() > 290, "what the API served is counted"
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault.status(503),
+        Fault.status(500),
+        Fault.empty_results(),
+        Fault.error_json("Uh oh"),
+        Fault.html(),
+        Fault.hang(3.0),  # sent, then no answer in time
+    ],
+)
+async def test_a_request_that_may_have_reached_the_api_spends_its_whole_page(
+    fake_api: FakeRandomUserAPI, fault: Fault
+) -> None:
+    budget = UserBudget(40, 300.0)
+    fake_api.push(fault)
+    with trio.fail_after(20):
+        async with httpx.AsyncClient(timeout=1.0) as client:
+            source = _source(client, fake_api, budget=budget)
+            with pytest.raises(SourceError):
+                await source.fetch(1, 20)
+            assert budget.remaining(trio.current_time()) == 20, "the page asked for is spent"
+            assert len(await source.fetch(1, 20)) == 20
+            assert await source.ready_in_s() > 290
 
 
 # -- Retry-After ---------------------------------------------------------------------------------

@@ -4,15 +4,38 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterator
 from typing import Any
 
+from ..config import Config
 from .parsing import add_command
 from .run import configured
+
+
+def warnings(config: Config) -> Iterator[tuple[str, str]]:
+    """(key, why) for values that are valid but likely not what was meant."""
+    p, ru = config.producer, config.randomuser
+    allowed_per_s = ru.budget_users / ru.budget_window_s
+    if p.source == "randomuser" and p.rate_per_s > allowed_per_s:
+        then = (
+            "the synthetic fallback serves the rest of each window"
+            if p.fallback == "synthetic"
+            else "the stream stops for the rest of each window (no fallback)"
+        )
+        yield (
+            "producer.rate_per_s",
+            f"{p.rate_per_s:g} users/s is more than the Random User API's budget allows "
+            f"(randomuser.budget_users {ru.budget_users} per budget_window_s "
+            f"{ru.budget_window_s:g} = {allowed_per_s:.3g} users/s): the budget is spent "
+            f"{ru.budget_users / p.rate_per_s:.3g} s into each window, then {then}",
+        )
 
 
 def run(args: argparse.Namespace) -> int:
     """Validate the config file (and the tokens and TLS files it names) and say so."""
     config = configured(args, public_port=True, logs=sys.stderr)
+    for key, why in warnings(config):
+        print(f"{config.path}: warning: {key}: {why}", file=sys.stderr)
     if args.effective:
         from ..config import effective_toml
 

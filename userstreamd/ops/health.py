@@ -7,7 +7,10 @@ live page and systemd.
 - ``database``: accepts writes, as a probe every `PROBE_INTERVAL_S` finds it (reachable
   within `PROBE_TIMEOUT_S`, not in recovery, not read-only);
 - ``broadcaster``: its component runs, so it listens;
-- ``consumers``: the consumer group has members (when the config has consumers).
+- ``consumers``: the consumer group has members (when the config has consumers);
+- ``source``: only while the producer waits for the Random User API's spent budget with no
+  fallback configured (no users until the time it names; with a fallback the stream goes
+  on from it and stays ready).
 
 On the NATS bus also ``nats`` (connected) and ``producer`` (its component runs), and
 only the checks of the parts the role runs. The checks beyond the first three are the
@@ -72,6 +75,11 @@ def readiness(status: Status) -> Readiness:
     elif status.serves:
         checks["broadcaster"] = OK
     checks.update(status.topology_checks)
+    if status.producer is not None and (until := status.producer.budget_wait_until):
+        checks["source"] = (
+            f"waiting for the {status.producer.active_source} budget until {until}: "
+            "no users meanwhile (no fallback configured)"
+        )
     return Readiness(checks)
 
 

@@ -23,6 +23,18 @@ would wait is postponed); the first good answer closes the circuit and switches 
 (``producer.fallback_off``). Records that fail validation are counted, logged and sent to
 the dead letters, never published.
 
+A spent budget (the primary's `Source.ready_in_s` > 0: the Random User API's users per
+window) is an open circuit too: with a fallback the stream switches to it at once
+(``producer.budget_spent``, ``producer.fallback_on``) and back when the window has room
+for a page, the moment the probe is due; without one the stream waits, says so once at
+warning (``producer.budget_wait``, with ``until``) and `ProducerStatistics` names the time
+(`readiness` turns it into a ``source`` check).
+
+A run of failures is said once: the first ``producer.fetch_failed`` at warning, then
+``producer.circuit_open``/``fallback_on``; the retries and probes that fail after it are
+logged at debug, with a reminder at info at most every `REMIND_EVERY_S` (with
+``failures``, the count so far).
+
 Each record is validated once. A source that prepares its pages (`PreparingSource`: the
 synthetic one, in a child process for big pages) hands over users already validated and
 encoded, which go to the hub as they are (``msgspec.Raw``); the others' records are
@@ -37,6 +49,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any, Protocol, runtime_checkable
 
@@ -56,6 +69,7 @@ MAX_BURST_USERS = 500  # ... and at most this many users (other tasks run in bet
 MAX_DEBT_S = 3.0  # at most this much of the rate is owed after the loop was held up
 RETRY_MIN_S = 0.1  # the first retry delay of the closed circuit
 MAX_RETRY_AFTER_S = 600.0  # a longer Retry-After is read as this (the server may be wrong)
+REMIND_EVERY_S = 300.0  # a source still failing is said again (at info) at most this often
 
 
 class Outlet(Protocol):
@@ -82,8 +96,9 @@ class Source(Protocol):
 
     async def fetch(self, start: int, count: int) -> list[dict[str, Any]]: ...
 
-    def ready_in_s(self) -> float:
-        """Seconds before `fetch` would send a request without waiting (0: now)."""
+    async def ready_in_s(self) -> float:
+        """Seconds before `fetch` would send a request without waiting (0: now): a spent
+        budget. May read what it needs once (the budget's ledger)."""
         ...
 
 
@@ -105,8 +120,8 @@ class ProducerStatistics:
     published: int
     invalid: int
     fetch_failures: int
-    active_source: str
-    fallback_active: bool
+    active_source: str  # of the users going out now
+    fallback_active: bool  # ... and that is the fallback
     circuit_open: bool
     failures_by_kind: Mapping[str, int]
     invalid_by_source: Mapping[str, int]
@@ -114,6 +129,8 @@ class ProducerStatistics:
     position: int
     backpressure_waits: int
     budget_remaining_users: float | None = None  # the API's budget, when it has one
+    budget_wait_until: str | None = None  # no users until then (ISO UTC): a spent budget
+    # and no fallback
 
 
 @dataclass(frozen=True)
@@ -191,6 +208,30 @@ class Circuit:
         """The primary cannot be tried before `until` (say, its budget is spent)."""
         self.retry_at = max(self.retry_at, until)
 
+    def open_until(self, until: float) -> None:
+        """Open without a failure: the primary must not be tried before `until` (its
+        budget is spent); the first success after closes it as usual."""
+        self.is_open = True
+        self.postpone(until)
+
+
+class _Reminder:
+    """How loudly to say a failure of a run: the first at warning, the rest at debug, with
+    a reminder at info at most every `REMIND_EVERY_S`."""
+
+    def __init__(self) -> None:
+        self._said_at = -math.inf
+
+    def level(self, now: float, failures: int) -> str:
+        """The level for the `failures`-th failure in a row, at `now`."""
+        if failures == 1:
+            self._said_at = now
+            return "warning"
+        if now - self._said_at >= REMIND_EVERY_S:
+            self._said_at = now
+            return "info"
+        return "debug"
+
 
 class _Schedule:
     """Users due at `rate_per_s` since a start time, minus those sent: the pacer's debt."""
@@ -256,6 +297,9 @@ class Producer:
         self.dead_letters = dead_letters
         self.stop_at_position = stop_at_position
         self.backpressure_waits = 0
+        self.budget_wait_until: str | None = None  # see ProducerStatistics
+        self._reminder = _Reminder()  # how loudly the primary's next failure is said
+        self._publishing: str | None = None  # the source of the page being published
         self._rate_changed = trio.Event()
 
     @property
@@ -264,16 +308,21 @@ class Producer:
 
     @property
     def fallback_active(self) -> bool:
+        """The next pages come from the fallback (`statistics` says which source the
+        users going out now are from)."""
         return self.circuit.is_open and self.fallback is not None
 
     def statistics(self) -> ProducerStatistics:
-        active = self.fallback if self.fallback_active and self.fallback else self.primary
+        # The source of the users going out now (the page being published; the next one,
+        # from the other source, may already be fetched), else the one asked first.
+        fetching = self.fallback if self.fallback_active and self.fallback else self.primary
+        active = self._publishing or fetching.name
         return ProducerStatistics(
             self.published,
             self.invalid,
             self.fetch_failures,
-            active.name,
-            self.fallback_active,
+            active,
+            self.fallback is not None and active != self.primary.name,
             self.circuit_open,
             MappingProxyType(dict(self.failures_by_kind)),
             MappingProxyType(dict(self.invalid_by_source)),
@@ -281,6 +330,7 @@ class Producer:
             self.position,
             self.backpressure_waits,
             self._budget_remaining(),
+            self.budget_wait_until,
         )
 
     def _budget_remaining(self) -> float | None:
@@ -354,22 +404,54 @@ class Producer:
         return Page(source.name, self.position, await source.fetch(self.position, count))
 
     async def _next_source(self) -> Source:
-        """The source of the next page. While the circuit keeps the primary waiting, that is
-        the fallback when there is one; else this waits for the primary."""
-        circuit, fallback = self.circuit, self.fallback
+        """The source of the next page. While the circuit or a spent budget keeps the
+        primary waiting, that is the fallback when there is one; else this waits for the
+        primary."""
+        circuit, fallback, log = self.circuit, self.fallback, get_logger()
         now = trio.current_time()
         if fallback is not None and circuit.is_open:
             if now < circuit.retry_at:
                 return fallback
             # A probe is due. It must not wait (for the budget, say) while users are due.
-            if (wait := self.primary.ready_in_s()) > 0:
+            if (wait := await self.primary.ready_in_s()) > 0:
                 circuit.postpone(now + wait)
-                get_logger().info(
+                log.info(
                     "producer.probe_postponed", source=self.primary.name, probe_in_s=round(wait, 3)
                 )
                 return fallback
-        elif now < circuit.retry_at:
+            return self.primary
+        if now < circuit.retry_at:
             await trio.sleep_until(circuit.retry_at)
+        while (wait := await self.primary.ready_in_s()) > 0:  # the budget is spent
+            until = _utc_in(wait)
+            if fallback is not None:  # as an open circuit: the fallback serves meanwhile
+                circuit.open_until(trio.current_time() + wait)
+                log.warning(
+                    "producer.budget_spent",
+                    source=self.primary.name,
+                    until=until,
+                    wait_s=round(wait, 3),
+                )
+                log.warning(
+                    "producer.fallback_on",
+                    primary=self.primary.name,
+                    fallback=fallback.name,
+                    probe_in_s=round(wait, 3),
+                    reason="budget",
+                )
+                return fallback
+            log.warning(
+                "producer.budget_wait",
+                source=self.primary.name,
+                until=until,
+                wait_s=round(wait, 3),
+                reason="budget spent, no fallback",
+            )
+            self.budget_wait_until = until
+            try:
+                await trio.sleep(wait)
+            finally:
+                self.budget_wait_until = None
         return self.primary
 
     async def _failed(self, source: Source, exc: SourceError) -> None:
@@ -383,28 +465,20 @@ class Producer:
         circuit = self.circuit
         probing = circuit.is_open and self.fallback is not None
         was_open = circuit.is_open
+        now = trio.current_time()
         wait = circuit.failed(
-            trio.current_time(),
-            retry_after_s=exc.retry_after_s,
-            rate_limited=exc.kind == "http_429",
+            now, retry_after_s=exc.retry_after_s, rate_limited=exc.kind == "http_429"
         )
-        if probing:
-            log.info(
-                "producer.probe_failed",
-                source=source.name,
-                error=str(exc),
-                kind=exc.kind,
-                next_probe_in_s=round(wait, 3),
-            )
-            return
-        log.warning(
-            "producer.fetch_failed",
+        getattr(log, self._reminder.level(now, circuit.failures))(
+            "producer.probe_failed" if probing else "producer.fetch_failed",
             source=source.name,
             error=str(exc),
             kind=exc.kind,
-            consecutive=circuit.failures,
+            failures=circuit.failures,
             retry_in_s=round(wait, 3),
         )
+        if probing:
+            return
         if circuit.is_open and not was_open:
             log.warning(
                 "producer.circuit_open", source=source.name, after_failures=circuit.failures
@@ -429,6 +503,7 @@ class Producer:
                     page = await self._next_page(receive, schedule)
                 except trio.EndOfChannel:
                     return
+                self._publishing = page.source
                 index = 0
                 while index < len(page.users):
                     if self._rate_changed.is_set():
@@ -525,3 +600,9 @@ class Producer:
                 clients=self.hub.clients,
             )
         return waited
+
+
+def _utc_in(seconds: float) -> str:
+    """The wall-clock time `seconds` from now, ISO 8601 UTC to the second."""
+    at = datetime.now(UTC) + timedelta(seconds=seconds)
+    return at.isoformat(timespec="seconds").replace("+00:00", "Z")

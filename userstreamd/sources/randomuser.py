@@ -25,9 +25,13 @@ Every failure is mapped to `SourceUnavailable` (transport, timeout, 429, 5xx) or
 `BadResponse` (200 without users: empty results, HTML, truncated JSON, ``{"error": ...}``).
 
 The API counts the users it serves (per client IP and window, and a restart of this daemon
-does not reset it), so `UserBudget` counts only what a 200 response brought - a refused or
-failed request costs nothing - and can keep that count in a `Ledger` (PostgreSQL, see
-``store/ledger.py``) that outlives a restart.
+does not reset it), so `UserBudget` counts every request that may have reached it: the
+users a 200 brought, and the full page asked for when the request was sent but failed (a
+timeout while reading, a reset connection, a 5xx, a 200 without users) - the server may have
+generated and counted it. Only a request that provably never reached it is free: a refused
+or failed connection, a DNS failure (`NOT_SENT`), and a 429 (the API checks its limit before
+counting). The count can be kept in a `Ledger` (PostgreSQL, see ``store/ledger.py``) that
+outlives a restart.
 """
 
 from __future__ import annotations
@@ -50,6 +54,10 @@ from .seeds import NAT_SEED_LENGTH, api_length, reserved_seed_reason
 
 MAX_RESULTS = 5000
 MAX_PAGE = 10_000
+# Failures of a request that provably never reached the API (no connection, no name, no
+# free connection in the pool): they cost no budget. Any other failure may have (it was
+# sent), and costs the full page asked for.
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
 
 
 def era_seed(seed: str, era: int) -> str:
@@ -98,8 +106,9 @@ class Ledger(Protocol):
 
 class UserBudget:
     """At most `limit` users served in any `window_s` seconds: the API rate-limits users,
-    not requests (20,000 per 5 minutes in its server code), then answers 429. Only what
-    the API served is counted; with a `ledger`, also what was spent before a restart."""
+    not requests (20,000 per 5 minutes in its server code), then answers 429. What the API
+    may have served is counted (see the module docstring); with a `ledger`, also what was
+    spent before a restart."""
 
     def __init__(self, limit: int, window_s: float, *, ledger: Ledger | None = None) -> None:
         self.limit, self.window_s = limit, window_s
@@ -146,10 +155,12 @@ class UserBudget:
         self._total += users
 
     async def wait_for_room(self, users: int) -> None:
-        """Return once `users` more fit in the window (spends nothing)."""
+        """Return once `users` more fit in the window (spends nothing). The producer
+        asks `RandomUserSource.ready_in_s` first and says why it waits; this is the last
+        guard."""
         await self.load()
         while (delay := self.delay_for(users, trio.current_time())) > 0:
-            get_logger().info(
+            get_logger().debug(
                 "producer.budget_wait",
                 users=users,
                 wait_s=round(delay, 3),
@@ -228,10 +239,12 @@ class RandomUserSource:
         params.update(self._fixed)
         return params
 
-    def ready_in_s(self) -> float:
-        """Seconds until a request fits the budget (0: now)."""
+    async def ready_in_s(self) -> float:
+        """Seconds until a request fits the budget (0: now); the first call reads the
+        ledger (what was spent before a restart)."""
         if self.budget is None:
             return 0.0
+        await self.budget.load()
         return self.budget.delay_for(self.page_size, trio.current_time())
 
     async def _served(self, users: int) -> None:
@@ -262,28 +275,29 @@ class RandomUserSource:
     async def _request(self, page_index: int, offset: int, count: int) -> list[dict[str, Any]]:
         try:
             response = await self._client.get(self._url, params=self._params(page_index))
-        except httpx.TimeoutException as exc:
-            raise SourceUnavailable(f"timeout: {type(exc).__name__}", kind="timeout") from exc
         except httpx.TransportError as exc:
+            if not isinstance(exc, NOT_SENT):  # sent, no answer: the API may have counted
+                await self._served(self.page_size)
+            if isinstance(exc, httpx.TimeoutException):
+                raise SourceUnavailable(f"timeout: {type(exc).__name__}", kind="timeout") from exc
             raise SourceUnavailable(
                 f"connection failed: {type(exc).__name__}: {exc}", kind="connect"
             ) from exc
         retry_after = retry_after_s(response.headers.get("retry-after"))
-        if response.status_code == 429:
+        if response.status_code == 429:  # refused before counting: free
             raise SourceUnavailable(
                 "HTTP 429 rate limited", kind="http_429", retry_after_s=retry_after
             )
-        if response.status_code >= 500:
-            raise SourceUnavailable(
-                f"HTTP {response.status_code}", kind="http_5xx", retry_after_s=retry_after
-            )
-        if response.status_code != 200:
-            raise BadResponse(f"HTTP {response.status_code}", kind="http_other")
         try:
+            if response.status_code >= 500:
+                raise SourceUnavailable(
+                    f"HTTP {response.status_code}", kind="http_5xx", retry_after_s=retry_after
+                )
+            if response.status_code != 200:
+                raise BadResponse(f"HTTP {response.status_code}", kind="http_other")
             results = _users(response)
-        except BadResponse as exc:
-            if exc.kind == "not_json":  # unreadable: the API may have counted a full page
-                await self._served(self.page_size)
+        except SourceError:  # it reached the API, which may have counted a full page
+            await self._served(self.page_size)
             raise
         await self._served(len(results))
         if len(results) < offset + count:

@@ -591,7 +591,7 @@ class SyntheticSource:
     def __repr__(self) -> str:
         return f"SyntheticSource(seed={self.seed!r}, nats={self.nats!r})"
 
-    def ready_in_s(self) -> float:
+    async def ready_in_s(self) -> float:
         return 0.0
 
     async def fetch(self, start: int, count: int) -> list[dict[str, Any]]:
