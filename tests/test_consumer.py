@@ -47,6 +47,7 @@ from userstreamd.stream.records import SECRET_LOGIN_FIELDS, decode_user, parse_u
 
 from .conftest import query
 from .helpers import eventually, table_locked
+from .store.test_postgres import read_only
 
 FAST = RetryPolicy(wait_initial_s=0.01, wait_max_s=0.05, wait_jitter_s=0.01)
 
@@ -222,6 +223,75 @@ async def test_a_dead_letter_write_that_fails_is_retried_not_fatal(
             nursery.cancel_scope.cancel()
     assert query(dsn, "SELECT seq FROM dead_letters") == [(10,)]
     assert query(dsn, "SELECT count(*) FROM incoming_users") == [(29,)]
+
+
+@pytest.mark.parametrize("sqlstate", ["25006", "40P01", "53100", "XX000"])
+async def test_a_batch_refused_for_the_moment_is_retried_never_dead_lettered(
+    dsn: str, tmp_path: Path, sqlstate: str
+) -> None:
+    """Only the inserts into incoming_users fail (read-only, a deadlock, a full disk, an
+    internal error), so a dead letter could be written: none is, nothing is acknowledged
+    as rejected, and every row is stored once the fault ends."""
+    _migrate(dsn)
+    with psycopg.connect(dsn) as conn:
+        conn.execute(f"""CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN RAISE EXCEPTION 'refused' USING ERRCODE = '{sqlstate}'; END $$;
+            CREATE TRIGGER refuse BEFORE INSERT ON incoming_users
+            FOR EACH STATEMENT EXECUTE FUNCTION refuse()""")
+    hub = _own_group_hub()
+    consumer = Consumer.websocket("", PostgresStore(dsn), batch_size=10, retry=FAST)
+    with capture_logs() as logs, trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            consumer.url = await _start_private(nursery, hub, tmp_path)
+            await nursery.start(consumer.run)
+            for p in range(1, 31):
+                hub.publish_nowait(synthetic_user("moment", p), "synthetic", p)
+            await _wait_logged(logs, "consumer.insert_failed", 3)
+            await trio.to_thread.run_sync(_drop_trigger, dsn)
+            await hub.wait_drained()
+            nursery.cancel_scope.cancel()
+    assert hub.committed == {"synthetic": 30} and hub.rejected == {}
+    assert query(dsn, "SELECT count(*) FROM dead_letters") == [(0,)]
+    assert query(dsn, "SELECT count(DISTINCT seq) FROM incoming_users") == [(30,)]
+    failed = [e for e in logs if e["event"] == "consumer.insert_failed"]
+    assert {e["sqlstate"] for e in failed} == {sqlstate}
+    level = "error" if sqlstate == "XX000" else "warning"  # unknown: an operator may be needed
+    assert {e["log_level"] for e in failed} == {level}
+    assert not [e for e in logs if e["event"] in ("consumer.batch_refused", "consumer.row_refused")]
+
+
+def _drop_trigger(dsn: str) -> None:
+    with psycopg.connect(dsn) as conn:
+        conn.execute("DROP TRIGGER refuse ON incoming_users")
+
+
+async def test_a_database_made_read_only_is_waited_out(
+    dsn: str, pg_server: str, tmp_path: Path
+) -> None:
+    """A failover to a hot standby, for this database alone: its sessions ended, new ones
+    read-only (25006), then writable again."""
+    _migrate(dsn)
+    dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    hub = _own_group_hub()
+    consumer = Consumer.websocket("", PostgresStore(dsn), batch_size=10, retry=FAST)
+    with capture_logs() as logs, trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            consumer.url = await _start_private(nursery, hub, tmp_path)
+            await nursery.start(consumer.run)
+            await trio.to_thread.run_sync(read_only, pg_server, dbname, True)
+            try:
+                for p in range(1, 31):
+                    hub.publish_nowait(synthetic_user("standby", p), "synthetic", p)
+                await eventually(
+                    lambda: any(e.get("sqlstate") == "25006" for e in logs), timeout_s=30
+                )
+            finally:
+                await trio.to_thread.run_sync(read_only, pg_server, dbname, False)
+            await hub.wait_drained()
+            nursery.cancel_scope.cancel()
+    assert hub.committed == {"synthetic": 30} and hub.rejected == {}
+    assert query(dsn, "SELECT count(*) FROM dead_letters") == [(0,)]
+    assert query(dsn, "SELECT count(DISTINCT seq) FROM incoming_users") == [(30,)]
 
 
 async def test_a_blocked_database_is_reported_while_it_blocks(dsn: str, tmp_path: Path) -> None:
