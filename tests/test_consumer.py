@@ -21,6 +21,7 @@ from trio_websocket import WebSocketRequest, serve_websocket
 
 from userstreamd.config import BroadcasterConfig, Config, ConsumersConfig
 from userstreamd.consume.consumer import Consumer, Item, Milestones, make_consumer
+from userstreamd.consume.receiver import WebSocketReceiver
 from userstreamd.errors import InvalidRecord
 from userstreamd.serve.admission import Policy
 from userstreamd.serve.auth import Tokens
@@ -561,3 +562,25 @@ def test_the_consumer_validates_a_record_as_the_producer_does(
     except InvalidRecord as exc:
         got = str(exc)
     assert got == expected
+
+
+async def test_a_batch_before_the_first_checkpoint_logs_no_checkpoint_field(
+    autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 22 item 11: the first inserts logged ``checkpoint=None``."""
+    consumer = Consumer.websocket("", PostgresStore(NO_DB), batch_size=10)
+    FakeDatabase(consumer, monkeypatch)
+    receiver = consumer.receiver
+    assert isinstance(receiver, WebSocketReceiver)
+    with capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            send = _writer(nursery, consumer)
+            await send.send(_item(1))
+            await wait_all_tasks_blocked()
+            receiver._checkpoint = StreamCheckpoint("db", "e", 1, 1)  # as a checkpoint frame
+            await send.send(_item(2))
+            await wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    first, second = [e for e in logs if e["event"] == "consumer.batch_inserted"]
+    assert "checkpoint" not in first and first["seq"] == 1
+    assert second["checkpoint"] == 1
