@@ -47,8 +47,7 @@ from userstreamd.stream.protocol import (
 from userstreamd.stream.records import SECRET_LOGIN_FIELDS, decode_user, parse_user
 
 from .conftest import query
-from .helpers import eventually, table_locked
-from .store.test_postgres import read_only
+from .helpers import eventually, read_only, table_locked
 
 FAST = RetryPolicy(wait_initial_s=0.01, wait_max_s=0.05, wait_jitter_s=0.01)
 

@@ -25,7 +25,7 @@ from userstreamd.store.postgres import (
 from userstreamd.stream.records import SECRET_LOGIN_FIELDS, parse_user
 
 from ..conftest import query
-from ..helpers import table_locked
+from ..helpers import read_only, table_locked
 
 
 def _rows(positions: range, seed: str = "store", at: datetime | None = None) -> list[UserRow]:
@@ -324,17 +324,3 @@ def test_a_read_only_server_is_transient_and_the_next_attempt_connects_again(
         read_only(pg_server, dbname, False, terminate=False)
     assert store.insert_users(_rows(range(3, 5))) == 2  # (its session began read-only)
     store.close()
-
-
-def read_only(admin_dsn: str, dbname: str, on: bool, *, terminate: bool = True) -> None:
-    """`dbname`'s new sessions read-only (or not again), its sessions ended: a failover to
-    a hot standby, for this database alone (other tests share the server)."""
-    with psycopg.connect(admin_dsn, autocommit=True) as conn:
-        value = "on" if on else "off"
-        conn.execute(f'ALTER DATABASE "{dbname}" SET default_transaction_read_only = {value}')
-        if terminate:
-            conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = %s AND pid <> pg_backend_pid()",
-                (dbname,),
-            )
