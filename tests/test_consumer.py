@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
@@ -17,12 +18,15 @@ import trio
 from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 from trio.testing import MockClock, wait_all_tasks_blocked
-from trio_websocket import WebSocketRequest, serve_websocket
+from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
-from userstreamd.config import BroadcasterConfig, Config, ConsumersConfig
+from userstreamd.config import BroadcasterConfig, Config, ConsumersConfig, load_config
 from userstreamd.consume.consumer import Consumer, Item, Milestones, make_consumer
 from userstreamd.consume.receiver import WebSocketReceiver
+from userstreamd.consume.writer import FINAL_FLUSH_S
 from userstreamd.errors import InvalidRecord
+from userstreamd.runtime import lifeline
+from userstreamd.runtime.workers import READY, WORKER_DSN_ENV, run_consumer_worker
 from userstreamd.serve.admission import Policy
 from userstreamd.serve.auth import Tokens
 from userstreamd.serve.broadcaster import run_broadcaster
@@ -35,6 +39,7 @@ from userstreamd.store.postgres import (
     UserRow,
     row_values,
 )
+from userstreamd.stream.client import CLOSE_SENT_S, CLOSE_WAIT_S
 from userstreamd.stream.hub import Hub
 from userstreamd.stream.protocol import (
     Ack,
@@ -47,7 +52,7 @@ from userstreamd.stream.protocol import (
 from userstreamd.stream.records import SECRET_LOGIN_FIELDS, decode_user, parse_user
 
 from .conftest import query
-from .helpers import eventually, read_only, table_locked
+from .helpers import eventually, read_only, table_locked, write_config
 
 FAST = RetryPolicy(wait_initial_s=0.01, wait_max_s=0.05, wait_jitter_s=0.01)
 
@@ -583,3 +588,55 @@ async def test_a_batch_before_the_first_checkpoint_logs_no_checkpoint_field(
     first, second = [e for e in logs if e["event"] == "consumer.batch_inserted"]
     assert "checkpoint" not in first and first["seq"] == 1
     assert second["checkpoint"] == 1
+
+
+async def test_an_idle_consumer_worker_stops_at_once_when_its_lifeline_ends(
+    autojump_clock: MockClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 22 item 15: a consumer process with nothing to commit, told to stop by its
+    lifeline, took 2 s (the stream client waited for an answer to its close that its
+    cancelled reader could never read). On the virtual clock: it stops within the time
+    it takes to send the close, and none of the stop's timeouts runs out."""
+    closes: list[int | None] = []
+
+    async def server(request: WebSocketRequest) -> None:  # a welcome, then silence
+        ws = await request.accept()
+        await ws.send_message(encode(Welcome(epoch="e", seq=0, clients=1, group="db")))
+        try:
+            await ws.get_message()
+        except ConnectionClosed as exc:
+            closes.append(exc.reason.code if exc.reason else None)
+
+    lifeline_read, lifeline_write = os.pipe()
+    ready_read, ready_write = os.pipe()
+    monkeypatch.setattr(lifeline, "watch", partial(lifeline.watch, fd=lifeline_read))
+    monkeypatch.setenv(WORKER_DSN_ENV, NO_DB)  # (never reached: nothing to write)
+    config = load_config(write_config(tmp_path, NO_DB))
+    codes: list[int] = []
+    with capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            listener = await nursery.start(partial(serve_websocket, server, "127.0.0.1", 0, None))
+            url = f"ws://127.0.0.1:{listener.port}/"
+
+            stopped = trio.Event()
+
+            async def worker() -> None:
+                codes.append(await run_consumer_worker(config, 1, url, ready_write))
+                stopped.set()
+
+            nursery.start_soon(worker)
+            async with trio.lowlevel.FdStream(ready_read) as ready:
+                assert await ready.receive_some() == READY
+            os.close(lifeline_write)  # the daemon stops it (or dies)
+            closed_at = trio.current_time()
+            await stopped.wait()
+            stopped_s = trio.current_time() - closed_at
+            nursery.cancel_scope.cancel()
+    os.close(lifeline_read)
+    assert codes == [0] and closes == [1000]  # it said goodbye, and exited 0
+    assert stopped_s <= CLOSE_SENT_S < min(CLOSE_WAIT_S, FINAL_FLUSH_S)  # (virtual seconds)
+    events = [e["event"] for e in logs]
+    assert events[events.index("worker.lifeline_closed") :] == [
+        "worker.lifeline_closed",
+        "worker.stopped",
+    ]
