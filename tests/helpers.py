@@ -1,5 +1,5 @@
-"""Helpers the tests share: waiting for a condition, database blockers, a daemon run
-in-process, reading a pseudo-terminal."""
+"""Helpers the tests share: waiting for a condition, database blockers (a lock, a
+database made read-only), a daemon run in-process, reading a pseudo-terminal."""
 
 from __future__ import annotations
 
@@ -55,6 +55,20 @@ async def table_locked(dsn: str, table: str) -> AsyncIterator[None]:
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(conn.close)  # rolls back: the lock is released
+
+
+def read_only(admin_dsn: str, dbname: str, on: bool, *, terminate: bool = True) -> None:
+    """`dbname`'s new sessions read-only (or not again), its sessions ended: a failover to
+    a hot standby, for this database alone (other tests share the server)."""
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        value = "on" if on else "off"
+        conn.execute(f'ALTER DATABASE "{dbname}" SET default_transaction_read_only = {value}')
+        if terminate:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = %s AND pid <> pg_backend_pid()",
+                (dbname,),
+            )
 
 
 async def eventually(predicate: Callable[[], bool], timeout_s: float = 60.0) -> None:

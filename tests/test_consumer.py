@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import partial
@@ -17,11 +18,15 @@ import trio
 from structlog.contextvars import merge_contextvars
 from structlog.testing import capture_logs
 from trio.testing import MockClock, wait_all_tasks_blocked
-from trio_websocket import WebSocketRequest, serve_websocket
+from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
-from userstreamd.config import BroadcasterConfig, Config, ConsumersConfig
+from userstreamd.config import BroadcasterConfig, Config, ConsumersConfig, load_config
 from userstreamd.consume.consumer import Consumer, Item, Milestones, make_consumer
+from userstreamd.consume.receiver import WebSocketReceiver
+from userstreamd.consume.writer import FINAL_FLUSH_S
 from userstreamd.errors import InvalidRecord
+from userstreamd.runtime import lifeline
+from userstreamd.runtime.workers import READY, WORKER_DSN_ENV, run_consumer_worker
 from userstreamd.serve.admission import Policy
 from userstreamd.serve.auth import Tokens
 from userstreamd.serve.broadcaster import run_broadcaster
@@ -34,6 +39,7 @@ from userstreamd.store.postgres import (
     UserRow,
     row_values,
 )
+from userstreamd.stream.client import CLOSE_SENT_S, CLOSE_WAIT_S
 from userstreamd.stream.hub import Hub
 from userstreamd.stream.protocol import (
     Ack,
@@ -46,7 +52,7 @@ from userstreamd.stream.protocol import (
 from userstreamd.stream.records import SECRET_LOGIN_FIELDS, decode_user, parse_user
 
 from .conftest import query
-from .helpers import eventually, table_locked
+from .helpers import eventually, read_only, table_locked, write_config
 
 FAST = RetryPolicy(wait_initial_s=0.01, wait_max_s=0.05, wait_jitter_s=0.01)
 
@@ -222,6 +228,75 @@ async def test_a_dead_letter_write_that_fails_is_retried_not_fatal(
             nursery.cancel_scope.cancel()
     assert query(dsn, "SELECT seq FROM dead_letters") == [(10,)]
     assert query(dsn, "SELECT count(*) FROM incoming_users") == [(29,)]
+
+
+@pytest.mark.parametrize("sqlstate", ["25006", "40P01", "53100", "XX000"])
+async def test_a_batch_refused_for_the_moment_is_retried_never_dead_lettered(
+    dsn: str, tmp_path: Path, sqlstate: str
+) -> None:
+    """Only the inserts into incoming_users fail (read-only, a deadlock, a full disk, an
+    internal error), so a dead letter could be written: none is, nothing is acknowledged
+    as rejected, and every row is stored once the fault ends."""
+    _migrate(dsn)
+    with psycopg.connect(dsn) as conn:
+        conn.execute(f"""CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN RAISE EXCEPTION 'refused' USING ERRCODE = '{sqlstate}'; END $$;
+            CREATE TRIGGER refuse BEFORE INSERT ON incoming_users
+            FOR EACH STATEMENT EXECUTE FUNCTION refuse()""")
+    hub = _own_group_hub()
+    consumer = Consumer.websocket("", PostgresStore(dsn), batch_size=10, retry=FAST)
+    with capture_logs() as logs, trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            consumer.url = await _start_private(nursery, hub, tmp_path)
+            await nursery.start(consumer.run)
+            for p in range(1, 31):
+                hub.publish_nowait(synthetic_user("moment", p), "synthetic", p)
+            await _wait_logged(logs, "consumer.insert_failed", 3)
+            await trio.to_thread.run_sync(_drop_trigger, dsn)
+            await hub.wait_drained()
+            nursery.cancel_scope.cancel()
+    assert hub.committed == {"synthetic": 30} and hub.rejected == {}
+    assert query(dsn, "SELECT count(*) FROM dead_letters") == [(0,)]
+    assert query(dsn, "SELECT count(DISTINCT seq) FROM incoming_users") == [(30,)]
+    failed = [e for e in logs if e["event"] == "consumer.insert_failed"]
+    assert {e["sqlstate"] for e in failed} == {sqlstate}
+    level = "error" if sqlstate == "XX000" else "warning"  # unknown: an operator may be needed
+    assert {e["log_level"] for e in failed} == {level}
+    assert not [e for e in logs if e["event"] in ("consumer.batch_refused", "consumer.row_refused")]
+
+
+def _drop_trigger(dsn: str) -> None:
+    with psycopg.connect(dsn) as conn:
+        conn.execute("DROP TRIGGER refuse ON incoming_users")
+
+
+async def test_a_database_made_read_only_is_waited_out(
+    dsn: str, pg_server: str, tmp_path: Path
+) -> None:
+    """A failover to a hot standby, for this database alone: its sessions ended, new ones
+    read-only (25006), then writable again."""
+    _migrate(dsn)
+    dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    hub = _own_group_hub()
+    consumer = Consumer.websocket("", PostgresStore(dsn), batch_size=10, retry=FAST)
+    with capture_logs() as logs, trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            consumer.url = await _start_private(nursery, hub, tmp_path)
+            await nursery.start(consumer.run)
+            await trio.to_thread.run_sync(read_only, pg_server, dbname, True)
+            try:
+                for p in range(1, 31):
+                    hub.publish_nowait(synthetic_user("standby", p), "synthetic", p)
+                await eventually(
+                    lambda: any(e.get("sqlstate") == "25006" for e in logs), timeout_s=30
+                )
+            finally:
+                await trio.to_thread.run_sync(read_only, pg_server, dbname, False)
+            await hub.wait_drained()
+            nursery.cancel_scope.cancel()
+    assert hub.committed == {"synthetic": 30} and hub.rejected == {}
+    assert query(dsn, "SELECT count(*) FROM dead_letters") == [(0,)]
+    assert query(dsn, "SELECT count(DISTINCT seq) FROM incoming_users") == [(30,)]
 
 
 async def test_a_blocked_database_is_reported_while_it_blocks(dsn: str, tmp_path: Path) -> None:
@@ -491,3 +566,77 @@ def test_the_consumer_validates_a_record_as_the_producer_does(
     except InvalidRecord as exc:
         got = str(exc)
     assert got == expected
+
+
+async def test_a_batch_before_the_first_checkpoint_logs_no_checkpoint_field(
+    autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 22 item 11: the first inserts logged ``checkpoint=None``."""
+    consumer = Consumer.websocket("", PostgresStore(NO_DB), batch_size=10)
+    FakeDatabase(consumer, monkeypatch)
+    receiver = consumer.receiver
+    assert isinstance(receiver, WebSocketReceiver)
+    with capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            send = _writer(nursery, consumer)
+            await send.send(_item(1))
+            await wait_all_tasks_blocked()
+            receiver._checkpoint = StreamCheckpoint("db", "e", 1, 1)  # as a checkpoint frame
+            await send.send(_item(2))
+            await wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    first, second = [e for e in logs if e["event"] == "consumer.batch_inserted"]
+    assert "checkpoint" not in first and first["seq"] == 1
+    assert second["checkpoint"] == 1
+
+
+async def test_an_idle_consumer_worker_stops_at_once_when_its_lifeline_ends(
+    autojump_clock: MockClock, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 22 item 15: a consumer process with nothing to commit, told to stop by its
+    lifeline, took 2 s (the stream client waited for an answer to its close that its
+    cancelled reader could never read). On the virtual clock: it stops within the time
+    it takes to send the close, and none of the stop's timeouts runs out."""
+    closes: list[int | None] = []
+
+    async def server(request: WebSocketRequest) -> None:  # a welcome, then silence
+        ws = await request.accept()
+        await ws.send_message(encode(Welcome(epoch="e", seq=0, clients=1, group="db")))
+        try:
+            await ws.get_message()
+        except ConnectionClosed as exc:
+            closes.append(exc.reason.code if exc.reason else None)
+
+    lifeline_read, lifeline_write = os.pipe()
+    ready_read, ready_write = os.pipe()
+    monkeypatch.setattr(lifeline, "watch", partial(lifeline.watch, fd=lifeline_read))
+    monkeypatch.setenv(WORKER_DSN_ENV, NO_DB)  # (never reached: nothing to write)
+    config = load_config(write_config(tmp_path, NO_DB))
+    codes: list[int] = []
+    with capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            listener = await nursery.start(partial(serve_websocket, server, "127.0.0.1", 0, None))
+            url = f"ws://127.0.0.1:{listener.port}/"
+
+            stopped = trio.Event()
+
+            async def worker() -> None:
+                codes.append(await run_consumer_worker(config, 1, url, ready_write))
+                stopped.set()
+
+            nursery.start_soon(worker)
+            async with trio.lowlevel.FdStream(ready_read) as ready:
+                assert await ready.receive_some() == READY
+            os.close(lifeline_write)  # the daemon stops it (or dies)
+            closed_at = trio.current_time()
+            await stopped.wait()
+            stopped_s = trio.current_time() - closed_at
+            nursery.cancel_scope.cancel()
+    os.close(lifeline_read)
+    assert codes == [0] and closes == [1000]  # it said goodbye, and exited 0
+    assert stopped_s <= CLOSE_SENT_S < min(CLOSE_WAIT_S, FINAL_FLUSH_S)  # (virtual seconds)
+    events = [e["event"] for e in logs]
+    assert events[events.index("worker.lifeline_closed") :] == [
+        "worker.lifeline_closed",
+        "worker.stopped",
+    ]

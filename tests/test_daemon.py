@@ -142,3 +142,38 @@ async def test_a_client_resumes_across_a_restart_that_regenerates_seqs(
 
     assert await run_until(second, resume) == 0
     assert [m.seq for m in after if isinstance(m, UserMessage)] == list(range(last + 1, last + 51))
+
+
+async def test_the_database_probe_stops_before_the_database(
+    tmp_path: Path, dsn: str, monkeypatch: Any
+) -> None:
+    """Item 14: a probe while the database stops warned `health.database_not_ready ...
+    the database system is shutting down` on a clean stop."""
+    from userstreamd.runtime import daemon as daemon_module
+
+    order: list[str] = []
+    run_database = daemon_module.run_database
+
+    async def database(*args: Any, **kwargs: Any) -> None:
+        try:
+            await run_database(*args, **kwargs)
+        finally:
+            order.append("database stopped")
+
+    monkeypatch.setattr(daemon_module, "run_database", database)
+    daemon = in_process_daemon(tmp_path, dsn, producer={"source": "synthetic", "rate_per_s": 50})
+    probe_run = daemon.probe.run
+
+    async def probe() -> None:
+        try:
+            await probe_run()
+        finally:
+            order.append("probe stopped")
+
+    monkeypatch.setattr(daemon.probe, "run", probe)
+
+    async def probed() -> None:
+        await eventually(lambda: daemon.probe.state == "ok")
+
+    assert await run_until(daemon, probed) == 0
+    assert order == ["probe stopped", "database stopped"]

@@ -6,13 +6,17 @@ import contextlib
 import os
 import signal
 import socket
+import threading
 import time
 from datetime import datetime
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+
+from userstreamd.store.embedded import EmbeddedPostgres
 
 from .conftest import assert_rows_match, daemon_tables, toml_text
 from .helpers import wait_until
@@ -320,3 +324,49 @@ def test_two_daemons_cannot_share_a_state_directory(tmp_path: Path, daemon_facto
     assert not second.events("embedded_postgres.stale_server")
     assert first.stop() == 0
     assert first.events("database.embedded_stopped")[0]["exit_code"] == 0
+
+
+def test_a_killed_postmaster_is_restarted_though_a_backend_outlived_it(
+    tmp_path: Path, daemon_factory: Any
+) -> None:
+    """Item 2: kill -9 of the embedded postmaster while a backend is busy (a loop checks
+    for no postmaster death): the backend keeps the shared memory, and the restart failed
+    (`pre-existing shared memory block ... is still in use`) until the daemon gave up.
+    The daemon kills what is left of the old server, and restarts it at the first try."""
+    tables = daemon_tables(tmp_path, "")  # the daemon's own embedded server
+    tables["daemon"]["log_level"] = "info"
+    tables["producer"] = {"source": "synthetic", "rate_per_s": 50}
+    daemon = daemon_factory(tables)
+    daemon.wait_for("daemon.ready", 120)
+    data = tmp_path / "state" / "postgres"
+    admin = EmbeddedPostgres(data).dsn
+    busy = psycopg.connect(admin, autocommit=True)
+    backend = busy.execute("SELECT pg_backend_pid()").fetchone()[0]  # type: ignore[index]
+    looping = threading.Thread(target=_loop_forever, args=(busy,), daemon=True)
+    looping.start()
+    try:
+        wait_until(lambda: _active(admin, backend), 30, "the loop running")
+        os.kill(int((data / "postmaster.pid").read_text().split()[0]), signal.SIGKILL)
+        wait_until(lambda: len(daemon.events("database.ready")) == 2, 60, "a second start")
+        assert not Path(f"/proc/{backend}").exists(), "the old server's backend lives on"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(backend, signal.SIGKILL)
+        looping.join(10)
+    crashed = [e for e in daemon.events("supervisor.component_crashed")]
+    assert [e["component"] for e in crashed] == ["database"]  # the kill, and nothing after
+    [reaped] = daemon.events("embedded_postgres.leftovers_killed")
+    assert backend in reaped["pids"]
+    assert daemon.stop() == 0
+
+
+def _loop_forever(conn: psycopg.Connection[Any]) -> None:
+    with contextlib.suppress(psycopg.Error):
+        conn.execute("DO $$ BEGIN LOOP END LOOP; END $$")
+    conn.close()
+
+
+def _active(dsn: str, pid: int) -> bool:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+    return row == ("active",)

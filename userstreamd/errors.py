@@ -6,7 +6,7 @@
      |    +-- SourceUnavailable     transport failure, timeout, HTTP 5xx/429
      |    +-- BadResponse           HTTP 200 that carries no usable users
      +-- InvalidRecord          one record failed validation (the rest of its batch lives on)
-     +-- StoreError             PostgreSQL failed (connection lost, server down)
+     +-- StoreError             PostgreSQL failed (`fault`: transient, the row, unknown)
      +-- EmbeddedPostgresError  the embedded PostgreSQL server could not be set up or started
  +-- InUseError             a port or the state directory is held by another process at
                             start: a configuration fault, never restarted
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Iterator
+from typing import Literal
 
 
 class UserstreamdError(Exception):
@@ -55,14 +56,26 @@ class InvalidRecord(UserstreamdError):
     """A record does not have the shape a row needs."""
 
 
-class StoreError(UserstreamdError):
-    """PostgreSQL failed. `transient` (connection lost, server down or starting): the batch
-    in hand is kept and retried. Otherwise the data itself was refused and retrying the
-    same batch cannot succeed."""
+Fault = Literal["transient", "row", "unknown"]
 
-    def __init__(self, message: str, *, transient: bool = True) -> None:
+
+class StoreError(UserstreamdError):
+    """PostgreSQL failed. `fault` (by SQLSTATE, `store.faults.classify`) says what retrying
+    can do: ``transient`` (the server or the moment: the connection lost, the server
+    read-only, down or starting, a deadlock): the batch in hand is kept and retried;
+    ``row``: the row itself was refused and retrying the same row cannot succeed;
+    ``unknown``: neither is known, so it is retried and logged as an error."""
+
+    def __init__(
+        self, message: str, *, fault: Fault = "transient", sqlstate: str | None = None
+    ) -> None:
         super().__init__(message)
-        self.transient = transient
+        self.fault: Fault = fault
+        self.sqlstate = sqlstate
+
+    @property
+    def transient(self) -> bool:
+        return self.fault == "transient"
 
 
 class EmbeddedPostgresError(UserstreamdError):

@@ -25,7 +25,7 @@ from userstreamd.store.postgres import (
 from userstreamd.stream.records import SECRET_LOGIN_FIELDS, parse_user
 
 from ..conftest import query
-from ..helpers import table_locked
+from ..helpers import read_only, table_locked
 
 
 def _rows(positions: range, seed: str = "store", at: datetime | None = None) -> list[UserRow]:
@@ -273,3 +273,54 @@ def test_the_raw_record_may_be_given_as_json_text(dsn: str) -> None:
     assert store.insert_users([row]) == 1
     store.close()
     assert query(dsn, "SELECT raw FROM incoming_users") == [(raw,)]
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "fault"),
+    [("25006", "transient"), ("40P01", "transient"), ("23514", "row"), ("XX000", "unknown")],
+)
+def test_a_store_error_carries_the_fault_its_sqlstate_names(
+    dsn: str, sqlstate: str, fault: str
+) -> None:
+    """psycopg's class does not decide: 25006 arrives as an InternalError, like XX000."""
+    store = PostgresStore(dsn)
+    store.migrate()
+    _refuse_inserts(dsn, sqlstate)
+    with pytest.raises(StoreError) as caught:
+        store.insert_users(_rows(range(1, 3)))
+    assert (caught.value.fault, caught.value.sqlstate) == (fault, sqlstate)
+    store.close()
+
+
+def _refuse_inserts(dsn: str, sqlstate: str) -> None:
+    """Every insert into incoming_users fails with `sqlstate` (a statement trigger)."""
+    _execute(
+        dsn,
+        f"""CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'refused as %', '{sqlstate}' USING ERRCODE = '{sqlstate}'; END $$;
+        CREATE TRIGGER refuse BEFORE INSERT ON incoming_users
+        FOR EACH STATEMENT EXECUTE FUNCTION refuse()""",
+    )
+
+
+def test_a_read_only_server_is_transient_and_the_next_attempt_connects_again(
+    dsn: str, pg_server: str
+) -> None:
+    """A database made read-only as a failover makes it (sessions ended, new ones
+    read-only): the insert fails as transient and closes its connection, so the attempt
+    after the server is writable again succeeds on a new one."""
+    store = PostgresStore(dsn)
+    store.migrate()
+    assert store.insert_users(_rows(range(1, 3))) == 2
+    dbname = psycopg.conninfo.conninfo_to_dict(dsn)["dbname"]
+    read_only(pg_server, dbname, True)
+    try:
+        for _ in range(2):  # the session ended by the failover (57P01), then a read-only one
+            with pytest.raises(StoreError) as caught:
+                store.insert_users(_rows(range(3, 5)))
+            assert caught.value.transient
+        assert caught.value.sqlstate == "25006"
+    finally:
+        read_only(pg_server, dbname, False, terminate=False)
+    assert store.insert_users(_rows(range(3, 5))) == 2  # (its session began read-only)
+    store.close()

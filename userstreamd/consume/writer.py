@@ -6,9 +6,10 @@ received while the previous batch was written, up to ``batch_size``;
 ``batch_interval_s`` > 0 lingers for more), inserts each batch in one transaction with
 the receiver's checkpoint, then hands its seqs back to the receiver to acknowledge. A
 failed insert keeps its batch and retries it (`StoreCalls.retrying`): rows are never
-dropped for a DB outage. A batch the database refuses is stored row by row, each row it
-refuses going to the dead letters. The writer outlives connections, so a reconnect does
-not lose rows already received.
+dropped for a DB outage, a read-only server or an error no one classified. A batch
+refused for a row in it (a data or constraint error, by SQLSTATE: `store.faults`) is
+stored row by row, each row refused for what it is going to the dead letters. The writer
+outlives connections, so a reconnect does not lose rows already received.
 """
 
 from __future__ import annotations
@@ -139,13 +140,15 @@ class Writer:
         self.inserted += inserted
         self.duplicates += len(rows) - inserted
         self.batches += 1
+        # (the group's checkpoint once there is one: until then, no field at all)
+        stored = {} if checkpoint is None else {"checkpoint": checkpoint.seq}
         log.info(
             "consumer.batch_inserted",
             rows=len(rows),
             inserted=inserted,
             duplicates=len(rows) - inserted,
             seq=max(seqs),
-            checkpoint=checkpoint and checkpoint.seq,
+            **stored,
         )
         self.milestones.add(inserted)
         self.acked_seq = max(self.acked_seq, *seqs)
@@ -154,9 +157,11 @@ class Writer:
     async def _insert_one_by_one(
         self, rows: list[UserRow], checkpoint: StreamCheckpoint | None, refused: list[int]
     ) -> int:
-        """The database refused a batch: store it row by row, and each row it refuses in
-        the dead letters (its seq added to `refused`), so one bad row neither blocks the
-        stream nor takes others down. (Connection trouble meanwhile is retried as usual.)"""
+        """The database refused a row of the batch: store it row by row, and each row it
+        refuses for what it is (fault ``row``) in the dead letters (its seq added to
+        `refused`), so one bad row neither blocks the stream nor takes others down. Any
+        other fault meanwhile (a read-only server, a lost connection) is retried as
+        usual: a row reaches the dead letters only for its own fault."""
         inserted = 0
         for row in rows:
             try:

@@ -7,7 +7,8 @@ see `fanout`) -> consumers -> producer (what each is made of comes from `wiring`
 SIGINT/SIGTERM, or when the `shutdown_trigger` given to `run` returns, it stops them in
 reverse: the producer first, then waits (bounded) until every consumer has committed and
 acknowledged the last published user, writes the group's final checkpoint, then stops
-the consumers (together), the broadcaster, the database and the endpoint.
+the consumers (together), the database probe, the broadcaster, the database and the
+endpoint.
 A second signal exits at once. When the supervisor gives up on a component, nothing is
 drained: everything is stopped at once and the exit code is 1. SIGHUP re-reads the config
 file and applies the keys in `config.RELOADABLE`; other changed keys are logged as
@@ -80,6 +81,9 @@ class Daemon:
         hooks = Hooks(on_batch=self.metrics.batch, on_end_to_end=self.metrics.end_to_end)
         self.topology = topology(Context(config, role, hooks, self.worker_processes))
         self.probe = DatabaseProbe(lambda: self.dsn, config.db_password)
+        self._probe_scope = trio.CancelScope()
+        self._probe_done = trio.Event()
+        self._probe_started = False
         self.metrics.watch(StatusCollector(self.status))
         self.broadcaster: Broadcaster | None = None
         self._consumer_names: list[str] = []
@@ -145,7 +149,8 @@ class Daemon:
                 self.http_url = f"http://{url_host(_client_host(h.host))}:{http_port}/"
                 page_origins = wiring.page_origins(h.host, http_port)
                 log.info("daemon.http_listening", url=self.http_url)
-            root.start_soon(self.probe.run)
+            root.start_soon(self._run_probe)
+            self._probe_started = True
             await self._start(sup, http, resources, connections, page_origins)
             log.info(
                 "daemon.ready", url=self.url, http_url=self.http_url, consumers=c.consumers.count
@@ -243,9 +248,22 @@ class Daemon:
             await self.topology.drain(self.dsn, self.config.supervisor.drain_timeout_s)
         self.topology.close()
         await sup.stop(*self._consumer_names)
+        await self._stop_probe()  # (before the database: it would see it shutting down)
         await sup.stop_all()
         say_on_console("daemon.stopped", stopped_sentence)
         log.info("daemon.stopped", exit_code=self.exit_code, **totals(self.status()))
+
+    async def _run_probe(self) -> None:
+        try:
+            with self._probe_scope:
+                await self.probe.run()
+        finally:
+            self._probe_done.set()
+
+    async def _stop_probe(self) -> None:
+        self._probe_scope.cancel()
+        if self._probe_started:
+            await self._probe_done.wait()
 
     @property
     def hub(self) -> Hub | None:

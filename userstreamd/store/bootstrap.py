@@ -48,12 +48,13 @@ async def run_database(config: Config, *, task_status: trio.TaskStatus[str]) -> 
     if await trio.to_thread.run_sync(embedded.prepare):
         log.info("database.initialised", data_dir=str(embedded.data_dir))
     proc: trio.Process | None = None
+    command = await trio.to_thread.run_sync(embedded.command)  # (may stop what is left)
     try:
         async with trio.open_nursery() as nursery:
             with embedded.log_path.open("ab") as server_log:
                 proc = await run_child(
                     nursery,
-                    embedded.command(),
+                    command,
                     stop_timeout_s=35,
                     **embedded.process_options(server_log),
                 )

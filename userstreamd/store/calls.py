@@ -7,9 +7,10 @@ and ``database.stall_ended`` when it returns: a hung server (stopped, or a state
 blocked on a lock) is never silent, even where no timeout can fire.
 
 `retrying` is the one retry policy of the consumers and the dead-letter writer (stamina:
-exponential backoff with jitter): transient `StoreError`s are retried for as long as the
-task runs - rows are never dropped for a database outage - each logged with the
-caller's event; a refusal of the data itself is raised.
+exponential backoff with jitter): a `StoreError` is retried for as long as the task runs
+- rows are never dropped for a database outage, a read-only server or an error nobody
+classified - each logged with the caller's event (a warning; an error when its fault is
+``unknown``, see `faults`); only a refusal of the row itself (fault ``row``) is raised.
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ class RetryPolicy:
 DEFAULT_RETRY = RetryPolicy()
 
 
-def _transient(exc: Exception) -> bool:
-    return isinstance(exc, StoreError) and exc.transient
+def _retried(exc: Exception) -> bool:
+    return isinstance(exc, StoreError) and exc.fault != "row"
 
 
 class StoreCalls:
@@ -98,11 +99,11 @@ class StoreCalls:
         return value
 
     async def retrying(self, event: str, fn: Callable[[*Ts], T], *args: *Ts, **fields: Any) -> T:
-        """`once`, again after each transient StoreError (logged as `event` with `fields`)
-        until it succeeds; a non-transient StoreError is raised."""
+        """`once`, again after each StoreError (logged as `event` with `fields`) until it
+        succeeds; a refusal of the row itself (fault ``row``) is raised."""
         r = self.retry
         async for attempt in stamina.retry_context(
-            on=_transient,
+            on=_retried,
             attempts=None,
             timeout=None,
             wait_initial=r.wait_initial_s,
@@ -113,10 +114,13 @@ class StoreCalls:
                 try:
                     return await self.once(fn, *args)
                 except StoreError as exc:
-                    if exc.transient:
-                        get_logger().warning(
+                    if exc.fault != "row":
+                        log = get_logger()
+                        (log.warning if exc.transient else log.error)(
                             event,
                             error=str(exc),
+                            fault=exc.fault,
+                            sqlstate=exc.sqlstate,
                             attempt=attempt.num,
                             retry_in_s=round(attempt.next_wait, 3),  # before jitter
                             **fields,

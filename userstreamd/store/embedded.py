@@ -116,6 +116,15 @@ def hold_state_dir(state_dir: Path) -> Iterator[None]:
             os.close(_locks.pop(state_dir))
 
 
+def _running(pid: int) -> bool:
+    """Neither gone nor a zombie (which holds no memory, whoever reaps it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
 class EmbeddedPostgres:
     """Blocking control of one server; the daemon calls it through trio.to_thread."""
 
@@ -208,10 +217,41 @@ class EmbeddedPostgres:
         while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
             time.sleep(0.05)
 
+    def _kill_leftovers(self, timeout_s: float = 10.0) -> None:
+        """Processes of a server that is gone (its postmaster killed) still attached to its
+        shared memory: a backend busy in a loop outlives its postmaster, and a new server
+        then refuses to start (``pre-existing shared memory block ... is still in use``).
+        They are found by what they are (our server binary) and where (its working
+        directory is this data directory: backends call setsid(), so no process group
+        holds them), and killed."""
+        binary = str((self.bin / "postgres").resolve())
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if Path(entry, "cwd").resolve() == self.data_dir and (
+                    os.readlink(entry / "exe") == binary
+                ):
+                    found.append(int(entry.name))
+            except OSError:  # (gone meanwhile, or not ours to see)
+                continue
+        if not found:
+            return
+        get_logger().warning("embedded_postgres.leftovers_killed", pids=found)
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(map(_running, found)):
+            time.sleep(0.02)
+
     def command(self) -> list[str]:
         """The server under a lifeline guard (`userstreamd.runtime.lifeline`): it gets a fast
-        shutdown (SIGINT) when the daemon stops it or dies, SIGKILL 30 s later."""
+        shutdown (SIGINT) when the daemon stops it or dies, SIGKILL 30 s later. What is
+        left of a server before it (stale, or killed) is stopped first."""
         self._stop_stale()
+        self._kill_leftovers()
         return [
             sys.executable,
             "-m",

@@ -2,11 +2,12 @@
 
 psycopg's async API is asyncio-only, so this module is plain blocking code; trio tasks
 call it through `store.calls.StoreCalls` (a worker thread per connection, stall warnings,
-retries). psycopg errors become `StoreError` here. Every statement is bounded by the
-server's ``statement_timeout`` and every connection attempt by libpq's
-``connect_timeout``: a statement blocked on a lock, or a server that does not answer a
-connection, ends in a transient `StoreError`. A server that stops answering mid-statement
-(SIGSTOP) times nothing out; that is what the callers' stall watchdog reports.
+retries). psycopg errors become `StoreError` here, their fault told by their SQLSTATE
+(`faults`). Every statement is bounded by the server's ``statement_timeout`` and every
+connection attempt by libpq's ``connect_timeout``: a statement blocked on a lock, or a
+server that does not answer a connection, ends in a transient `StoreError`. A server
+that stops answering mid-statement (SIGSTOP) times nothing out; that is what the
+callers' stall watchdog reports.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import psycopg
 from ..config import Config, DatabaseConfig
 from ..errors import StoreError
 from ..stream.records import User, scrub
+from .faults import classify
 
 _MIGRATION_LOCK = 0x75_73_72_64  # "usrd": serialises concurrent migrators
 
@@ -211,10 +213,14 @@ def _mapped(action: str) -> Iterator[None]:
     try:
         yield
     except psycopg.Error as exc:
-        # Connection trouble is worth retrying; a refusal of the data itself is not.
-        transient = isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+        # By SQLSTATE (`faults`); without one, only a connection that failed is transient
+        # (psycopg's own refusals of a call, a bug of ours, are not).
+        lost = isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+        fault = classify(exc.sqlstate) if exc.sqlstate or lost else "unknown"
         raise StoreError(
-            f"{action}: {type(exc).__name__}: {str(exc).strip()[:500]}", transient=transient
+            f"{action}: {type(exc).__name__}: {str(exc).strip()[:500]}",
+            fault=fault,
+            sqlstate=exc.sqlstate,
         ) from exc
 
 
@@ -286,8 +292,10 @@ class PostgresStore:
         try:
             with _mapped(action), conn.transaction():
                 return work(conn)
-        except StoreError:
-            if conn.broken or conn.closed:
+        except StoreError as exc:
+            # After a transient fault the next attempt connects again: a read-only server
+            # may be a demoted primary, and the name in the DSN may lead to the new one.
+            if exc.transient or conn.broken or conn.closed:
                 self.close()
             raise
 
@@ -339,7 +347,7 @@ class PostgresStore:
                                 copy.write_row(row.values())
                     except (TypeError, ValueError, OverflowError) as exc:  # a value not dumped
                         raise StoreError(
-                            f"insert: {type(exc).__name__}: {exc}", transient=False
+                            f"insert: {type(exc).__name__}: {exc}", fault="row"
                         ) from exc
                     inserted = cur.execute(_MOVE).rowcount
             if checkpoint is not None:
