@@ -14,8 +14,9 @@ sizes, the keep-alive and read timeouts) over a `_Guarded` stream:
   the previous answer;
 - the peer's kernel must take an answer within ``write_timeout_s``, else the connection
   is dropped;
-- a peer found gone (a write refused or timed out) gets nothing more: its connection is
-  cancelled whole, so the requests it pipelined are never computed;
+- a connection that is over (closed or reset by the peer, a write refused or timed out)
+  is cancelled whole at once: it frees its slot, and the requests it pipelined are never
+  computed;
 - accept errors such as EMFILE are logged once per 10 s with how many there were, and
   accepting resumes as soon as a connection closes (0.1 s at most).
 """
@@ -69,46 +70,60 @@ def fd_budget(wanted: int) -> int:
 
 
 class _Guarded(trio.abc.HalfCloseableStream):
-    """A connection's socket stream as hypercorn sees it: a write that the peer does
-    not take within the timeout, or that fails, marks the peer gone and cancels the
-    connection's `scope` (hypercorn writes shielded: only a deadline inside reaches it)."""
+    """A connection's socket stream as hypercorn sees it. The connection (its `scope`)
+    is cancelled whole as soon as it is over: the peer closed or reset it, sent nothing
+    for ``read_timeout_s`` while a request was awaited, or did not take an answer
+    within ``write_timeout_s`` (hypercorn writes shielded: only a deadline inside
+    reaches the write). hypercorn alone would keep a closed connection until its
+    keep-alive timer ends, and would go on computing answers to a peer that is gone."""
 
     def __init__(self, stream: trio.SocketStream, scope: trio.CancelScope, port: OpsPort) -> None:
         self.transport = stream
         self.socket = stream.socket  # (hypercorn reads the addresses from it)
         self.scope = scope
         self.port = port
-        self.gone = False
+        self.over = False
 
-    def _give_up(self, timed_out: bool) -> None:
-        if not self.gone:
-            self.gone = True
-            self.port.dropped(timed_out)
+    def _end(self, why: str) -> None:
+        if not self.over:
+            self.over = True
+            self.port.ended(why)
             self.scope.cancel()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self.gone:
-            raise trio.BrokenResourceError("the peer is gone")
+        if self.over:
+            raise trio.BrokenResourceError("the connection is over")
         with trio.move_on_after(self.port.settings.write_timeout_s) as timeout:
             try:
                 await self.transport.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._give_up(timed_out=False)
+                self._end("gone")
                 raise
         if timeout.cancelled_caught:
-            self._give_up(timed_out=True)
+            self._end("write_timeout")
             raise trio.BrokenResourceError("the peer took nothing within write_timeout_s")
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = b""
+        with trio.move_on_after(self.port.settings.read_timeout_s) as timeout:
+            try:
+                data = await self.transport.receive_some(max_bytes)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._end("gone")
+                raise
+        if timeout.cancelled_caught:
+            self._end("read_timeout")
+        elif not data:
+            self._end("closed")
+        return data
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport.wait_send_all_might_not_block()
 
     async def send_eof(self) -> None:
-        if self.gone:
-            raise trio.BrokenResourceError("the peer is gone")
+        if self.over:
+            raise trio.BrokenResourceError("the connection is over")
         await self.transport.send_eof()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.transport.receive_some(max_bytes)
 
     async def aclose(self) -> None:
         await self.transport.aclose()
@@ -143,8 +158,12 @@ class OpsPort:
             self.accept_errors,
         )
 
-    def dropped(self, timed_out: bool) -> None:
-        if timed_out:
+    def ended(self, why: str) -> None:
+        """A connection is over: the peer closed it, or is `gone` (a reset, a refused
+        write), or timed out (`read_timeout`, `write_timeout`)."""
+        if why == "gone":
+            self.peers_gone += 1
+        elif why == "write_timeout":
             self.write_timeouts += 1
             self._throttle.log(
                 "write_timeout",
@@ -153,8 +172,6 @@ class OpsPort:
                 after_s=self.settings.write_timeout_s,
                 hint="a client that does not read its answer is dropped",
             )
-        else:
-            self.peers_gone += 1
 
     async def serve(
         self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
@@ -268,8 +285,7 @@ def _hypercorn_config(settings: HttpConfig) -> HypercornConfig:
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")  # (into our logs, warnings up)
     config.include_server_header = False
-    config.keep_alive_timeout = settings.read_timeout_s  # (idle, or a request half-sent)
-    config.read_timeout = settings.read_timeout_s  # type: ignore[assignment]
+    config.keep_alive_timeout = settings.read_timeout_s  # (a request sent byte by byte)
     return config
 
 
