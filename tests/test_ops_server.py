@@ -1,6 +1,7 @@
 """The ops port's listener against real sockets on 127.0.0.x: connection caps in total and
 per address, the read and write timeouts, no answer to a peer that is gone, and accept
-errors (EMFILE) logged once with a count.
+errors (EMFILE) logged once with a count; and `check`'s warning when the port is not on
+loopback.
 
 Each test serves a small counting ASGI app with `OpsPort` in-process; peers on
 127.0.0.2 and up are distinct client IPs (Linux routes all of 127/8 to lo).
@@ -14,11 +15,14 @@ import resource
 import socket
 from collections.abc import AsyncIterator
 from functools import partial
+from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from structlog.testing import capture_logs
 
+from userstreamd.commands.cli import main
 from userstreamd.config import HttpConfig
 from userstreamd.ops.server import OpsPort
 
@@ -184,3 +188,29 @@ async def test_accept_errors_are_logged_once_with_a_count_and_accepting_resumes(
     assert len(failed) == 1, failed  # (once per 10 s; the next line counts the rest)
     assert failed[0]["error"] == "EMFILE" and failed[0]["log_level"] == "error"
     assert ops.statistics().accept_errors >= 5
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "", "192.0.2.1", "::"])
+def test_check_warns_when_the_ops_port_is_not_on_loopback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], host: str
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f'[http]\nhost = "{host}"\n')
+    assert main(["check", "--config", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{path}: ok\n"
+    assert captured.err == (
+        f"userstreamd: warning: {path}: http.host = {host!r} is not loopback: /metrics, "
+        "/healthz, /readyz, /status.json and the live page have no authentication; keep "
+        "that port behind a firewall or a proxy\n"
+    )
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
+def test_check_is_quiet_about_an_ops_port_on_loopback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], host: str
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f'[http]\nhost = "{host}"\n')
+    assert main(["check", "--config", str(path)]) == 0
+    assert capsys.readouterr().err == ""

@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from ..serve.auth import is_loopback
 from .parsing import add_command
 from .run import configured
 
@@ -13,6 +14,13 @@ from .run import configured
 def run(args: argparse.Namespace) -> int:
     """Validate the config file (and the tokens and TLS files it names) and say so."""
     config = configured(args, public_port=True, logs=sys.stderr)
+    if config.http.enabled and not is_loopback(config.http.host):
+        print(
+            f"userstreamd: warning: {config.path}: http.host = {config.http.host!r} is not "
+            "loopback: /metrics, /healthz, /readyz, /status.json and the live page have no "
+            "authentication; keep that port behind a firewall or a proxy",
+            file=sys.stderr,
+        )
     if args.effective:
         from ..config import effective_toml
 
