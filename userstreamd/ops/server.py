@@ -185,7 +185,7 @@ class OpsPort:
                 effective=self.max_connections,
                 hint="the ops port holds at most an eighth of LimitNOFILE (ulimit -n)",
             )
-        listeners = await trio.open_tcp_listeners(port, host=host, backlog=128)
+        listeners = await trio.open_tcp_listeners(port, host=host, backlog=1024)
         try:
             async with trio.open_nursery() as nursery:
                 for listener in listeners:
