@@ -166,6 +166,18 @@ async def test_the_pipelined_requests_of_a_peer_that_is_gone_are_not_computed() 
             assert app.calls == 5
 
 
+async def test_a_client_that_half_closes_after_its_request_gets_its_answer() -> None:
+    async with serving(Counting(256 * 1024)) as (ops, port):
+        with trio.fail_after(20):
+            client = await tcp(port)
+            await client.send_all(b"GET / HTTP/1.0\r\n\r\n")
+            await client.send_eof()  # (as `nc -N` does)
+            answer = await read_all(client)
+            assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"x" * 1000)
+            await client.aclose()
+            await eventually(lambda: ops.statistics().open_connections == 0)
+
+
 async def test_accept_errors_are_logged_once_with_a_count_and_accepting_resumes() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     async with serving(Counting()) as (ops, port):

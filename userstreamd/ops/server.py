@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.events import Event, Updated
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper
@@ -71,11 +72,12 @@ def fd_budget(wanted: int) -> int:
 
 class _Guarded(trio.abc.HalfCloseableStream):
     """A connection's socket stream as hypercorn sees it. The connection (its `scope`)
-    is cancelled whole as soon as it is over: the peer closed or reset it, sent nothing
-    for ``read_timeout_s`` while a request was awaited, or did not take an answer
-    within ``write_timeout_s`` (hypercorn writes shielded: only a deadline inside
-    reaches the write). hypercorn alone would keep a closed connection until its
-    keep-alive timer ends, and would go on computing answers to a peer that is gone."""
+    is cancelled whole as soon as it is over: the peer reset it, sent nothing for
+    ``read_timeout_s`` while a request was awaited, did not take an answer within
+    ``write_timeout_s`` (hypercorn writes shielded: only a deadline inside reaches the
+    write), or closed its side and has no answer coming (`_Connection`). hypercorn
+    alone would keep a closed connection until its keep-alive timer ends, and would go
+    on computing answers to a peer that is gone."""
 
     def __init__(self, stream: trio.SocketStream, scope: trio.CancelScope, port: OpsPort) -> None:
         self.transport = stream
@@ -83,6 +85,8 @@ class _Guarded(trio.abc.HalfCloseableStream):
         self.scope = scope
         self.port = port
         self.over = False
+        self.answering = False  # a request is being answered
+        self.peer_closed = False  # the peer sent EOF (it may still read its answer)
 
     def _end(self, why: str) -> None:
         if not self.over:
@@ -114,7 +118,9 @@ class _Guarded(trio.abc.HalfCloseableStream):
         if timeout.cancelled_caught:
             self._end("read_timeout")
         elif not data:
-            self._end("closed")
+            self.peer_closed = True
+            if not self.answering:
+                self._end("closed")
         return data
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -127,6 +133,19 @@ class _Guarded(trio.abc.HalfCloseableStream):
 
     async def aclose(self) -> None:
         await self.transport.aclose()
+
+
+class _Connection(TCPServer):
+    """hypercorn's server of one connection, which tells its stream when an answer is
+    under way: a peer that closed its side then gets the answer, and nothing after."""
+
+    async def protocol_send(self, event: Event) -> None:
+        await super().protocol_send(event)
+        stream = self.stream
+        if isinstance(event, Updated) and isinstance(stream, _Guarded):
+            stream.answering = not event.idle
+            if event.idle and stream.peer_closed:
+                stream._end("closed")
 
 
 class OpsPort:
@@ -231,7 +250,7 @@ class OpsPort:
         try:
             with trio.CancelScope() as scope:
                 guarded = _Guarded(stream, scope, self)
-                await TCPServer(self.app, self.hypercorn, self.context, {}, guarded)  # type: ignore[arg-type]
+                await _Connection(self.app, self.hypercorn, self.context, {}, guarded)  # type: ignore[arg-type]
         except Exception as exc:  # nothing a client does escapes its own handler
             self._throttle.log(
                 "handler", "error", "http.connection_failed", error=describe(exc), exc_info=exc
