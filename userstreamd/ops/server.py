@@ -5,7 +5,7 @@ per attempt) and writes every answer shielded, with no timeout: a peer that neve
 holds its connection, its descriptor and its task for good, and the requests it
 pipelined are answered after it is gone. So this module accepts, and hands each
 admitted connection to hypercorn's per-connection server (`TCPServer`: h11 parsing and
-sizes, the keep-alive and read timeouts) over a `_Guarded` stream:
+sizes, the keep-alive timer) over a `_Guarded` stream:
 
 - at most ``http.max_connections`` connections at once (HTTP 503 beyond) and
   ``http.max_connections_per_ip`` from one address (429), and never more than an eighth
@@ -14,9 +14,9 @@ sizes, the keep-alive and read timeouts) over a `_Guarded` stream:
   the previous answer;
 - the peer's kernel must take an answer within ``write_timeout_s``, else the connection
   is dropped;
-- a connection that is over (closed or reset by the peer, a write refused or timed out)
-  is cancelled whole at once: it frees its slot, and the requests it pipelined are never
-  computed;
+- a connection that is over (reset by the peer, a write refused or timed out, or closed
+  by the peer with no answer under way) is cancelled whole at once: it frees its slot,
+  and the requests it pipelined are never computed;
 - accept errors such as EMFILE are logged once per 10 s with how many there were, and
   accepting resumes as soon as a connection closes (0.1 s at most).
 """
@@ -55,7 +55,7 @@ class OpsPortStatistics:
     accepted: int
     over_limit: dict[int, int]  # HTTP status (503, 429) -> connections turned away
     write_timeouts: int
-    peers_gone: int  # connections dropped because a write to them failed
+    peers_gone: int  # connections reset by the peer, or whose answer it refused
     accept_errors: int
 
 
@@ -88,7 +88,7 @@ class _Guarded(trio.abc.HalfCloseableStream):
         self.answering = False  # a request is being answered
         self.peer_closed = False  # the peer sent EOF (it may still read its answer)
 
-    def _end(self, why: str) -> None:
+    def end(self, why: str) -> None:
         if not self.over:
             self.over = True
             self.port.ended(why)
@@ -101,10 +101,10 @@ class _Guarded(trio.abc.HalfCloseableStream):
             try:
                 await self.transport.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._end("gone")
+                self.end("gone")
                 raise
         if timeout.cancelled_caught:
-            self._end("write_timeout")
+            self.end("write_timeout")
             raise trio.BrokenResourceError("the peer took nothing within write_timeout_s")
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
@@ -113,14 +113,14 @@ class _Guarded(trio.abc.HalfCloseableStream):
             try:
                 data = await self.transport.receive_some(max_bytes)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._end("gone")
+                self.end("gone")
                 raise
         if timeout.cancelled_caught:
-            self._end("read_timeout")
+            self.end("read_timeout")
         elif not data:
             self.peer_closed = True
             if not self.answering:
-                self._end("closed")
+                self.end("closed")
         return data
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -145,7 +145,7 @@ class _Connection(TCPServer):
         if isinstance(event, Updated) and isinstance(stream, _Guarded):
             stream.answering = not event.idle
             if event.idle and stream.peer_closed:
-                stream._end("closed")
+                stream.end("closed")
 
 
 class OpsPort:
