@@ -159,6 +159,9 @@ async def _attack_and_measure(daemon: LimitedDaemon, dsn: str, nofile: int, atta
         f"{max(fds)} of {nofile}; /healthz polls {len(health)}; "
         f"http.accept_failed lines {accept_failed}"
     )
+    # The ops port's own budget: an eighth of the descriptors (256 under 8192: as set).
+    budget = [e["effective"] for e in daemon.events("http.fd_limit")]
+    assert budget == ([nofile // 8] if nofile // 8 < 256 else [])
     errors = [e for e in daemon.events() if e.get("level") in ("error", "critical")]
     assert not errors, errors[:3]  # (nothing a client of the ops port does is our error)
     assert seqs and seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # (none missing)
