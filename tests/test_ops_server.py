@@ -199,6 +199,7 @@ async def test_accept_errors_are_logged_once_with_a_count_and_accepting_resumes(
     failed = [e for e in logs if e["event"] == "http.accept_failed"]
     assert len(failed) == 1, failed  # (once per 10 s; the next line counts the rest)
     assert failed[0]["error"] == "EMFILE" and failed[0]["log_level"] == "error"
+    assert failed[0]["accept_errors"] == 1 and failed[0]["suppressed"] == 0
     assert ops.statistics().accept_errors >= 5
 
 

@@ -229,6 +229,7 @@ class OpsPort:
                     "error",
                     "http.accept_failed",
                     error=errno.errorcode.get(exc.errno or 0, str(exc.errno)),
+                    accept_errors=self.accept_errors,  # (since the start)
                     open_connections=self._open,
                 )
                 with trio.move_on_after(0.1):
