@@ -56,6 +56,13 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def rows(dsn: str) -> int:
     return int(query(dsn, "SELECT count(*) FROM incoming_users")[0][0])
 
@@ -125,7 +132,7 @@ async def _attack_and_measure(daemon: LimitedDaemon, dsn: str, nofile: int, atta
             nursery.start_soon(read_stream)
             nursery.start_soon(poll_health)
             await trio.sleep(2)  # (warm)
-            rows0, cpu0 = rows(dsn), cpu_s(pid)
+            rows0, cpu0, rss0 = rows(dsn), cpu_s(pid), rss_mb(pid)
             await trio.sleep(WINDOW_S)
             rows1, cpu1 = rows(dsn), cpu_s(pid)
             attacking.set()
@@ -146,7 +153,7 @@ async def _attack_and_measure(daemon: LimitedDaemon, dsn: str, nofile: int, atta
             await attacker.stdout.aclose()
             cpu2 = cpu_s(pid)
             await trio.sleep(5)
-            cpu3 = cpu_s(pid)
+            cpu3, rss3 = cpu_s(pid), rss_mb(pid)
             nursery.cancel_scope.cancel()
     assert daemon.stop() == 0
     baseline, attacked = rows1 - rows0, rows2 - rows1
@@ -157,7 +164,7 @@ async def _attack_and_measure(daemon: LimitedDaemon, dsn: str, nofile: int, atta
         f"({attacked / baseline:.0%}); daemon CPU {idle_cpu_per_s:.2f} s/s before, "
         f"{after_cpu:.2f} s in the 5 s after the attacker left; descriptors at most "
         f"{max(fds)} of {nofile}; /healthz polls {len(health)}; "
-        f"http.accept_failed lines {accept_failed}"
+        f"http.accept_failed lines {accept_failed}; RSS {rss0:.0f} -> {rss3:.0f} MB"
     )
     # The ops port's own budget: an eighth of the descriptors (256 under 8192: as set).
     budget = [e["effective"] for e in daemon.events("http.fd_limit")]
