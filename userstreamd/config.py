@@ -160,6 +160,10 @@ class HttpConfig(_Table, frozen=True):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: Port = DEFAULT_HTTP_PORT
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 256
+    max_connections_per_ip: Annotated[int, msgspec.Meta(ge=1)] = 32
+    read_timeout_s: Positive = 5.0
+    write_timeout_s: Positive = 5.0
 
 
 ROLES = ("all", "producer", "broadcaster", "consumer")  # `run --role`; one alone needs NATS

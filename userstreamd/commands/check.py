@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from ..config import Config
+from ..config import Config, is_loopback
 from .parsing import add_command
 from .run import configured
 
@@ -28,6 +28,13 @@ def warnings(config: Config) -> Iterator[tuple[str, str]]:
             f"(randomuser.budget_users {ru.budget_users} per budget_window_s "
             f"{ru.budget_window_s:g} = {allowed_per_s:.3g} users/s): the budget is spent "
             f"{ru.budget_users / p.rate_per_s:.3g} s into each window, then {then}",
+        )
+    if config.http.enabled and not is_loopback(config.http.host):
+        yield (
+            "http.host",
+            f"{config.http.host!r} is not loopback: /metrics, /healthz, /readyz, /status.json "
+            "and the live page have no authentication; keep that port behind a firewall or "
+            "a proxy",
         )
 
 

@@ -1,5 +1,5 @@
 """The operations endpoint, on its own address (``[http]``, 127.0.0.1:8766 by default),
-served by hypercorn's trio worker:
+served by hypercorn behind `server`'s limits:
 
 - ``GET /metrics``: Prometheus text format (OpenMetrics when the scraper asks);
 - ``GET /healthz``: 200 while the daemon's own parts are fine (what feeds systemd's
@@ -9,25 +9,20 @@ served by hypercorn's trio worker:
 - ``GET /status.json``: what the live page shows (stream, clients, components);
 - ``GET /``, ``/live.js``, ``/live.css``: the live page (`userstreamd/ops/live/`).
 
-Anything else gets 404, a method other than GET or HEAD 405; HTTP parsing, sizes and
-timeouts are hypercorn's. Every answer carries ``no-store`` and ``nosniff``; the page
-also a Content-Security-Policy that allows only its own script and style, so record text
-can never run as code.
+Anything else gets 404, a method other than GET or HEAD 405; HTTP parsing and sizes are
+hypercorn's, the connection limits and timeouts `server`'s. Every answer carries
+``no-store`` and ``nosniff``; the page also a Content-Security-Policy that allows only
+its own script and style, so record text can never run as code.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
 
 import msgspec
-import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 
-from ..errors import InUseError, address_in_use, in_use_text
 from .health import readiness
 from .metrics import Metrics
 from .status import StatusFn
@@ -143,27 +138,3 @@ async def _lifespan(receive: Receive, send: Send) -> None:
 def url_host(host: str) -> str:
     """A host as a URL has it: an IPv6 address in brackets."""
     return f"[{host}]" if ":" in host else host
-
-
-async def serve_ops(
-    app: OpsApp,
-    host: str,
-    port: int,
-    *,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve `app` until cancelled; reports the bound port."""
-    config = HypercornConfig()
-    config.bind = [f"{url_host(host)}:{port}"]
-    config.accesslog = None
-    config.errorlog = logging.getLogger("hypercorn.error")  # (into our logs, warnings up)
-    config.graceful_timeout = 1.0
-    config.include_server_header = False
-    async with trio.open_nursery() as nursery:
-        try:
-            binds: list[str] = await nursery.start(serve, app, config)
-        except Exception as exc:
-            if address_in_use(exc):
-                raise InUseError(in_use_text(config.bind[0], "http.port")) from exc
-            raise
-        task_status.started(int(binds[0].rpartition(":")[2]))

@@ -39,10 +39,11 @@ from .. import __version__
 from ..config import RELOADABLE, Config, changed_keys, load_config
 from ..errors import ConfigError
 from ..logs import bind, configure_logging, get_logger, say_on_console
-from ..ops.app import OpsApp, serve_ops, url_host
+from ..ops.app import OpsApp, url_host
 from ..ops.health import DatabaseProbe, Readiness, readiness
 from ..ops.metrics import Metrics, StatusCollector
 from ..ops.report import log_stats, stopped_sentence, summary_line, totals
+from ..ops.server import serve_ops
 from ..ops.status import FanoutTotals, Status, WebSocketInfo
 from ..produce.producer import Producer
 from ..serve.auth import Tokens, is_loopback
@@ -144,7 +145,7 @@ class Daemon:
             if c.http.enabled:
                 h = c.http
                 http_port = await sup.start(
-                    "http", partial(serve_ops, OpsApp(self.status, self.metrics), h.host, h.port)
+                    "http", partial(serve_ops, OpsApp(self.status, self.metrics), h)
                 )
                 self.http_url = f"http://{url_host(_client_host(h.host))}:{http_port}/"
                 page_origins = wiring.page_origins(h.host, http_port)

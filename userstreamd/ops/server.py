@@ -1,0 +1,326 @@
+"""The operations port's listener: hypercorn's HTTP/1.1 behind the armour every port gets.
+
+hypercorn's own `serve` accepts with `trio.serve_listeners` (no limit; EMFILE logged once
+per attempt) and writes every answer shielded, with no timeout: a peer that never reads
+holds its connection, its descriptor and its task for good, and the requests it
+pipelined are answered after it is gone. So this module accepts, and hands each
+admitted connection to hypercorn's per-connection server (`TCPServer`: h11 parsing and
+sizes, the keep-alive timer) over a `_Guarded` stream:
+
+- at most ``http.max_connections`` connections at once (HTTP 503 beyond) and
+  ``http.max_connections_per_ip`` from one address (429), and never more than an eighth
+  of the process's open-file limit (`fd_budget`): the rest is the data path's;
+- a request must arrive whole within ``read_timeout_s`` of the connection opening or of
+  the previous answer;
+- the peer's kernel must take an answer within ``write_timeout_s``, else the connection
+  is dropped;
+- a connection that is over (reset by the peer, a write refused or timed out, or closed
+  by the peer with no answer under way) is cancelled whole at once: it frees its slot,
+  and the requests it pipelined are never computed;
+- accept errors such as EMFILE are logged once per 10 s with how many there were, and
+  accepting resumes as soon as a connection closes (0.1 s at most).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import resource
+from collections import Counter
+from dataclasses import dataclass
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.events import Event, Updated
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import AppWrapper
+from hypercorn.utils import wrap_app
+
+from ..config import HttpConfig
+from ..errors import InUseError, address_in_use, describe, in_use_text
+from ..logs import Throttle, get_logger
+from .app import OpsApp, url_host
+
+_FD_SHARE = 8  # the ops port holds at most 1/8 of the process's descriptors
+_TURN_AWAY_AT_ONCE = 16  # over-limit connections answered concurrently; beyond: just closed
+_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+_TRANSIENT_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR, errno.EAGAIN}
+
+
+@dataclass(frozen=True)
+class OpsPortStatistics:
+    open_connections: int
+    max_connections: int
+    accepted: int
+    over_limit: dict[int, int]  # HTTP status (503, 429) -> connections turned away
+    write_timeouts: int
+    peers_gone: int  # connections reset by the peer, or whose answer it refused
+    accept_errors: int
+
+
+def fd_budget(wanted: int) -> int:
+    """How many connections the ops port may hold: `wanted`, and at most an eighth of
+    the open-file limit (first raised towards 8 x `wanted` if the hard limit allows)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted * _FD_SHARE
+    if soft != resource.RLIM_INFINITY and soft < target:
+        soft = target if hard == resource.RLIM_INFINITY else min(hard, target)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return wanted if soft == resource.RLIM_INFINITY else max(1, min(wanted, soft // _FD_SHARE))
+
+
+class _Guarded(trio.abc.HalfCloseableStream):
+    """A connection's socket stream as hypercorn sees it. The connection (its `scope`)
+    is cancelled whole as soon as it is over: the peer reset it, sent nothing for
+    ``read_timeout_s`` while a request was awaited, did not take an answer within
+    ``write_timeout_s`` (hypercorn writes shielded: only a deadline inside reaches the
+    write), or closed its side and has no answer coming (`_Connection`). hypercorn
+    alone would keep a closed connection until its keep-alive timer ends, and would go
+    on computing answers to a peer that is gone."""
+
+    def __init__(self, stream: trio.SocketStream, scope: trio.CancelScope, port: OpsPort) -> None:
+        self.transport = stream
+        self.socket = stream.socket  # (hypercorn reads the addresses from it)
+        self.scope = scope
+        self.port = port
+        self.over = False
+        self.answering = False  # a request is being answered
+        self.peer_closed = False  # the peer sent EOF (it may still read its answer)
+
+    def end(self, why: str) -> None:
+        if not self.over:
+            self.over = True
+            self.port.ended(why)
+            self.scope.cancel()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.over:
+            raise trio.BrokenResourceError("the connection is over")
+        with trio.move_on_after(self.port.settings.write_timeout_s) as timeout:
+            try:
+                await self.transport.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.end("gone")
+                raise
+        if timeout.cancelled_caught:
+            self.end("write_timeout")
+            raise trio.BrokenResourceError("the peer took nothing within write_timeout_s")
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = b""
+        with trio.move_on_after(self.port.settings.read_timeout_s) as timeout:
+            try:
+                data = await self.transport.receive_some(max_bytes)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.end("gone")
+                raise
+        if timeout.cancelled_caught:
+            self.end("read_timeout")
+        elif not data:
+            self.peer_closed = True
+            if not self.answering:
+                self.end("closed")
+        return data
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        if self.over:
+            raise trio.BrokenResourceError("the connection is over")
+        await self.transport.send_eof()
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+
+class _Connection(TCPServer):
+    """hypercorn's server of one connection, which tells its stream when an answer is
+    under way: a peer that closed its side then gets the answer, and nothing after."""
+
+    async def protocol_send(self, event: Event) -> None:
+        await super().protocol_send(event)
+        stream = self.stream
+        if isinstance(event, Updated) and isinstance(stream, _Guarded):
+            stream.answering = not event.idle
+            if event.idle and stream.peer_closed:
+                stream.end("closed")
+
+
+class OpsPort:
+    """The listener of the ops port around `app`; `serve` runs it until cancelled."""
+
+    def __init__(self, app: OpsApp, settings: HttpConfig) -> None:
+        self.settings = settings
+        self.app: AppWrapper = wrap_app(app, 0, "asgi")  # type: ignore[arg-type]
+        self.hypercorn = _hypercorn_config(settings)
+        self.context = WorkerContext(None)
+        self.max_connections = settings.max_connections
+        self._open = 0
+        self._per_ip: Counter[str] = Counter()
+        self._turning_away = 0
+        self.accepted = self.write_timeouts = self.peers_gone = self.accept_errors = 0
+        self.over_limit: Counter[int] = Counter()
+        self._throttle = Throttle()
+        self._accept_throttle = Throttle(per_interval=1)
+        self._slot_freed = trio.Event()
+
+    def statistics(self) -> OpsPortStatistics:
+        return OpsPortStatistics(
+            self._open,
+            self.max_connections,
+            self.accepted,
+            dict(self.over_limit),
+            self.write_timeouts,
+            self.peers_gone,
+            self.accept_errors,
+        )
+
+    def ended(self, why: str) -> None:
+        """A connection is over: the peer closed it, or is `gone` (a reset, a refused
+        write), or timed out (`read_timeout`, `write_timeout`)."""
+        if why == "gone":
+            self.peers_gone += 1
+        elif why == "write_timeout":
+            self.write_timeouts += 1
+            self._throttle.log(
+                "write_timeout",
+                "info",
+                "http.write_timeout",
+                after_s=self.settings.write_timeout_s,
+                hint="a client that does not read its answer is dropped",
+            )
+
+    async def serve(
+        self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Accept on `host`:`port` until cancelled; reports the bound port."""
+        self.max_connections = fd_budget(self.settings.max_connections)
+        if self.max_connections < self.settings.max_connections:
+            get_logger().warning(
+                "http.fd_limit",
+                max_connections=self.settings.max_connections,
+                effective=self.max_connections,
+                hint="the ops port holds at most an eighth of LimitNOFILE (ulimit -n)",
+            )
+        try:
+            listeners = await trio.open_tcp_listeners(port, host=host, backlog=1024)
+        except OSError as exc:
+            if address_in_use(exc):
+                raise InUseError(in_use_text(f"{url_host(host)}:{port}", "http.port")) from exc
+            raise
+        try:
+            async with trio.open_nursery() as nursery:
+                for listener in listeners:
+                    nursery.start_soon(self._accept_loop, listener.socket, nursery)
+                task_status.started(listeners[0].socket.getsockname()[1])
+        finally:
+            for listener in listeners:
+                listener.socket.close()
+
+    async def _accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                sock, address = await listener.accept()
+            except OSError as exc:
+                if exc.errno in _TRANSIENT_ERRNOS:
+                    continue
+                if exc.errno not in _RESOURCE_ERRNOS:
+                    raise
+                self.accept_errors += 1
+                self._accept_throttle.log(
+                    "accept",
+                    "error",
+                    "http.accept_failed",
+                    error=errno.errorcode.get(exc.errno or 0, str(exc.errno)),
+                    accept_errors=self.accept_errors,  # (since the start)
+                    open_connections=self._open,
+                )
+                with trio.move_on_after(0.1):
+                    await self._slot_freed.wait()
+                continue
+            ip = str(address[0])
+            if self._open >= self.max_connections:
+                self._turn_away(nursery, sock, ip, 503, "too many connections")
+            elif self._per_ip[ip] >= self.settings.max_connections_per_ip:
+                self._turn_away(nursery, sock, ip, 429, "too many connections from this address")
+            else:
+                self._open += 1
+                self._per_ip[ip] += 1
+                self.accepted += 1
+                nursery.start_soon(self._handle, sock, ip)
+
+    async def _handle(self, sock: trio.socket.SocketType, ip: str) -> None:
+        stream = trio.SocketStream(sock)
+        try:
+            with trio.CancelScope() as scope:
+                guarded = _Guarded(stream, scope, self)
+                await _Connection(self.app, self.hypercorn, self.context, {}, guarded)  # type: ignore[arg-type]
+        except Exception as exc:  # nothing a client does escapes its own handler
+            self._throttle.log(
+                "handler", "error", "http.connection_failed", error=describe(exc), exc_info=exc
+            )
+        finally:
+            await trio.aclose_forcefully(stream)
+            self._open -= 1
+            self._per_ip[ip] -= 1
+            if not self._per_ip[ip]:
+                del self._per_ip[ip]
+            self._slot_freed.set()
+            self._slot_freed = trio.Event()
+
+    def _turn_away(
+        self, nursery: trio.Nursery, sock: trio.socket.SocketType, ip: str, status: int, why: str
+    ) -> None:
+        """Over a connection limit: a canned HTTP answer (while few are pending), closed."""
+        self.over_limit[status] += 1
+        self._throttle.log(
+            f"refused-{status}", "warning", "http.refused", peer=ip, status=status, reason=why
+        )
+        if self._turning_away >= _TURN_AWAY_AT_ONCE:
+            sock.close()
+            return
+        self._turning_away += 1
+        nursery.start_soon(self._answer_and_close, sock, status, why)
+
+    async def _answer_and_close(self, sock: trio.socket.SocketType, status: int, why: str) -> None:
+        stream = trio.SocketStream(sock)
+        title = {429: "Too Many Requests", 503: "Service Unavailable"}[status]
+        body = why.encode() + b"\n"
+        response = (
+            f"HTTP/1.1 {status} {title}\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            f"content-length: {len(body)}\r\nretry-after: 5\r\nconnection: close\r\n\r\n"
+        ).encode() + body
+        try:
+            with trio.move_on_after(1):
+                await stream.send_all(response)
+                await stream.send_eof()
+                while await stream.receive_some(4096):  # read their request: no RST
+                    pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self._turning_away -= 1
+            await trio.aclose_forcefully(stream)
+
+
+def _hypercorn_config(settings: HttpConfig) -> HypercornConfig:
+    config = HypercornConfig()
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")  # (into our logs, warnings up)
+    config.include_server_header = False
+    config.keep_alive_timeout = settings.read_timeout_s  # (a request sent byte by byte)
+    return config
+
+
+async def serve_ops(
+    app: OpsApp,
+    settings: HttpConfig,
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `app` on ``settings.host``:``settings.port`` until cancelled; reports the
+    bound port."""
+    port = OpsPort(app, settings)
+    await port.serve(settings.host, settings.port, task_status=task_status)
