@@ -213,7 +213,7 @@ def test_check_warns_when_the_ops_port_is_not_on_loopback(
     captured = capsys.readouterr()
     assert captured.out == f"{path}: ok\n"
     assert captured.err == (
-        f"userstreamd: warning: {path}: http.host = {host!r} is not loopback: /metrics, "
+        f"{path}: warning: http.host: {host!r} is not loopback: /metrics, "
         "/healthz, /readyz, /status.json and the live page have no authentication; keep "
         "that port behind a firewall or a proxy\n"
     )
