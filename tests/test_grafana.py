@@ -631,7 +631,10 @@ def _prometheus_config(path: Path, target: str) -> Path:
 
 def _instant(client: httpx.Client, expr: str) -> dict[tuple[tuple[str, str], ...], float]:
     """An instant query through Prometheus' HTTP API: {labels: value}."""
-    answer = client.get("/api/v1/query", params={"query": expr}).json()
+    response = client.get("/api/v1/query", params={"query": expr})
+    if response.status_code == 503:  # (Prometheus starting: its TSDB not open yet)
+        raise httpx.TransportError("Prometheus is not ready")
+    answer = response.json()
     assert answer["status"] == "success", (expr, answer)
     assert answer["data"]["resultType"] == "vector", expr
     return {
