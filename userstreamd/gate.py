@@ -19,6 +19,7 @@ Both public doors, the ops port (`ops/server.py`) and the broadcaster's WebSocke
 from __future__ import annotations
 
 import errno
+import resource
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,20 @@ _TITLES = {429: "Too Many Requests", 503: "Service Unavailable"}
 Handler = Callable[[trio.socket.SocketType, str, str], Awaitable[None]]
 """Serves one admitted connection: (its socket, the peer's IP, ``ip:port``); it closes
 the socket."""
+
+
+def fd_room(wanted: int, *, share: int = 1, reserve: int = 0) -> int:
+    """How many of `wanted` connections fit in one `share`-th of the open-file limit
+    less `reserve` descriptors (at least 1), the soft limit first raised towards
+    `wanted` x `share` + `reserve` (up to the hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted * share + reserve
+    if soft != resource.RLIM_INFINITY and soft < target:
+        soft = target if hard == resource.RLIM_INFINITY else min(hard, target)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(1, min(wanted, (soft - reserve) // share))
 
 
 @dataclass(frozen=True)

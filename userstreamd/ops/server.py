@@ -10,7 +10,7 @@ sizes, the keep-alive timer) over a `_Guarded` stream:
 
 - at most ``http.max_connections`` connections at once (HTTP 503 beyond) and
   ``http.max_connections_per_ip`` from one address (429), and never more than an eighth
-  of the process's open-file limit (`fd_budget`): the rest is the data path's;
+  of the process's open-file limit (`gate.fd_room`): the rest is the data path's;
 - a request must arrive whole within ``read_timeout_s`` of the connection opening or of
   the previous answer;
 - the peer's kernel must take an answer within ``write_timeout_s``, else the connection
@@ -25,7 +25,6 @@ sizes, the keep-alive timer) over a `_Guarded` stream:
 from __future__ import annotations
 
 import logging
-import resource
 from dataclasses import dataclass
 
 import trio
@@ -38,7 +37,7 @@ from hypercorn.utils import wrap_app
 
 from ..config import HttpConfig
 from ..errors import InUseError, address_in_use, describe, in_use_text
-from ..gate import Gate
+from ..gate import Gate, fd_room
 from ..logs import Throttle, get_logger
 from .app import OpsApp, url_host
 
@@ -54,17 +53,6 @@ class OpsPortStatistics:
     write_timeouts: int
     peers_gone: int  # connections reset by the peer, or whose answer it refused
     accept_errors: int
-
-
-def fd_budget(wanted: int) -> int:
-    """How many connections the ops port may hold: `wanted`, and at most an eighth of
-    the open-file limit (first raised towards 8 x `wanted` if the hard limit allows)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted * _FD_SHARE
-    if soft != resource.RLIM_INFINITY and soft < target:
-        soft = target if hard == resource.RLIM_INFINITY else min(hard, target)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    return wanted if soft == resource.RLIM_INFINITY else max(1, min(wanted, soft // _FD_SHARE))
 
 
 class _Guarded(trio.abc.HalfCloseableStream):
@@ -196,7 +184,7 @@ class OpsPort:
         self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Accept on `host`:`port` until cancelled; reports the bound port."""
-        self.gate.max_connections = fd_budget(self.settings.max_connections)
+        self.gate.max_connections = fd_room(self.settings.max_connections, share=_FD_SHARE)
         if self.gate.max_connections < self.settings.max_connections:
             get_logger().warning(
                 "http.fd_limit",

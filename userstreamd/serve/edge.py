@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import resource
 import socket
 import ssl
 import stat
@@ -37,7 +36,7 @@ from wsproto.utilities import LocalProtocolError
 
 from ..config import BroadcasterConfig, Config
 from ..errors import ConfigError, describe
-from ..gate import Gate, TurnAway
+from ..gate import Gate, TurnAway, fd_room
 from ..logs import Throttle, get_logger
 from .admission import Admission, Policy, Refused, WrongToken, admit
 from .auth import Lockouts
@@ -86,13 +85,7 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
 def raise_fd_limit(wanted: int) -> int:
     """Raise the soft open-file limit towards `wanted` (up to the hard limit); the
     connections it leaves room for."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted + _FD_RESERVE
-    if soft != resource.RLIM_INFINITY and soft < target:
-        new = target if hard == resource.RLIM_INFINITY else min(hard, target)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-        soft = new
-    return wanted if soft == resource.RLIM_INFINITY else max(1, min(wanted, soft - _FD_RESERVE))
+    return fd_room(wanted, reserve=_FD_RESERVE)
 
 
 def private_socket_path(state_dir: Path) -> Path:
