@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "userstreamd"
 # Low to high: a module may import from its own layer and the ones before it. Each
 # entry is a module or a package prefix; the longest match decides.
 LAYERS: list[tuple[str, ...]] = [
-    ("userstreamd", "errors", "logs", "credentials", "backoff"),
+    ("userstreamd", "errors", "logs", "credentials", "backoff", "gate"),
     ("runtime.lifeline", "runtime.systemd", "runtime.supervisor", "stream.records",
      "stream.protocol"),
     ("sources",),

@@ -3,13 +3,14 @@
 hypercorn's own `serve` accepts with `trio.serve_listeners` (no limit; EMFILE logged once
 per attempt) and writes every answer shielded, with no timeout: a peer that never reads
 holds its connection, its descriptor and its task for good, and the requests it
-pipelined are answered after it is gone. So this module accepts, and hands each
-admitted connection to hypercorn's per-connection server (`TCPServer`: h11 parsing and
+pipelined are answered after it is gone. So this module accepts through a `gate.Gate`
+(the same caps, turn-away and accept-error handling as the broadcaster's port), and
+hands each admitted connection to hypercorn's per-connection server (`TCPServer`: h11 parsing and
 sizes, the keep-alive timer) over a `_Guarded` stream:
 
 - at most ``http.max_connections`` connections at once (HTTP 503 beyond) and
   ``http.max_connections_per_ip`` from one address (429), and never more than an eighth
-  of the process's open-file limit (`fd_budget`): the rest is the data path's;
+  of the process's open-file limit (`gate.fd_room`): the rest is the data path's;
 - a request must arrive whole within ``read_timeout_s`` of the connection opening or of
   the previous answer;
 - the peer's kernel must take an answer within ``write_timeout_s``, else the connection
@@ -23,10 +24,7 @@ sizes, the keep-alive timer) over a `_Guarded` stream:
 
 from __future__ import annotations
 
-import errno
 import logging
-import resource
-from collections import Counter
 from dataclasses import dataclass
 
 import trio
@@ -39,13 +37,11 @@ from hypercorn.utils import wrap_app
 
 from ..config import HttpConfig
 from ..errors import InUseError, address_in_use, describe, in_use_text
+from ..gate import Gate, fd_room
 from ..logs import Throttle, get_logger
 from .app import OpsApp, url_host
 
 _FD_SHARE = 8  # the ops port holds at most 1/8 of the process's descriptors
-_TURN_AWAY_AT_ONCE = 16  # over-limit connections answered concurrently; beyond: just closed
-_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-_TRANSIENT_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR, errno.EAGAIN}
 
 
 @dataclass(frozen=True)
@@ -57,17 +53,6 @@ class OpsPortStatistics:
     write_timeouts: int
     peers_gone: int  # connections reset by the peer, or whose answer it refused
     accept_errors: int
-
-
-def fd_budget(wanted: int) -> int:
-    """How many connections the ops port may hold: `wanted`, and at most an eighth of
-    the open-file limit (first raised towards 8 x `wanted` if the hard limit allows)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted * _FD_SHARE
-    if soft != resource.RLIM_INFINITY and soft < target:
-        soft = target if hard == resource.RLIM_INFINITY else min(hard, target)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    return wanted if soft == resource.RLIM_INFINITY else max(1, min(wanted, soft // _FD_SHARE))
 
 
 class _Guarded(trio.abc.HalfCloseableStream):
@@ -156,25 +141,28 @@ class OpsPort:
         self.app: AppWrapper = wrap_app(app, 0, "asgi")  # type: ignore[arg-type]
         self.hypercorn = _hypercorn_config(settings)
         self.context = WorkerContext(None)
-        self.max_connections = settings.max_connections
-        self._open = 0
-        self._per_ip: Counter[str] = Counter()
-        self._turning_away = 0
-        self.accepted = self.write_timeouts = self.peers_gone = self.accept_errors = 0
-        self.over_limit: Counter[int] = Counter()
+        self.gate = Gate(
+            max_connections=settings.max_connections,
+            max_connections_per_ip=settings.max_connections_per_ip,
+            turn_away_at_once=16,  # (answered at once; beyond that, just closed)
+            refused_event="http.refused",
+            accept_failed_event="http.accept_failed",
+            accept_lines_per_10s=1,
+            log_peer_port=False,
+        )
+        self.write_timeouts = self.peers_gone = 0
         self._throttle = Throttle()
-        self._accept_throttle = Throttle(per_interval=1)
-        self._slot_freed = trio.Event()
 
     def statistics(self) -> OpsPortStatistics:
+        gate = self.gate
         return OpsPortStatistics(
-            self._open,
-            self.max_connections,
-            self.accepted,
-            dict(self.over_limit),
+            gate.open,
+            gate.max_connections,
+            gate.accepted,
+            dict(gate.turned_away),
             self.write_timeouts,
             self.peers_gone,
-            self.accept_errors,
+            gate.accept_errors,
         )
 
     def ended(self, why: str) -> None:
@@ -196,12 +184,12 @@ class OpsPort:
         self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Accept on `host`:`port` until cancelled; reports the bound port."""
-        self.max_connections = fd_budget(self.settings.max_connections)
-        if self.max_connections < self.settings.max_connections:
+        self.gate.max_connections = fd_room(self.settings.max_connections, share=_FD_SHARE)
+        if self.gate.max_connections < self.settings.max_connections:
             get_logger().warning(
                 "http.fd_limit",
                 max_connections=self.settings.max_connections,
-                effective=self.max_connections,
+                effective=self.gate.max_connections,
                 hint="the ops port holds at most an eighth of LimitNOFILE (ulimit -n)",
             )
         try:
@@ -210,48 +198,10 @@ class OpsPort:
             if address_in_use(exc):
                 raise InUseError(in_use_text(f"{url_host(host)}:{port}", "http.port")) from exc
             raise
-        try:
-            async with trio.open_nursery() as nursery:
-                for listener in listeners:
-                    nursery.start_soon(self._accept_loop, listener.socket, nursery)
-                task_status.started(listeners[0].socket.getsockname()[1])
-        finally:
-            for listener in listeners:
-                listener.socket.close()
+        sockets = [listener.socket for listener in listeners]
+        await self.gate.serve(sockets, self._handle, task_status=task_status)
 
-    async def _accept_loop(self, listener: trio.socket.SocketType, nursery: trio.Nursery) -> None:
-        while True:
-            try:
-                sock, address = await listener.accept()
-            except OSError as exc:
-                if exc.errno in _TRANSIENT_ERRNOS:
-                    continue
-                if exc.errno not in _RESOURCE_ERRNOS:
-                    raise
-                self.accept_errors += 1
-                self._accept_throttle.log(
-                    "accept",
-                    "error",
-                    "http.accept_failed",
-                    error=errno.errorcode.get(exc.errno or 0, str(exc.errno)),
-                    accept_errors=self.accept_errors,  # (since the start)
-                    open_connections=self._open,
-                )
-                with trio.move_on_after(0.1):
-                    await self._slot_freed.wait()
-                continue
-            ip = str(address[0])
-            if self._open >= self.max_connections:
-                self._turn_away(nursery, sock, ip, 503, "too many connections")
-            elif self._per_ip[ip] >= self.settings.max_connections_per_ip:
-                self._turn_away(nursery, sock, ip, 429, "too many connections from this address")
-            else:
-                self._open += 1
-                self._per_ip[ip] += 1
-                self.accepted += 1
-                nursery.start_soon(self._handle, sock, ip)
-
-    async def _handle(self, sock: trio.socket.SocketType, ip: str) -> None:
+    async def _handle(self, sock: trio.socket.SocketType, ip: str, peer: str) -> None:
         stream = trio.SocketStream(sock)
         try:
             with trio.CancelScope() as scope:
@@ -262,46 +212,6 @@ class OpsPort:
                 "handler", "error", "http.connection_failed", error=describe(exc), exc_info=exc
             )
         finally:
-            await trio.aclose_forcefully(stream)
-            self._open -= 1
-            self._per_ip[ip] -= 1
-            if not self._per_ip[ip]:
-                del self._per_ip[ip]
-            self._slot_freed.set()
-            self._slot_freed = trio.Event()
-
-    def _turn_away(
-        self, nursery: trio.Nursery, sock: trio.socket.SocketType, ip: str, status: int, why: str
-    ) -> None:
-        """Over a connection limit: a canned HTTP answer (while few are pending), closed."""
-        self.over_limit[status] += 1
-        self._throttle.log(
-            f"refused-{status}", "warning", "http.refused", peer=ip, status=status, reason=why
-        )
-        if self._turning_away >= _TURN_AWAY_AT_ONCE:
-            sock.close()
-            return
-        self._turning_away += 1
-        nursery.start_soon(self._answer_and_close, sock, status, why)
-
-    async def _answer_and_close(self, sock: trio.socket.SocketType, status: int, why: str) -> None:
-        stream = trio.SocketStream(sock)
-        title = {429: "Too Many Requests", 503: "Service Unavailable"}[status]
-        body = why.encode() + b"\n"
-        response = (
-            f"HTTP/1.1 {status} {title}\r\ncontent-type: text/plain; charset=utf-8\r\n"
-            f"content-length: {len(body)}\r\nretry-after: 5\r\nconnection: close\r\n\r\n"
-        ).encode() + body
-        try:
-            with trio.move_on_after(1):
-                await stream.send_all(response)
-                await stream.send_eof()
-                while await stream.receive_some(4096):  # read their request: no RST
-                    pass
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            self._turning_away -= 1
             await trio.aclose_forcefully(stream)
 
 

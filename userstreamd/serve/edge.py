@@ -13,15 +13,14 @@ group be joined.
 Every connection runs in its own handler; whatever a peer sends or fails to send ends
 there, counted and logged (`Throttle`-limited, never with a token), and the TCP socket
 is always closed when the handler ends. Accept errors such as EMFILE are logged as JSON
-(throttled) and accepting resumes as soon as a connection closes, 0.1 s at most.
+(throttled) and accepting resumes as soon as a connection closes, 0.1 s at most. The
+caps, the turn-away and the accept errors are a `gate.Gate`'s, as on the ops port.
 """
 
 from __future__ import annotations
 
-import errno
 import math
 import os
-import resource
 import socket
 import ssl
 import stat
@@ -37,19 +36,17 @@ from wsproto.utilities import LocalProtocolError
 
 from ..config import BroadcasterConfig, Config
 from ..errors import ConfigError, describe
+from ..gate import Gate, TurnAway, fd_room
 from ..logs import Throttle, get_logger
 from .admission import Admission, Policy, Refused, WrongToken, admit
 from .auth import Lockouts
-from .wsconn import accept_stream
+from .wsconn import ServerConnection
 
 Session = Callable[[WebSocketConnection, Admission, str, bool], Awaitable[None]]
 
 _RECEIVE_BUFFER = 65536
 _PRIVATE_MAX_MESSAGE = 16 * 2**20
-_TURN_AWAY_AT_ONCE = 64  # over-limit connections answered concurrently; beyond: just closed
 _FD_RESERVE = 128  # descriptors kept for PostgreSQL, HTTP, logs and the private socket
-_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-_TRANSIENT_ERRNOS = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR, errno.EAGAIN}
 
 
 @dataclass(frozen=True)
@@ -88,13 +85,7 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
 def raise_fd_limit(wanted: int) -> int:
     """Raise the soft open-file limit towards `wanted` (up to the hard limit); the
     connections it leaves room for."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted + _FD_RESERVE
-    if soft != resource.RLIM_INFINITY and soft < target:
-        new = target if hard == resource.RLIM_INFINITY else min(hard, target)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
-        soft = new
-    return wanted if soft == resource.RLIM_INFINITY else max(1, min(wanted, soft - _FD_RESERVE))
+    return fd_room(wanted, reserve=_FD_RESERVE)
 
 
 def private_socket_path(state_dir: Path) -> Path:
@@ -175,29 +166,35 @@ class Edge:
         self.policy = policy
         self.session = session
         self.ssl_context = ssl_context
-        self.max_connections = settings.max_connections
-        self._per_ip: Counter[str] = Counter()
-        self._open = 0
-        self._turning_away = 0
-        self.accepted = self.over_limit = self.handshake_timeouts = self.handshakes_failed = 0
-        self.accept_errors = self.handler_errors = 0
-        self.refused: Counter[int] = Counter()
+        self.gate = Gate(
+            max_connections=settings.max_connections,
+            max_connections_per_ip=settings.max_connections_per_ip,
+            turn_away_at_once=64,  # (answered at once; beyond that, just closed)
+            refused_event="broadcaster.refused",
+            accept_failed_event="broadcaster.accept_failed",
+        )
+        self.handshake_timeouts = self.handshakes_failed = self.handler_errors = 0
+        self.refused: Counter[int] = Counter()  # by the handshake (`admit`)
         self.peer_faults: Counter[str] = Counter()
         self.lockouts = Lockouts()
         self._throttle = Throttle()
-        self._slot_freed = trio.Event()
+
+    @property
+    def max_connections(self) -> int:
+        return self.gate.max_connections
 
     def statistics(self) -> EdgeStatistics:
+        gate = self.gate
         return EdgeStatistics(
-            self._open,
-            self.accepted,
-            dict(self.refused),
-            self.over_limit,
+            gate.open,
+            gate.accepted,
+            dict(self.refused + gate.turned_away),
+            gate.turned_away.total(),
             self.handshake_timeouts,
             self.handshakes_failed,
-            self.accept_errors,
+            gate.accept_errors,
             self.handler_errors,
-            self.max_connections,
+            gate.max_connections,
             dict(self.peer_faults),
             self.lockouts.lockouts,
         )
@@ -212,12 +209,12 @@ class Edge:
         reuse_port: bool = False,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        self.max_connections = raise_fd_limit(self.settings.max_connections)
-        if self.max_connections < self.settings.max_connections:
+        self.gate.max_connections = raise_fd_limit(self.settings.max_connections)
+        if self.gate.max_connections < self.settings.max_connections:
             get_logger().warning(
                 "broadcaster.fd_limit",
                 max_connections=self.settings.max_connections,
-                effective=self.max_connections,
+                effective=self.gate.max_connections,
                 hint="raise LimitNOFILE (ulimit -n) to allow max_connections",
             )
         if reuse_port:
@@ -230,14 +227,8 @@ class Edge:
                 listener.socket
                 for listener in await trio.open_tcp_listeners(port, host=host, backlog=1024)
             ]
-        try:
-            async with trio.open_nursery() as nursery:
-                for sock in sockets:
-                    nursery.start_soon(self._accept_loop, sock, nursery, False)
-                task_status.started(sockets[0].getsockname()[1])
-        finally:
-            for sock in sockets:
-                sock.close()
+        handle = partial(self._handle, private=False)
+        await self.gate.serve(sockets, handle, bar=self._locked_out, task_status=task_status)
 
     async def serve_unix(
         self, path: Path, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -245,58 +236,23 @@ class Edge:
         sock = trio.socket.from_stdlib_socket(_listen_private(path))
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._accept_loop, sock, nursery, True)
+                nursery.start_soon(self._accept_private, sock, nursery)
                 task_status.started()
         finally:
             sock.close()
             _unlink(path)
 
-    async def _accept_loop(
-        self, listener: trio.socket.SocketType, nursery: trio.Nursery, private: bool
+    async def _accept_private(
+        self, listener: trio.socket.SocketType, nursery: trio.Nursery
     ) -> None:
-        get_logger()
         while True:
-            try:
-                sock, address = await listener.accept()
-            except OSError as exc:
-                if exc.errno in _TRANSIENT_ERRNOS:
-                    continue
-                if exc.errno not in _RESOURCE_ERRNOS:
-                    raise
-                self.accept_errors += 1
-                self._throttle.log(
-                    "accept",
-                    "error",
-                    "broadcaster.accept_failed",
-                    error=errno.errorcode.get(exc.errno or 0, str(exc.errno)),
-                    open_connections=self._open,
-                )
-                with trio.move_on_after(0.1):
-                    await self._slot_freed.wait()
-                continue
-            if private:
-                nursery.start_soon(self._handle, sock, "private", "private", True)
-                continue
-            ip = str(address[0])
-            peer = f"{ip}:{address[1]}" if ":" not in ip else f"[{ip}]:{address[1]}"
-            if self._open >= self.max_connections:
-                self._turn_away(nursery, sock, peer, 503, "too many connections")
-            elif self._per_ip[ip] >= self.settings.max_connections_per_ip:
-                self._turn_away(nursery, sock, peer, 429, "too many connections from this address")
-            elif (locked_s := self.lockouts.locked_for(ip)) > 0:
-                self._turn_away(
-                    nursery,
-                    sock,
-                    peer,
-                    429,
-                    "too many wrong tokens from this address",
-                    retry_after_s=math.ceil(locked_s),
-                )
-            else:
-                self._open += 1
-                self._per_ip[ip] += 1
-                self.accepted += 1
-                nursery.start_soon(self._handle, sock, ip, peer, False)
+            sock, _ = await self.gate.accept(listener)
+            nursery.start_soon(self._handle, sock, "private", "private", True)
+
+    def _locked_out(self, ip: str) -> TurnAway | None:
+        if (locked_s := self.lockouts.locked_for(ip)) > 0:
+            return TurnAway(429, "too many wrong tokens from this address", math.ceil(locked_s))
+        return None
 
     # -- one connection ------------------------------------------------------------------
 
@@ -333,13 +289,8 @@ class Edge:
             )
         finally:
             await trio.aclose_forcefully(stream)
-            if not private:
-                self._open -= 1
-                self._per_ip[ip] -= 1
-                if not self._per_ip[ip]:
-                    del self._per_ip[ip]
-            self._slot_freed.set()
-            self._slot_freed = trio.Event()
+            if private:  # (a public connection's slot is the gate's)
+                self.gate.slot_freed()
 
     async def _handshake(
         self, nursery: trio.Nursery, stream: trio.abc.Stream, ip: str, peer: str, private: bool
@@ -350,8 +301,7 @@ class Edge:
             try:
                 if isinstance(stream, trio.SSLStream):
                     await stream.do_handshake()
-                request = await accept_stream(
-                    nursery,
+                connection = ServerConnection(
                     stream,
                     faults=self.peer_faults,
                     close_timeout_s=self.settings.close_timeout_s,
@@ -361,6 +311,7 @@ class Edge:
                     ),
                     receive_buffer_size=_RECEIVE_BUFFER,
                 )
+                request = await connection.receive_request(nursery)
                 try:
                     admission = admit(request.path, request.headers, self.policy, private=private)
                 except Refused as refused:
@@ -407,44 +358,3 @@ class Edge:
             status=refused.status,
             reason=refused.reason,
         )
-
-    def _turn_away(
-        self,
-        nursery: trio.Nursery,
-        sock: trio.socket.SocketType,
-        peer: str,
-        status: int,
-        why: str,
-        retry_after_s: int = 5,
-    ) -> None:
-        """Over a connection limit: a canned HTTP answer (while few are pending), closed."""
-        self.over_limit += 1
-        self._refuse_logged(peer, Refused(status, why))
-        if self._turning_away >= _TURN_AWAY_AT_ONCE:
-            sock.close()
-            return
-        self._turning_away += 1
-        nursery.start_soon(self._answer_and_close, sock, status, why, retry_after_s)
-
-    async def _answer_and_close(
-        self, sock: trio.socket.SocketType, status: int, why: str, retry_after_s: int
-    ) -> None:
-        stream = trio.SocketStream(sock)
-        title = {429: "Too Many Requests", 503: "Service Unavailable"}[status]
-        body = why.encode() + b"\n"
-        response = (
-            f"HTTP/1.1 {status} {title}\r\ncontent-type: text/plain; charset=utf-8\r\n"
-            f"content-length: {len(body)}\r\nretry-after: {retry_after_s}\r\n"
-            "connection: close\r\n\r\n"
-        ).encode() + body
-        try:
-            with trio.move_on_after(1):
-                await stream.send_all(response)
-                await stream.send_eof()
-                while await stream.receive_some(4096):  # read their request: no RST
-                    pass
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            self._turning_away -= 1
-            await trio.aclose_forcefully(stream)

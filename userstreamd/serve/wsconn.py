@@ -66,25 +66,8 @@ class ServerConnection(WebSocketConnection):
             return
         await super()._handle_ping_event(event)
 
-
-async def accept_stream(
-    nursery: trio.Nursery,
-    stream: trio.abc.Stream,
-    *,
-    faults: Counter[str],
-    close_timeout_s: float,
-    message_queue_size: int,
-    max_message_size: int,
-    receive_buffer_size: int,
-) -> WebSocketRequest:
-    """trio-websocket's `wrap_server_stream`, with a `ServerConnection`."""
-    connection = ServerConnection(
-        stream,
-        faults=faults,
-        close_timeout_s=close_timeout_s,
-        message_queue_size=message_queue_size,
-        max_message_size=max_message_size,
-        receive_buffer_size=receive_buffer_size,
-    )
-    nursery.start_soon(connection._reader_task)
-    return await connection._get_request()
+    async def receive_request(self, nursery: trio.Nursery) -> WebSocketRequest:
+        """The peer's upgrade request, with the connection's reader started in `nursery`
+        (trio-websocket's `wrap_server_stream`)."""
+        nursery.start_soon(self._reader_task)
+        return await self._get_request()
