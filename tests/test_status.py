@@ -231,7 +231,9 @@ def test_the_console_stats_line_is_a_sentence_and_json_keeps_the_fields() -> Non
     from userstreamd.serve.broadcaster import BroadcasterStatistics
     from userstreamd.serve.edge import EdgeStatistics
 
-    edge = EdgeStatistics(3, 40, {401: 2}, 1, 0, 0, 0, 0, 4096, {}, 0)
+    edge = EdgeStatistics(
+        3, 40, {401: 2, 503: 1}, 1, 0, 0, 0, 0, 4096, {}, 0
+    )  # (503: the one over the limit)
     broadcaster = BroadcasterStatistics(edge, {"closed_1000": 5}, 0, 0)
     status = _status(rows_inserted=90, broadcaster=broadcaster)
     console = _stats_lines("console", status)

@@ -106,7 +106,7 @@ def stats_sentence(f: Mapping[str, Any]) -> str:
     said += _troubles(f)
     if (broadcaster := f.get("broadcaster")) is not None:
         edge = broadcaster.edge
-        refused = sum(edge.refused.values()) + edge.over_limit
+        refused = sum(edge.refused.values())  # (turned away at the gate included)
         if refused:
             said.append(f"{refused} connections turned away")
         if edge.accept_errors:
