@@ -33,7 +33,7 @@ from psycopg.conninfo import make_conninfo
 
 from userstreamd.commands.cli import main
 from userstreamd.config import load_config
-from userstreamd.errors import ConfigError
+from userstreamd.errors import ConfigError, InUseError, leaves
 from userstreamd.sources.synthetic import synthetic_user
 from userstreamd.store.bootstrap import run_database
 from userstreamd.store.postgres import (
@@ -49,7 +49,15 @@ from userstreamd.topology.embedded import EmbeddedTopology
 
 from .conftest import daemon_tables, query
 from .fakeapi import FakeRandomUserAPI
-from .helpers import eventually, in_process_daemon, run_until, wait_until, write_config
+from .helpers import (
+    eventually,
+    free_port,
+    free_ports,
+    in_process_daemon,
+    run_until,
+    wait_until,
+    write_config,
+)
 
 GRAFANA = Path(__file__).resolve().parent.parent / "grafana"
 PROVISIONING = GRAFANA / "provisioning"
@@ -423,12 +431,6 @@ def test_the_role_reads_exactly_the_tables_the_dashboards_read(filled: str) -> N
     assert set(READER_TABLES) == named & tables
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _grafana_dsn(port: int, password: str) -> str:
     return make_conninfo(
         host="127.0.0.1", port=port, dbname="userstreamd", user=READER_ROLE, password=password
@@ -464,7 +466,7 @@ async def test_grafana_reaches_the_embedded_server_read_only(
     """`database.listen_port`: the daemon's embedded server also listens on loopback,
     where the read-only role (password from its environment variable) runs every panel's
     query and can write nothing; the server's superuser is not let in over TCP."""
-    port, password = _free_port(), f"pw-{uuid.uuid4().hex}"
+    port, password = free_port(), f"pw-{uuid.uuid4().hex}"
     monkeypatch.setenv("USERSTREAMD_GRAFANA_PASSWORD", password)
     path = write_config(tmp_path, "", database={"listen_port": port})
     config = load_config(path)
@@ -506,6 +508,27 @@ async def test_grafana_reaches_the_embedded_server_read_only(
         assert await trio.to_thread.run_sync(_refused, renewed, WRITES[0]) == "42501"
         assert await trio.to_thread.run_sync(_query, renewed, SQL_PANELS[0])
         nursery.cancel_scope.cancel()
+
+
+async def test_a_listen_port_held_by_another_process_is_in_use_not_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `database.listen_port` another process holds: the database part fails with
+    InUseError naming the address (the supervisor gives up at once), not a crash that is
+    restarted max_restarts times."""
+    monkeypatch.setenv("USERSTREAMD_GRAFANA_PASSWORD", "pw-held")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        path = write_config(tmp_path, "", database={"listen_port": port})
+        config = load_config(path)
+        with trio.fail_after(120), pytest.raises(BaseException) as raised:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(run_database, config)
+    [error] = list(leaves(raised.value))
+    assert isinstance(error, InUseError), error
+    assert f"127.0.0.1:{port} (database.listen_port)" in str(error)
 
 
 def test_a_listener_without_a_password_is_a_config_error(
@@ -656,7 +679,7 @@ def test_every_promql_expression_against_a_real_prometheus(
     dashboard answers with data and a sane value: nothing negative or NaN (the lag is 0
     once caught up), the committed seq is where the stream stands."""
     assert Path(PROMETHEUS).exists(), "needs Debian's prometheus (apt-get install prometheus)"
-    http_port, port = _free_port(), _free_port()
+    http_port, port = free_ports(2)
     config = _prometheus_config(tmp_path / "prometheus.yml", f"127.0.0.1:{http_port}")
     with (tmp_path / "prometheus.log").open("wb") as log:  # (first: it sees the whole run)
         prometheus = subprocess.Popen(

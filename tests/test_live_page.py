@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ from selenium.webdriver.chrome.webdriver import WebDriver
 from userstreamd.sources.synthetic import synthetic_user
 
 from .conftest import daemon_tables
-from .helpers import in_process_daemon, run_until, wait_until
+from .helpers import free_ports, in_process_daemon, run_until, wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -149,13 +148,6 @@ def page_errors(driver: WebDriver, *expected: str) -> list[str]:
     ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def streaming_tables(tmp_path: Path, dsn: str, rate_per_s: float) -> dict[str, dict[str, Any]]:
     tables = daemon_tables(tmp_path, dsn)
     tables["producer"] = {"source": "synthetic", "rate_per_s": rate_per_s}
@@ -240,8 +232,7 @@ def test_the_page_resumes_the_epoch_after_a_restart(
     the epoch from its checkpoint, and the page (resuming with ?epoch=&since=) goes on
     from the next seq: nothing twice, nothing missing, no gap."""
     tables = streaming_tables(tmp_path, dsn, 10)
-    tables["broadcaster"]["port"] = free_port()
-    tables["http"]["port"] = free_port()
+    tables["broadcaster"]["port"], tables["http"]["port"] = free_ports(2)
     first = daemon_factory(tables)
     browser.get(first.wait_for("daemon.ready")["http_url"])
     before = wait_for_page(

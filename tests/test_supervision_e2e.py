@@ -19,7 +19,7 @@ import pytest
 from userstreamd.store.embedded import EmbeddedPostgres
 
 from .conftest import assert_rows_match, daemon_tables, toml_text
-from .helpers import wait_until
+from .helpers import free_ports, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -106,12 +106,6 @@ def test_component_crashing_on_every_start_hits_the_intensity_limit(
     assert daemon.events("database.embedded_stopped") or tables["database"]["dsn"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _lines_naming(daemon: Any, text: str) -> list[str]:
     return [line for line in daemon.log_path.read_text().splitlines() if text in line]
 
@@ -123,7 +117,7 @@ def test_a_second_daemon_on_the_same_ports_exits_1_at_once_naming_the_address(
     restart: one line naming the address, exit 1, no restarts; the first daemon lives on."""
     tables = daemon_tables(tmp_path, dsn)
     tables["producer"] = {"source": "synthetic", "rate_per_s": 20}
-    http_port, ws_port = _free_port(), _free_port()
+    http_port, ws_port = free_ports(2)
     tables["http"] = {"port": http_port}
     tables["broadcaster"] = {"port": ws_port}
     first = daemon_factory(tables, name="first")

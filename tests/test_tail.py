@@ -35,7 +35,7 @@ from userstreamd.stream.hub import Hub
 from userstreamd.stream.protocol import Gap, UserMessage, Welcome, decode_server, encode
 
 from .conftest import daemon_tables, query
-from .helpers import eventually, wait_until
+from .helpers import eventually, free_port, wait_until
 
 ROOT = Path(__file__).parent.parent
 SEED = "tail-seed"
@@ -439,12 +439,6 @@ async def test_wss_an_untrusted_certificate_ends_it_and_with_its_ca_it_streams(
 # -- the command against the real daemon ----------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _tables(tmp_path: Path, dsn: str, port: int) -> dict[str, dict[str, Any]]:
     tables = daemon_tables(tmp_path, dsn)
     tables["daemon"]["log_level"] = "info"  # 200 users/s: keep the per-user lines out
@@ -514,7 +508,7 @@ def test_json_tail_goes_on_without_gap_or_duplicate_across_daemon_restarts(
     """The daemon stopped with SIGINT and started again, then killed -9 and started
     again (the second restart regenerates seqs tail has already printed: the stream
     resumes from the consumers' checkpoint); tail's output is one unbroken run."""
-    port = _free_port()
+    port = free_port()
     url = f"ws://127.0.0.1:{port}/"
     tables = _tables(tmp_path, dsn, port)
     first = daemon_factory(tables, name="first")
@@ -573,7 +567,7 @@ def test_json_tail_goes_on_without_gap_or_duplicate_across_daemon_restarts(
 def test_readable_tail_prints_one_line_per_user_matching_the_json_frames(
     tmp_path: Path, dsn: str, daemon_factory: Any, tails: Callable[..., TailProcess]
 ) -> None:
-    port = _free_port()
+    port = free_port()
     url = f"ws://127.0.0.1:{port}/"
     daemon = daemon_factory(_tables(tmp_path, dsn, port))
     daemon.wait_for("daemon.ready")
@@ -632,7 +626,7 @@ def _token_tables(tmp_path: Path, dsn: str, port: int) -> dict[str, dict[str, An
 def test_a_group_member_acks_each_user_so_the_stream_flows_past_its_window(
     tmp_path: Path, dsn: str, daemon_factory: Any, tails: Callable[..., TailProcess]
 ) -> None:
-    port = _free_port()
+    port = free_port()
     daemon = daemon_factory(_token_tables(tmp_path, dsn, port))
     daemon.wait_for("daemon.ready")
     token_file = tmp_path / "watcher.token"
@@ -657,7 +651,7 @@ def test_a_group_member_acks_each_user_so_the_stream_flows_past_its_window(
 def test_a_refused_token_ends_tail_with_a_clear_message(
     tmp_path: Path, dsn: str, daemon_factory: Any, tails: Callable[..., TailProcess]
 ) -> None:
-    port = _free_port()
+    port = free_port()
     daemon = daemon_factory(_token_tables(tmp_path, dsn, port))
     daemon.wait_for("daemon.ready")
     url = f"ws://127.0.0.1:{port}/"

@@ -29,7 +29,7 @@ import nats
 import nats.errors
 import nats.js.errors
 
-from ..errors import EmbeddedPostgresError
+from ..errors import EmbeddedPostgresError, InUseError
 from ..store.embedded import EmbeddedPostgres
 from ..testing.nats import LocalCluster
 from ..topology.nats.bus import epoch_of
@@ -110,7 +110,7 @@ class BenchPostgres:
                     command, stdin=subprocess.PIPE, **self.server.process_options(log)
                 )
             self.server.wait_ready(self.proc)
-        except EmbeddedPostgresError as exc:
+        except (EmbeddedPostgresError, InUseError) as exc:
             self.stop()
             raise BenchError(f"PostgreSQL: {exc}") from exc
 

@@ -12,7 +12,7 @@ from .parsing import add_command
 from .run import configured
 
 
-def warnings(config: Config) -> Iterator[tuple[str, str]]:
+def config_warnings(config: Config) -> Iterator[tuple[str, str]]:
     """(key, why) for values that are valid but likely not what was meant."""
     p, ru = config.producer, config.randomuser
     allowed_per_s = ru.budget_users / ru.budget_window_s
@@ -41,7 +41,7 @@ def warnings(config: Config) -> Iterator[tuple[str, str]]:
 def run(args: argparse.Namespace) -> int:
     """Validate the config file (and the tokens and TLS files it names) and say so."""
     config = configured(args, public_port=True, logs=sys.stderr)
-    for key, why in warnings(config):
+    for key, why in config_warnings(config):
         print(f"{config.path}: warning: {key}: {why}", file=sys.stderr)
     if args.effective:
         from ..config import effective_toml

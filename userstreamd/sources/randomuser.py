@@ -161,7 +161,7 @@ class UserBudget:
         await self.load()
         while (delay := self.delay_for(users, trio.current_time())) > 0:
             get_logger().debug(
-                "producer.budget_wait",
+                "producer.budget_guard_wait",
                 users=users,
                 wait_s=round(delay, 3),
                 budget=self.limit,

@@ -32,7 +32,7 @@ from typing import IO, Any
 import psycopg
 import trio
 
-from ..errors import EmbeddedPostgresError, InUseError
+from ..errors import EmbeddedPostgresError, InUseError, in_use_text
 from ..logs import get_logger
 from .reader import hba_lines
 
@@ -290,9 +290,12 @@ class EmbeddedPostgres:
         admin = f"host={self.data_dir} port={self.port} user=postgres dbname=postgres"
         while True:
             if proc.poll() is not None:
-                raise EmbeddedPostgresError(
-                    f"postgres exited with code {proc.returncode}: {self._log_tail()}"
-                )
+                tail = self._log_tail()
+                if self.listen_host and "could not create any TCP/IP sockets" in tail[-500:]:
+                    host = self.listen_host
+                    address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+                    raise InUseError(in_use_text(address, "database.listen_port"))
+                raise EmbeddedPostgresError(f"postgres exited with code {proc.returncode}: {tail}")
             try:
                 with psycopg.connect(admin, autocommit=True, connect_timeout=2) as conn:
                     exists = conn.execute(
