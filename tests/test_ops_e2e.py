@@ -178,7 +178,7 @@ async def _attack_and_measure(daemon: LimitedDaemon, dsn: str, nofile: int, atta
         f"{after_cpu:.2f} s in the 5 s after the attacker left; descriptors at most "
         f"{max(fds, default=0)} of {nofile}; /healthz polls {len(health)} "
         f"({polls_attacked} during the attack), failed {failed_polls}; new WebSocket client's "
-        f"first user after {newcomer[0] if newcomer else None} s; "
+        f"first user after {f'{newcomer[0]:.2f} s' if newcomer else 'none'}; "
         f"http.accept_failed lines {accept_failed}; RSS {rss0:.0f} -> {rss3:.0f} MB"
     )
     assert connected > ops_cap  # (a real attack: more than the port holds, so the cap held)
