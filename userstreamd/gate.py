@@ -14,6 +14,10 @@ Both public doors, the ops port (`ops/server.py`) and the broadcaster's WebSocke
   ENOMEM) are counted, logged (the owner's ``*.accept_failed``, throttled) and waited
   out: accepting resumes as soon as a connection closes, 0.1 s at most. Transient ones
   (a peer that left before it was accepted) are ignored.
+
+The two ports share the process's open-file limit here, in one place: `ops_room` gives
+the ops port at most an eighth, `stream_room` the broadcaster the rest less
+`STREAM_FD_RESERVE`, so that the two never overlap.
 """
 
 from __future__ import annotations

@@ -73,9 +73,8 @@ class _Guarded(trio.abc.HalfCloseableStream):
     ``read_timeout_s`` while a request was awaited (never while one is answered), did not
     take an answer within ``write_timeout_s`` (hypercorn writes shielded: only a deadline
     inside reaches the write), or closed its side and has no answer coming
-    (`_Connection`). hypercorn
-    alone would keep a closed connection until its keep-alive timer ends, and would go
-    on computing answers to a peer that is gone."""
+    (`_Connection`). hypercorn alone would keep a closed connection until its keep-alive
+    timer ends, and would go on computing answers to a peer that is gone."""
 
     def __init__(self, stream: trio.SocketStream, scope: trio.CancelScope, port: OpsPort) -> None:
         self.transport = stream
