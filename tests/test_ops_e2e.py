@@ -24,11 +24,14 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
+from userstreamd.config import HttpConfig
+
 from .conftest import DaemonProcess, daemon_tables, query, toml_text
 
 pytestmark = pytest.mark.e2e
 
 WINDOW_S = 8.0  # rows are counted over this long, without and with the attack
+NEWCOMER_WAIT_S = 10.0  # a WebSocket client arriving mid-attack gets a user within this
 RATE_PER_S = 200
 
 
@@ -120,13 +123,18 @@ async def _attack_and_measure(daemon: LimitedDaemon, dsn: str, nofile: int, atta
 
     async def new_client_receives_a_user() -> None:
         await trio.sleep(WINDOW_S / 2)  # (in the thick of it)
-        with trio.move_on_after(WINDOW_S / 2 - 0.5):
-            async with open_websocket_url(ready["url"]) as ws:
-                while json.loads(await ws.get_message())["type"] != "user":
-                    pass
-                newcomer.append(True)
+        start = trio.current_time()
+        try:
+            with trio.move_on_after(NEWCOMER_WAIT_S):
+                async with open_websocket_url(ready["url"]) as ws:
+                    while json.loads(await ws.get_message())["type"] != "user":
+                        pass
+                    newcomer.append(trio.current_time() - start)
+        finally:
+            newcomer_done.set()
 
-    newcomer: list[bool] = []
+    newcomer: list[float] = []  # (seconds to its first user)
+    newcomer_done = trio.Event()
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read_stream)
@@ -145,6 +153,7 @@ async def _attack_and_measure(daemon: LimitedDaemon, dsn: str, nofile: int, atta
                 nursery.start_soon(new_client_receives_a_user)
                 await trio.sleep(WINDOW_S)
                 rows2 = rows(dsn)
+                polls_attacked = len(health)
             finally:
                 attacker.kill()  # the attacker leaves (unread answers: resets)
                 await attacker.wait()
@@ -154,26 +163,34 @@ async def _attack_and_measure(daemon: LimitedDaemon, dsn: str, nofile: int, atta
             cpu2 = cpu_s(pid)
             await trio.sleep(5)
             cpu3, rss3 = cpu_s(pid), rss_mb(pid)
+            await newcomer_done.wait()
             nursery.cancel_scope.cancel()
     assert daemon.stop() == 0
     baseline, attacked = rows1 - rows0, rows2 - rows1
     idle_cpu_per_s, after_cpu = (cpu1 - cpu0) / WINDOW_S, cpu3 - cpu2
     accept_failed = len(daemon.events("http.accept_failed"))
+    failed_polls = [h for h in health if h != 200]
+    ops_cap = min(HttpConfig().max_connections, nofile // 8)  # (the daemon's: see below)
     print(
-        f"attacker: {connected} of {attackers} connected; rows in {WINDOW_S:.0f} s: {baseline} without the attack, {attacked} with it "
-        f"({attacked / baseline:.0%}); daemon CPU {idle_cpu_per_s:.2f} s/s before, "
+        f"attacker: {connected} of {attackers} connected (the ops port's cap: {ops_cap}); "
+        f"rows in {WINDOW_S:.0f} s: {baseline} without the attack, {attacked} with it "
+        f"({attacked / max(baseline, 1):.0%}); daemon CPU {idle_cpu_per_s:.2f} s/s before, "
         f"{after_cpu:.2f} s in the 5 s after the attacker left; descriptors at most "
-        f"{max(fds)} of {nofile}; /healthz polls {len(health)}; "
+        f"{max(fds, default=0)} of {nofile}; /healthz polls {len(health)} "
+        f"({polls_attacked} during the attack), failed {failed_polls}; new WebSocket client's "
+        f"first user after {f'{newcomer[0]:.2f} s' if newcomer else 'none'}; "
         f"http.accept_failed lines {accept_failed}; RSS {rss0:.0f} -> {rss3:.0f} MB"
     )
+    assert connected > ops_cap  # (a real attack: more than the port holds, so the cap held)
     # The ops port's own budget: an eighth of the descriptors (256 under 8192: as set).
     budget = [e["effective"] for e in daemon.events("http.fd_limit")]
     assert budget == ([nofile // 8] if nofile // 8 < 256 else [])
     errors = [e for e in daemon.events() if e.get("level") in ("error", "critical")]
     assert not errors, errors[:3]  # (nothing a client of the ops port does is our error)
     assert seqs and seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # (none missing)
-    assert health and set(health) == {200}, health
-    assert newcomer == [True], "a new WebSocket client got no user during the attack"
+    # Loose where the figures are timings (CI runs on 2 shared cores); all printed above.
+    assert polls_attacked >= 3 and len(failed_polls) <= 1, health  # (/healthz answered)
+    assert newcomer, "a new WebSocket client got no user during the attack"
     assert max(fds) < nofile // 2  # (the ops port's budget: the rest is the data path's)
-    assert attacked >= 0.75 * baseline  # (loose: CI machines are shared; printed above)
-    assert after_cpu < idle_cpu_per_s * 5 + 1.0  # (back to idle: no dead peer answered)
+    assert attacked > 0.5 * baseline  # (the stream goes on; unprotected: 40% and falling)
+    assert after_cpu < 2.5  # (back to idle: no dead peer answered; unprotected: 4-5 s)

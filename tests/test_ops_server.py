@@ -1,7 +1,8 @@
 """The ops port's listener against real sockets on 127.0.0.x: connection caps in total and
-per address, the read and write timeouts, no answer to a peer that is gone, and accept
-errors (EMFILE) logged once with a count; and `check`'s warning when the port is not on
-loopback.
+per address, the read and write timeouts (none while an answer is computed or written),
+no answer to a peer that is gone, every answer to one that half-closed, and accept
+errors (EMFILE) logged once with a count; the descriptor budgets of the ops port and the
+stream, which never overlap; and `check`'s warning when the port is not on loopback.
 
 Each test serves a small counting ASGI app with `OpsPort` in-process; peers on
 127.0.0.2 and up are distinct client IPs (Linux routes all of 127/8 to lo).
@@ -20,8 +21,11 @@ from typing import Any
 
 import pytest
 import trio
+from hypercorn.events import Event, Updated
+from hypercorn.trio.tcp_server import TCPServer
 from structlog.testing import capture_logs
 
+from userstreamd import gate
 from userstreamd.commands.cli import main
 from userstreamd.config import HttpConfig
 from userstreamd.ops.server import OpsPort
@@ -32,14 +36,17 @@ GET = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
 class Counting:
-    """An ASGI app that answers every request with `size` bytes and counts them."""
+    """An ASGI app that answers every request with `size` bytes after `delay_s` and
+    counts them."""
 
-    def __init__(self, size: int = 100) -> None:
+    def __init__(self, size: int = 100, delay_s: float = 0.0) -> None:
         self.size = size
+        self.delay_s = delay_s  # (how long each answer takes to compute)
         self.calls = 0
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         self.calls += 1
+        await trio.sleep(self.delay_s)
         body = b"x" * self.size
         headers = [(b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -48,7 +55,7 @@ class Counting:
 
 @contextlib.asynccontextmanager
 async def serving(app: Counting, **settings: Any) -> AsyncIterator[tuple[OpsPort, int]]:
-    ops = OpsPort(app, HttpConfig(**settings))  # type: ignore[arg-type]
+    ops = OpsPort(app, HttpConfig(**settings))
     async with trio.open_nursery() as nursery:
         port = await nursery.start(partial(ops.serve, "127.0.0.1", 0))
         yield ops, port
@@ -131,6 +138,38 @@ async def test_a_request_not_sent_whole_within_read_timeout_is_dropped() -> None
             await eventually(lambda: ops.statistics().open_connections == 0)
 
 
+async def test_an_answer_slower_than_read_timeout_is_delivered_whole() -> None:
+    """No read timeout runs while an answer is computed (1 s here) or written (a client
+    reading 1 MiB slowly, for more than read_timeout_s); the next request on the
+    connection has read_timeout_s from the end of the answer."""
+    size = 2**20
+    async with serving(Counting(size, delay_s=1.0), read_timeout_s=0.3) as (ops, port):
+        with trio.fail_after(20):
+            client = await tcp(port, rcvbuf=16384)
+            await client.send_all(GET)
+            received = b""
+            start = trio.current_time()
+            while not received.endswith(b"x" * 100) or len(received) < size:
+                chunk = await client.receive_some(16384)
+                assert chunk, len(received)  # (never cut off)
+                received += chunk
+                await trio.sleep(0.01)  # (a slow reader: 64 chunks at least, 0.64 s)
+            assert trio.current_time() - start > 1.6  # (1 s to compute, 0.64 s to read)
+            head, _, body = received.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200") and body == b"x" * size
+            await client.send_all(GET)  # (kept alive: a second slow answer)
+            received = b""
+            while len(received) < size:
+                chunk = await client.receive_some()
+                assert chunk, len(received)
+                received += chunk
+            assert received.startswith(b"HTTP/1.1 200")
+            assert await read_all(client) == b""  # (then idle: closed after read_timeout_s)
+            await client.aclose()
+            await eventually(lambda: ops.statistics().open_connections == 0)
+    assert ops.statistics().write_timeouts == ops.statistics().peers_gone == 0
+
+
 async def test_a_peer_that_does_not_read_its_answer_is_dropped() -> None:
     size = 4 * 2**20
     async with serving(Counting(size), write_timeout_s=0.5) as (ops, port):
@@ -176,6 +215,77 @@ async def test_a_client_that_half_closes_after_its_request_gets_its_answer() -> 
             assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"x" * 1000)
             await client.aclose()
             await eventually(lambda: ops.statistics().open_connections == 0)
+
+
+async def test_a_client_that_pipelines_then_half_closes_gets_every_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """hypercorn tells the connection it is idle again (``Updated(idle=True)``) between
+    two pipelined requests, and what it does with that may let the next request start,
+    and the peer's EOF be read, before it returns (here: its keep-alive timer takes
+    0.05 s to restart). The EOF must not end the connection while answers are due."""
+    original = TCPServer.protocol_send
+
+    async def slow_idle_timer(self: TCPServer, event: Event) -> None:
+        if isinstance(event, Updated) and event.idle:
+            await trio.sleep(0.05)
+        await original(self, event)
+
+    monkeypatch.setattr(TCPServer, "protocol_send", slow_idle_timer)
+    app = Counting(1000, delay_s=0.2)
+    async with serving(app) as (ops, port):
+        with trio.fail_after(20):
+            client = await tcp(port)
+            await client.send_all(GET * 3)
+            await client.send_eof()  # (as `nc -N` does)
+            answers = await read_all(client)
+            await client.aclose()
+            assert answers.count(b"HTTP/1.1 200") == 3 and answers.endswith(b"x" * 1000)
+            assert app.calls == 3
+            await eventually(lambda: ops.statistics().open_connections == 0)
+
+
+@pytest.mark.parametrize("limit", [256, 1024, 4096, 8192, 65536])
+@pytest.mark.parametrize("stream_first", [False, True])
+def test_the_ops_port_and_the_stream_share_the_descriptors_without_overlap(
+    monkeypatch: pytest.MonkeyPatch, limit: int, stream_first: bool
+) -> None:
+    """Each asks for more than the limit holds: the ops port gets an eighth, the stream
+    the rest less `STREAM_FD_RESERVE`, and the two never add up to more than the limit
+    less that reserve, whichever asks first, even when the first raised the soft limit
+    from below."""
+    rlimit = [limit // 4, limit]  # (soft, hard)
+    monkeypatch.setattr(gate.resource, "getrlimit", lambda _: tuple(rlimit))
+    monkeypatch.setattr(
+        gate.resource, "setrlimit", lambda _, value: rlimit.__setitem__(0, value[0])
+    )
+    if stream_first:
+        stream = gate.stream_room(100_000)
+        ops = gate.ops_room(100_000)
+    else:
+        ops = gate.ops_room(100_000)
+        stream = gate.stream_room(100_000)
+    assert rlimit[0] == limit  # (raised to the hard limit)
+    assert ops <= limit // 8
+    assert ops + stream + gate.STREAM_FD_RESERVE <= limit
+    assert stream == limit - gate.STREAM_FD_RESERVE - limit // 8  # (all the rest)
+    if limit == 1024:  # (the unit's LimitNOFILE=1024 case: 128 + 768 + 128 reserved)
+        assert (ops, stream) == (128, 768)
+
+
+def test_each_budget_raises_the_soft_limit_only_as_far_as_it_needs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rlimit = [1024, 65536]
+    monkeypatch.setattr(gate.resource, "getrlimit", lambda _: tuple(rlimit))
+    monkeypatch.setattr(
+        gate.resource, "setrlimit", lambda _, value: rlimit.__setitem__(0, value[0])
+    )
+    assert gate.ops_room(256) == 256 and rlimit[0] == 2048  # (256 is an eighth of it)
+    assert gate.stream_room(4096) == 4096
+    soft = rlimit[0]
+    assert soft - gate.STREAM_FD_RESERVE - soft // 8 >= 4096  # (with the ops port's eighth)
+    assert soft - 1 - gate.STREAM_FD_RESERVE - (soft - 1) // 8 < 4096  # (and no more)
 
 
 async def test_accept_errors_are_logged_once_with_a_count_and_accepting_resumes() -> None:

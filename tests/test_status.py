@@ -12,6 +12,7 @@ from userstreamd.ops.app import OpsApp
 from userstreamd.ops.health import readiness
 from userstreamd.ops.metrics import Metrics, StatusCollector
 from userstreamd.ops.report import stats, summary_line, totals
+from userstreamd.ops.server import OpsPortStatistics
 from userstreamd.ops.status import FanoutTotals, Status, WebSocketInfo
 from userstreamd.runtime.supervisor import ComponentState
 from userstreamd.serve.broadcaster import BroadcasterStatistics
@@ -129,6 +130,31 @@ def test_write_timeouts_of_the_daemon_and_its_fanout_workers_are_one_counter() -
     assert "userstreamd_websocket_write_timeouts_total 0.0" in _exposition(
         _status(fanout=FanoutTotals())
     )
+
+
+def test_the_ops_ports_turn_aways_drops_and_accept_errors_are_metrics() -> None:
+    ops_port = OpsPortStatistics(
+        open_connections=3,
+        max_connections=128,
+        accepted=900,
+        over_limit={503: 40, 429: 7},
+        write_timeouts=5,
+        peers_gone=11,
+        accept_errors=2,
+    )
+    text = _exposition(_status(ops_port=ops_port))
+    assert 'userstreamd_http_connections_refused_total{status="429"} 7.0' in text
+    assert 'userstreamd_http_connections_refused_total{status="503"} 40.0' in text
+    assert "userstreamd_http_accept_errors_total 2.0" in text
+    assert 'userstreamd_http_dropped_total{reason="peer_gone"} 11.0' in text
+    assert 'userstreamd_http_dropped_total{reason="write_timeout"} 5.0' in text
+    # Every series from the start (a panel's increase() has data before the first one):
+    quiet = _exposition(_status(ops_port=OpsPortStatistics(0, 256, 0, {}, 0, 0, 0)))
+    assert 'userstreamd_http_connections_refused_total{status="429"} 0.0' in quiet
+    assert 'userstreamd_http_connections_refused_total{status="503"} 0.0' in quiet
+    assert 'userstreamd_http_dropped_total{reason="write_timeout"} 0.0' in quiet
+    assert "userstreamd_http_accept_errors_total 0.0" in quiet
+    assert "userstreamd_http_" not in _exposition(_status())  # (no ops port: http.enabled off)
 
 
 def test_metrics_of_a_process_without_a_feed() -> None:

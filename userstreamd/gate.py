@@ -14,6 +14,10 @@ Both public doors, the ops port (`ops/server.py`) and the broadcaster's WebSocke
   ENOMEM) are counted, logged (the owner's ``*.accept_failed``, throttled) and waited
   out: accepting resumes as soon as a connection closes, 0.1 s at most. Transient ones
   (a peer that left before it was accepted) are ignored.
+
+The two ports share the process's open-file limit here, in one place: `ops_room` gives
+the ops port at most an eighth, `stream_room` the broadcaster the rest less
+`STREAM_FD_RESERVE`, so that the two never overlap.
 """
 
 from __future__ import annotations
@@ -39,18 +43,45 @@ Handler = Callable[[trio.socket.SocketType, str, str], Awaitable[None]]
 the socket."""
 
 
+OPS_FD_SHARE = 8  # the ops port holds at most 1/8 of the process's descriptors
+STREAM_FD_RESERVE = 128  # descriptors kept for PostgreSQL, logs and the private socket
+
+
 def fd_room(wanted: int, *, share: int = 1, reserve: int = 0) -> int:
     """How many of `wanted` connections fit in one `share`-th of the open-file limit
     less `reserve` descriptors (at least 1), the soft limit first raised towards
     `wanted` x `share` + `reserve` (up to the hard limit)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = wanted * share + reserve
-    if soft != resource.RLIM_INFINITY and soft < target:
-        soft = target if hard == resource.RLIM_INFINITY else min(hard, target)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    soft = _raise_soft_limit(wanted * share + reserve)
     if soft == resource.RLIM_INFINITY:
         return wanted
     return max(1, min(wanted, (soft - reserve) // share))
+
+
+def ops_room(wanted: int) -> int:
+    """The ops port's connections: at most an eighth of the open-file limit."""
+    return fd_room(wanted, share=OPS_FD_SHARE)
+
+
+def stream_room(wanted: int) -> int:
+    """The stream's (the broadcaster's) connections: the open-file limit less
+    `STREAM_FD_RESERVE` and less the ops port's eighth, so that the two budgets never
+    overlap, whichever is taken first (the soft limit only rises: the eighth reserved
+    here is never less than the one `ops_room` gave)."""
+    reserve = STREAM_FD_RESERVE
+    needed = wanted + reserve  # (with the eighth: the least limit whose 7/8 hold it)
+    soft = _raise_soft_limit(needed + (needed - 1) // (OPS_FD_SHARE - 1))
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(1, min(wanted, soft - reserve - soft // OPS_FD_SHARE))
+
+
+def _raise_soft_limit(target: int) -> int:
+    """The soft open-file limit, first raised towards `target` (up to the hard limit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        soft = target if hard == resource.RLIM_INFINITY else min(hard, target)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return soft
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 from ..produce.producer import ProducerStatistics
 from ..stream.protocol import Batch
 from .health import readiness
+from .server import OpsPortStatistics
 from .status import Status, StatusFn
 
 PREFIX = "userstreamd_"
@@ -204,6 +205,7 @@ class StatusCollector(Collector):
             oldest.add_metric([g.name], g.watermark + 1)
         yield oldest
         yield from _producer(producer)
+        yield from _ops_port(status.ops_port)
         yield from _components(status)
         yield _gauge("ready", "1 while /readyz answers 200", float(readiness(status).ready))
 
@@ -225,6 +227,34 @@ def _producer(stats: ProducerStatistics | None) -> Iterator[Metric]:
             "Users the Random User API may still serve in the budget's window",
             stats.budget_remaining_users,
         )
+
+
+def _ops_port(stats: OpsPortStatistics | None) -> Iterator[Metric]:
+    """The operations port's own listener (none with ``http.enabled = false``)."""
+    if stats is None:
+        return
+    yield _counter(
+        "http_connections_refused",
+        "Connections to the operations port turned away at once, by HTTP status (503: "
+        "http.max_connections, or the port's eighth of the open-file limit; 429: "
+        "http.max_connections_per_ip)",
+        ["status"],
+        {(str(s),): stats.over_limit.get(s, 0) for s in (429, 503)},
+    )
+    yield CounterMetricFamily(
+        f"{PREFIX}http_accept_errors",
+        "Accepts on the operations port that failed for want of descriptors or memory "
+        "(EMFILE, ENFILE, ENOBUFS, ENOMEM)",
+        value=stats.accept_errors,
+    )
+    yield _counter(
+        "http_dropped",
+        "Operations-port connections cut off, by reason (peer_gone: reset by the client, or "
+        "a write to it refused; write_timeout: it took nothing for http.write_timeout_s); "
+        "what it had pipelined is never answered",
+        ["reason"],
+        {("peer_gone",): stats.peers_gone, ("write_timeout",): stats.write_timeouts},
+    )
 
 
 def _components(status: Status) -> Iterator[Metric]:

@@ -10,14 +10,16 @@ sizes, the keep-alive timer) over a `_Guarded` stream:
 
 - at most ``http.max_connections`` connections at once (HTTP 503 beyond) and
   ``http.max_connections_per_ip`` from one address (429), and never more than an eighth
-  of the process's open-file limit (`gate.fd_room`): the rest is the data path's;
+  of the process's open-file limit (`gate.ops_room`): the rest is the stream's
+  (`gate.stream_room` leaves that eighth out);
 - a request must arrive whole within ``read_timeout_s`` of the connection opening or of
-  the previous answer;
+  the previous answer; no read timeout runs while an answer is computed or written
+  (however long that takes: the write has its own timeout);
 - the peer's kernel must take an answer within ``write_timeout_s``, else the connection
   is dropped;
 - a connection that is over (reset by the peer, a write refused or timed out, or closed
-  by the peer with no answer under way) is cancelled whole at once: it frees its slot,
-  and the requests it pipelined are never computed;
+  by the peer once every request it sent is answered) is cancelled whole at once: it
+  frees its slot, and the requests it pipelined are never computed;
 - accept errors such as EMFILE are logged once per 10 s with how many there were, and
   accepting resumes as soon as a connection closes (0.1 s at most).
 """
@@ -25,7 +27,10 @@ sizes, the keep-alive timer) over a `_Guarded` stream:
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -37,11 +42,18 @@ from hypercorn.utils import wrap_app
 
 from ..config import HttpConfig
 from ..errors import InUseError, address_in_use, describe, in_use_text
-from ..gate import Gate, fd_room
+from ..gate import Gate, ops_room
 from ..logs import Throttle, get_logger
-from .app import OpsApp, url_host
 
-_FD_SHARE = 8  # the ops port holds at most 1/8 of the process's descriptors
+App = Callable[
+    [
+        dict[str, Any],
+        Callable[[], Awaitable[dict[str, Any]]],
+        Callable[[dict[str, Any]], Awaitable[None]],
+    ],
+    Awaitable[None],
+]
+"""An ASGI app as the ops port serves it (`app.OpsApp`; tests bring their own)."""
 
 
 @dataclass(frozen=True)
@@ -58,11 +70,11 @@ class OpsPortStatistics:
 class _Guarded(trio.abc.HalfCloseableStream):
     """A connection's socket stream as hypercorn sees it. The connection (its `scope`)
     is cancelled whole as soon as it is over: the peer reset it, sent nothing for
-    ``read_timeout_s`` while a request was awaited, did not take an answer within
-    ``write_timeout_s`` (hypercorn writes shielded: only a deadline inside reaches the
-    write), or closed its side and has no answer coming (`_Connection`). hypercorn
-    alone would keep a closed connection until its keep-alive timer ends, and would go
-    on computing answers to a peer that is gone."""
+    ``read_timeout_s`` while a request was awaited (never while one is answered), did not
+    take an answer within ``write_timeout_s`` (hypercorn writes shielded: only a deadline
+    inside reaches the write), or closed its side and has no answer coming
+    (`_Connection`). hypercorn alone would keep a closed connection until its keep-alive
+    timer ends, and would go on computing answers to a peer that is gone."""
 
     def __init__(self, stream: trio.SocketStream, scope: trio.CancelScope, port: OpsPort) -> None:
         self.transport = stream
@@ -72,6 +84,7 @@ class _Guarded(trio.abc.HalfCloseableStream):
         self.over = False
         self.answering = False  # a request is being answered
         self.peer_closed = False  # the peer sent EOF (it may still read its answer)
+        self._read_timer = trio.CancelScope()  # (the read under way's deadline)
 
     def end(self, why: str) -> None:
         if not self.over:
@@ -94,19 +107,37 @@ class _Guarded(trio.abc.HalfCloseableStream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         data = b""
-        with trio.move_on_after(self.port.settings.read_timeout_s) as timeout:
+        with trio.CancelScope(deadline=self._read_deadline()) as self._read_timer:
             try:
                 data = await self.transport.receive_some(max_bytes)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self.end("gone")
                 raise
-        if timeout.cancelled_caught:
+        if self._read_timer.cancelled_caught:
             self.end("read_timeout")
         elif not data:
             self.peer_closed = True
-            if not self.answering:
-                self.end("closed")
+            self.end_if_done()
         return data
+
+    def _read_deadline(self) -> float:
+        """No read timeout while an answer is computed or written (the write has its
+        own); else ``read_timeout_s`` from now."""
+        if self.answering:
+            return math.inf
+        return trio.current_time() + self.port.settings.read_timeout_s
+
+    def set_answering(self, answering: bool) -> None:
+        """A request is being answered, or the last one was: a read under way gets no
+        deadline, or ``read_timeout_s`` from the end of the answer."""
+        self.answering = answering
+        self._read_timer.deadline = self._read_deadline()
+
+    def end_if_done(self) -> None:
+        """The peer closed its side: the connection is over once nothing is left to
+        answer."""
+        if self.peer_closed and not self.answering:
+            self.end("closed")
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.transport.wait_send_all_might_not_block()
@@ -122,21 +153,26 @@ class _Guarded(trio.abc.HalfCloseableStream):
 
 class _Connection(TCPServer):
     """hypercorn's server of one connection, which tells its stream when an answer is
-    under way: a peer that closed its side then gets the answer, and nothing after."""
+    under way (hypercorn's ``Updated``: not idle from a request to its answer's end): a
+    peer that closed its side then gets every answer to what it sent, and nothing
+    after."""
 
     async def protocol_send(self, event: Event) -> None:
-        await super().protocol_send(event)
         stream = self.stream
-        if isinstance(event, Updated) and isinstance(stream, _Guarded):
-            stream.answering = not event.idle
-            if event.idle and stream.peer_closed:
-                stream.end("closed")
+        guarded = stream if isinstance(stream, _Guarded) else None
+        if guarded is not None and isinstance(event, Updated):
+            # (set as the event is sent: hypercorn's handling of it may let the next
+            # pipelined request's start, or the peer's EOF, through first)
+            guarded.set_answering(not event.idle)
+        await super().protocol_send(event)
+        if guarded is not None and isinstance(event, Updated) and event.idle:
+            guarded.end_if_done()  # (the state now, not as it was when the event came)
 
 
 class OpsPort:
     """The listener of the ops port around `app`; `serve` runs it until cancelled."""
 
-    def __init__(self, app: OpsApp, settings: HttpConfig) -> None:
+    def __init__(self, app: App, settings: HttpConfig) -> None:
         self.settings = settings
         self.app: AppWrapper = wrap_app(app, 0, "asgi")  # type: ignore[arg-type]
         self.hypercorn = _hypercorn_config(settings)
@@ -184,7 +220,7 @@ class OpsPort:
         self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Accept on `host`:`port` until cancelled; reports the bound port."""
-        self.gate.max_connections = fd_room(self.settings.max_connections, share=_FD_SHARE)
+        self.gate.max_connections = ops_room(self.settings.max_connections)
         if self.gate.max_connections < self.settings.max_connections:
             get_logger().warning(
                 "http.fd_limit",
@@ -196,7 +232,8 @@ class OpsPort:
             listeners = await trio.open_tcp_listeners(port, host=host, backlog=1024)
         except OSError as exc:
             if address_in_use(exc):
-                raise InUseError(in_use_text(f"{url_host(host)}:{port}", "http.port")) from exc
+                shown = f"[{host}]" if ":" in host else host
+                raise InUseError(in_use_text(f"{shown}:{port}", "http.port")) from exc
             raise
         sockets = [listener.socket for listener in listeners]
         await self.gate.serve(sockets, self._handle, task_status=task_status)
@@ -222,15 +259,3 @@ def _hypercorn_config(settings: HttpConfig) -> HypercornConfig:
     config.include_server_header = False
     config.keep_alive_timeout = settings.read_timeout_s  # (a request sent byte by byte)
     return config
-
-
-async def serve_ops(
-    app: OpsApp,
-    settings: HttpConfig,
-    *,
-    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve `app` on ``settings.host``:``settings.port`` until cancelled; reports the
-    bound port."""
-    port = OpsPort(app, settings)
-    await port.serve(settings.host, settings.port, task_status=task_status)

@@ -18,6 +18,7 @@ from ..runtime.supervisor import ComponentState
 from ..serve.broadcaster import BroadcasterStatistics
 from ..stream.hub import HubStatistics
 from ..topology import StreamCounts
+from .server import OpsPortStatistics
 
 NO_COUNTS = StreamCounts({}, {}, {}, 0, 0)
 
@@ -59,6 +60,7 @@ class Status:
     producer: ProducerStatistics | None = None
     rows_inserted: int = 0  # by this process's consumers and the ones it started
     websocket: WebSocketInfo = WebSocketInfo()
+    ops_port: OpsPortStatistics | None = None  # the operations port's listener (http.enabled)
 
     def state_of(self, component: str) -> str:
         return next((c.state for c in self.components if c.name == component), "not started")

@@ -43,7 +43,7 @@ from ..ops.app import OpsApp, url_host
 from ..ops.health import DatabaseProbe, Readiness, readiness
 from ..ops.metrics import Metrics, StatusCollector
 from ..ops.report import log_stats, stopped_sentence, summary_line, totals
-from ..ops.server import serve_ops
+from ..ops.server import OpsPort
 from ..ops.status import FanoutTotals, Status, WebSocketInfo
 from ..produce.producer import Producer
 from ..serve.auth import Tokens, is_loopback
@@ -87,6 +87,7 @@ class Daemon:
         self._probe_started = False
         self.metrics.watch(StatusCollector(self.status))
         self.broadcaster: Broadcaster | None = None
+        self.ops_port: OpsPort | None = None  # (with http.enabled, once started)
         self._consumer_names: list[str] = []
         self.producer: Producer | None = None
         self.notifier = Notifier.from_environ()
@@ -144,9 +145,8 @@ class Daemon:
             page_origins: list[str] = []
             if c.http.enabled:
                 h = c.http
-                http_port = await sup.start(
-                    "http", partial(serve_ops, OpsApp(self.status, self.metrics), h)
-                )
+                self.ops_port = OpsPort(OpsApp(self.status, self.metrics), h)
+                http_port = await sup.start("http", partial(self.ops_port.serve, h.host, h.port))
                 self.http_url = f"http://{url_host(_client_host(h.host))}:{http_port}/"
                 page_origins = wiring.page_origins(h.host, http_port)
                 log.info("daemon.http_listening", url=self.http_url)
@@ -298,6 +298,7 @@ class Daemon:
             counts=topology.counts(),
             committed_through=topology.committed_through(),
             producer=self.producer.statistics() if self.producer else None,
+            ops_port=self.ops_port.statistics() if self.ops_port else None,
             rows_inserted=self.metrics.rows_inserted,
             websocket=WebSocketInfo(
                 self.ws_port, "wss" if self.ssl_context else "ws", self.tokens.required

@@ -36,7 +36,7 @@ from wsproto.utilities import LocalProtocolError
 
 from ..config import BroadcasterConfig, Config
 from ..errors import ConfigError, describe
-from ..gate import Gate, TurnAway, fd_room
+from ..gate import Gate, TurnAway, stream_room
 from ..logs import Throttle, get_logger
 from .admission import Admission, Policy, Refused, WrongToken, admit
 from .auth import Lockouts
@@ -46,7 +46,6 @@ Session = Callable[[WebSocketConnection, Admission, str, bool], Awaitable[None]]
 
 _RECEIVE_BUFFER = 65536
 _PRIVATE_MAX_MESSAGE = 16 * 2**20
-_FD_RESERVE = 128  # descriptors kept for PostgreSQL, HTTP, logs and the private socket
 
 
 @dataclass(frozen=True)
@@ -84,8 +83,9 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
 
 def raise_fd_limit(wanted: int) -> int:
     """Raise the soft open-file limit towards `wanted` (up to the hard limit); the
-    connections it leaves room for."""
-    return fd_room(wanted, reserve=_FD_RESERVE)
+    connections it leaves room for (`gate.stream_room`: the ops port's eighth and a
+    reserve set aside)."""
+    return stream_room(wanted)
 
 
 def private_socket_path(state_dir: Path) -> Path:
