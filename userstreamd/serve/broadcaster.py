@@ -38,7 +38,7 @@ import msgspec
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 
-from ..config import BroadcasterConfig
+from ..config import BroadcasterConfig, is_loopback
 from ..errors import InUseError, ProtocolError, address_in_use, describe, in_use_text
 from ..logs import Throttle, bind, get_logger
 from ..stream.client import open_ws
@@ -60,7 +60,7 @@ from ..stream.protocol import (
     users_frame,
 )
 from .admission import Admission, Policy
-from .auth import Tokens, is_loopback
+from .auth import Tokens
 from .edge import Edge, EdgeStatistics, raise_fd_limit, reuse_port_sockets
 from .wsframes import WriteTimeout, send_frames
 
