@@ -294,7 +294,7 @@ class Daemon:
             feed=hub.statistics() if hub is not None else None,
             broadcaster=b.statistics() if b else None,
             sent=dict(b.sent) if b else {},
-            fanout=FanoutTotals(c.broadcaster.workers, *(b.fanout_totals() if b else (0, 0, 0, 0))),
+            fanout=FanoutTotals(c.broadcaster.workers, **(b.fanout_totals() if b else {})),
             counts=topology.counts(),
             committed_through=topology.committed_through(),
             producer=self.producer.statistics() if self.producer else None,
