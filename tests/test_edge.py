@@ -14,6 +14,7 @@ import socket
 import ssl
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -21,13 +22,17 @@ import structlog
 import trio
 import trustme
 from trio_websocket import ConnectionClosed, ConnectionRejected
+from wsproto.utilities import LocalProtocolError
 
+from userstreamd import backoff
+from userstreamd.backoff import Backoff
 from userstreamd.config import BroadcasterConfig
 from userstreamd.consume.consumer import Consumer
+from userstreamd.serve import auth
 from userstreamd.serve.admission import Policy
 from userstreamd.serve.auth import FREE_FAILURES, Token, Tokens
 from userstreamd.serve.broadcaster import Broadcaster
-from userstreamd.serve.edge import reuse_port_sockets
+from userstreamd.serve.edge import Edge, peer_out_of_step, reuse_port_sockets
 from userstreamd.sources.synthetic import synthetic_user
 from userstreamd.store.postgres import PostgresStore
 from userstreamd.stream.client import open_ws
@@ -408,9 +413,18 @@ async def test_a_ping_while_we_are_closing_is_no_error_of_ours() -> None:
             nursery.cancel_scope.cancel()
 
 
-async def test_repeated_wrong_tokens_from_one_address_are_answered_429_before_the_handshake() -> (
-    None
-):
+@pytest.fixture
+def long_lockouts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each lockout lasts 60 s (not the real 0.5-1 s of the first one): a test that
+    checks a lockout in real time sees it whatever the runner's speed."""
+    monkeypatch.setattr(auth, "LOCKOUT", Backoff(min_s=60.0, max_s=60.0))
+    no_jitter = SimpleNamespace(uniform=lambda low, high: high)
+    monkeypatch.setattr(backoff, "random", no_jitter)
+
+
+async def test_repeated_wrong_tokens_from_one_address_are_answered_429_before_the_handshake(
+    long_lockouts: None,
+) -> None:
     """After FREE_FAILURES wrong tokens, the address is locked out (429 with Retry-After,
     before any handshake, whatever it presents); other addresses go on as before."""
     hub = Hub("e")
@@ -432,3 +446,93 @@ async def test_repeated_wrong_tokens_from_one_address_are_answered_429_before_th
             stats = broadcaster.edge.statistics()
             assert stats.token_lockouts == 1 and stats.refused[429] == 1
             nursery.cancel_scope.cancel()
+
+
+async def _upgrade_head(stream: trio.SocketStream, target: str) -> bytes:
+    """Send an upgrade for `target` on an open connection; the answer's head."""
+    await stream.send_all(hostile.UPGRADE.format(target=target).encode())
+    head = b""
+    while b"\r\n\r\n" not in head and (chunk := await stream.receive_some(4096)):
+        head += chunk
+    await stream.aclose()
+    return head
+
+
+async def test_connections_in_flight_when_an_address_is_locked_out_get_no_guess(
+    long_lockouts: None,
+) -> None:
+    """The lockout is checked at accept and again just before the token is: connections
+    an address opened before it was locked out (up to max_connections_per_ip) are each
+    answered 429 with Retry-After, not a free guess each."""
+    hub = Hub("e")
+    in_flight = 8
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            broadcaster, port = await _serve(nursery, hub, max_connections_per_ip=32)
+            wrong = "/?token=" + "w" * 24
+            early = [await _tcp(port, "127.0.0.7") for _ in range(in_flight)]
+            await eventually(lambda: broadcaster.edge.statistics().open_connections == in_flight)
+            statuses = [
+                (await _raw_status(port, wrong, "127.0.0.7")).split()[1]
+                for _ in range(FREE_FAILURES + 1)
+            ]
+            assert statuses == ["401"] * (FREE_FAILURES + 1)  # (the last one locks it out)
+            heads = [await _upgrade_head(stream, wrong) for stream in early]
+            assert [h.split(b" ", 2)[1] for h in heads] == [b"429"] * in_flight
+            for head in heads:
+                assert b"\r\nretry-after: " in head.lower()
+                retry_after = int(head.lower().split(b"retry-after: ")[1].split(b"\r\n")[0])
+                assert 59 <= retry_after <= 60
+            stats = broadcaster.edge.statistics()
+            assert stats.refused == {401: FREE_FAILURES + 1, 429: in_flight}
+            assert stats.token_lockouts == 1, "no token checked after the lockout"
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_out_of_step_is_info_and_our_own_protocol_mistake_is_an_error() -> None:
+    """A LocalProtocolError from a send the peer's close made impossible is the peer's
+    timing (``peer_faults['state_error']``, info); any other is a handler error, logged
+    with its traceback."""
+    open_policy = Policy(Tokens((), required=False), own_group="db", groups=frozenset())
+    raised: list[LocalProtocolError] = [
+        LocalProtocolError(
+            "Event Pong(payload=b'') cannot be sent in state ConnectionState.LOCAL_CLOSING."
+        ),
+        LocalProtocolError("Event Message cannot be sent during the handshake"),
+    ]
+
+    async def session(*_: object) -> None:
+        raise raised.pop(0)
+
+    edge = Edge(BroadcasterConfig(), open_policy, session)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(edge.serve_tcp, "127.0.0.1", 0)
+            with structlog.testing.capture_logs() as logs:
+                for _ in range(2):
+                    with contextlib.suppress(ConnectionClosed):
+                        async with open_ws(f"ws://127.0.0.1:{port}/") as ws:
+                            await ws.get_message()
+                await eventually(lambda: edge.statistics().open_connections == 0)
+            nursery.cancel_scope.cancel()
+    stats = edge.statistics()
+    assert stats.peer_faults == {"state_error": 1} and stats.handler_errors == 1
+    levels = {e["event"]: e for e in logs if e["event"].startswith("broadcaster.")}
+    assert levels["broadcaster.peer_out_of_step"]["log_level"] == "info"
+    failed = levels["broadcaster.connection_failed"]
+    assert failed["log_level"] == "error" and failed["exc_info"] is not None
+    assert "during the handshake" in failed["error"]
+
+
+def test_only_a_send_on_a_closing_connection_is_the_peers_timing() -> None:
+    assert peer_out_of_step(
+        LocalProtocolError(
+            "Event Pong(payload=b'') cannot be sent in state ConnectionState.CLOSED."
+        )
+    )
+    assert peer_out_of_step(LocalProtocolError("Connection already closed."))
+    assert not peer_out_of_step(
+        LocalProtocolError("Event Message cannot be sent in state ConnectionState.CONNECTING.")
+    )
+    assert not peer_out_of_step(LocalProtocolError("Cannot initiate an upgrade connection"))
+    assert not peer_out_of_step(ValueError("cannot be sent in state ConnectionState.CLOSED."))

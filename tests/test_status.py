@@ -279,3 +279,45 @@ def test_the_console_stats_line_is_a_sentence_and_json_keeps_the_fields() -> Non
     [first, _] = [json.loads(line) for line in _stats_lines("json", status)]
     assert set(first) == {"event", "level", "timestamp", "component", *stats(status, 0)}
     assert first["users_streamed"] == 120 and first["committed_through"] == 100
+
+
+def test_fanout_workers_token_lockouts_and_peer_faults_reach_the_status_and_the_stats() -> None:
+    """Each fan-out worker locks addresses out and counts peer faults on its own edge: its
+    reports carry both, summed like write_timeouts (a replaced process's last counts
+    kept), into `FanoutTotals` and the ``daemon.stats`` event."""
+    from userstreamd.config import BroadcasterConfig
+    from userstreamd.serve.admission import Policy
+    from userstreamd.serve.auth import Tokens
+    from userstreamd.serve.broadcaster import Broadcaster
+    from userstreamd.stream.hub import Hub
+    from userstreamd.stream.protocol import FanoutReport, decode_client
+
+    policy = Policy(Tokens((), required=False), own_group="db", groups=frozenset())
+    broadcaster = Broadcaster(Hub("e"), BroadcasterConfig(), policy)
+
+    def report(worker: int, pid: int, token_lockouts: int, peer_faults: int) -> FanoutReport:
+        counts = {"token_lockouts": token_lockouts, "peer_faults": peer_faults}
+        return FanoutReport(
+            worker=worker, pid=pid, clients=1, sent=10, slow_closes=0, write_timeouts=1, **counts
+        )
+
+    broadcaster._fanout_report(1, report(1, 100, token_lockouts=2, peer_faults=3))
+    broadcaster._fanout_report(2, report(2, 200, token_lockouts=1, peer_faults=1))
+    broadcaster._fanout_report(3, report(1, 101, token_lockouts=1, peer_faults=0))  # replaced
+    totals = FanoutTotals(2, **broadcaster.fanout_totals())
+    assert totals == FanoutTotals(
+        workers=2,
+        clients=2,
+        sent=30,
+        slow_closes=0,
+        write_timeouts=3,
+        token_lockouts=4,
+        peer_faults=4,
+    )
+    assert stats(_status(fanout=totals), 0)["fanout"] == totals
+    assert "fanout" not in stats(_status(fanout=FanoutTotals()), 0)  # (no workers)
+    older = decode_client(
+        '{"type":"fanout","worker":1,"pid":1,"clients":0,"sent":0,"slow_closes":0}'
+    )
+    assert isinstance(older, FanoutReport)
+    assert (older.token_lockouts, older.peer_faults, older.write_timeouts) == (0, 0, 0)

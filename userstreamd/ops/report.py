@@ -47,8 +47,10 @@ def totals(status: Status) -> dict[str, Any]:
 
 def stats(status: Status, rate_per_s: float) -> dict[str, Any]:
     """The fields of one ``daemon.stats`` event."""
+    fanout = {"fanout": status.fanout} if status.fanout.workers else {}
     return {
         "broadcaster": status.broadcaster,
+        **fanout,  # (the workers' own edges: their token lockouts and peer faults)
         "users_streamed": status.counts.last_seq,
         "rate_per_s": round(rate_per_s, 2),
         "active_clients": status.feed.clients if status.feed else 0,

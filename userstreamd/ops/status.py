@@ -25,13 +25,16 @@ NO_COUNTS = StreamCounts({}, {}, {}, 0, 0)
 
 @dataclass(frozen=True)
 class FanoutTotals:
-    """The fan-out workers' (``broadcaster.workers``) plain clients, as they report."""
+    """The fan-out workers' (``broadcaster.workers``) plain clients, as they report; the
+    counts are summed over the workers (and their processes since replaced)."""
 
     workers: int = 0  # configured
     clients: int = 0
     sent: int = 0
     slow_closes: int = 0
     write_timeouts: int = 0
+    token_lockouts: int = 0  # each worker locks addresses out on its own (`auth.Lockouts`)
+    peer_faults: int = 0  # every kind together (`EdgeStatistics.peer_faults`)
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ import msgspec
 import trio
 
 from .. import __version__
-from ..config import RELOADABLE, Config, changed_keys, load_config
+from ..config import RELOADABLE, Config, changed_keys, is_loopback, load_config
 from ..errors import ConfigError
 from ..logs import bind, configure_logging, get_logger, say_on_console
 from ..ops.app import OpsApp, url_host
@@ -46,7 +46,7 @@ from ..ops.report import log_stats, stopped_sentence, summary_line, totals
 from ..ops.server import OpsPort
 from ..ops.status import FanoutTotals, Status, WebSocketInfo
 from ..produce.producer import Producer
-from ..serve.auth import Tokens, is_loopback
+from ..serve.auth import Tokens
 from ..serve.broadcaster import Broadcaster
 from ..serve.edge import private_socket_path
 from ..serve.policy import admission_policy
@@ -294,7 +294,7 @@ class Daemon:
             feed=hub.statistics() if hub is not None else None,
             broadcaster=b.statistics() if b else None,
             sent=dict(b.sent) if b else {},
-            fanout=FanoutTotals(c.broadcaster.workers, *(b.fanout_totals() if b else (0, 0, 0, 0))),
+            fanout=FanoutTotals(c.broadcaster.workers, **(b.fanout_totals() if b else {})),
             counts=topology.counts(),
             committed_through=topology.committed_through(),
             producer=self.producer.statistics() if self.producer else None,

@@ -22,8 +22,12 @@ without tokens.
 A tokens file that its group or others may read is used, with a warning at load
 (``broadcaster.tokens_file_exposed``, naming the file and its mode), as ssh warns about
 a private key. Guessing is slowed per address (`Lockouts`): after `FREE_FAILURES` wrong
-tokens, each further one locks the address (an IPv6 /64) out for a delay doubling from 1
-s to 60 s (the one backoff), answered 429 before any handshake.
+tokens, each further one locks the address (an IPv6 /64) out, for 0.5-1 s the first
+time, then 1-2 s, ... up to 30-60 s (`LOCKOUT`, the one backoff: equal jitter under a
+ceiling doubling from 1 s to 60 s). A locked-out address is answered 429 with
+``retry-after`` at accept, and again before its token is looked at on a connection it
+opened before (`edge.Edge`). The count is per process: each fan-out worker
+(``broadcaster.workers``) keeps its own, so N workers are N independent budgets.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ import msgspec
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 
-from ..config import BroadcasterConfig
+from ..config import BroadcasterConfig, is_loopback
 from ..errors import InUseError, ProtocolError, address_in_use, describe, in_use_text
 from ..logs import Throttle, bind, get_logger
 from ..stream.client import open_ws
@@ -60,13 +60,15 @@ from ..stream.protocol import (
     users_frame,
 )
 from .admission import Admission, Policy
-from .auth import Tokens, is_loopback
+from .auth import Tokens
 from .edge import Edge, EdgeStatistics, raise_fd_limit, reuse_port_sockets
 from .wsframes import WriteTimeout, send_frames
 
 SLOW_CLOSE_TIMEOUT_S = 10.0
 FRAMES_PER_WRITE = 256  # at most, to one client in one write (about 256 KiB of users)
 USERS_FRAME_MAX_BYTES = 256 * 1024  # a ``users`` frame stops growing here
+# what a fan-out worker's `FanoutReport` counts since its process started
+FANOUT_COUNTS = ("sent", "slow_closes", "write_timeouts", "token_lockouts", "peer_faults")
 
 
 class RateExceeded(Exception):
@@ -137,23 +139,20 @@ class Broadcaster:
         worker starts from zero, so the last counts of the old one are kept aside."""
         old = self.fanout.get(report.worker)
         if old is not None and old.pid != report.pid:
-            self.fanout_retired["sent"] += old.sent
-            self.fanout_retired["slow_closes"] += old.slow_closes
-            self.fanout_retired["write_timeouts"] += old.write_timeouts
+            for count in FANOUT_COUNTS:
+                self.fanout_retired[count] += getattr(old, count)
         self.fanout[report.worker] = report
         self._feeds[connection] = report.worker
 
-    def fanout_totals(self) -> tuple[int, int, int, int]:
-        """The fan-out workers' (clients, frames sent, slow closes, write timeouts), the
-        counts of workers since gone included."""
+    def fanout_totals(self) -> dict[str, int]:
+        """The fan-out workers' plain clients now and their `FANOUT_COUNTS` (frames sent,
+        slow closes, write timeouts, token lockouts, peer faults) summed, the counts of
+        worker processes since gone included: the fields of `ops.status.FanoutTotals`."""
         reports = self.fanout.values()
-        retired = self.fanout_retired
-        return (
-            sum(r.clients for r in reports),
-            sum(r.sent for r in reports) + retired["sent"],
-            sum(r.slow_closes for r in reports) + retired["slow_closes"],
-            sum(r.write_timeouts for r in reports) + retired["write_timeouts"],
-        )
+        totals = {"clients": sum(r.clients for r in reports)}
+        for count in FANOUT_COUNTS:
+            totals[count] = sum(getattr(r, count) for r in reports) + self.fanout_retired[count]
+        return totals
 
     def statistics(self) -> BroadcasterStatistics:
         return BroadcasterStatistics(

@@ -31,7 +31,8 @@ from functools import partial
 from pathlib import Path
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+from wsproto.connection import ConnectionState
 from wsproto.utilities import LocalProtocolError
 
 from ..config import BroadcasterConfig, Config
@@ -52,7 +53,9 @@ _PRIVATE_MAX_MESSAGE = 16 * 2**20
 class EdgeStatistics:
     open_connections: int
     accepted: int
-    refused: dict[int, int]  # HTTP status -> count
+    refused: dict[int, int]  # HTTP status -> count (the gate's turn-aways included)
+    # turned away at the gate (over a connection cap, or an address locked out): a subset
+    # of `refused`, not to be added to it
     over_limit: int
     handshake_timeouts: int
     handshakes_failed: int
@@ -63,6 +66,38 @@ class EdgeStatistics:
     # close frame with that code was sent), ping_while_closing (ignored), state_error
     peer_faults: dict[str, int]
     token_lockouts: int  # an address locked out after too many wrong tokens (`auth.Lockouts`)
+
+
+_LOCKED_OUT_REASON = "too many wrong tokens from this address"
+_CLOSING_STATES = (
+    ConnectionState.LOCAL_CLOSING,
+    ConnectionState.REMOTE_CLOSING,
+    ConnectionState.CLOSED,
+)
+# wsproto's refusals a peer can cause: a send on a connection its close frame (or its
+# leaving) has moved on, or its data after the close; its timing, never our mistake
+_OUT_OF_STEP = tuple(f"cannot be sent in state {state}." for state in _CLOSING_STATES)
+_ALREADY_CLOSED = "Connection already closed."
+
+
+def peer_out_of_step(exc: BaseException) -> bool:
+    """Whether `exc` is a wsproto refusal a peer can cause: a send refused because the
+    connection is closing or closed (``Event Pong(...) cannot be sent in state
+    LOCAL_CLOSING``), or data received after the close. Any other LocalProtocolError
+    is a mistake of ours (a handler error)."""
+    if not isinstance(exc, LocalProtocolError):
+        return False
+    text = str(exc)
+    return text == _ALREADY_CLOSED or text.endswith(_OUT_OF_STEP)
+
+
+class LockedOut(Refused):
+    """429: the address was locked out (`auth.Lockouts`) while this connection was in
+    flight; answered with ``retry-after``."""
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(429, _LOCKED_OUT_REASON)
+        self.retry_after_s = retry_after_s
 
 
 def tls_context(config: Config) -> ssl.SSLContext | None:
@@ -250,8 +285,10 @@ class Edge:
             nursery.start_soon(self._handle, sock, "private", "private", True)
 
     def _locked_out(self, ip: str) -> TurnAway | None:
+        """At accept: an address locked out is turned away before any handshake (and
+        checked again before `admit`, for the connections already in flight)."""
         if (locked_s := self.lockouts.locked_for(ip)) > 0:
-            return TurnAway(429, "too many wrong tokens from this address", math.ceil(locked_s))
+            return TurnAway(429, _LOCKED_OUT_REASON, math.ceil(locked_s))
         return None
 
     # -- one connection ------------------------------------------------------------------
@@ -268,25 +305,27 @@ class Edge:
                 if admitted is not None:
                     await self.session(admitted[0], admitted[1], peer, private)
                 nursery.cancel_scope.cancel()
-        except* LocalProtocolError as group:  # the peer's timing, never our fault
-            self.peer_faults["state_error"] += 1
-            self._throttle.log(
-                "peer_state",
-                "info",
-                "broadcaster.peer_out_of_step",
-                peer=peer,
-                detail=describe(group),
-            )
         except* Exception as group:  # nothing a client does escapes its own handler
-            self.handler_errors += 1
-            self._throttle.log(
-                "handler",
-                "error",
-                "broadcaster.connection_failed",
-                peer=peer,
-                error=describe(group),
-                exc_info=group,
-            )
+            out_of_step, failed = group.split(peer_out_of_step)
+            if out_of_step is not None:  # the peer's timing, never our fault
+                self.peer_faults["state_error"] += 1
+                self._throttle.log(
+                    "peer_state",
+                    "info",
+                    "broadcaster.peer_out_of_step",
+                    peer=peer,
+                    detail=describe(out_of_step),
+                )
+            if failed is not None:
+                self.handler_errors += 1
+                self._throttle.log(
+                    "handler",
+                    "error",
+                    "broadcaster.connection_failed",
+                    peer=peer,
+                    error=describe(failed),
+                    exc_info=failed,
+                )
         finally:
             await trio.aclose_forcefully(stream)
             if private:  # (a public connection's slot is the gate's)
@@ -312,10 +351,14 @@ class Edge:
                     receive_buffer_size=_RECEIVE_BUFFER,
                 )
                 request = await connection.receive_request(nursery)
+                if (locked_s := self.lockouts.locked_for(ip)) > 0:
+                    # (locked out while this connection was in flight: the gate let it
+                    # in before, and it must not be a free guess)
+                    await self._refuse(request, peer, LockedOut(math.ceil(locked_s)))
+                    return None
                 try:
                     admission = admit(request.path, request.headers, self.policy, private=private)
                 except Refused as refused:
-                    self._refuse_logged(peer, refused)
                     if isinstance(refused, WrongToken) and (wait := self.lockouts.failed(ip)):
                         self._throttle.log(
                             "token_lockout",
@@ -325,12 +368,7 @@ class Edge:
                             why="too many wrong tokens",
                             retry_after_s=round(wait, 1),
                         )
-                    headers = [(b"content-type", b"text/plain; charset=utf-8")]
-                    if refused.status == 401:
-                        headers.append((b"www-authenticate", b'Bearer realm="userstreamd"'))
-                    await request.reject(
-                        refused.status, extra_headers=headers, body=refused.reason.encode() + b"\n"
-                    )
+                    await self._refuse(request, peer, refused)
                     return None
                 return await request.accept(), admission
             except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed) as exc:
@@ -347,6 +385,18 @@ class Edge:
                 after_s=self.settings.handshake_timeout_s,
             )
         return None
+
+    async def _refuse(self, request: WebSocketRequest, peer: str, refused: Refused) -> None:
+        """Answer the upgrade `request` with `refused`'s status and reason (counted, logged)."""
+        self._refuse_logged(peer, refused)
+        headers = [(b"content-type", b"text/plain; charset=utf-8")]
+        if refused.status == 401:
+            headers.append((b"www-authenticate", b'Bearer realm="userstreamd"'))
+        if isinstance(refused, LockedOut):
+            headers.append((b"retry-after", str(refused.retry_after_s).encode()))
+        await request.reject(
+            refused.status, extra_headers=headers, body=refused.reason.encode() + b"\n"
+        )
 
     def _refuse_logged(self, peer: str, refused: Refused) -> None:
         self.refused[refused.status] += 1

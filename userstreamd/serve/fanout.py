@@ -145,7 +145,7 @@ class Mirror:
 
 
 def _report(worker: int, hub: Hub, broadcaster: Broadcaster) -> FanoutReport:
-    stats = hub.statistics()
+    stats, edge = hub.statistics(), broadcaster.edge.statistics()
     return FanoutReport(
         worker=worker,
         pid=os.getpid(),
@@ -153,6 +153,8 @@ def _report(worker: int, hub: Hub, broadcaster: Broadcaster) -> FanoutReport:
         sent=broadcaster.sent["plain"],
         slow_closes=stats.slow_disconnects,
         write_timeouts=broadcaster.write_timeouts,
+        token_lockouts=edge.token_lockouts,
+        peer_faults=sum(edge.peer_faults.values()),
     )
 
 

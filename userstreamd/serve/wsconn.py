@@ -6,7 +6,8 @@ a peer corrected.
   code 1002 (1007) while the connection is still open, and trio-websocket then closes
   the TCP connection without a close frame. Here the close frame with that code is sent
   first, as RFC 6455 section 7.1.7 asks ("Fail the WebSocket Connection"), within
-  `close_timeout_s` (a peer that reads nothing gets the TCP close alone).
+  `close_timeout_s` (a peer that reads nothing gets the TCP close alone); the session
+  sees the connection closed with that code from then on.
 - **A ping after our close frame**: wsproto refuses to answer it once we are closing
   (``LocalProtocolError: Event Pong(...) cannot be sent in state LOCAL_CLOSING``),
   which escaped trio-websocket's reader as our error. Here the ping is ignored, as RFC
@@ -23,7 +24,7 @@ import contextlib
 from collections import Counter
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection, Ping
@@ -55,7 +56,13 @@ class ServerConnection(WebSocketConnection):
             # Not the peer's close frame (that moves the state on): wsproto failed the
             # connection on a frame of the peer's. Tell the peer why before closing.
             self._faults[f"protocol_error_{event.code}"] += 1
-            with trio.move_on_after(self._close_timeout_s):
+            # Closed from now on, as trio-websocket does before answering a peer's close:
+            # a send of the session's meanwhile raises ConnectionClosed (with this code)
+            # instead of a LocalProtocolError from wsproto, which is already closing.
+            # The session then ends and its handler cancels this reader: the close frame
+            # is written all the same (shielded, bounded).
+            self._close_reason = CloseReason(event.code, event.reason or None)
+            with trio.move_on_after(self._close_timeout_s, shield=True):
                 with contextlib.suppress(ConnectionClosed):
                     await self._send(CloseConnection(code=event.code, reason=event.reason))
         await super()._handle_close_connection_event(event)

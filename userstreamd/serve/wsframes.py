@@ -128,7 +128,7 @@ async def _send_rest(
 ) -> int | None:
     """Send `data` from `sent` on, not cancellable (a torn frame must not be followed by
     another) but only until `deadline`: how much of `data` is sent then (-1: unknown,
-    TLS), None if the stream broke."""
+    TLS), None if the stream broke (or another task closed it)."""
     with trio.CancelScope(shield=True, deadline=deadline):
         if not isinstance(stream, trio.SocketStream):
             try:
@@ -138,7 +138,10 @@ async def _send_rest(
                 return None
         sock = stream.socket
         while sent < len(data):
-            await trio.lowlevel.wait_writable(sock)
+            try:
+                await trio.lowlevel.wait_writable(sock)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                return None  # (another task closed the socket: the peer is gone)
             try:
                 sent += os.write(sock.fileno(), data[sent:])
             except BlockingIOError:

@@ -164,6 +164,8 @@ class FanoutReport(msgspec.Struct, tag="fanout", frozen=True, kw_only=True):
     sent: Annotated[int, msgspec.Meta(ge=0)]
     slow_closes: Annotated[int, msgspec.Meta(ge=0)]
     write_timeouts: Annotated[int, msgspec.Meta(ge=0)] = 0
+    token_lockouts: Annotated[int, msgspec.Meta(ge=0)] = 0  # its own `auth.Lockouts`'
+    peer_faults: Annotated[int, msgspec.Meta(ge=0)] = 0  # every kind together
 
 
 ServerMessage = Welcome | UserMessage | Users | Gap | Checkpoint
