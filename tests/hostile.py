@@ -21,7 +21,7 @@ UPGRADE = (
 seen: Counter[str] = Counter()
 
 
-async def tcp(port: int, ip: str, rcvbuf: int | None = None) -> trio.SocketStream:
+async def tcp(port: int, ip: str = "127.0.0.1", rcvbuf: int | None = None) -> trio.SocketStream:
     sock = trio.socket.socket()
     if rcvbuf:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -61,32 +61,34 @@ async def upgrade(
     return stream, head.partition(b"\r\n\r\n")[2]
 
 
+async def server_close(stream: trio.SocketStream, data: bytes = b"") -> int | str:
+    """Read the server's frames until its close frame: its code; or "eof" / "reset"."""
+    try:
+        while True:
+            while len(data) >= 2:
+                opcode, n, start = data[0] & 0x0F, data[1] & 0x7F, 2
+                if n == 126:
+                    n, start = int.from_bytes(data[2:4], "big"), 4
+                elif n == 127:
+                    n, start = int.from_bytes(data[2:10], "big"), 10
+                if len(data) < start + n:
+                    break
+                if opcode == 0x8:
+                    return int.from_bytes(data[start : start + 2], "big")
+                data = data[start + n :]
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                return "eof"
+            data += chunk
+    except trio.BrokenResourceError:
+        return "reset"
+
+
 async def close_code(stream: trio.SocketStream, pending: bytes = b"") -> None:
-    """Read server frames until a close frame or EOF; count its code."""
-    data = pending
+    """Read server frames until a close frame or EOF (10 s at most); count its code."""
     with trio.move_on_after(10):
-        try:
-            while True:
-                while len(data) >= 2:
-                    opcode, n = data[0] & 0x0F, data[1] & 0x7F
-                    start = 2
-                    if n == 126:
-                        n, start = int.from_bytes(data[2:4], "big"), 4
-                    elif n == 127:
-                        n, start = int.from_bytes(data[2:10], "big"), 10
-                    if len(data) < start + n:
-                        break
-                    if opcode == 0x8:
-                        seen[f"close_{int.from_bytes(data[start : start + 2], 'big')}"] += 1
-                        return
-                    data = data[start + n :]
-                chunk = await stream.receive_some(65536)
-                if not chunk:
-                    seen["eof"] += 1
-                    return
-                data += chunk
-        except trio.BrokenResourceError:
-            seen["reset"] += 1
+        code = await server_close(stream, pending)
+        seen[f"close_{code}" if isinstance(code, int) else code] += 1
     await stream.aclose()
 
 

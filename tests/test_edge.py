@@ -337,29 +337,6 @@ def test_a_held_port_is_shared_by_its_workers_and_refused_to_anyone_else() -> No
             sock.close()
 
 
-async def _server_close(stream: trio.SocketStream, data: bytes = b"") -> int | None:
-    """Read the server's frames until its close frame (its code) or EOF (None)."""
-    while True:
-        while len(data) >= 2:
-            opcode, n, start = data[0] & 0x0F, data[1] & 0x7F, 2
-            if n == 126:
-                n, start = int.from_bytes(data[2:4], "big"), 4
-            elif n == 127:
-                n, start = int.from_bytes(data[2:10], "big"), 10
-            if len(data) < start + n:
-                break
-            if opcode == 0x8:
-                return int.from_bytes(data[start : start + 2], "big")
-            data = data[start + n :]
-        try:
-            chunk = await stream.receive_some(65536)
-        except trio.BrokenResourceError:
-            return None
-        if not chunk:
-            return None
-        data += chunk
-
-
 @pytest.mark.parametrize(
     ("breach", "code"),
     [
@@ -379,7 +356,7 @@ async def test_a_frame_that_breaks_the_protocol_gets_a_close_frame_with_its_code
             broadcaster, port = await _serve(nursery, hub, open_policy, close_timeout_s=2.0)
             stream, rest = await hostile.upgrade(port, "127.0.0.1")
             await stream.send_all(breach)
-            assert await _server_close(stream, rest) == code
+            assert await hostile.server_close(stream, rest) == code
             await stream.aclose()
             stats = broadcaster.statistics()
             await eventually(lambda: broadcaster.closed.get(f"closed_{code}", 0) == 1)
@@ -401,7 +378,7 @@ async def test_a_ping_while_we_are_closing_is_no_error_of_ours() -> None:
             with structlog.testing.capture_logs() as logs:
                 stream, rest = await hostile.upgrade(port, "127.0.0.1")
                 await stream.send_all(hostile.frame(b'{"type":"nonsense"}') * 30)
-                assert await _server_close(stream, rest) == CLOSE_RATE
+                assert await hostile.server_close(stream, rest) == CLOSE_RATE
                 await stream.send_all(hostile.frame(b"still there?", opcode=0x9))
                 await stream.send_all(hostile.frame(CLOSE_RATE.to_bytes(2, "big"), opcode=0x8))
                 assert await _eof_within(stream, 5)

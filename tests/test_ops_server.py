@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
-import socket
 from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
@@ -31,6 +30,7 @@ from userstreamd.config import HttpConfig
 from userstreamd.ops.server import OpsPort
 
 from .helpers import eventually
+from .hostile import tcp
 
 GET = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -60,15 +60,6 @@ async def serving(app: Counting, **settings: Any) -> AsyncIterator[tuple[OpsPort
         port = await nursery.start(partial(ops.serve, "127.0.0.1", 0))
         yield ops, port
         nursery.cancel_scope.cancel()
-
-
-async def tcp(port: int, source_ip: str = "127.0.0.1", rcvbuf: int = 0) -> trio.SocketStream:
-    sock = trio.socket.socket()
-    if rcvbuf:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-    await sock.bind((source_ip, 0))
-    await sock.connect(("127.0.0.1", port))
-    return trio.SocketStream(sock)
 
 
 async def read_all(stream: trio.SocketStream) -> bytes:
