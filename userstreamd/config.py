@@ -466,6 +466,11 @@ def _rules(config: Config) -> Iterator[tuple[str, str]]:
         )
 
 
+def url_host(host: str) -> str:
+    """A host as a URL (or an address in a message) has it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True

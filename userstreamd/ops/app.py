@@ -133,8 +133,3 @@ async def _lifespan(receive: Receive, send: Send) -> None:
         elif message["type"] == "lifespan.shutdown":
             await send({"type": "lifespan.shutdown.complete"})
             return
-
-
-def url_host(host: str) -> str:
-    """A host as a URL has it: an IPv6 address in brackets."""
-    return f"[{host}]" if ":" in host else host

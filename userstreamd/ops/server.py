@@ -40,7 +40,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper
 from hypercorn.utils import wrap_app
 
-from ..config import HttpConfig
+from ..config import HttpConfig, url_host
 from ..errors import InUseError, address_in_use, describe, in_use_text
 from ..gate import Gate, ops_room
 from ..logs import Throttle, get_logger
@@ -232,8 +232,7 @@ class OpsPort:
             listeners = await trio.open_tcp_listeners(port, host=host, backlog=1024)
         except OSError as exc:
             if address_in_use(exc):
-                shown = f"[{host}]" if ":" in host else host
-                raise InUseError(in_use_text(f"{shown}:{port}", "http.port")) from exc
+                raise InUseError(in_use_text(f"{url_host(host)}:{port}", "http.port")) from exc
             raise
         sockets = [listener.socket for listener in listeners]
         await self.gate.serve(sockets, self._handle, task_status=task_status)

@@ -36,10 +36,10 @@ import msgspec
 import trio
 
 from .. import __version__
-from ..config import RELOADABLE, Config, changed_keys, is_loopback, load_config
+from ..config import RELOADABLE, Config, changed_keys, is_loopback, load_config, url_host
 from ..errors import ConfigError
 from ..logs import bind, configure_logging, get_logger, say_on_console
-from ..ops.app import OpsApp, url_host
+from ..ops.app import OpsApp
 from ..ops.health import DatabaseProbe, Readiness, readiness
 from ..ops.metrics import Metrics, StatusCollector
 from ..ops.report import log_stats, stopped_sentence, summary_line, totals

@@ -11,8 +11,7 @@ import httpx
 import trio
 
 from .. import __version__
-from ..config import Config
-from ..ops.app import url_host
+from ..config import Config, url_host
 from ..ops.metrics import Metrics
 from ..produce.deadletters import DeadLetters
 from ..produce.producer import Outlet, Producer, Source, page_size_for

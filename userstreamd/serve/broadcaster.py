@@ -38,7 +38,7 @@ import msgspec
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 
-from ..config import BroadcasterConfig, is_loopback
+from ..config import BroadcasterConfig, is_loopback, url_host
 from ..errors import InUseError, ProtocolError, address_in_use, describe, in_use_text
 from ..logs import Throttle, bind, get_logger
 from ..stream.client import open_ws
@@ -184,7 +184,8 @@ class Broadcaster:
                     bound = await nursery.start(_hold_port, host, port)
             except OSError as exc:
                 if address_in_use(exc):
-                    raise InUseError(in_use_text(f"{host}:{port}", "broadcaster.port")) from exc
+                    address = f"{url_host(host)}:{port}"
+                    raise InUseError(in_use_text(address, "broadcaster.port")) from exc
                 raise
             if private_path is not None:
                 await nursery.start(self.edge.serve_unix, private_path)

@@ -32,6 +32,7 @@ from typing import IO, Any
 import psycopg
 import trio
 
+from ..config import url_host
 from ..errors import EmbeddedPostgresError, InUseError, in_use_text
 from ..logs import get_logger
 from .reader import hba_lines
@@ -292,8 +293,7 @@ class EmbeddedPostgres:
             if proc.poll() is not None:
                 tail = self._log_tail()
                 if self.listen_host and "could not create any TCP/IP sockets" in tail[-500:]:
-                    host = self.listen_host
-                    address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+                    address = f"{url_host(self.listen_host)}:{self.port}"
                     raise InUseError(in_use_text(address, "database.listen_port"))
                 raise EmbeddedPostgresError(f"postgres exited with code {proc.returncode}: {tail}")
             try:

@@ -184,21 +184,18 @@ class Replay:
                 # Ahead of us: this daemon restarted and regenerates the epoch from its
                 # stored checkpoint. Those seqs will be the same stream: wait for them.
                 sub.next_seq = seq + 1
-            elif epoch != self.epoch:
-                sub.gap = Gap(
-                    epoch=self.epoch,
-                    from_seq=None,
-                    to_seq=last,
-                    reason=f"epoch {epoch} is not this stream's history; "
-                    f"continuing live from seq {last + 1}",
+            elif epoch != self.epoch or seq > last:
+                why = (
+                    f"epoch {epoch} is not this stream's history"
+                    if epoch != self.epoch
+                    else f"seq {seq} is ahead of this stream (at seq {last}) by more than "
+                    f"client_lag_max ({self.client_lag_max})"
                 )
-            elif seq > last:
                 sub.gap = Gap(
                     epoch=self.epoch,
                     from_seq=None,
                     to_seq=last,
-                    reason=f"seq {seq} is ahead of this stream (at seq {last}) by more than "
-                    f"client_lag_max ({self.client_lag_max}); continuing live from seq {last + 1}",
+                    reason=f"{why}; continuing live from seq {last + 1}",
                 )
             elif seq + 1 >= self.oldest and last - seq < self.client_lag_max:
                 sub.next_seq = seq + 1
