@@ -117,18 +117,18 @@ def test_a_lagging_client_is_cut_off_at_its_next_read_and_nobody_waits_for_it() 
         _read(hub, fast)
     with pytest.raises(Slow):
         hub.next_frame_nowait(slow)
-    assert slow.slow and slow.cut.is_set() and not fast.slow and hub.slow_disconnects == 1
+    assert slow.slow and not fast.slow and hub.slow_disconnects == 1
 
 
 def test_a_lagging_client_that_never_reads_is_cut_off_within_64_publishes() -> None:
-    """(A sender stuck in a write never reads: the scan every 64 publishes finds it, so
-    its watchdog can drop it.)"""
+    """(A client whose write is stuck never reads: the scan every 64 publishes finds it,
+    so that it is closed as slow once its write ends.)"""
     hub = Hub("ep", client_lag_max=5)
     stuck = hub.subscribe("stuck")
     _publish(hub, 63)
     assert not stuck.slow
     _publish(hub, 1)
-    assert stuck.slow and stuck.cut.is_set() and hub.slow_disconnects == 1
+    assert stuck.slow and hub.slow_disconnects == 1
 
 
 # -- groups ----------------------------------------------------------------------------------
@@ -497,35 +497,7 @@ async def _read_paced(
         seq = seqs[-1]
 
 
-@pytest.mark.parametrize("coalesce_s", [0.002, 0.005])
-async def test_coalescing_keeps_order_loses_nothing_and_bounds_the_delay(
-    autojump_clock: trio.testing.MockClock, coalesce_s: float
-) -> None:
-    """Publishes at irregular moments (bursts, pauses) while `pace` runs: the reader gets
-    every seq once, in order, each at most `coalesce_s` after it was published, and in
-    fewer wake-ups than users."""
-    hub = Hub("e")
-    sub = hub.subscribe("s")
-    published_at: dict[int, float] = {}
-    reads: list[tuple[float, list[int]]] = []
-    gaps = [0.0, 0.0, 0.0005, 0.001, 0.0003, 0.01, 0.0, 0.2, 0.0001] * 30
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(hub.pace, coalesce_s)
-        nursery.start_soon(_read_paced, hub, sub, len(gaps), reads)
-        for gap in gaps:
-            await trio.sleep(gap)
-            hub.publish_nowait({}, "synthetic", hub.last_seq + 1)
-            published_at[hub.last_seq] = trio.current_time()
-        await trio.sleep(1)
-        nursery.cancel_scope.cancel()
-    received = [seq for _, seqs in reads for seq in seqs]
-    assert received == list(range(1, len(gaps) + 1))
-    for at, seqs in reads:
-        assert all(0 <= at - published_at[seq] <= coalesce_s + 1e-9 for seq in seqs)
-    assert len(reads) < len(gaps) * 0.7
-
-
-async def test_without_pace_a_publish_wakes_the_reader_at_once(
+async def test_a_publish_wakes_a_waiting_reader_at_once(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     hub = Hub("e")

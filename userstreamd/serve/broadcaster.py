@@ -36,13 +36,13 @@ from urllib.parse import urlencode
 
 import msgspec
 import trio
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
+from trio_websocket import CloseReason, ConnectionClosed, HandshakeError, WebSocketConnection
 
 from ..config import BroadcasterConfig, is_loopback, url_host
 from ..errors import InUseError, ProtocolError, address_in_use, describe, in_use_text
 from ..logs import Throttle, bind, get_logger
 from ..stream.client import open_ws
-from ..stream.hub import AckTimeout, GroupLagging, Hub, Member, Slow, StaleAck, Subscription
+from ..stream.hub import AckTimeout, GroupLagging, Hub, Member, Slow, StaleAck
 from ..stream.protocol import (
     CLOSE_ACK_TIMEOUT,
     CLOSE_GOING_AWAY,
@@ -62,10 +62,11 @@ from ..stream.protocol import (
 from .admission import Admission, Policy
 from .auth import Tokens
 from .edge import Edge, EdgeStatistics, raise_fd_limit, reuse_port_sockets
+from .keepalive import DeadPeer, KeepAlive, Peer
+from .pump import FRAMES_PER_WRITE, Plain, Pump
+from .wsconn import ServerConnection
 from .wsframes import WriteTimeout, send_frames
 
-SLOW_CLOSE_TIMEOUT_S = 10.0
-FRAMES_PER_WRITE = 256  # at most, to one client in one write (about 256 KiB of users)
 USERS_FRAME_MAX_BYTES = 256 * 1024  # a ``users`` frame stops growing here
 # what a fan-out worker's `FanoutReport` counts since its process started
 FANOUT_COUNTS = ("sent", "slow_closes", "write_timeouts", "token_lockouts", "peer_faults")
@@ -73,10 +74,6 @@ FANOUT_COUNTS = ("sent", "slow_closes", "write_timeouts", "token_lockouts", "pee
 
 class RateExceeded(Exception):
     """The client sent more messages than its rate allows."""
-
-
-class DeadPeer(Exception):
-    """The peer did not answer a ping in time."""
 
 
 @dataclass(frozen=True)
@@ -133,6 +130,10 @@ class Broadcaster:
         self._feeds: dict[int, int] = {}  # a worker's feed connection -> its worker number
         self.on_batch = on_batch
         self._throttle = Throttle()
+        self.pump = Pump(
+            hub, settings.write_timeout_s, settings.coalesce_ms / 1000, _in_frames, self.sent
+        )
+        self.keepalive = KeepAlive(settings.ping_interval_s, settings.pong_timeout_s)
 
     def _fanout_report(self, connection: int, report: FanoutReport) -> None:
         """A worker's counts since its process started: a new process of the same
@@ -190,7 +191,8 @@ class Broadcaster:
             if private_path is not None:
                 await nursery.start(self.edge.serve_unix, private_path)
             nursery.start_soon(self._evict_silent_members)
-            nursery.start_soon(self.hub.pace, self.settings.coalesce_ms / 1000)
+            nursery.start_soon(self.pump.run)
+            nursery.start_soon(self.keepalive.run)
             scheme = "wss" if self.edge.ssl_context is not None else "ws"
             shown = f"[{host}]" if ":" in host else host or "0.0.0.0"
             get_logger().info(
@@ -230,7 +232,7 @@ class Broadcaster:
     # -- one session ---------------------------------------------------------------------
 
     async def _session(
-        self, ws: WebSocketConnection, admission: Admission, peer: str, private: bool
+        self, ws: ServerConnection, admission: Admission, peer: str, private: bool
     ) -> None:
         hub = self.hub
         who = {"peer": peer, "who": admission.who}
@@ -257,18 +259,31 @@ class Broadcaster:
             )
         code, reason = None, ""  # a close we start
         ended: tuple[str, str | None] | None = None  # or how the connection ended without one
+        # (a plain client is written by the pump; either is pinged by the keep-alive wheel)
+        watched = Plain(ws, sub, admission.batch) if sub is not None else Peer(ws)
         try:
             await ws.send_message(
                 encode(Welcome(epoch=hub.epoch, seq=hub.last_seq, clients=hub.clients, group=group))
             )
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read_client, ws, member, private)
-                nursery.start_soon(self._keep_alive, ws, sub)
+            self.keepalive.watch(watched)
+            with watched.scope:
                 if member is not None:
-                    await self._send_member(ws, member, admission.batch)
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(ws.read)
+                        nursery.start_soon(self._read_client, ws, member, private)
+                        await self._send_member(ws, member, admission.batch)
                 else:
-                    assert sub is not None
-                    await self._send_plain(ws, sub, admission.batch)
+                    assert isinstance(watched, Plain)
+                    if watched.sub.gap is not None:
+                        gap = encode(watched.sub.gap).encode()
+                        await send_frames(ws, [gap], self.settings.write_timeout_s)
+                        self.sent["plain"] += 1
+                    self.pump.add(watched)
+                    bucket = self._bucket(private)
+                    await ws.read(partial(self._plain_frame, ws, watched, private, bucket))
+                    raise ConnectionClosed(ws.closed or CloseReason(1006, None))
+            if watched.ended is not None:
+                raise watched.ended
         except* trio.EndOfChannel:
             code, reason = CLOSE_GOING_AWAY, "server stopping"
         except* Slow:
@@ -289,21 +304,22 @@ class Broadcaster:
             if ended is None and code is None:  # (not the abort of a write that timed out)
                 ended = (f"closed_{closed.code}", closed.reason) if closed else ("closed", None)
         finally:
+            watched.finished = True
             if member is not None:
                 hub.leave(member)
-            if sub is not None:
-                hub.unsubscribe(sub)
+            if isinstance(watched, Plain):
+                self.pump.remove(watched)
+                hub.unsubscribe(watched.sub)
             if (worker := self._feeds.pop(id(ws), None)) is not None:  # a worker's feed
                 self.fanout[worker] = msgspec.structs.replace(self.fanout[worker], clients=0)
         if ended is not None:
             self._ended(who, *ended)
         elif code is not None:
             self._ended(who, f"closed_{code}", reason)
-            with trio.move_on_after(self.settings.close_timeout_s):
-                await ws.aclose(code, reason)
+            await ws.close_within(code, reason, self.settings.close_timeout_s)
 
     async def _relay_session(
-        self, ws: WebSocketConnection, admission: Admission, who: dict[str, str]
+        self, ws: ServerConnection, admission: Admission, who: dict[str, str]
     ) -> None:
         """A group member on a fan-out worker: admitted here, served by the daemon
         (through its private socket, to which this worker relays frames both ways, with
@@ -312,16 +328,21 @@ class Broadcaster:
         query = {"group": admission.group, "window": admission.window, "batch": admission.batch}
         code, reason = CLOSE_GOING_AWAY, "server stopping"  # a close we pass on or start
         ended: tuple[str, str | None] | None = None  # or how it ended without one
+        watched = Peer(ws)
+        self.keepalive.watch(watched)
         try:
-            async with (
-                open_ws(f"{self.relay}?{urlencode(query)}") as upstream,
-                trio.open_nursery() as nursery,
-            ):
-                nursery.start_soon(self._keep_alive, ws)
-                nursery.start_soon(self._relay_acks, ws, upstream)
-                while True:
-                    message = await upstream.get_message()
-                    await send_frames(ws, [_utf8(message)], self.settings.write_timeout_s)
+            with watched.scope:
+                async with (
+                    open_ws(f"{self.relay}?{urlencode(query)}") as upstream,
+                    trio.open_nursery() as nursery,
+                ):
+                    nursery.start_soon(ws.read)
+                    nursery.start_soon(self._relay_acks, ws, upstream)
+                    while True:
+                        message = await upstream.get_message()
+                        await send_frames(ws, [_utf8(message)], self.settings.write_timeout_s)
+            if watched.ended is not None:
+                raise watched.ended
         except* RateExceeded:
             code, reason = CLOSE_RATE, "message rate exceeded"
         except* DeadPeer:
@@ -341,12 +362,13 @@ class Broadcaster:
         except* (OSError, HandshakeError, trio.TooSlowError) as group:
             get_logger().warning("broadcaster.relay_failed", error=describe(group), **who)
             code, reason = CLOSE_INTERNAL_ERROR, "upstream unavailable"
+        finally:
+            watched.finished = True
         if ended is not None:
             self._ended(who, *ended)
             return
         self._ended(who, f"closed_{code}", reason)
-        with trio.move_on_after(self.settings.close_timeout_s):
-            await ws.aclose(code, reason)
+        await ws.close_within(code, reason, self.settings.close_timeout_s)
 
     async def _relay_acks(self, ws: WebSocketConnection, upstream: WebSocketConnection) -> None:
         rate = self.settings.max_messages_per_s
@@ -394,63 +416,71 @@ class Broadcaster:
     async def _read_client(
         self, ws: WebSocketConnection, member: Member | None, private: bool
     ) -> None:
-        hub = self.hub
+        """A member's frames (its acks), read by a task of the session's."""
+        bucket = self._bucket(private)
+        while True:
+            self._client_frame(ws, await ws.get_message(), member, private, bucket)
+
+    def _plain_frame(
+        self,
+        ws: ServerConnection,
+        watched: Peer,
+        private: bool,
+        bucket: TokenBucket | None,
+        frame: str | bytes,
+    ) -> None:
+        """A plain client's frame, handled on its session's task as it arrives: nothing
+        but a fan-out worker's report (on the private socket) is expected."""
+        try:
+            self._client_frame(ws, frame, None, private, bucket)
+        except RateExceeded as exc:
+            watched.end(exc)
+
+    def _bucket(self, private: bool) -> TokenBucket | None:
         rate = self.settings.max_messages_per_s
-        bucket = None if private else TokenBucket(rate, max(10.0, rate))
-        while True:
-            frame = await ws.get_message()
-            if bucket is not None and not bucket.take():
-                raise RateExceeded
-            try:
-                ack = decode_client(frame)
-                if isinstance(ack, FanoutReport):
-                    if not private or member is not None:  # (relayed members are members)
-                        raise ProtocolError("fanout reports come from the daemon's own workers")
-                    self._fanout_report(id(ws), ack)
-                    continue
-                if member is None:
-                    raise ProtocolError("acks are for group members (connect with ?group=NAME)")
-                own = private and member.group.holds_producer  # (elsewhere reports are ignored)
-                if own and ack.batch is not None and self.on_batch is not None:
-                    self.on_batch(ack.batch)
-                hub.ack(member, ack.seqs, frozenset(ack.rejected) if own else ())
-            except StaleAck as exc:
-                get_logger().debug("broadcaster.stale_ack", error=str(exc))
-            except ProtocolError as exc:
-                hub.bad_frames += 1
-                self._throttle.log(
-                    "bad_frame",
-                    "warning",
-                    "broadcaster.bad_frame",
-                    error=str(exc)[:200],
-                    size=len(frame),
-                )
+        return None if private else TokenBucket(rate, max(10.0, rate))
 
-    async def _keep_alive(self, ws: WebSocketConnection, sub: Subscription | None = None) -> None:
-        """Ping every ping_interval_s; a peer that does not answer in time is dead.
+    def _client_frame(
+        self,
+        ws: WebSocketConnection,
+        frame: str | bytes,
+        member: Member | None,
+        private: bool,
+        bucket: TokenBucket | None,
+    ) -> None:
+        """One message of the client's: an ack of a member's, a fan-out worker's report
+        (on the private socket), or a bad frame (counted); RateExceeded over the rate."""
+        if bucket is not None and not bucket.take():
+            raise RateExceeded
+        hub = self.hub
+        try:
+            ack = decode_client(frame)
+            if isinstance(ack, FanoutReport):
+                if not private or member is not None:  # (relayed members are members)
+                    raise ProtocolError("fanout reports come from the daemon's own workers")
+                self._fanout_report(id(ws), ack)
+                return
+            if member is None:
+                raise ProtocolError("acks are for group members (connect with ?group=NAME)")
+            own = private and member.group.holds_producer  # (elsewhere reports are ignored)
+            if own and ack.batch is not None and self.on_batch is not None:
+                self.on_batch(ack.batch)
+            hub.ack(member, ack.seqs, frozenset(ack.rejected) if own else ())
+        except StaleAck as exc:
+            get_logger().debug("broadcaster.stale_ack", error=str(exc))
+        except ProtocolError as exc:
+            hub.bad_frames += 1
+            self._throttle.log(
+                "bad_frame",
+                "warning",
+                "broadcaster.bad_frame",
+                error=str(exc)[:200],
+                size=len(frame),
+            )
 
-        A plain client (`sub`) that was cut off normally learns it at its next frame
-        (close 3008); one whose socket takes nothing more for SLOW_CLOSE_TIMEOUT_S is
-        dropped without ceremony. (One task watches both: a task per client is memory.)"""
-        while True:
-            with trio.move_on_after(self.settings.ping_interval_s):
-                if sub is None:
-                    await trio.sleep_forever()
-                else:
-                    await sub.cut.wait()
-            if sub is not None and sub.slow:
-                await trio.sleep(SLOW_CLOSE_TIMEOUT_S)
-                raise Slow(
-                    f"stuck: took nothing for {SLOW_CLOSE_TIMEOUT_S:g} s after it was cut off"
-                )
-            with trio.move_on_after(self.settings.pong_timeout_s):
-                await ws.ping()
-                continue
-            raise DeadPeer
-
-    # Each wake-up sends everything due to the client (up to FRAMES_PER_WRITE) in one
-    # write: a client that is behind catches up in few writes, one that asked for
-    # ``batch`` gets its users in ``users`` frames.
+    # Each wake-up sends everything due to the member (up to FRAMES_PER_WRITE) in one
+    # write: a member that is behind catches up in few writes, one that asked for
+    # ``batch`` gets its users in ``users`` frames. (Plain clients: `pump`.)
 
     async def _send_member(self, ws: WebSocketConnection, member: Member, batch: int) -> None:
         limit = FRAMES_PER_WRITE
@@ -460,16 +490,6 @@ class Broadcaster:
                 ws, due.control + _in_frames(due.users, batch), self.settings.write_timeout_s
             )
             self.sent["member"] += len(due.control) + len(due.users)
-
-    async def _send_plain(self, ws: WebSocketConnection, sub: Subscription, batch: int) -> None:
-        if sub.gap is not None:
-            await send_frames(ws, [encode(sub.gap).encode()], self.settings.write_timeout_s)
-            self.sent["plain"] += 1
-        limit = FRAMES_PER_WRITE
-        while True:
-            users = await self.hub.next_frames(sub, limit)
-            await send_frames(ws, _in_frames(users, batch), self.settings.write_timeout_s)
-            self.sent["plain"] += len(users)
 
 
 def _utf8(message: str | bytes) -> bytes:

@@ -31,7 +31,7 @@ from functools import partial
 from pathlib import Path
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+from trio_websocket import ConnectionClosed, WebSocketRequest
 from wsproto.connection import ConnectionState
 from wsproto.utilities import LocalProtocolError
 
@@ -43,7 +43,7 @@ from .admission import Admission, Policy, Refused, WrongToken, admit
 from .auth import Lockouts
 from .wsconn import ServerConnection
 
-Session = Callable[[WebSocketConnection, Admission, str, bool], Awaitable[None]]
+Session = Callable[[ServerConnection, Admission, str, bool], Awaitable[None]]
 
 _RECEIVE_BUFFER = 65536
 _PRIVATE_MAX_MESSAGE = 16 * 2**20
@@ -300,11 +300,9 @@ class Edge:
         try:
             if self.ssl_context is not None and not private:
                 stream = trio.SSLStream(stream, self.ssl_context, server_side=True)
-            async with trio.open_nursery() as nursery:
-                admitted = await self._handshake(nursery, stream, ip, peer, private)
-                if admitted is not None:
-                    await self.session(admitted[0], admitted[1], peer, private)
-                nursery.cancel_scope.cancel()
+            admitted = await self._handshake(stream, ip, peer, private)
+            if admitted is not None:
+                await self.session(admitted[0], admitted[1], peer, private)
         except* Exception as group:  # nothing a client does escapes its own handler
             out_of_step, failed = group.split(peer_out_of_step)
             if out_of_step is not None:  # the peer's timing, never our fault
@@ -332,8 +330,8 @@ class Edge:
                 self.gate.slot_freed()
 
     async def _handshake(
-        self, nursery: trio.Nursery, stream: trio.abc.Stream, ip: str, peer: str, private: bool
-    ) -> tuple[WebSocketConnection, Admission] | None:
+        self, stream: trio.abc.Stream, ip: str, peer: str, private: bool
+    ) -> tuple[ServerConnection, Admission] | None:
         """TLS, the upgrade request and the admission decision, within the timeout."""
         log = get_logger()
         with trio.move_on_after(self.settings.handshake_timeout_s) as timeout:
@@ -350,7 +348,7 @@ class Edge:
                     ),
                     receive_buffer_size=_RECEIVE_BUFFER,
                 )
-                request = await connection.receive_request(nursery)
+                request = await connection.receive_request()
                 if (locked_s := self.lockouts.locked_for(ip)) > 0:
                     # (locked out while this connection was in flight: the gate let it
                     # in before, and it must not be a free guess)
@@ -370,7 +368,8 @@ class Edge:
                         )
                     await self._refuse(request, peer, refused)
                     return None
-                return await request.accept(), admission
+                await request.accept()
+                return connection, admission
             except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionClosed) as exc:
                 self.handshakes_failed += 1
                 log.debug("broadcaster.handshake_failed", peer=peer, error=describe(exc))

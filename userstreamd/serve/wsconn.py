@@ -13,7 +13,17 @@ a peer corrected.
   which escaped trio-websocket's reader as our error. Here the ping is ignored, as RFC
   6455 allows, and the close handshake goes on.
 
-Both are counted in `faults` (by kind). Like `wsframes`, this reaches into
+Both are counted in `faults` (by kind).
+
+**Who reads.** trio-websocket reads each connection on a task of its own, and queues
+its messages for `get_message`. Here the handler's task reads the upgrade request
+itself (`receive_request`), and the session then says who reads: a plain client's
+session reads on its own task, each message handled as it arrives (`read` with a
+`handle`: no queue, no second task), a group member's on a task beside its sender.
+Its write lock is a `wsframes.WriteLock`, and it counts the pongs it receives (for
+`keepalive`); once accepted, wsproto's handshake state (an h11 connection) and
+trio-websocket's never-awaited test event are dropped: an idle connection keeps only
+what it needs. Like `wsframes`, this reaches into
 trio-websocket's connection (its event handlers, `_wsproto`, `_send`), pinned below its
 next minor version; `tests/test_edge.py` checks both on the wire.
 """
@@ -22,12 +32,59 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
+from collections.abc import Callable, Iterator
 
 import trio
 from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection, WebSocketRequest
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection, Ping
+from wsproto.events import CloseConnection, Event, Ping, Pong, Request
+from wsproto.utilities import RemoteProtocolError
+
+from .wsframes import WriteLock
+
+
+class _Nothing:
+    """What stands in for an Event no one waits on."""
+
+    def set(self) -> None:
+        pass
+
+    def is_set(self) -> bool:
+        return False
+
+
+class _HandshakeDone:
+    """What stands in for wsproto's finished handshake: it has no events."""
+
+    def events(self) -> Iterator[Event]:
+        return iter(())
+
+
+class _Handled:
+    """What stands in for trio-websocket's message queue when `read` is given a
+    `handle`: each message is handled as the reader sends it."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self, handle: Callable[[str | bytes], None]) -> None:
+        self.handle = handle
+
+    async def send(self, message: str | bytes) -> None:
+        self.handle(message)
+
+    async def aclose(self) -> None:
+        pass
+
+    async def __aenter__(self) -> _Handled:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        pass
+
+
+_NOTHING = _Nothing()
+_HANDSHAKE_DONE = _HandshakeDone()
 
 
 class ServerConnection(WebSocketConnection):
@@ -50,6 +107,71 @@ class ServerConnection(WebSocketConnection):
         )
         self._faults = faults
         self._close_timeout_s = close_timeout_s
+        # (`wsframes` may take it on one task and give it back on another)
+        self._stream_lock = WriteLock()  # type: ignore[assignment]
+        self.pongs = 0  # pongs received (`keepalive` pings with raw frames and counts them)
+        self._for_testing_peer_closed_connection = _NOTHING  # type: ignore[assignment]
+        self._reading = False
+
+    async def receive_request(self) -> WebSocketRequest:
+        """Read the peer's upgrade request on this task (then nobody reads until the
+        session says who does: `read`); ConnectionClosed if the peer went away before
+        it, or sent something that is not one (after a 400)."""
+        while True:
+            for event in self._wsproto.events():
+                if isinstance(event, Request):  # (nothing else comes before it)
+                    await self._handle_request_event(event)
+                    return await self._get_request()
+            try:
+                data = await self._stream.receive_some(self._receive_buffer_size)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                raise ConnectionClosed(CloseReason(1006, "gone before its upgrade request"))
+            try:
+                self._wsproto.receive_data(bytes(data))
+            except RemoteProtocolError as exc:
+                if exc.event_hint is not None:
+                    await self._send(exc.event_hint)
+                await self._close_stream()
+                raise ConnectionClosed(
+                    CloseReason(1002, f"not an upgrade request: {exc}")
+                ) from None
+
+    async def read(self, handle: Callable[[str | bytes], None] | None = None) -> None:
+        """Read the connection on this task until it is closed (trio-websocket's reader:
+        pings answered, the close handshake), each message queued for `get_message`, or
+        with `handle`, handled as it arrives instead (no queue: `get_message` is not to be
+        used then). Cancellable; may be called again (as `close_within` does)."""
+        if handle is not None:
+            # (trio-websocket's queue goes: its ends are asked only to send and to close)
+            self._send_channel = self._recv_channel = _Handled(handle)  # type: ignore[assignment]
+        self._reading = True
+        try:
+            await self._reader_task()
+        finally:
+            self._reading = False
+
+    async def close_within(self, code: int, reason: str, timeout_s: float) -> None:
+        """Start the close handshake and wait at most `timeout_s` for the peer's answer
+        (read for it here when no task is reading)."""
+        with trio.move_on_after(timeout_s):
+            if self._reading:
+                await self.aclose(code, reason)
+                return
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.read)
+                await self.aclose(code, reason)
+                nursery.cancel_scope.cancel()
+
+    async def _accept(
+        self, request: Request, subprotocol: str | None, extra_headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        await super()._accept(request, subprotocol, extra_headers)
+        if self._wsproto.connection is not None:
+            # wsproto keeps the handshake (an h11 connection) for the life of the
+            # connection, though it only asks it for events, never any after this
+            self._wsproto.handshake = _HANDSHAKE_DONE  # type: ignore[assignment]
 
     async def _handle_close_connection_event(self, event: CloseConnection) -> None:
         if self._wsproto.state is ConnectionState.OPEN:
@@ -73,8 +195,6 @@ class ServerConnection(WebSocketConnection):
             return
         await super()._handle_ping_event(event)
 
-    async def receive_request(self, nursery: trio.Nursery) -> WebSocketRequest:
-        """The peer's upgrade request, with the connection's reader started in `nursery`
-        (trio-websocket's `wrap_server_stream`)."""
-        nursery.start_soon(self._reader_task)
-        return await self._get_request()
+    async def _handle_pong_event(self, event: Pong) -> None:
+        self.pongs += 1
+        await super()._handle_pong_event(event)

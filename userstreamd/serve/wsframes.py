@@ -48,7 +48,7 @@ def frames(payloads: list[bytes]) -> bytes:
 class WriteTimeout(Exception):
     """A write to the peer took longer than its timeout: it reads too slowly, or not at
     all. `intact`: the write stopped between two frames, so a close frame can still
-    follow; otherwise a frame was torn, and the connection has been aborted (no close
+    follow; otherwise a frame was torn, and the connection must be aborted (no close
     frame can follow: the peer would read it as the rest of the torn frame)."""
 
     def __init__(self, timeout_s: float, *, intact: bool) -> None:
@@ -65,44 +65,120 @@ async def send_frames(ws: WebSocketConnection, payloads: list[bytes], timeout_s:
     follows into garbage for the client): a cancellation waits for it to finish. A write
     that takes longer than `timeout_s` raises WriteTimeout: between two frames the
     connection is left for the caller to close; in the middle of one it is aborted."""
-    stream = getattr(ws, "_stream", None)
-    lock = getattr(ws, "_stream_lock", None)
-    if stream is None or lock is None or not hasattr(ws, "_close_reason"):
+    if not writable_raw(ws):
         for payload in payloads:
             await ws.send_message(payload.decode())
         return
     # (a sender that always has frames due never waits: here it yields, and can be
     # cancelled, once per write)
     await trio.lowlevel.checkpoint()
+    data = memoryview(frames(payloads))
+    sent = write_nowait(ws, data)
+    if sent != len(data):
+        try:
+            await write_rest(ws, data, sent or 0, timeout_s, payloads)
+        except WriteTimeout as exc:
+            if not exc.intact:
+                await abort(ws)
+            raise
+
+
+def writable_raw(ws: WebSocketConnection) -> bool:
+    """Whether frames can be written to `ws` here: a server connection of ours (its
+    `WriteLock` and trio-websocket's internals that this module knows)."""
+    return isinstance(getattr(ws, "_stream_lock", None), WriteLock) and all(
+        hasattr(ws, name) for name in ("_stream", "_close_reason")
+    )
+
+
+def write_nowait(ws: WebSocketConnection, data: bytes | memoryview) -> int | None:
+    """What one non-blocking write(2) of `data` to the client's socket took (0: no room,
+    or a broken socket, which `write_rest` reports); None when it cannot be tried now:
+    TLS, or another write (a pong, a close frame) holds the socket. ConnectionClosed
+    once the connection is closing. Never waits, never yields.
+
+    A write that took part of `data` has torn a frame: it leaves the connection's write
+    lock taken (a `WriteLock`, which any task may give back), for `write_rest` to finish
+    the frame before anything else is written."""
     if ws._close_reason is not None:
         raise ConnectionClosed(ws._close_reason)
-    data = memoryview(frames(payloads))
-    deadline = trio.current_time() + timeout_s
-    sent: int | None = 0
-    if isinstance(stream, trio.SocketStream) and not lock.locked():
-        # The common case, a socket with room: one write(2) under the lock, taken and
-        # given back without waiting (nothing else runs meanwhile).
+    stream, lock = ws._stream, ws._stream_lock
+    if not isinstance(stream, trio.SocketStream) or lock.locked():
+        return None
+    try:
+        sent = os.write(stream.socket.fileno(), data)
+    except OSError:  # (BlockingIOError: no room)
+        return 0
+    if 0 < sent < len(data):
         lock.acquire_nowait()
-        try:
-            sent = _write_some(stream, data)
-            if sent == len(data):
-                return
-            sent = await _send_rest(stream, data, sent, deadline)  # (still holding the lock)
-        finally:
-            lock.release()
-    else:  # (TLS, or a ping or pong being written: wait for the lock, bounded too)
+    return sent
+
+
+async def write_rest(
+    ws: WebSocketConnection,
+    data: memoryview,
+    sent: int,
+    timeout_s: float,
+    payloads: list[bytes] | None = None,
+) -> None:
+    """Write `data` from `sent` on (after `write_nowait` took `sent` bytes of it: it
+    holds the write lock then; otherwise it is taken here, so that nothing interleaves),
+    not cancellable, within `timeout_s`: WriteTimeout after that (if not `intact`, the
+    caller records why, then calls `abort`), ConnectionClosed if the stream broke."""
+    deadline = trio.current_time() + timeout_s
+    stream, lock = ws._stream, ws._stream_lock
+    done: int | None = sent
+    held = sent > 0
+    try:
         with trio.CancelScope(shield=True, deadline=deadline):
-            async with lock:
-                sent = await _send_rest(stream, data, 0, deadline)
-    if sent == len(data):
+            if not held:
+                await lock.acquire()
+                held = True
+            done = await _send_rest(stream, data, sent, deadline)
+    finally:
+        if held:
+            lock.release()
+    if done == len(data):
         return
-    if sent is not None and sent in _frame_ends(payloads):
-        raise WriteTimeout(timeout_s, intact=True)
+    if done is None:
+        await abort(ws)
+        raise ConnectionClosed(ws._close_reason)
+    raise WriteTimeout(timeout_s, intact=done in _frame_ends(payloads or []))
+
+
+async def abort(ws: WebSocketConnection) -> None:
+    """Close the connection without a close frame (after a torn frame: see WriteTimeout)."""
     with trio.CancelScope(shield=True):  # (its wake-ups must not cancel us before we say why)
         await ws._abort_web_socket()
-    if sent is None:
-        raise ConnectionClosed(ws._close_reason)
-    raise WriteTimeout(timeout_s, intact=False)
+
+
+class WriteLock:
+    """A connection's write lock that any task may give back: `write_nowait` takes it on
+    the pump's task when it tears a frame, and the task that finishes the frame gives it
+    back. FIFO, as trio-websocket's own StrictFIFOLock (both are trio parking lots)."""
+
+    __slots__ = ("_semaphore",)
+
+    def __init__(self) -> None:
+        self._semaphore = trio.Semaphore(1)
+
+    def locked(self) -> bool:
+        return self._semaphore.value == 0
+
+    def acquire_nowait(self) -> None:
+        self._semaphore.acquire_nowait()
+
+    async def acquire(self) -> None:
+        await self._semaphore.acquire()
+
+    def release(self) -> None:
+        self._semaphore.release()
+
+    async def __aenter__(self) -> None:
+        await self._semaphore.acquire()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._semaphore.release()
 
 
 def _frame_ends(payloads: list[bytes]) -> set[int]:
@@ -112,15 +188,6 @@ def _frame_ends(payloads: list[bytes]) -> set[int]:
         at += len(header(len(payload))) + len(payload)
         ends.add(at)
     return ends
-
-
-def _write_some(stream: trio.SocketStream, data: memoryview) -> int:
-    """What a non-blocking write takes of `data` now (0: no room, or a broken socket,
-    which the blocking send that follows reports)."""
-    try:
-        return os.write(stream.socket.fileno(), data)
-    except OSError:  # (BlockingIOError: no room)
-        return 0
 
 
 async def _send_rest(
@@ -138,6 +205,8 @@ async def _send_rest(
                 return None
         sock = stream.socket
         while sent < len(data):
+            if sock.fileno() < 0:
+                return None  # (the session ended and closed the socket: the peer is gone)
             try:
                 await trio.lowlevel.wait_writable(sock)
             except (trio.ClosedResourceError, trio.BrokenResourceError):

@@ -247,10 +247,12 @@ class Hub:
         consumers.follow()
         replay.wake()
 
-    async def pace(self, coalesce_s: float) -> None:
-        """Until cancelled: wake plain clients at most once per `coalesce_s` after a
-        publish (instead of at each), so each sender takes what came meanwhile at once."""
-        await self._replay.pace(coalesce_s)
+    async def wait_published(self) -> None:
+        """Return at the next publish, the close, or a `nudge` (the plain clients' writer)."""
+        await self._replay.wait_published()
+
+    def nudge(self) -> None:
+        self._replay.nudge()
 
     async def wait_for_room(self) -> None:
         """Return once the buffer has room (at once when it has)."""

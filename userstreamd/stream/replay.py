@@ -13,16 +13,16 @@ stored checkpoint); otherwise it is told about the gap explicitly (`Gap`). A cli
 than ``client_lag_max`` frames behind, or whose next frame was evicted, is *slow* and is
 cut off (the broadcaster closes it with code 3008); it never holds anything up.
 
-**Wake-ups.** Plain clients wait for new frames, woken by publishing (`wake`), at most
-once per ``coalesce_s`` while `pace` runs, so a sender takes several frames at once
-(`next_frames`) instead of one wake-up per user. `Signal` is the wake-up every waiter in
-the stream parks on.
+**Wake-ups.** Whoever writes to plain clients (the broadcaster's `serve.pump`: one task
+for all of them) waits for new frames, woken by publishing (`wake`), and takes every
+frame due to each at once (`next_frames_nowait`). `Signal` is the wake-up every waiter
+in the stream parks on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgspec
 import trio
@@ -65,7 +65,7 @@ class Signal:
             self._event = trio.Event()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Subscription:
     """A plain broadcast client: a cursor into the buffer."""
 
@@ -75,7 +75,6 @@ class Subscription:
     lag_max: int
     gap: Gap | None = None
     slow: bool = False
-    cut: trio.Event = field(default_factory=trio.Event)  # set when it is cut off
 
 
 class Replay:
@@ -104,8 +103,6 @@ class Replay:
         self.closed = False
         self._ids = ids
         self._frames = Signal()  # plain clients: new frames (or the end)
-        self._published = Signal()  # for `pace`
-        self._pacing = False
 
     # -- the buffer --------------------------------------------------------------------------
 
@@ -141,29 +138,20 @@ class Replay:
 
     def wake(self) -> None:
         """A frame was published: cut off the plain clients too far behind (a scan of them
-        all every 64 frames; each read checks its own client), wake the others (or `pace`,
-        which will)."""
+        all every 64 frames; each read checks its own client), wake the others."""
         if not self.last_seq & 63:
             for sub in list(self.subs.values()):
                 if self.last_seq - sub.next_seq >= sub.lag_max:
                     self._cut_off(sub)
-        if self._pacing:
-            self._published.fire()
-        else:
-            self._frames.fire()
+        self._frames.fire()
 
-    async def pace(self, coalesce_s: float) -> None:
-        """Until cancelled: wake plain clients at most once per `coalesce_s` after a
-        publish (instead of at each), so each sender takes what came meanwhile at once."""
-        self._pacing = coalesce_s > 0
-        try:
-            while self._pacing:
-                await self._published.wait()
-                await trio.sleep(coalesce_s)
-                self._frames.fire()
-        finally:
-            self._pacing = False
-            self._frames.fire()
+    async def wait_published(self) -> None:
+        """Return at the next publish, the close, or a `nudge`."""
+        await self._frames.wait()
+
+    def nudge(self) -> None:
+        """Wake the readers waiting in `wait_published` (a new reader may have frames due)."""
+        self._frames.fire()
 
     def close(self) -> None:
         self.closed = True
@@ -252,4 +240,3 @@ class Replay:
         if not sub.slow:
             sub.slow = True
             self.slow_disconnects += 1
-            sub.cut.set()

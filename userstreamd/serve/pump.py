@@ -1,0 +1,167 @@
+"""One writer for every plain client of a broadcaster (one per event loop).
+
+`Pump.run` waits for the hub's next frames, then makes one pass over its clients: to
+each, everything due (up to FRAMES_PER_WRITE users) in one non-blocking write(2) of
+frames built once per user per pass (`wsframes`). No task is woken per client per user.
+Only a client whose socket could not take it all (full, or busy with a pong or a close
+frame, or TLS) is set aside: a task of its own finishes that write within
+``write_timeout_s`` and goes on writing while the client has frames due, then hands it
+back to the pump.
+
+**Coalescing costs nothing when idle.** A publish to an idle pump goes out in the pass
+it wakes. With ``coalesce_ms`` > 0 the next pass comes no sooner than that after the
+last one, so under load each pass writes several users per client in one call, and a
+lone user is never held back.
+
+A client the pump must let go (cut off as slow, a write timed out, the connection
+broke, the stream ended and it has everything) is ended through its `Peer`: its session
+closes it as the broadcaster's close codes say.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection
+
+from ..stream.hub import Hub, Slow, Subscription
+from .keepalive import Peer
+from .wsframes import WriteTimeout, abort, frames, header, write_nowait, write_rest
+
+FRAMES_PER_WRITE = 256  # at most, to one client in one write (about 256 KiB of users)
+
+
+class Plain(Peer):
+    """A plain client: its cursor, how it wants its users, whether a task of its own is
+    writing to it."""
+
+    __slots__ = ("batch", "busy", "sub")
+
+    def __init__(self, ws: WebSocketConnection, sub: Subscription, batch: int) -> None:
+        super().__init__(ws)
+        self.sub, self.batch, self.busy = sub, batch, False
+
+
+class Pump:
+    def __init__(
+        self,
+        hub: Hub,
+        write_timeout_s: float,
+        coalesce_s: float,
+        in_frames: Callable[[list[bytes], int], list[bytes]],
+        sent: Counter[str],
+    ) -> None:
+        """`in_frames(users, batch)`: the payloads a client that asked for `batch` gets
+        for `users`; `sent["plain"]` counts the users written."""
+        self.hub = hub
+        self.write_timeout_s, self.coalesce_s = write_timeout_s, coalesce_s
+        self.in_frames = in_frames
+        self.sent = sent
+        self.clients: dict[int, Plain] = {}  # by subscription id
+        self.set_aside = 0  # clients handed a task of their own, since the start
+        self._nursery: trio.Nursery | None = None
+        self._framed: dict[bytes, bytes] = {}  # this pass: a user -> its frame
+
+    def add(self, client: Plain) -> None:
+        """Write to `client` from its cursor on (at once: it may have frames due)."""
+        self.clients[client.sub.id] = client
+        self.hub.nudge()
+
+    def remove(self, client: Plain) -> None:
+        self.clients.pop(client.sub.id, None)
+
+    async def run(self) -> None:
+        hub = self.hub
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            while True:
+                behind = self._pass()
+                if self.coalesce_s:
+                    await trio.sleep(self.coalesce_s)
+                    if behind or self._anything_due():  # (published meanwhile: unheard)
+                        continue
+                elif behind:  # (a client with more due than one write: after the others)
+                    await trio.lowlevel.checkpoint()
+                    continue
+                await hub.wait_published()
+
+    def _anything_due(self) -> bool:
+        hub = self.hub
+        return any(
+            c.sub.next_seq <= hub.last_seq or c.sub.slow or hub.closed
+            for c in self.clients.values()
+            if not c.busy and c.ended is None
+        )
+
+    def _pass(self) -> bool:
+        """One write to each client with frames due; whether one has more due still."""
+        hub, framed = self.hub, self._framed
+        behind = False
+        closed = hub.closed
+        written = 0
+        for client in self.clients.values():
+            if client.busy or client.ended is not None:
+                continue
+            try:
+                users = hub.next_frames_nowait(client.sub, FRAMES_PER_WRITE)
+            except Slow as exc:
+                client.end(exc)
+                continue
+            if users is None:
+                if closed:
+                    client.end(trio.EndOfChannel())
+                continue
+            if client.batch == 1:
+                data = b"".join([framed.get(user) or _frame(framed, user) for user in users])
+                payloads = users
+            else:
+                payloads = self.in_frames(users, client.batch)
+                data = frames(payloads)
+            written += len(users)
+            behind = behind or len(users) == FRAMES_PER_WRITE
+            try:
+                sent = write_nowait(client.ws, data)
+            except ConnectionClosed as exc:
+                client.end(exc)
+                continue
+            if sent != len(data):
+                client.busy = True
+                self.set_aside += 1
+                assert self._nursery is not None
+                self._nursery.start_soon(self._finish, client, payloads, data, sent)
+        framed.clear()
+        self.sent["plain"] += written
+        return behind
+
+    async def _finish(
+        self, client: Plain, payloads: list[bytes], data: bytes, sent: int | None
+    ) -> None:
+        """The client's own task: the rest of its write, then whatever is due meanwhile,
+        until it has nothing due (then the pump takes it back) or it ends."""
+        hub = self.hub
+        try:
+            while not client.finished:  # (else its session has closed the socket)
+                await write_rest(
+                    client.ws, memoryview(data), sent or 0, self.write_timeout_s, payloads
+                )
+                users = hub.next_frames_nowait(client.sub, FRAMES_PER_WRITE)
+                if users is None:
+                    if hub.closed:
+                        raise trio.EndOfChannel
+                    return
+                payloads = self.in_frames(users, client.batch)
+                data, sent = frames(payloads), 0
+                self.sent["plain"] += len(users)
+        except (Slow, WriteTimeout, ConnectionClosed, trio.EndOfChannel) as exc:
+            client.end(exc)  # (first: the session learns why before the abort ends it)
+            if isinstance(exc, WriteTimeout) and not exc.intact:
+                await abort(client.ws)
+        finally:
+            client.busy = False
+
+
+def _frame(framed: dict[bytes, bytes], user: bytes) -> bytes:
+    frame = framed[user] = header(len(user)) + user
+    return frame
