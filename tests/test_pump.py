@@ -1,0 +1,175 @@
+"""The one writer of plain clients (`serve/pump.py`) and the keep-alive wheel, over real
+WebSocket connections on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from typing import Any
+
+import trio
+import trio.testing
+from trio_websocket import ConnectionClosed
+
+from userstreamd.config import BroadcasterConfig
+from userstreamd.serve.broadcaster import OPEN_POLICY, Broadcaster
+from userstreamd.sources.synthetic import synthetic_user
+from userstreamd.stream.client import open_ws
+from userstreamd.stream.hub import Hub
+from userstreamd.stream.protocol import CLOSE_SLOW
+
+from .helpers import eventually
+from .test_broadcaster import _open_stalling_ws
+
+
+def _tasks(task: trio.lowlevel.Task) -> int:
+    return 1 + sum(_tasks(child) for n in task.child_nurseries for child in n.child_tasks)
+
+
+async def _serve(nursery: trio.Nursery, hub: Hub, **settings: Any) -> tuple[Broadcaster, str]:
+    broadcaster = Broadcaster(hub, BroadcasterConfig(**settings), OPEN_POLICY)
+    port = await nursery.start(partial(broadcaster.run, "127.0.0.1", 0))
+    return broadcaster, f"ws://127.0.0.1:{port}/"
+
+
+def _publish(hub: Hub, n: int) -> None:
+    for _ in range(n):
+        hub.publish_nowait(synthetic_user("p", hub.last_seq + 1), "synthetic", hub.last_seq + 1)
+
+
+async def test_a_plain_client_costs_one_task_and_every_client_gets_every_user() -> None:
+    """No task per client per user, and none beside its session: 30 plain clients add
+    30 tasks to the daemon's, however many users are written to them."""
+    hub = Hub("e")
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            broadcaster, url = await _serve(nursery, hub)
+
+            def server_tasks() -> int:
+                return sum(_tasks(task) for task in nursery.child_tasks)
+
+            await trio.testing.wait_all_tasks_blocked()
+            before = server_tasks()
+            received: dict[int, list[int]] = {}
+            async with trio.open_nursery() as clients:
+
+                async def client(i: int, task_status: trio.TaskStatus[None]) -> None:
+                    async with open_ws(url) as ws:
+                        await ws.get_message()  # the welcome
+                        task_status.started()
+                        seqs = received.setdefault(i, [])
+                        while len(seqs) < 500:
+                            seqs.append(json.loads(await ws.get_message())["seq"])
+
+                for i in range(30):
+                    await clients.start(client, i)
+                await eventually(lambda: hub.clients == 30)
+                await trio.testing.wait_all_tasks_blocked()
+                assert server_tasks() - before == 30
+                _publish(hub, 500)
+            assert all(seqs == list(range(1, 501)) for seqs in received.values())
+            assert len(received) == 30
+            assert broadcaster.sent["plain"] == 30 * 500
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_lone_user_goes_out_at_once_and_users_coalesce_only_behind_a_pass(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """With coalesce_ms = 100: a user published to an idle pump is written in the pass
+    it wakes, at once; users published within 100 ms of that pass wait for the next one,
+    and go out together; after a quiet spell, a lone user is again not held back."""
+    hub = Hub("e")
+    arrivals: list[tuple[float, int]] = []
+    async with trio.open_nursery() as nursery:
+        _, url = await _serve(nursery, hub, coalesce_ms=100)
+        async with open_ws(url) as ws:
+            await ws.get_message()
+
+            async def read() -> None:
+                while True:
+                    seq = json.loads(await ws.get_message())["seq"]
+                    arrivals.append((trio.current_time(), seq))
+
+            nursery.start_soon(read)
+            await trio.sleep(1)  # (the pump's first pass is long past)
+            t0 = trio.current_time()
+            _publish(hub, 1)  # idle: at once
+            for _ in range(4):  # within the 100 ms after that pass: the next pass
+                await trio.sleep(0.01)
+                _publish(hub, 1)
+            await trio.sleep(1)
+            t1 = trio.current_time()
+            _publish(hub, 1)  # idle again
+            await trio.sleep(1)
+            nursery.cancel_scope.cancel()
+    assert [seq for _, seq in arrivals] == [1, 2, 3, 4, 5, 6]
+    assert arrivals[0][0] == t0
+    assert {at for at, _ in arrivals[1:5]} == {t0 + 0.1}
+    assert arrivals[5][0] == t1
+
+
+async def test_a_stalled_reader_is_set_aside_and_closed_while_the_others_get_everything() -> None:
+    """A client that reads nothing among readers: its write is finished by a task of its
+    own (the pump goes on), and it is closed as slow (3008) when it falls client_lag_max
+    behind; the readers get every user in order."""
+    hub = Hub("e", client_lag_max=300)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            broadcaster, url = await _serve(nursery, hub, write_timeout_s=30)
+            got: dict[int, list[int]] = {0: [], 1: [], 2: []}
+            async with _open_stalling_ws(url) as stalled:
+                await stalled.get_message()
+                async with trio.open_nursery() as readers:
+
+                    async def reader(i: int, task_status: trio.TaskStatus[None]) -> None:
+                        async with open_ws(url) as ws:
+                            await ws.get_message()
+                            task_status.started()
+                            while len(got[i]) < 1000:
+                                got[i].append(json.loads(await ws.get_message())["seq"])
+
+                    for i in got:
+                        await readers.start(reader, i)
+                    for _ in range(100):
+                        _publish(hub, 10)
+                        await trio.sleep(0.005)
+                assert broadcaster.pump.set_aside >= 1
+                try:
+                    while True:
+                        await stalled.get_message()
+                except ConnectionClosed as closed:
+                    assert closed.reason.code == CLOSE_SLOW
+            assert all(seqs == list(range(1, 1001)) for seqs in got.values())
+            assert broadcaster.closed["closed_3008"] == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_client_that_pings_while_it_receives_gets_every_frame_whole() -> None:
+    """Pongs (written by the session's reader) and pings (the wheel's raw frames) share
+    the socket with the pump's writes: none is ever written into another frame."""
+    hub = Hub("e")
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            _, url = await _serve(nursery, hub, ping_interval_s=0.01, pong_timeout_s=5)
+            async with open_ws(url) as ws:
+                await ws.get_message()
+                pongs = 0
+
+                async def ping() -> None:
+                    nonlocal pongs
+                    while True:
+                        await ws.ping()
+                        pongs += 1
+
+                nursery.start_soon(ping)
+                seqs: list[int] = []
+                for _ in range(40):
+                    _publish(hub, 50)
+                    while len(seqs) < hub.last_seq:
+                        seqs.append(json.loads(await ws.get_message())["seq"])
+                # (gone without a close: trio-websocket's client would fail answering a
+                # ping of ours in the middle of its closing handshake)
+                nursery.cancel_scope.cancel()
+    assert seqs == list(range(1, 2001))
+    assert pongs > 10
