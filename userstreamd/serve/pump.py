@@ -28,7 +28,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from ..stream.hub import Hub, Slow, Subscription
 from .keepalive import Peer
-from .wsframes import WriteTimeout, abort, frames, header, write_nowait, write_rest
+from .wsframes import WriteTimeout, abort, frames, write_nowait, write_rest
 
 FRAMES_PER_WRITE = 256  # at most, to one client in one write (about 256 KiB of users)
 
@@ -62,7 +62,8 @@ class Pump:
         self.clients: dict[int, Plain] = {}  # by subscription id
         self.set_aside = 0  # clients handed a task of their own, since the start
         self._nursery: trio.Nursery | None = None
-        self._framed: dict[bytes, bytes] = {}  # this pass: a user -> its frame
+        # this pass: (first seq, last seq, batch) -> the bytes of that write, its payloads
+        self._built: dict[tuple[int, int, int], tuple[bytes, list[bytes]]] = {}
 
     def add(self, client: Plain) -> None:
         """Write to `client` from its cursor on (at once: it may have frames due)."""
@@ -96,8 +97,10 @@ class Pump:
         )
 
     def _pass(self) -> bool:
-        """One write to each client with frames due; whether one has more due still."""
-        hub, framed = self.hub, self._framed
+        """One write to each client with frames due; whether one has more due still.
+        Clients at the same place (most of them, when they keep up) share the bytes of
+        one write, built once."""
+        hub, built = self.hub, self._built
         behind = False
         closed = hub.closed
         written = 0
@@ -105,22 +108,21 @@ class Pump:
             if client.busy or client.ended is not None:
                 continue
             try:
-                users = hub.next_frames_nowait(client.sub, FRAMES_PER_WRITE)
+                due = hub.take(client.sub, FRAMES_PER_WRITE)
             except Slow as exc:
                 client.end(exc)
                 continue
-            if users is None:
+            if due is None:
                 if closed:
                     client.end(trio.EndOfChannel())
                 continue
-            if client.batch == 1:
-                data = b"".join([framed.get(user) or _frame(framed, user) for user in users])
-                payloads = users
-            else:
-                payloads = self.in_frames(users, client.batch)
-                data = frames(payloads)
-            written += len(users)
-            behind = behind or len(users) == FRAMES_PER_WRITE
+            key = (*due, client.batch)
+            if (write := built.get(key)) is None:
+                payloads = self.in_frames(hub.frames(*due), client.batch)
+                write = built[key] = (frames(payloads), payloads)
+            data = write[0]
+            written += due[1] - due[0] + 1
+            behind = behind or due[1] - due[0] + 1 == FRAMES_PER_WRITE
             try:
                 sent = write_nowait(client.ws, data)
             except ConnectionClosed as exc:
@@ -130,8 +132,8 @@ class Pump:
                 client.busy = True
                 self.set_aside += 1
                 assert self._nursery is not None
-                self._nursery.start_soon(self._finish, client, payloads, data, sent)
-        framed.clear()
+                self._nursery.start_soon(self._finish, client, write[1], data, sent)
+        built.clear()
         self.sent["plain"] += written
         return behind
 
@@ -160,8 +162,3 @@ class Pump:
                 await abort(client.ws)
         finally:
             client.busy = False
-
-
-def _frame(framed: dict[bytes, bytes], user: bytes) -> bytes:
-    frame = framed[user] = header(len(user)) + user
-    return frame

@@ -103,14 +103,14 @@ def write_nowait(ws: WebSocketConnection, data: bytes | memoryview) -> int | Non
     if ws._close_reason is not None:
         raise ConnectionClosed(ws._close_reason)
     stream, lock = ws._stream, ws._stream_lock
-    if not isinstance(stream, trio.SocketStream) or lock.locked():
+    if lock.held or not isinstance(stream, trio.SocketStream):  # type: ignore[attr-defined]
         return None
     try:
         sent = os.write(stream.socket.fileno(), data)
     except OSError:  # (BlockingIOError: no room)
         return 0
     if 0 < sent < len(data):
-        lock.acquire_nowait()
+        lock.held = True  # type: ignore[attr-defined]
     return sent
 
 
@@ -155,30 +155,44 @@ async def abort(ws: WebSocketConnection) -> None:
 class WriteLock:
     """A connection's write lock that any task may give back: `write_nowait` takes it on
     the pump's task when it tears a frame, and the task that finishes the frame gives it
-    back. FIFO, as trio-websocket's own StrictFIFOLock (both are trio parking lots)."""
+    back. FIFO (handed to the longest waiter), as trio's own locks; `held` is a plain
+    attribute, and the parking lot is made only when someone has to wait."""
 
-    __slots__ = ("_semaphore",)
+    __slots__ = ("_lot", "held")
 
     def __init__(self) -> None:
-        self._semaphore = trio.Semaphore(1)
+        self.held = False
+        self._lot: trio.lowlevel.ParkingLot | None = None
 
     def locked(self) -> bool:
-        return self._semaphore.value == 0
+        return self.held
 
     def acquire_nowait(self) -> None:
-        self._semaphore.acquire_nowait()
+        if self.held:
+            raise trio.WouldBlock
+        self.held = True
 
     async def acquire(self) -> None:
-        await self._semaphore.acquire()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if not self.held:
+            self.held = True
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        if self._lot is None:
+            self._lot = trio.lowlevel.ParkingLot()
+        await self._lot.park()  # (woken by `release`, which hands the lock over)
 
     def release(self) -> None:
-        self._semaphore.release()
+        if self._lot:
+            self._lot.unpark()  # (still held: by the task it wakes)
+        else:
+            self.held = False
 
     async def __aenter__(self) -> None:
-        await self._semaphore.acquire()
+        await self.acquire()
 
     async def __aexit__(self, *exc_info: object) -> None:
-        self._semaphore.release()
+        self.release()
 
 
 def _frame_ends(payloads: list[bytes]) -> set[int]:

@@ -283,6 +283,14 @@ class Hub:
         live end; Slow if it was cut off."""
         return self._replay.next_frames_nowait(sub, limit)
 
+    def take(self, sub: Subscription, limit: int) -> tuple[int, int] | None:
+        """Move the subscriber's cursor past up to `limit` frames: (first, last) seq it
+        passed, for `frames`; None at the live end; Slow if it was cut off."""
+        return self._replay.take(sub, limit)
+
+    def frames(self, first: int, last: int) -> list[bytes]:
+        return self._replay.frames(first, last)
+
     async def next_frames(self, sub: Subscription, limit: int = 1) -> list[bytes]:
         """Wait for the subscriber's next frames (at most `limit`); trio.EndOfChannel
         once the hub is closed and the subscriber has everything."""

@@ -216,15 +216,26 @@ class Replay:
     def next_frames_nowait(self, sub: Subscription, limit: int = 1) -> list[bytes] | None:
         """Up to `limit` of the subscriber's next frames, in order; None if it is at the
         live end; Slow if it was cut off."""
-        if sub.slow or sub.next_seq < self.oldest or self.last_seq - sub.next_seq >= sub.lag_max:
-            self._cut_off(sub)
-            raise Slow(f"fell {self.last_seq - sub.next_seq + 1} frames behind")
+        due = self.take(sub, limit)
+        return None if due is None else self.frames(*due)
+
+    def take(self, sub: Subscription, limit: int) -> tuple[int, int] | None:
+        """Move the subscriber's cursor past up to `limit` frames: the seqs (first, last)
+        it passed, for `frames`; None if it is at the live end; Slow if it was cut off.
+        (Readers at the same place get the same range: a writer builds its bytes once.)"""
         first = sub.next_seq
+        if sub.slow or first < self.oldest or self.last_seq - first >= sub.lag_max:
+            self._cut_off(sub)
+            raise Slow(f"fell {self.last_seq - first + 1} frames behind")
         last = min(self.last_seq, first + limit - 1)
         if first > last:
             return None
-        entries = self.entries
         sub.next_seq = last + 1
+        return first, last
+
+    def frames(self, first: int, last: int) -> list[bytes]:
+        """The buffered frames from seq `first` to `last`."""
+        entries = self.entries
         return [entries[seq].frame for seq in range(first, last + 1)]
 
     async def next_frames(self, sub: Subscription, limit: int = 1) -> list[bytes]:
