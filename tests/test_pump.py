@@ -173,3 +173,43 @@ async def test_a_client_that_pings_while_it_receives_gets_every_frame_whole() ->
                 nursery.cancel_scope.cancel()
     assert seqs == list(range(1, 2001))
     assert pongs > 10
+
+
+class _Scheduled(trio.abc.Instrument):
+    def __init__(self, name: str) -> None:
+        self.name, self.count = name, 0
+
+    def task_scheduled(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith(self.name):
+            self.count += 1
+
+
+async def test_idle_clients_are_pinged_by_one_task_waking_once_a_second_at_most(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """40 idle clients that connected over 12 s, pinged every 20 s for 80 s: 160 pings
+    answered (none dropped), from the wheel's one task, which woke far fewer times than
+    it pinged: no timer per client."""
+    hub = Hub("e")
+    wheel = _Scheduled("KeepAlive.run")
+    async with trio.open_nursery() as nursery:
+        broadcaster, url = await _serve(nursery, hub, ping_interval_s=20, pong_timeout_s=10)
+        async with trio.open_nursery() as clients:
+
+            async def client() -> None:
+                async with open_ws(url) as ws:
+                    await ws.get_message()
+                    await trio.sleep_forever()
+
+            for _ in range(40):
+                clients.start_soon(client)
+                await trio.sleep(0.3)
+            pongs = broadcaster.keepalive  # (the wheel's view: each peer's pong count)
+            trio.lowlevel.add_instrument(wheel)
+            await trio.sleep(80)
+            trio.lowlevel.remove_instrument(wheel)
+            assert hub.clients == 40 and not broadcaster.closed
+            assert pongs.pinged >= 40 * 3
+            assert wheel.count <= 90
+            clients.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()

@@ -55,6 +55,7 @@ class KeepAlive:
         self._pongs: deque[tuple[float, Peer, int]] = deque()  # (deadline, peer, pongs then)
         self._nursery: trio.Nursery | None = None
         self._added = trio.Event()
+        self.pinged = 0  # pings sent, since the start
 
     def watch(self, peer: Peer) -> None:
         """Ping `peer` from `ping_interval_s` from now on, until it is finished."""
@@ -87,6 +88,7 @@ class KeepAlive:
                 continue
             pongs.append((now + self.timeout_s, peer, peer.ws.pongs))  # type: ignore[attr-defined]
             pings.append((now + self.interval_s, peer))
+            self.pinged += 1
             self._ping(peer)
 
     def _ping(self, peer: Peer) -> None:
