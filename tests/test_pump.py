@@ -16,10 +16,21 @@ from userstreamd.serve.broadcaster import OPEN_POLICY, Broadcaster
 from userstreamd.sources.synthetic import synthetic_user
 from userstreamd.stream.client import open_ws
 from userstreamd.stream.hub import Hub
-from userstreamd.stream.protocol import CLOSE_SLOW
+from userstreamd.stream.protocol import CLOSE_GOING_AWAY, CLOSE_SLOW
 
 from .helpers import eventually
 from .test_broadcaster import _open_stalling_ws
+
+
+class _Spawned(trio.abc.Instrument):
+    """Tasks the server spawns (the pump's, for a client whose socket is full)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        if task.name.startswith("userstreamd."):
+            self.count += 1
 
 
 def _tasks(task: trio.lowlevel.Task) -> int:
@@ -39,7 +50,8 @@ def _publish(hub: Hub, n: int) -> None:
 
 async def test_a_plain_client_costs_one_task_and_every_client_gets_every_user() -> None:
     """No task per client per user, and none beside its session: 30 plain clients add
-    30 tasks to the daemon's, however many users are written to them."""
+    30 tasks to the daemon's, and 500 users written to them in 50 bursts spawn at most
+    one more per client."""
     hub = Hub("e")
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
@@ -66,7 +78,15 @@ async def test_a_plain_client_costs_one_task_and_every_client_gets_every_user() 
                 await eventually(lambda: hub.clients == 30)
                 await trio.testing.wait_all_tasks_blocked()
                 assert server_tasks() - before == 30
-                _publish(hub, 500)
+                spawned = _Spawned()
+                trio.lowlevel.add_instrument(spawned)
+                for _ in range(50):
+                    _publish(hub, 10)
+                    await trio.sleep(0.001)
+            trio.lowlevel.remove_instrument(spawned)
+            # (a task only for a client whose socket had no room for a whole write, as
+            # at the first bursts, before TCP grows its buffers: never one per user)
+            assert spawned.count <= 30
             assert all(seqs == list(range(1, 501)) for seqs in received.values())
             assert len(received) == 30
             assert broadcaster.sent["plain"] == 30 * 500
@@ -142,6 +162,7 @@ async def test_a_stalled_reader_is_set_aside_and_closed_while_the_others_get_eve
                     assert closed.reason.code == CLOSE_SLOW
             assert all(seqs == list(range(1, 1001)) for seqs in got.values())
             assert broadcaster.closed["closed_3008"] == 1
+            assert hub.slow_disconnects == 1 and broadcaster.write_timeouts == 0
             nursery.cancel_scope.cancel()
 
 
@@ -213,3 +234,29 @@ async def test_idle_clients_are_pinged_by_one_task_waking_once_a_second_at_most(
             assert wheel.count <= 90
             clients.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
+
+
+async def test_the_stream_ends_with_everything_then_1001_though_it_closed_right_after_a_publish() -> (
+    None
+):
+    """The last users and the end of the stream with no checkpoint between them: the
+    pump's one wake-up covers both (coalescing or not)."""
+    for coalesce_ms in (0, 5):
+        hub = Hub("e")
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                _, url = await _serve(nursery, hub, coalesce_ms=coalesce_ms)
+                async with open_ws(url) as ws:
+                    await ws.get_message()
+                    await trio.sleep(0.05)
+                    _publish(hub, 3)
+                    hub.close()
+                    seqs = [json.loads(await ws.get_message())["seq"] for _ in range(3)]
+                    try:
+                        await ws.get_message()
+                    except ConnectionClosed as closed:
+                        assert closed.reason.code == CLOSE_GOING_AWAY
+                    else:
+                        raise AssertionError("the stream did not end")
+                assert seqs == [1, 2, 3]
+                nursery.cancel_scope.cancel()

@@ -281,7 +281,8 @@ class Broadcaster:
                     self.pump.add(watched)
                     bucket = self._bucket(private)
                     await ws.read(partial(self._plain_frame, ws, watched, private, bucket))
-                    raise ConnectionClosed(ws.closed or CloseReason(1006, None))
+                    if watched.ended is None:  # (else why it ended, below)
+                        raise ConnectionClosed(ws.closed or CloseReason(1006, None))
             if watched.ended is not None:
                 raise watched.ended
         except* trio.EndOfChannel:
@@ -430,7 +431,10 @@ class Broadcaster:
         frame: str | bytes,
     ) -> None:
         """A plain client's frame, handled on its session's task as it arrives: nothing
-        but a fan-out worker's report (on the private socket) is expected."""
+        but a fan-out worker's report (on the private socket) is expected. (Once the
+        session is over, frames read while closing are ignored.)"""
+        if watched.finished:
+            return
         try:
             self._client_frame(ws, frame, None, private, bucket)
         except RateExceeded as exc:

@@ -76,12 +76,14 @@ class KeepAlive:
                     self._added = trio.Event()
 
     def _turn(self, until: float) -> None:
+        """Judge the pongs due by now; send the pings due by `until` (a little early, so
+        that one wake-up sends many)."""
         pings, pongs = self._pings, self._pongs
-        while pongs and pongs[0][0] <= until:
+        now = trio.current_time()
+        while pongs and pongs[0][0] <= now:
             _, peer, before = pongs.popleft()
             if not peer.finished and peer.ws.pongs == before:  # type: ignore[attr-defined]
                 peer.end(DeadPeer(f"no pong within {self.timeout_s:g} s"))
-        now = trio.current_time()
         while pings and pings[0][0] <= until:
             _, peer = pings.popleft()
             if peer.finished or peer.ended is not None:

@@ -81,12 +81,12 @@ class Pump:
                 behind = self._pass()
                 if self.coalesce_s:
                     await trio.sleep(self.coalesce_s)
-                    if behind or self._anything_due():  # (published meanwhile: unheard)
-                        continue
                 elif behind:  # (a client with more due than one write: after the others)
                     await trio.lowlevel.checkpoint()
-                    continue
-                await hub.wait_published()
+                # (published meanwhile, or the close right after the last publish: their
+                # wake-ups found nobody waiting)
+                if not behind and not self._anything_due():
+                    await hub.wait_published()
 
     def _anything_due(self) -> bool:
         hub = self.hub
@@ -121,41 +121,46 @@ class Pump:
                 payloads = self.in_frames(hub.frames(*due), client.batch)
                 write = built[key] = (frames(payloads), payloads)
             data = write[0]
-            written += due[1] - due[0] + 1
-            behind = behind or due[1] - due[0] + 1 == FRAMES_PER_WRITE
+            users = due[1] - due[0] + 1
+            behind = behind or users == FRAMES_PER_WRITE
             try:
                 sent = write_nowait(client.ws, data)
             except ConnectionClosed as exc:
                 client.end(exc)
                 continue
-            if sent != len(data):
+            if sent == len(data):
+                written += users
+            else:
                 client.busy = True
                 self.set_aside += 1
                 assert self._nursery is not None
-                self._nursery.start_soon(self._finish, client, write[1], data, sent)
+                self._nursery.start_soon(self._finish, client, write[1], data, sent, users)
         built.clear()
         self.sent["plain"] += written
         return behind
 
     async def _finish(
-        self, client: Plain, payloads: list[bytes], data: bytes, sent: int | None
+        self, client: Plain, payloads: list[bytes], data: bytes, sent: int | None, users: int
     ) -> None:
-        """The client's own task: the rest of its write, then whatever is due meanwhile,
+        """The client's own task: the rest of its write (`users` users; a frame begun is
+        always finished, or the connection aborted), then whatever is due meanwhile,
         until it has nothing due (then the pump takes it back) or it ends."""
         hub = self.hub
         try:
-            while not client.finished:  # (else its session has closed the socket)
+            while True:
                 await write_rest(
                     client.ws, memoryview(data), sent or 0, self.write_timeout_s, payloads
                 )
-                users = hub.next_frames_nowait(client.sub, FRAMES_PER_WRITE)
-                if users is None:
+                self.sent["plain"] += users
+                if client.finished or client.ended is not None:
+                    return  # (its session is over, or ending: it takes nothing more)
+                due = hub.next_frames_nowait(client.sub, FRAMES_PER_WRITE)
+                if due is None:
                     if hub.closed:
                         raise trio.EndOfChannel
                     return
-                payloads = self.in_frames(users, client.batch)
-                data, sent = frames(payloads), 0
-                self.sent["plain"] += len(users)
+                payloads = self.in_frames(due, client.batch)
+                data, sent, users = frames(payloads), 0, len(due)
         except (Slow, WriteTimeout, ConnectionClosed, trio.EndOfChannel) as exc:
             client.end(exc)  # (first: the session learns why before the abort ends it)
             if isinstance(exc, WriteTimeout) and not exc.intact:

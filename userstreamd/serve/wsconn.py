@@ -41,7 +41,7 @@ from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection, Event, Ping, Pong, Request
 from wsproto.utilities import RemoteProtocolError
 
-from .wsframes import WriteLock
+from .wsframes import WriteLock, WriteTimeout, abort, write_rest
 
 
 class _Nothing:
@@ -172,6 +172,17 @@ class ServerConnection(WebSocketConnection):
             # wsproto keeps the handshake (an h11 connection) for the life of the
             # connection, though it only asks it for events, never any after this
             self._wsproto.handshake = _HANDSHAKE_DONE  # type: ignore[assignment]
+
+    async def _send(self, event: Event) -> None:
+        """trio-websocket's, with its frame never cut by a cancellation (the reader now
+        runs in the session's scope, which its writers cancel): written whole, shielded,
+        within ``close_timeout_s``, else the connection is aborted."""
+        data = self._wsproto.send(event)
+        try:
+            await write_rest(self, memoryview(data), 0, self._close_timeout_s)
+        except WriteTimeout:
+            await abort(self)
+            raise ConnectionClosed(self._close_reason) from None
 
     async def _handle_close_connection_event(self, event: CloseConnection) -> None:
         if self._wsproto.state is ConnectionState.OPEN:
