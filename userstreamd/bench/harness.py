@@ -176,7 +176,7 @@ class Harness:
         self.dropped = 0  # connections that ended without a close frame
         self.bad_frames = 0  # text frames that were not JSON
         self.users_total = self.missed_total = 0
-        self.stalled = StalledClients()
+        self.stalled = StalledClients(FrameReader)
         self._reset()
 
     def _reset(self) -> None:
@@ -380,7 +380,7 @@ class Harness:
                             }
                         )
                     if words[:1] == ["settle"]:
-                        self.stalled.settle(FrameReader)
+                        self.stalled.settle()
                         self._emit({"event": "settled", **self.stalled.result()})
                     if words[:1] == ["measure"]:
                         self._fold()

@@ -6,22 +6,25 @@ server did with them.
 
 A client that never reads cannot see a close frame, nor even the end of its connection
 (the FIN waits behind everything the server could not send it). So `StalledClients`
-learns it from two places, honestly:
+looks without reading, every CHECK_INTERVAL_S from the start of the measured phase
+(`check`), and the time reported is when the harness noticed, within CHECK_INTERVAL_S:
 
-- **when**: every CHECK_INTERVAL_S, the kernel's table of TCP connections
-  (``/proc/net/tcp`` and ``tcp6``: this machine's, the server's end of each connection
-  included) says whether the server's end of each stalled connection is still
-  ESTABLISHED. Once it is not (the server closed or reset its socket), the client counts
-  as closed at that check: the time is when the harness noticed, within CHECK_INTERVAL_S
-  of the server's close of its socket. A close frame, if the server sent one, came before
-  that, by up to the server's close timeout (it waits for an answer that never comes);
-- **how**: at the end of the measured phase (`settle`), the harness reads everything
-  pending on each stalled socket for up to SETTLE_S: a close frame (its code, e.g. 3008)
-  among what the server had sent, or the connection closed or reset without one
-  (``"none"``). A client with a close frame found then but whose server end was still
-  open counts as closed at the end of the measured phase; one with neither is still open,
-  unless its server end was seen closed: then it is closed ``"unknown"`` (not all it was
-  sent could be read within SETTLE_S).
+- its receive buffer, peeked at (``MSG_PEEK``: nothing is consumed, the window offered
+  stays shut): a close frame there (its code, e.g. 3008) among what the server managed to
+  send, or the end of the connection (reset, or closed with no close frame before it);
+- the kernel's table of TCP connections (``/proc/net/tcp`` and ``tcp6``: this machine's,
+  the server's end of each connection included): once the server's end of a stalled
+  connection is no longer ESTABLISHED, the server has closed or reset its socket, though
+  what it sent last (a close frame, maybe) still waits behind what it could not send.
+
+At the end of the measured phase (`settle`) the harness reads everything pending on the
+stalled sockets whose close frame it has not seen, for up to SETTLE_S: a close frame
+found then, or the connection's end, says how (``"none"``: closed or reset without a
+close frame). One whose close frame is found only then counts as closed at the end of the
+measured phase; one whose server end was seen closed but whose close frame or end was not
+reached within SETTLE_S is closed ``"unknown"``; the rest are still open. A reset drops
+what the client had not read: a close frame the server sent before resetting is seen
+only if a check peeked at it first.
 
 Reading ``/proc/net/tcp`` makes this Linux only, like the rest of the bench's figures.
 """
@@ -36,6 +39,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 STALLED_RCVBUF_BYTES = 4096
+PEEK_BYTES = 65536  # more than the kernel lets a STALLED_RCVBUF_BYTES buffer hold
 CHECK_INTERVAL_S = 0.5
 SETTLE_S = 1.0  # at most, reading what the stalled clients were sent
 QUIET_S = 0.2  # no more bytes for this long: all they were sent is read
@@ -90,7 +94,10 @@ def stalled_socket(family: socket.AddressFamily) -> socket.socket:
 
 
 class StalledClients:
-    def __init__(self) -> None:
+    """The stalled clients of one harness; `new_reader()` makes a frame parser."""
+
+    def __init__(self, new_reader: Callable[[], Reader]) -> None:
+        self.new_reader = new_reader
         self.clients: list[Stalled] = []
         self.started = time.monotonic()  # the measured phase's start
         self.checked = 0.0
@@ -102,27 +109,46 @@ class StalledClients:
         self.started = self.checked = time.monotonic()
 
     def check(self, now: float) -> None:
-        """Every CHECK_INTERVAL_S: note the clients whose server end is no longer open."""
+        """Every CHECK_INTERVAL_S: note the clients closed since (module docstring)."""
         if now - self.checked < CHECK_INTERVAL_S:
             return
         self.checked = now
+        after = round(now - self.started, 2)
+        for client in self.clients:
+            if client.how is None and self._peek(client):
+                client.closed_after_s = client.closed_after_s or after
         open_ = [c for c in self.clients if c.closed_after_s is None]
         if not open_:
             return
         established = established_pairs()
         for client in open_:
             if client.ports not in established:
-                client.closed_after_s = round(now - self.started, 2)
+                client.closed_after_s = after
 
-    def settle(self, new_reader: Callable[[], Reader]) -> None:
-        """Read what each was sent (up to SETTLE_S in all, each through a
-        ``new_reader()``): how each was closed."""
+    def _peek(self, client: Stalled) -> bool:
+        """Whether its receive buffer holds a close frame or its connection's end."""
+        try:
+            data = client.sock.recv(PEEK_BYTES, socket.MSG_PEEK)
+        except BlockingIOError:
+            data = None
+        except OSError:  # (reset)
+            data = b""
+        if self._feed(client, self.new_reader(), client.pending + (data or b"")):
+            return True
+        if data == b"":
+            client.how = NO_CLOSE_FRAME
+            return True
+        return False
+
+    def settle(self) -> None:
+        """Read what each was sent whose close frame is not seen yet (up to SETTLE_S in
+        all): how each was closed."""
         self.check(self.checked + CHECK_INTERVAL_S)  # (one last look, before reading)
         end = round(time.monotonic() - self.started, 2)
-        readers = {id(c): new_reader() for c in self.clients}
+        readers = {id(c): self.new_reader() for c in self.clients}
         selector = selectors.DefaultSelector()
         for client in self.clients:
-            if self._feed(client, readers[id(client)], client.pending):
+            if client.how is not None or self._feed(client, readers[id(client)], client.pending):
                 continue
             selector.register(client.sock, selectors.EVENT_READ, client)
         deadline = quiet = time.monotonic()
