@@ -51,7 +51,8 @@ _TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
 
 
 def established_pairs() -> set[tuple[int, int]]:
-    """(local port, remote port) of every ESTABLISHED TCP connection on this machine."""
+    """(local port, remote port) of every ESTABLISHED TCP connection on this machine (the
+    server's port and a client's own name a connection on one machine: no addresses)."""
     pairs: set[tuple[int, int]] = set()
     for table in _TABLES:
         with contextlib.suppress(FileNotFoundError), open(table) as rows:
@@ -115,8 +116,8 @@ class StalledClients:
         self.checked = now
         after = round(now - self.started, 2)
         for client in self.clients:
-            if client.how is None and self._peek(client):
-                client.closed_after_s = client.closed_after_s or after
+            if client.how is None and self._peek(client) and client.closed_after_s is None:
+                client.closed_after_s = after
         open_ = [c for c in self.clients if c.closed_after_s is None]
         if not open_:
             return
@@ -143,8 +144,10 @@ class StalledClients:
     def settle(self) -> None:
         """Read what each was sent whose close frame is not seen yet (up to SETTLE_S in
         all): how each was closed."""
-        self.check(self.checked + CHECK_INTERVAL_S)  # (one last look, before reading)
-        end = round(time.monotonic() - self.started, 2)
+        now = time.monotonic()
+        self.checked = now - CHECK_INTERVAL_S
+        self.check(now)  # (one last look, before reading)
+        end = round(now - self.started, 2)
         readers = {id(c): self.new_reader() for c in self.clients}
         selector = selectors.DefaultSelector()
         for client in self.clients:
