@@ -314,11 +314,11 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:,.1f}"
 
 
-def _print_idle(names: list[str], rows: list[dict[str, Any]], main_label: str | None) -> None:
+def _print_idle(labels: list[str], rows: list[dict[str, Any]]) -> None:
     """The idle figures, a small table of their own (when they were measured)."""
     measured = [
-        (name, row)
-        for name, row in zip(names, rows, strict=True)
+        (label, row)
+        for label, row in zip(labels, rows, strict=True)
         if "unavailable" not in row and row.get("idle_server_cpu_pct") is not None
     ]
     if not measured:
@@ -328,8 +328,7 @@ def _print_idle(names: list[str], rows: list[dict[str, Any]], main_label: str | 
         f"  {f'idle ({IDLE_RATE_PER_S:g} user/s, {seconds:.0f} s)':<22} {'server CPU':>12} "
         f"{'p50 ms':>8} {'p99 ms':>8}"
     )
-    for name, row in measured:
-        label = main_label if name == "userstreamd" and main_label else row["server"]
+    for label, row in measured:
         print(
             f"  {label:<22} {row['idle_server_cpu_pct']:>11.1f}% {_ms(row['idle_p50_ms']):>8} "
             f"{_ms(row['idle_p99_ms']):>8}"
@@ -369,13 +368,16 @@ def print_fanout(report: dict[str, Any]) -> None:
     )
     rows = [main, *report.get("fanout_compare", {}).values()]
     names = ["userstreamd", *report.get("fanout_compare", {})]
-    for name, row in zip(names, rows, strict=True):
+    labels = [  # (each row's first column)
+        topology.row_label if row is main and topology.row_label else row.get("server", name)
+        for name, row in zip(names, rows, strict=True)
+    ]
+    for name, label, row in zip(names, labels, rows, strict=True):
         if "unavailable" in row:
             print(f"  {name:<22} unavailable ({row['unavailable']})")
             continue
         per_client = row["rss_per_idle_client_kib"]
         memory = "-" if per_client is None else f"{per_client:,.1f} KiB"
-        label = topology.row_label if row is main and topology.row_label else row["server"]
         print(
             f"  {label:<22} {row['delivered_per_s']:>12,.0f} {_ms(row['p50_ms']):>8} "
             f"{_ms(row['p99_ms']):>8} {_ms(row['max_ms']):>8} {row['slow_closes']:>11} "
@@ -383,10 +385,10 @@ def print_fanout(report: dict[str, Any]) -> None:
         )
     for line in topology.lines(main):
         print(line)
-    _print_idle(names, rows, topology.row_label)
-    for name, row in zip(names, rows, strict=True):
+    _print_idle(labels, rows)
+    for label, row in zip(labels, rows, strict=True):
         if row.get("stalled"):
-            print(f"  stalled clients (never read), {name}: {_stalled(row)}")
+            print(f"  stalled clients (never read), {label}: {_stalled(row)}")
     for name, row in zip(names, rows, strict=True):
         if "unavailable" in row:
             continue
