@@ -343,8 +343,9 @@ def _stalled(row: dict[str, Any]) -> str:
     )
     text = f"{row['stalled_closed']} of {row['stalled_connected']} closed"
     if row["stalled_closed"]:
-        after = row["stalled_closed_after_s"]
-        text += f" ({how}) after {after['min']:g}-{after['max']:g} s"
+        first, last = row["stalled_closed_after_s"].values()
+        span = f"{first:g}" if first == last else f"{first:g}-{last:g}"
+        text += f" ({how}) after {span} s"
     text += f", {row['stalled_open_at_end']} still open at the end"
     if row["stalled_connected"] < row["stalled"]:
         errors = "; ".join(row["stalled_connect_errors"][:3])
