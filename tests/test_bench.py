@@ -31,7 +31,9 @@ import matplotlib.image
 import pytest
 
 from userstreamd import __version__, bench
-from userstreamd.bench import LABELS, fanout, harness
+from userstreamd.bench import LABELS, fanout, harness, stalled
+from userstreamd.bench.display import open_steps
+from userstreamd.bench.fanout_servers import DaemonServer
 from userstreamd.commands.cli import _parser, main
 
 from .helpers import drain
@@ -276,7 +278,7 @@ def test_bench_fanout_compare_writes_every_figure(tmp_path: Path) -> None:
         [
             *(sys.executable, "-m", "userstreamd", "bench", "fanout", "--clients", "5"),
             *("--rate", "200", "--duration", "1", "--warmup", "0.3", "--compare"),
-            *("--no-install", "--json", str(out)),
+            *("--idle-seconds", "1", "--stalled", "1", "--no-install", "--json", str(out)),
         ]
     )
     assert code == 0, terminal
@@ -286,12 +288,15 @@ def test_bench_fanout_compare_writes_every_figure(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     compare = report["fanout_compare"]
     for row in (report["fanout"], compare["websockets"]):
-        assert row["delivered"] > 0 and "delivered_per_s" in row
+        assert row["delivered"] > 0 and "delivered_per_s" in row, row
         assert row["clients_connected"] == row["connected_at_end"] == 5
         assert row["missed"] == 0 and row["dropped"] == 0
         assert 0 <= row["p50_ms"] <= row["p99_ms"] <= row["max_ms"]
         assert row["slow_closes"] >= 0 and row["rss_per_idle_client_kib"] is not None
         assert row["server_cpu_pct"] >= 0 and row["server_processes"] >= 1
+        assert row["idle_server_cpu_pct"] >= 0 and 0 <= row["idle_p50_ms"] <= row["idle_p99_ms"]
+        assert row["stalled"] == row["stalled_connected"] == 1
+        assert row["stalled_closed"] + row["stalled_open_at_end"] == 1
     assert report["fanout"]["server"].startswith("userstreamd ")
     assert any(p["process"].startswith("consumer-worker") for p in report["fanout"]["processes"])
     assert compare["websockets"]["server"].startswith("websockets ")
@@ -301,6 +306,57 @@ def test_bench_fanout_compare_writes_every_figure(tmp_path: Path) -> None:
     assert any(line.split()[:1] == ["userstreamd"] for line in lines[2:])
     assert any(line.split()[:1] == ["websockets"] for line in lines[2:])
     assert any(line.split()[:2] == ["node", "ws"] or "node_ws" in line for line in lines[2:])
+    assert any(line.strip().startswith("idle (1 user/s, 1 s)") for line in lines)
+    assert "stalled clients (never read), websockets " in stdout
+
+
+@pytest.mark.e2e
+def test_bench_fanout_stalled_clients_are_closed_3008_and_idle_figures_are_sane(
+    tmp_path: Path,
+) -> None:
+    """The daemon with client_lag_max 200 at 200 users/s: 2 stalled clients (they never
+    read) are closed with a 3008 close frame, found among what they were sent; the 3
+    reading clients (a second behind before they would be cut off too) are the only ones
+    counted. The idle phase gives the server's CPU and the latency of the idle users.
+    (close_timeout_s 30: the daemon waits for their answer to its close frame beyond the
+    measured phase, so its end is still open then and the frame is still there to read.)"""
+    server = DaemonServer(tmp_path, 3)
+    server.child.tables["broadcaster"] |= {"client_lag_max": 200, "close_timeout_s": 30.0}
+    with open_steps(False) as steps:
+        row = fanout.measure_server(
+            server,
+            steps,
+            clients=3,
+            rate_per_s=200,
+            duration_s=3.0,
+            warmup_s=0.3,
+            harness_procs=1,
+            idle_s=1.5,
+            stalled=2,
+        )
+    assert row["stalled"] == row["stalled_connected"] == 2 and row["stalled_connect_errors"] == []
+    assert row["stalled_closed"] == 2 and row["stalled_closes"] == {"3008": 2}
+    assert row["stalled_open_at_end"] == 0
+    after = row["stalled_closed_after_s"]
+    assert 0 <= after["min"] <= after["max"] <= row["duration_s"] + stalled.SETTLE_S
+    assert row["clients_connected"] == row["connected_at_end"] == 3
+    assert row["slow_closes"] == row["missed"] == row["dropped"] == 0 and row["delivered"] > 0
+    assert row["idle_s"] >= 1.5 and row["idle_delivered"] > 0
+    assert row["idle_server_cpu_pct"] >= 0
+    assert 0 <= row["idle_p50_ms"] <= row["idle_p99_ms"]
+
+
+def test_a_stalled_client_is_watched_in_the_kernels_table_of_connections() -> None:
+    """Both ends of a connection on 127.0.0.1 are in `established_pairs` (local port,
+    remote port) while it is open; once the server's end is closed, its row is gone."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    with listener, socket.create_connection(listener.getsockname()) as client:
+        conn, _ = listener.accept()
+        ports = (listener.getsockname()[1], client.getsockname()[1])
+        pairs = stalled.established_pairs()
+        assert ports in pairs and ports[::-1] in pairs
+        conn.close()
+        assert ports not in stalled.established_pairs()
 
 
 # -- the harness ----------------------------------------------------------------------

@@ -5,8 +5,10 @@
   zero loss checked, produced -> committed latency at 1,000 users/s, CPU and peak memory
   per process;
 - ``bench fanout`` (`fanout`): the real daemon broadcasting to N plain WebSocket clients
-  of a separate harness process (`harness`); with ``--compare``, the same against
-  reference servers (`reference`: Python ``websockets``, Node ``ws``).
+  of a separate harness process (`harness`), idle (memory, CPU, latency at 1 user/s) then
+  at the asked rate, with ``--stalled K`` beside K clients that never read (`stalled`:
+  how and when the server closes them); with ``--compare``, the same against reference
+  servers (`reference`: Python ``websockets``, Node ``ws``).
 
 Both take ``--bus embedded|nats``: one daemon, or the pipeline's parts as separate
 processes on a local 3-node NATS JetStream cluster (`cluster`). What differs per

@@ -7,14 +7,20 @@ For each server (userstreamd; with ``--compare`` also the references of `referen
 1. start it producing 1 user/s (IDLE_RATE_PER_S); the resident memory (VmRSS) of the
    processes that hold clients, then again once N clients of the harness (`harness`, a
    separate process, or several with ``--harness-procs``, through `harnesses`) are
-   connected and idle: the difference over N is the memory per idle client;
+   connected and idle: the difference over N is the memory per idle client; then, for
+   ``--idle-seconds``, the server processes' CPU and the latency of those idle users
+   (p50, p99: the same figures as below, at 1 user/s);
 2. raise the rate to R (the daemon: its config file rewritten and SIGHUP, as an operator
    would), warm up, then measure for ``--duration`` seconds: users delivered per second
    over all clients, latency from ``produced_at`` to the client's read (p50, p99, max;
    0.1 ms buckets), slow closes (code 3008, since the clients connected), users the
    clients missed (gaps in their seqs), clients still connected at the end, and CPU and
    memory of the server's processes (and what the topology adds: per broadcaster, the
-   producer, the nats-servers on the NATS bus).
+   producer, the nats-servers on the NATS bus). With ``--stalled K``, K more clients
+   connect just before this phase and never read (`stalled`): how many the server closed,
+   how (a close frame's code, or none), after how many seconds of the phase (as the
+   harness noticed), and how many were still open at the end; they count in no other
+   figure.
 
 Figures are reported, never judged: the machine is shared with the harness.
 """
@@ -36,6 +42,7 @@ from .daemon_child import BenchError
 from .display import Steps, open_steps
 from .fanout_servers import LAUNCHERS, START_TIMEOUT_S, FanoutServer, ReferenceServer
 from .harnesses import Harnesses
+from .stalled import NO_CLOSE_FRAME
 
 IDLE_RATE_PER_S = 1.0
 SETTLE_S = 0.5  # after a start and after the clients connect, before memory is read
@@ -65,9 +72,12 @@ def measure_server(
     duration_s: float,
     warmup_s: float,
     harness_procs: int,
+    idle_s: float = 0.0,
+    stalled: int = 0,
 ) -> dict[str, Any]:
     """One server through the steps of the module's docstring; its figures."""
     name = server.label
+    stalled_figures: dict[str, Any] = {"stalled": 0}
 
     def serving_rss_kib() -> int:
         return sum(p.rss_kib for p in snapshot(server.roots()).values() if server.serving(p.name))
@@ -83,16 +93,23 @@ def measure_server(
             time.sleep(SETTLE_S)
             rss_after = serving_rss_kib()
             step.done(f"{connected['clients']} connected{server.connected()}")
+            idle = _measure_idle(server, steps, harness, idle_s)
             server.set_rate(rate_per_s)
             steps.wait(f"{name}: warm-up at {rate_per_s:,.0f} users/s", warmup_s)
+            if stalled:
+                step = steps.step(f"{name}: connect {stalled} stalled clients")
+                opened = harness.stall(stalled, START_TIMEOUT_S + stalled / 50)
+                step.done(f"{opened['clients']} connected")
             before, start = snapshot(server.roots()), time.monotonic()
             label = f"{name}: {duration_s:g} s, {clients} clients"
             got = harness.measure(steps, label, duration_s)
             after, seconds = snapshot(server.roots()), time.monotonic() - start
+            if stalled:
+                stalled_figures = stalled_report(stalled, opened, harness.settle())
         finally:
             harness.close()
         usage = procs.usage(before, after, seconds)
-        extra = server.figures(usage)
+        extra = {**server.figures(usage), **stalled_figures}
     finally:
         server.stop()
     return {
@@ -108,7 +125,57 @@ def measure_server(
             server.serving,
             (rss_before, rss_after),
         ),
+        **idle_report(idle_s, *idle, server.serving),
         **extra,
+    }
+
+
+def _measure_idle(
+    server: FanoutServer, steps: Steps, harness: Harnesses, idle_s: float
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """What the harness got over `idle_s` at the idle rate, and each process's CPU
+    meanwhile (nothing with `idle_s` 0)."""
+    if idle_s <= 0:
+        return None, []
+    before, start = snapshot(server.roots()), time.monotonic()
+    got = harness.measure(steps, f"{server.label}: idle, {idle_s:g} s", idle_s)
+    after, seconds = snapshot(server.roots()), time.monotonic() - start
+    return got, procs.usage(before, after, seconds)
+
+
+def idle_report(
+    idle_s: float,
+    got: dict[str, Any] | None,
+    usage: list[dict[str, Any]],
+    serving: Callable[[str], bool],
+) -> dict[str, Any]:
+    """The idle figures: the serving processes' CPU (% of one core) and the latency of
+    the idle users over `idle_s` (None when not measured or no user came)."""
+    if got is None:
+        return dict.fromkeys(("idle_s", "idle_server_cpu_pct", "idle_p50_ms", "idle_p99_ms"))
+    hist, resolution = got["hist"], got["resolution_ms"]
+    return {
+        "idle_s": got["seconds"],
+        "idle_server_cpu_pct": round(sum(r["cpu_pct"] for r in usage if serving(r["process"])), 1),
+        "idle_p50_ms": percentile_ms(hist, 0.50, resolution),
+        "idle_p99_ms": percentile_ms(hist, 0.99, resolution),
+        "idle_delivered": got["users"],
+    }
+
+
+def stalled_report(asked: int, opened: dict[str, Any], settled: dict[str, Any]) -> dict[str, Any]:
+    """The stalled clients' figures: how many were closed and how (``"none"``: without a
+    close frame), after how many seconds of the measured phase (min, max), how many were
+    still open at the end."""
+    after = settled["stalled_closed_after_s"]
+    return {
+        "stalled": asked,
+        "stalled_connected": opened["clients"],
+        "stalled_connect_errors": opened["errors"],
+        "stalled_closed": sum(settled["stalled_closes"].values()),
+        "stalled_closes": settled["stalled_closes"],
+        "stalled_closed_after_s": {"min": after[0], "max": after[-1]} if after else None,
+        "stalled_open_at_end": settled["stalled_open"],
     }
 
 
@@ -171,6 +238,8 @@ def run_fanout(
     duration_s: float = 10.0,
     warmup_s: float = 2.0,
     harness_procs: int = 1,
+    idle_s: float = 5.0,
+    stalled: int = 0,
     compare: bool = False,
     install_node_ws: bool = True,
     progress: bool = False,
@@ -194,6 +263,8 @@ def run_fanout(
             duration_s=duration_s,
             warmup_s=warmup_s,
             harness_procs=harness_procs,
+            idle_s=idle_s,
+            stalled=stalled,
         )
         report["fanout"] = measure(topology(base, clients))
         if compare:
@@ -243,6 +314,45 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:,.1f}"
 
 
+def _print_idle(labels: list[str], rows: list[dict[str, Any]]) -> None:
+    """The idle figures, a small table of their own (when they were measured)."""
+    measured = [
+        (label, row)
+        for label, row in zip(labels, rows, strict=True)
+        if "unavailable" not in row and row.get("idle_server_cpu_pct") is not None
+    ]
+    if not measured:
+        return
+    seconds = measured[0][1]["idle_s"]
+    print(
+        f"  {f'idle ({IDLE_RATE_PER_S:g} user/s, {seconds:.0f} s)':<22} {'server CPU':>12} "
+        f"{'p50 ms':>8} {'p99 ms':>8}"
+    )
+    for label, row in measured:
+        print(
+            f"  {label:<22} {row['idle_server_cpu_pct']:>11.1f}% {_ms(row['idle_p50_ms']):>8} "
+            f"{_ms(row['idle_p99_ms']):>8}"
+        )
+
+
+def _stalled(row: dict[str, Any]) -> str:
+    """What became of the stalled clients, in words."""
+    how = ", ".join(
+        f"{'no close frame' if code == NO_CLOSE_FRAME else code}: {n}"
+        for code, n in row["stalled_closes"].items()
+    )
+    text = f"{row['stalled_closed']} of {row['stalled_connected']} closed"
+    if row["stalled_closed"]:
+        first, last = row["stalled_closed_after_s"].values()
+        span = f"{first:g}" if first == last else f"{first:g}-{last:g}"
+        text += f" ({how}) after {span} s"
+    text += f", {row['stalled_open_at_end']} still open at the end"
+    if row["stalled_connected"] < row["stalled"]:
+        errors = "; ".join(row["stalled_connect_errors"][:3])
+        text += f" ({row['stalled']} asked: {errors})"
+    return text
+
+
 def print_fanout(report: dict[str, Any]) -> None:
     topology = LAUNCHERS[report["bus"]]
     main = report["fanout"]
@@ -259,13 +369,16 @@ def print_fanout(report: dict[str, Any]) -> None:
     )
     rows = [main, *report.get("fanout_compare", {}).values()]
     names = ["userstreamd", *report.get("fanout_compare", {})]
-    for name, row in zip(names, rows, strict=True):
+    labels = [  # (each row's first column)
+        topology.row_label if row is main and topology.row_label else row.get("server", name)
+        for name, row in zip(names, rows, strict=True)
+    ]
+    for name, label, row in zip(names, labels, rows, strict=True):
         if "unavailable" in row:
             print(f"  {name:<22} unavailable ({row['unavailable']})")
             continue
         per_client = row["rss_per_idle_client_kib"]
         memory = "-" if per_client is None else f"{per_client:,.1f} KiB"
-        label = topology.row_label if row is main and topology.row_label else row["server"]
         print(
             f"  {label:<22} {row['delivered_per_s']:>12,.0f} {_ms(row['p50_ms']):>8} "
             f"{_ms(row['p99_ms']):>8} {_ms(row['max_ms']):>8} {row['slow_closes']:>11} "
@@ -273,6 +386,10 @@ def print_fanout(report: dict[str, Any]) -> None:
         )
     for line in topology.lines(main):
         print(line)
+    _print_idle(labels, rows)
+    for label, row in zip(labels, rows, strict=True):
+        if row.get("stalled"):
+            print(f"  stalled clients (never read), {label}: {_stalled(row)}")
     for name, row in zip(names, rows, strict=True):
         if "unavailable" in row:
             continue

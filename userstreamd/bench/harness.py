@@ -18,8 +18,13 @@ It talks to the bench on its standard input and output, one JSON object per line
 
 - out ``{"event": "connected", "clients": N, "failed": F, "errors": [...]}`` once every
   handshake has finished or failed;
+- in ``stall K``: open K stalled clients (`stalled`: they finish the handshake, then never
+  read), out ``{"event": "stalled", "clients": K, "failed": F, "errors": [...]}``;
 - in ``measure SECONDS``: counts restart, and after SECONDS out ``{"event": "measured",
-  ...}`` (`Harness.result`); in ``quit`` or the end of input: close everything and exit.
+  ...}`` (`Harness.result`); meanwhile the stalled clients are watched from that start;
+- in ``settle``: read what the stalled clients were sent, out ``{"event": "settled",
+  ...}`` (`StalledClients.result`: how and when each was closed, or still open);
+- in ``quit`` or the end of input: close everything and exit.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from ..stream.protocol import CLOSE_SLOW, decode_timed
+from .stalled import StalledClients, stalled_socket
 
 RESOLUTION_MS = 0.1  # a latency histogram bucket
 MAX_LATENCY_MS = 60_000  # longer ones land in the last bucket
@@ -125,10 +131,20 @@ class FrameReader:
 
 
 class _Client:
-    __slots__ = ("expect", "handshake", "last_seq", "reader", "request", "sock", "state")
+    __slots__ = (
+        "expect",
+        "handshake",
+        "last_seq",
+        "reader",
+        "request",
+        "sock",
+        "stalled",
+        "state",
+    )
 
-    def __init__(self, sock: socket.socket, request: bytes, expect: bytes) -> None:
+    def __init__(self, sock: socket.socket, request: bytes, expect: bytes, stalled: bool) -> None:
         self.sock, self.request, self.expect = sock, request, expect
+        self.stalled = stalled  # never read once open (its handshake's leftover is kept)
         self.state = "connecting"  # -> "handshake" -> "open" -> "closed"
         self.handshake = b""
         self.reader = FrameReader()
@@ -160,6 +176,7 @@ class Harness:
         self.dropped = 0  # connections that ended without a close frame
         self.bad_frames = 0  # text frames that were not JSON
         self.users_total = self.missed_total = 0
+        self.stalled = StalledClients(FrameReader)
         self._reset()
 
     def _reset(self) -> None:
@@ -170,9 +187,10 @@ class Harness:
 
     # -- connecting ------------------------------------------------------------------
 
-    def _open(self) -> None:
-        address, path = self.targets[len(self.clients) % len(self.targets)]
-        sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
+    def _open(self, into: list[_Client], stalled: bool) -> None:
+        address, path = self.targets[len(into) % len(self.targets)]
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        sock = stalled_socket(family) if stalled else socket.socket(family)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         key = base64.b64encode(os.urandom(16))
@@ -183,29 +201,50 @@ class Harness:
             b"Sec-WebSocket-Version: 13\r\n\r\n"
         )
         expect = base64.b64encode(hashlib.sha1(key + _GUID).digest())
-        client = _Client(sock, request, expect)
-        self.clients.append(client)
+        client = _Client(sock, request, expect, stalled)
+        into.append(client)
         sock.connect_ex(address)
         self.selector.register(sock, selectors.EVENT_WRITE, client)
 
     def connect(self) -> None:
         """Open every client, at most CONNECTING_MAX handshakes at a time."""
-        deadline = time.monotonic() + CONNECT_TIMEOUT_S + self.wanted / 100
+        self._connect(self.clients, self.wanted, stalled=False)
+
+    def connect_stalled(self, wanted: int) -> tuple[int, list[str]]:
+        """Open `wanted` stalled clients (the others go on being read meanwhile); how many
+        failed and why (the first few)."""
+        opening: list[_Client] = []
+        failed, errors = self.failed, self.errors
+        self.failed, self.errors = 0, []  # (theirs: the reading clients' stay as they were)
+        try:
+            self._connect(opening, wanted, stalled=True)
+        finally:
+            stalled_failed, stalled_errors = self.failed, self.errors
+            self.failed, self.errors = failed, errors
+        for client in opening:
+            if client.state == "open":
+                self.stalled.add(client.sock, client.handshake)
+        return stalled_failed, stalled_errors
+
+    def _connect(self, into: list[_Client], wanted: int, *, stalled: bool) -> None:
+        deadline = time.monotonic() + CONNECT_TIMEOUT_S + wanted / 100
         opened = 0
         while True:
-            pending = sum(c.state in ("connecting", "handshake") for c in self.clients)
-            while opened < self.wanted and pending < CONNECTING_MAX:
-                self._open()
+            pending = sum(c.state in ("connecting", "handshake") for c in into)
+            while opened < wanted and pending < CONNECTING_MAX:
+                self._open(into, stalled)
                 opened, pending = opened + 1, pending + 1
-            if opened == self.wanted and pending == 0:
+            if opened == wanted and pending == 0:
                 return
             if time.monotonic() > deadline:
-                for client in self.clients:
+                for client in into:
                     if client.state in ("connecting", "handshake"):
                         self._fail(client, "handshake timed out")
                 return
             for key, events in self.selector.select(0.5):
                 client = key.data
+                if client is None:
+                    continue  # (the commands: read once connected)
                 if client.state == "connecting" and events & selectors.EVENT_WRITE:
                     error = client.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                     if error:
@@ -238,6 +277,10 @@ class Harness:
             return
         if client.expect not in head:
             self._fail(client, "wrong Sec-WebSocket-Accept")
+            return
+        if client.stalled:  # (what came with the answer waits with it, unread)
+            client.state, client.handshake = "open", rest
+            self.selector.unregister(client.sock)
             return
         client.state, client.handshake = "open", b""
         if rest:
@@ -310,6 +353,8 @@ class Harness:
             if until and now >= until:
                 self._emit(self.result())
                 until = 0.0
+            elif until and self.stalled.clients:
+                self.stalled.check(now)
             timeout = min(0.1, until - now) if until else 0.1
             for key, _ in self.selector.select(max(timeout, 0)):
                 if key.data is not None:
@@ -324,9 +369,23 @@ class Harness:
                     words = line.decode().split()
                     if words[:1] == ["quit"]:
                         return
+                    if words[:1] == ["stall"]:
+                        failed, errors = self.connect_stalled(int(words[1]))
+                        self._emit(
+                            {
+                                "event": "stalled",
+                                "clients": len(self.stalled.clients),
+                                "failed": failed,
+                                "errors": errors,
+                            }
+                        )
+                    if words[:1] == ["settle"]:
+                        self.stalled.settle()
+                        self._emit({"event": "settled", **self.stalled.result()})
                     if words[:1] == ["measure"]:
                         self._fold()
                         self._reset()
+                        self.stalled.start()
                         until = self.started + float(words[1])
 
     def _fold(self) -> None:
@@ -357,6 +416,7 @@ class Harness:
         for client in self.clients:
             if client.state != "closed":
                 self._drop(client)
+        self.stalled.close()
 
     @staticmethod
     def _emit(event: dict[str, Any]) -> None:

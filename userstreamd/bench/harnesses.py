@@ -1,7 +1,8 @@
 """The parent's side of the fan-out harness (`harness`: N plain WebSocket clients in a
 process of their own): `Harnesses` starts one or more harness processes sharing the
-clients, asks them to measure and merges their answers; `Lines` reads a child's standard
-output with a deadline; `end_process` ends a child through its lifeline (stdin).
+clients (and the stalled clients of ``--stalled``), asks them to measure and merges their
+answers; `Lines` reads a child's standard output with a deadline; `end_process` ends a
+child through its lifeline (stdin).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class Harnesses:
     where the one before it stopped)."""
 
     def __init__(self, urls: list[str], clients: int, processes: int) -> None:
-        shares = [clients // processes + (i < clients % processes) for i in range(processes)]
+        shares = _shares(clients, processes)
         starts = [sum(shares[:i]) % len(urls) for i in range(processes)]
         self.procs = [
             subprocess.Popen(
@@ -103,14 +104,42 @@ class Harnesses:
             "errors": [e for a in answers for e in a["errors"]],
         }
 
+    def stall(self, clients: int, timeout_s: float) -> dict[str, Any]:
+        """Open `clients` stalled clients, shared as the others are; how many are open."""
+        for proc, share in zip(self.procs, _shares(clients, len(self.procs)), strict=True):
+            assert proc.stdin is not None
+            proc.stdin.write(f"stall {share}\n".encode())
+            proc.stdin.flush()
+        answers = self._answers(timeout_s)
+        return {
+            "clients": sum(a["clients"] for a in answers),
+            "failed": sum(a["failed"] for a in answers),
+            "errors": [e for a in answers for e in a["errors"]],
+        }
+
     def measure(self, steps: Steps, label: str, seconds: float) -> dict[str, Any]:
         self._ask(f"measure {seconds}")
         steps.wait(label, seconds)
         return merge(self._answers(30.0))
 
+    def settle(self) -> dict[str, Any]:
+        """What became of the stalled clients (`stalled.StalledClients.result`, merged)."""
+        self._ask("settle")
+        answers = self._answers(30.0)
+        after = [s for a in answers for s in a["stalled_closed_after_s"]]
+        return {
+            **{key: sum(a[key] for a in answers) for key in ("stalled", "stalled_open")},
+            "stalled_closes": _add([a["stalled_closes"] for a in answers]),
+            "stalled_closed_after_s": sorted(after),
+        }
+
     def close(self) -> None:
         for proc in self.procs:
             end_process(proc)
+
+
+def _shares(clients: int, processes: int) -> list[int]:
+    return [clients // processes + (i < clients % processes) for i in range(processes)]
 
 
 def merge(answers: list[dict[str, Any]]) -> dict[str, Any]:
@@ -118,10 +147,7 @@ def merge(answers: list[dict[str, Any]]) -> dict[str, Any]:
     for answer in answers:
         for bucket, count in answer["latency_hist"]:
             hist[bucket] = hist.get(bucket, 0) + count
-    closes: dict[str, int] = {}
-    for answer in answers:
-        for code, count in answer["closes"].items():
-            closes[code] = closes.get(code, 0) + count
+    closes = _add([a["closes"] for a in answers])
     total = {
         key: sum(a[key] for a in answers)
         for key in ("users", "missed", "slow_closes", "dropped", "connected", "bad_frames")
@@ -134,3 +160,12 @@ def merge(answers: list[dict[str, Any]]) -> dict[str, Any]:
         "closes": closes,
         "harness_cpu_pct": max(a["cpu_pct"] for a in answers),
     }
+
+
+def _add(counts: list[dict[str, int]]) -> dict[str, int]:
+    """Counts by key, summed over several answers."""
+    total: dict[str, int] = {}
+    for each in counts:
+        for key, count in each.items():
+            total[key] = total.get(key, 0) + count
+    return dict(sorted(total.items()))

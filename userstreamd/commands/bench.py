@@ -55,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
                 duration_s=args.duration,
                 warmup_s=args.warmup,
                 harness_procs=args.harness_procs,
+                idle_s=args.idle_seconds,
+                stalled=args.stalled,
                 compare=args.compare,
                 install_node_ws=not args.no_install,
                 progress=progress,
@@ -84,6 +86,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         "  userstreamd bench e2e --bus nats --duration 30\n"
         "  userstreamd bench fanout --clients 100 --rate 1000 --compare\n"
         "  userstreamd bench fanout --clients 1000 --rate 100 --harness-procs 2\n"
+        "  userstreamd bench fanout --clients 100 --rate 1000 --stalled 10 --compare\n"
         "  userstreamd bench fanout --bus nats --clients 100 --rate 1000\n",
     )
     bench.add_argument(
@@ -147,11 +150,15 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     fanout_mode = modes.add_parser(
         "fanout",
         help="the real daemon broadcasting to N plain WebSocket clients (a separate "
-        "harness process): delivered/s, latency, slow closes, memory per idle client",
+        "harness process): delivered/s, latency, slow closes, memory per idle client, "
+        "idle CPU and latency, what becomes of stalled clients",
         description="Start the real daemon as a child process and connect N plain "
         "WebSocket clients from a harness process; memory per idle client at 1 user/s, "
+        "and for --idle-seconds the server's CPU and the latency of those idle users; "
         "then users delivered per second, produced -> received latency and slow closes at "
-        "R users/s. --compare runs the same against reference servers (Python websockets, "
+        "R users/s. With --stalled K, K more clients connect before that and never read: "
+        "how many the server closes, how (close code, or none) and when, how many stay "
+        "open. --compare runs the same against reference servers (Python websockets, "
         "and Node ws when node is on the PATH). With --bus nats: a local 3-node NATS "
         "JetStream cluster, one producer process and two broadcaster processes (run "
         "--role), the clients split evenly between the two.",
@@ -179,6 +186,22 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         default=1,
         metavar="P",
         help="client processes sharing the clients (default: 1)",
+    )
+    fanout_mode.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="seconds the idle clients are measured at 1 user/s: server CPU, latency "
+        "(default: 5; 0: not measured)",
+    )
+    fanout_mode.add_argument(
+        "--stalled",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also K clients that never read (small receive buffer): how and when the "
+        "server closes them, counted in no other figure (default: 0)",
     )
     fanout_mode.add_argument(
         "--compare",
