@@ -106,6 +106,11 @@ class Hub:
         self._consumers = Groups(
             replay, group_lag_max=group_lag_max, window=window, ids=ids, on_committed=on_committed
         )
+        # The plain clients' writer moves their cursors past ranges of seqs (`Replay.take`)
+        # and reads those frames (`Replay.frames`): the replay's own, called once per
+        # client per pass.
+        self.take = replay.take
+        self.frames = replay.frames
         self.lead_max = lead_max or buffer_messages
         self.bad_frames = 0
         self.published: Counter[str] = Counter()  # by source
@@ -282,14 +287,6 @@ class Hub:
         """Up to `limit` of the subscriber's next frames, in order; None if it is at the
         live end; Slow if it was cut off."""
         return self._replay.next_frames_nowait(sub, limit)
-
-    def take(self, sub: Subscription, limit: int) -> tuple[int, int] | None:
-        """Move the subscriber's cursor past up to `limit` frames: (first, last) seq it
-        passed, for `frames`; None at the live end; Slow if it was cut off."""
-        return self._replay.take(sub, limit)
-
-    def frames(self, first: int, last: int) -> list[bytes]:
-        return self._replay.frames(first, last)
 
     async def next_frames(self, sub: Subscription, limit: int = 1) -> list[bytes]:
         """Wait for the subscriber's next frames (at most `limit`); trio.EndOfChannel
