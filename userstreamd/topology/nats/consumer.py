@@ -44,7 +44,7 @@ from ...stream.protocol import Batch, decode_head, decode_raw_user
 from .bus import Bus
 
 FETCH_WAIT_S = 1.0  # the longest a fetch waits for a first user
-MORE_WAIT_S = 0.02  # ... and for more, once there is one
+MORE_WAIT_S = 0.005  # ... and for more, once there is one (none there at once)
 REBIND_AFTER = 3  # failed fetches in a row before asking whether the durable still exists
 FLOOR_EVERY_S = 1.0
 
@@ -94,9 +94,14 @@ async def _fetch(subscription: Any, batch: int) -> list[Any]:
         return first
 
 
-async def _ack(messages: list[Any]) -> None:
-    for message in messages:
-        await message.ack()
+async def _ack(bus: Bus, replies: list[str]) -> None:
+    """(On the client's loop.) Acknowledge a committed batch: one ``+ACK`` (an empty
+    message) to each message's reply subject, fire and forget. The publishes only queue
+    in nats-py's buffer, its flusher writes them out together: one write per batch, no
+    round trip. (Not ``Msg.ack``: the same, through a Msg kept per user.)"""
+    publish = bus.nc.publish
+    for reply in replies:
+        await publish(reply)
 
 
 async def _floor(bus: Bus, group: str) -> tuple[int, int]:
@@ -134,8 +139,8 @@ class JetStreamReceiver:
         self.committed: Counter[str] = Counter()  # users acknowledged as stored, by source
         self.rejected: Counter[str] = Counter()  # ... as set aside (invalid, refused)
         self.on_committed = on_committed  # each committed user's seconds since produced
-        # seq -> its message, source and production time (Unix)
-        self._unacked: dict[int, tuple[Any, str, float]] = {}
+        # seq -> its message's reply subject (to ack it), source and production time (Unix)
+        self._unacked: dict[int, tuple[str, str, float]] = {}
         self._bound = False
         self._checkpoint: StreamCheckpoint | None = None
 
@@ -209,9 +214,9 @@ class JetStreamReceiver:
                 seq = message.metadata.sequence.stream
                 row = self._row(seq, message.data, received_at)
                 if row is None:
-                    self._unacked[seq] = (message, "unknown", 0.0)
+                    self._unacked[seq] = (message.reply, "unknown", 0.0)
                 else:
-                    self._unacked[seq] = (message, row.source, row.produced_at.timestamp())
+                    self._unacked[seq] = (message.reply, row.source, row.produced_at.timestamp())
                 await send_item(send, (seq, row))
 
     async def _durable_exists(self) -> bool:
@@ -260,13 +265,13 @@ class JetStreamReceiver:
         if self.on_batch is not None:
             self.on_batch(report)
         refused = set(rejected)
-        messages = []
+        replies = []
         now = time.time()
         for seq in seqs:
             found = self._unacked.pop(seq, None)
             if found is not None:
-                message, source, produced = found
-                messages.append(message)
+                reply, source, produced = found
+                replies.append(reply)
                 if seq in refused:
                     self.rejected[source] += 1
                 else:
@@ -274,7 +279,7 @@ class JetStreamReceiver:
                     if self.on_committed is not None:
                         self.on_committed(now - produced)
         try:
-            await self.bus.call(_ack, messages)
+            await self.bus.call(_ack, self.bus, replies)
         except (nats.errors.Error, TimeoutError) as exc:  # redelivered after ack_wait_s
             get_logger().warning("consumer.ack_failed", error=describe(exc))
 
