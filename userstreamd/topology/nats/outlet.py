@@ -128,8 +128,8 @@ class Outlet:
                 await self._queued.wait()
                 self._queued = trio.Event()
                 while self._queue:
+                    await in_flight.acquire()  # (then the batch takes what came meanwhile)
                     batch, self._queue = self._queue[:BATCH_MAX], self._queue[BATCH_MAX:]
-                    await in_flight.acquire()
                     # (submitted here, in order: the tasks that wait may run in any order)
                     sent = self.bus.thread.submit(self.publisher.publish, batch)
                     nursery.start_soon(self._answered, batch, sent, in_flight)
