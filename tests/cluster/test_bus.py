@@ -30,6 +30,7 @@ from userstreamd.topology.nats.outlet import (
     Resync,
     last_stored,
 )
+from userstreamd.topology.nats.pull import PullError
 
 pytestmark = pytest.mark.cluster
 
@@ -138,7 +139,10 @@ async def test_the_acks_of_a_batch_all_arrive_and_the_floor_reaches_its_last_seq
         messages: list[Any] = []
         with trio.fail_after(10):
             while len(messages) < 300:
-                messages += await bus.call(pull.take)
+                try:
+                    messages += await bus.call(pull.take)
+                except PullError:  # (503: the new durable's leader not elected yet)
+                    await trio.sleep(0.1)
         await bus.call(_ack, bus, [m.reply for m in messages[:200]])
         info: Any = None
 

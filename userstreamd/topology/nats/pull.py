@@ -102,7 +102,7 @@ class Pull:
                 unsent = msg.headers.get("Nats-Pending-Messages")
                 self.outstanding -= int(unsent) if unsent else self.outstanding
             elif status != "100":
-                failure = f"{status} {msg.headers.get('Description', '')}".strip()
+                failure = f"{status} {msg.headers.get('Description', '')}".split("\n")[0].strip()
         self.outstanding = max(self.outstanding, 0)
         if items:
             self._heard_at = loop.time()
