@@ -18,15 +18,19 @@ from userstreamd.serve.broadcaster import _in_frames
 from userstreamd.sources.synthetic import synthetic_user
 from userstreamd.store.postgres import PostgresStore, StreamCheckpoint
 from userstreamd.topology.nats.bus import Bus, open_bus
+from userstreamd.topology.nats.consumer import _ack, _bind
 from userstreamd.topology.nats.lease import hold_lease
 from userstreamd.topology.nats.mirror import StreamMirror
 from userstreamd.topology.nats.outlet import (
     PUBLISH_TIMEOUT_S,
+    Entry,
     Outlet,
+    PubAck,
     Publisher,
     Resync,
     last_stored,
 )
+from userstreamd.topology.nats.pull import PullError
 
 pytestmark = pytest.mark.cluster
 
@@ -76,6 +80,88 @@ async def test_a_stale_producer_is_fenced_and_the_stream_keeps_one_user_per_seq(
         # From the stream's last message, a session goes on with no gap.
         await publish(await outlet(bus, 10), 11, 5)
         assert await last_stored(bus) == (15, 15)
+
+
+class UnansweredOnce(Publisher):
+    """Publishes every batch; the first one's answers are lost on the way back (a node
+    lost mid-flight): stored, but the outlet cannot know it."""
+
+    lost = False
+
+    async def publish(self, batch: list[Entry]) -> list[PubAck | None]:
+        answers = await super().publish(batch)
+        if not self.lost:
+            self.lost = True
+            raise TimeoutError("no answer")
+        return answers
+
+
+async def positions(bus: Bus) -> list[int]:
+    first, last = await bus.bounds()
+    found = []
+    for seq in range(first, last + 1):
+        message = await bus.call(bus.js.get_msg, bus.stream, seq)
+        found.append(msgspec.json.decode(message.data or b"")["position"])
+    return found
+
+
+async def test_a_batch_whose_answers_are_lost_stores_nothing_twice_when_sent_again(
+    nats_config: Any,
+) -> None:
+    config = nats_config()
+    async with open_bus(config, "test") as bus:
+        publisher = UnansweredOnce(bus)
+        await bus.call(publisher.start)
+        with pytest.RaisesGroup(
+            pytest.RaisesExc(Resync, match="batch from seq 1"),
+            allow_unwrapped=True,
+            flatten_subgroups=True,
+        ):
+            await publish(Outlet(bus, 0, publisher), 1, 10)
+        assert await last_stored(bus) == (10, 10)  # (stored, though unanswered)
+        # The same batch again (same seqs, same Nats-Msg-Id): the stream answers each as
+        # a duplicate at its seq, so the outlet counts it stored; nothing is added.
+        again = Outlet(bus, 0, publisher)
+        await publish(again, 1, 10)
+        assert again.stored_seq == 10
+        # A session goes on after the last stored (`run_producer` after a Resync).
+        await publish(await outlet(bus, 10), 11, 5)
+        assert await positions(bus) == list(range(1, 16))
+
+
+async def test_the_acks_of_a_batch_all_arrive_and_the_floor_reaches_its_last_seq(
+    nats_config: Any,
+) -> None:
+    config = nats_config()
+    async with open_bus(config, "test") as bus:
+        await publish(await outlet(bus, 0), 1, 300)
+        pull = await bus.call(_bind, bus, "db", 1000, 1, 500)
+        messages: list[Any] = []
+        with trio.fail_after(10):
+            while len(messages) < 300:
+                try:
+                    messages += await bus.call(pull.take)
+                except PullError:  # (503: the new durable's leader not elected yet)
+                    await trio.sleep(0.1)
+        await bus.call(_ack, bus, [m.reply for m in messages[:200]])
+        info: Any = None
+
+        async def floor_at(seq: int) -> None:
+            nonlocal info
+            with trio.fail_after(10):
+                while True:
+                    info = await bus.call(bus.js.consumer_info, bus.stream, "db")
+                    if info.ack_floor.stream_seq == seq:
+                        return
+                    await trio.sleep(0.05)
+
+        await floor_at(200)
+        assert info.num_ack_pending == 100  # (the rest still held, not acknowledged)
+        await bus.call(_ack, bus, [m.reply for m in messages[200:]])
+        await floor_at(300)
+        assert info.num_ack_pending == 0
+        assert info.num_redelivered == 0
+        await bus.quietly(pull.stop)
 
 
 async def test_a_stream_that_never_had_a_user_starts_at_position_1(nats_config: Any) -> None:

@@ -25,7 +25,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -42,16 +41,15 @@ from ...logs import get_logger
 from ...store.postgres import PostgresStore, StreamCheckpoint, UserRow
 from ...stream.protocol import Batch, decode_head, decode_raw_user
 from .bus import Bus
+from .pull import Pull
 
-FETCH_WAIT_S = 1.0  # the longest a fetch waits for a first user
-MORE_WAIT_S = 0.02  # ... and for more, once there is one
 REBIND_AFTER = 3  # failed fetches in a row before asking whether the durable still exists
 FLOOR_EVERY_S = 1.0
 
 
-async def _bind(bus: Bus, group: str, window: int, first_seq: int) -> Any:
-    """(On the client's loop.) A pull subscription on the group's durable consumer: made
-    if missing (from `first_seq`), its window and ack wait brought to the config's."""
+async def _bind(bus: Bus, group: str, window: int, first_seq: int, batch: int) -> Pull:
+    """(On the client's loop.) A `Pull` from the group's durable consumer: made if
+    missing (from `first_seq`), its window and ack wait brought to the config's."""
     js, s = bus.js, bus.settings
     try:
         info = await js.consumer_info(bus.stream, group)
@@ -74,29 +72,19 @@ async def _bind(bus: Bus, group: str, window: int, first_seq: int) -> Any:
             await js.add_consumer(  # (an update, for a durable that exists)
                 bus.stream, have.evolve(max_ack_pending=window, ack_wait=s.ack_wait_s)
             )
-    return await js.pull_subscribe_bind(durable=group, stream=bus.stream)
+    pull = Pull(bus, group, batch)
+    await pull.start()
+    return pull
 
 
-async def _fetch(subscription: Any, batch: int) -> list[Any]:
-    """(On the client's loop.) The next users, as soon as there is one: up to `batch`.
-    (nats-py's ``fetch(batch)`` waits for the whole batch, up to its timeout, when none
-    was there at once: at low rates a user would wait that long. So: one, then at once
-    whatever else is there.)"""
-    try:
-        first = list(await subscription.fetch(1, timeout=FETCH_WAIT_S))
-    except TimeoutError:  # (nats-py's, or asyncio's: it raises either)
-        return []
-    if batch == 1:
-        return first
-    try:
-        return first + list(await subscription.fetch(batch - 1, timeout=MORE_WAIT_S))
-    except (nats.errors.Error, TimeoutError):  # (never lose the first one)
-        return first
-
-
-async def _ack(messages: list[Any]) -> None:
-    for message in messages:
-        await message.ack()
+async def _ack(bus: Bus, replies: list[str]) -> None:
+    """(On the client's loop.) Acknowledge a committed batch: one ``+ACK`` (an empty
+    message) to each message's reply subject, fire and forget. The publishes only queue
+    in nats-py's buffer, its flusher writes them out together: one write per batch, no
+    round trip. (Not ``Msg.ack``: the same, through a Msg kept per user.)"""
+    publish = bus.nc.publish
+    for reply in replies:
+        await publish(reply)
 
 
 async def _floor(bus: Bus, group: str) -> tuple[int, int]:
@@ -134,8 +122,8 @@ class JetStreamReceiver:
         self.committed: Counter[str] = Counter()  # users acknowledged as stored, by source
         self.rejected: Counter[str] = Counter()  # ... as set aside (invalid, refused)
         self.on_committed = on_committed  # each committed user's seconds since produced
-        # seq -> its message, source and production time (Unix)
-        self._unacked: dict[int, tuple[Any, str, float]] = {}
+        # seq -> its message's reply subject (to ack it), source and production time (Unix)
+        self._unacked: dict[int, tuple[str, str, float]] = {}
         self._bound = False
         self._checkpoint: StreamCheckpoint | None = None
 
@@ -162,17 +150,17 @@ class JetStreamReceiver:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._follow_floor, writer)
             while True:
-                subscription = await self._bind(writer)
+                pull = await self._bind(writer)
                 task_status.started()
                 task_status = trio.TASK_STATUS_IGNORED
                 try:
-                    await self._receive(subscription, send)
+                    await self._receive(pull, send)
                 finally:
                     self._bound = False
-                    await self.bus.quietly(subscription.unsubscribe)
+                    await self.bus.quietly(pull.stop)
                 self.reconnects += 1
 
-    async def _bind(self, writer: Writer) -> Any:
+    async def _bind(self, writer: Writer) -> Pull:
         """Subscribe to the group's durable consumer (made from the stored checkpoint on,
         when it is missing), retrying while the cluster does not answer."""
         bus = self.bus
@@ -180,20 +168,27 @@ class JetStreamReceiver:
             "consumer.checkpoint_unreadable", writer.store.last_checkpoint, self.group
         )
         first_seq = found[0].seq + 1 if found and found[0].epoch == bus.epoch else 1
-        subscription = await bus.retrying(
-            "consumer.nats_unavailable", _bind, bus, self.group, self.window, first_seq
+        pull = await bus.retrying(
+            "consumer.nats_unavailable",
+            _bind,
+            bus,
+            self.group,
+            self.window,
+            first_seq,
+            self.batch_size,
         )
         self._bound = True
         get_logger().info("consumer.bound", stream=bus.stream, group=self.group)
-        return subscription
+        return pull
 
-    async def _receive(self, subscription: Any, send: trio.MemorySendChannel[Item]) -> None:
-        """Fetch batches until the durable consumer is gone (then bind again)."""
+    async def _receive(self, pull: Pull, send: trio.MemorySendChannel[Item]) -> None:
+        """Take what the pull brought until the durable consumer is gone (then bind
+        again)."""
         bus, failures = self.bus, 0
         delays = Backoff(self.retry_s, self.retry_s * 10).delays()
         while True:
             try:
-                messages = await bus.call(_fetch, subscription, self.batch_size)
+                messages = await bus.call(pull.take)
                 failures = 0
                 delays.reset()
             except (nats.errors.Error, TimeoutError) as exc:
@@ -209,9 +204,9 @@ class JetStreamReceiver:
                 seq = message.metadata.sequence.stream
                 row = self._row(seq, message.data, received_at)
                 if row is None:
-                    self._unacked[seq] = (message, "unknown", 0.0)
+                    self._unacked[seq] = (message.reply, "unknown", 0.0)
                 else:
-                    self._unacked[seq] = (message, row.source, row.produced_at.timestamp())
+                    self._unacked[seq] = (message.reply, row.source, row.produced_at.timestamp())
                 await send_item(send, (seq, row))
 
     async def _durable_exists(self) -> bool:
@@ -260,13 +255,13 @@ class JetStreamReceiver:
         if self.on_batch is not None:
             self.on_batch(report)
         refused = set(rejected)
-        messages = []
+        replies = []
         now = time.time()
         for seq in seqs:
             found = self._unacked.pop(seq, None)
             if found is not None:
-                message, source, produced = found
-                messages.append(message)
+                reply, source, produced = found
+                replies.append(reply)
                 if seq in refused:
                     self.rejected[source] += 1
                 else:
@@ -274,7 +269,7 @@ class JetStreamReceiver:
                     if self.on_committed is not None:
                         self.on_committed(now - produced)
         try:
-            await self.bus.call(_ack, messages)
+            await self.bus.call(_ack, self.bus, replies)
         except (nats.errors.Error, TimeoutError) as exc:  # redelivered after ack_wait_s
             get_logger().warning("consumer.ack_failed", error=describe(exc))
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import os
 import socket
 from collections import Counter
@@ -129,8 +128,8 @@ class Outlet:
                 await self._queued.wait()
                 self._queued = trio.Event()
                 while self._queue:
+                    await in_flight.acquire()  # (then the batch takes what came meanwhile)
                     batch, self._queue = self._queue[:BATCH_MAX], self._queue[BATCH_MAX:]
-                    await in_flight.acquire()
                     # (submitted here, in order: the tasks that wait may run in any order)
                     sent = self.bus.thread.submit(self.publisher.publish, batch)
                     nursery.start_soon(self._answered, batch, sent, in_flight)
@@ -138,7 +137,7 @@ class Outlet:
     async def _answered(
         self,
         batch: list[Entry],
-        sent: Submitted[list[dict[str, Any]]],
+        sent: Submitted[list[PubAck | None]],
         in_flight: trio.Semaphore,
     ) -> None:
         try:
@@ -147,12 +146,16 @@ class Outlet:
             except (nats.errors.Error, TimeoutError) as exc:
                 raise Resync(f"batch from seq {batch[0].seq}: {describe(exc)}") from exc
             for (seq, *_), answer in zip(batch, answers, strict=True):
-                if "error" in answer:
-                    error = answer["error"] if isinstance(answer["error"], dict) else {}
+                if answer is None:  # (not waited for: a refusal ended the batch)
+                    continue
+                if answer.error is not None:
+                    error = answer.error
                     description, code = error.get("description"), error.get("err_code")
                     raise Resync(f"seq {seq}: {description} ({code})")
-                if answer.get("seq") != seq:  # (a duplicate: that position was stored elsewhere)
-                    raise Resync(f"seq {seq} is stored at {answer.get('seq')}")
+                if answer.seq != seq:  # (a duplicate: that position was stored elsewhere)
+                    raise Resync(f"seq {seq} is stored at {answer.seq}")
+            if None in answers:  # (never: a batch ends early only at a refusal)
+                raise Resync(f"batch from seq {batch[0].seq}: not all answered")
             self.stored_seq = max(self.stored_seq, batch[-1].seq)
             self._stored.set()
             self._stored = trio.Event()
@@ -160,63 +163,88 @@ class Outlet:
             in_flight.release()
 
 
+class PubAck(msgspec.Struct):
+    """The stream's answer to one publish: where it stored it, or why not."""
+
+    seq: int = 0
+    duplicate: bool = False
+    error: dict[str, Any] | None = None
+
+
+_pub_ack = msgspec.json.Decoder(PubAck)
+_NOT_JSON = PubAck(error={"description": "not JSON"})
+
+
+class _Answers:
+    """(On the client's loop.) One batch's answers, in publish order; `done` once all
+    came, or at the first refusal (the messages after it are refused too)."""
+
+    def __init__(self, count: int) -> None:
+        self.data: list[bytes] = [b""] * count
+        self.missing = count
+        self.done = asyncio.get_running_loop().create_future()
+
+    def arrive(self, index: int, data: bytes) -> None:
+        if self.done.done() or not 0 <= index < len(self.data) or self.data[index]:
+            return
+        self.data[index] = data
+        self.missing -= 1
+        if self.missing == 0 or b'"error"' in data:
+            self.done.set_result(None)
+
+
 class Publisher:
     """(On the client's loop.) Pipelined JetStream publishes with a reply inbox of its
     own: nats-py's ``publish_async`` never completes the future of a publish the stream
-    refuses (2.16), so a refusal would look like a timeout."""
+    refuses (2.16), so a refusal would look like a timeout. One waiter per batch, not
+    per message: the PubAcks of a batch are counted in as they come and decoded together
+    once all did."""
 
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self.inbox = bus.nc.new_inbox()
         self._ids = itertools.count()
-        self._waiting: dict[str, asyncio.Future[bytes]] = {}
+        self._waiting: dict[str, _Answers] = {}
         self._subscription: Any = None
         self._sending = asyncio.Lock()  # (one batch's messages after another's, in order)
 
     async def start(self) -> None:
-        self._subscription = await self.bus.nc.subscribe(f"{self.inbox}.*", cb=self._reply)
+        self._subscription = await self.bus.nc.subscribe(f"{self.inbox}.*.*", cb=self._reply)
 
     async def stop(self) -> None:
         if self._subscription is not None:
             await self._subscription.unsubscribe()
 
     async def _reply(self, msg: Any) -> None:
-        future = self._waiting.pop(msg.subject.rpartition(".")[2], None)
-        if future is not None and not future.done():
-            future.set_result(msg.data)
+        _, token, index = msg.subject.rsplit(".", 2)
+        answers = self._waiting.get(token)
+        if answers is not None:
+            answers.arrive(int(index), msg.data)
 
-    async def publish(self, batch: list[Entry]) -> list[dict[str, Any]]:
-        """Publish a batch in order; the stream's answer to each (a PubAck or an error,
-        as JSON objects). TimeoutError when not all answered within PUBLISH_TIMEOUT_S."""
-        tokens: list[str] = []
-        futures: list[asyncio.Future[bytes]] = []
+    async def publish(self, batch: list[Entry]) -> list[PubAck | None]:
+        """Publish a batch in order; the stream's answer to each (None: not waited for,
+        after a refusal). TimeoutError when not all answered within PUBLISH_TIMEOUT_S."""
+        token = str(next(self._ids))
+        answers = self._waiting[token] = _Answers(len(batch))
         try:
             async with self._sending:
-                await self._send(batch, tokens, futures)
+                await self._send(batch, f"{self.inbox}.{token}")
             async with asyncio.timeout(PUBLISH_TIMEOUT_S):
-                answers = await asyncio.gather(*futures)
+                await answers.done
         finally:
-            for token in tokens:  # (answered or not: nothing is left waiting)
-                self._waiting.pop(token, None)
-        return [_answer(data) for data in answers]
+            del self._waiting[token]  # (answered or not: nothing is left waiting)
+        return [_answer(data) if data else None for data in answers.data]
 
-    async def _send(
-        self,
-        batch: list[Entry],
-        tokens: list[str],
-        futures: list[asyncio.Future[bytes]],
-    ) -> None:
-        bus, loop = self.bus, asyncio.get_running_loop()
-        for seq, position, frame in batch:
-            token = str(next(self._ids))
-            future = self._waiting[token] = loop.create_future()
-            tokens.append(token)
-            futures.append(future)
+    async def _send(self, batch: list[Entry], inbox: str) -> None:
+        bus = self.bus
+        publish, subject, epoch = bus.nc.publish, bus.subject, bus.epoch
+        for index, (seq, position, frame) in enumerate(batch):
             headers = {
-                "Nats-Msg-Id": f"{bus.epoch}:{position}",
+                "Nats-Msg-Id": f"{epoch}:{position}",
                 "Nats-Expected-Last-Sequence": str(seq - 1),
             }
-            await bus.nc.publish(bus.subject, frame, reply=f"{self.inbox}.{token}", headers=headers)
+            # (buffered: nats-py's flusher writes the batch out together)
+            await publish(subject, frame, reply=f"{inbox}.{index}", headers=headers)
 
 
 def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
@@ -225,12 +253,11 @@ def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
-def _answer(data: bytes) -> dict[str, Any]:
+def _answer(data: bytes) -> PubAck:
     try:
-        answer = json.loads(data)
-    except ValueError:
-        answer = None
-    return answer if isinstance(answer, dict) else {"error": {"description": "not JSON"}}
+        return _pub_ack.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return _NOT_JSON
 
 
 async def last_stored(bus: Bus) -> tuple[int, int]:
