@@ -5,8 +5,8 @@ each, everything due (up to FRAMES_PER_WRITE users) in one non-blocking write(2)
 frames built once per user per pass (`wsframes`). No task is woken per client per user.
 Only a client whose socket could not take it all (full, or busy with a pong or a close
 frame, or TLS) is set aside: a task of its own finishes that write within
-``write_timeout_s`` and goes on writing while the client has frames due, then hands it
-back to the pump.
+``write_timeout_s``, then hands it back to the pump (so a client costs a task only
+while its socket is full).
 
 **Coalescing costs nothing when idle.** A publish to an idle pump goes out in the pass
 it wakes. With ``coalesce_ms`` > 0 the next pass comes no sooner than that after the
@@ -142,28 +142,16 @@ class Pump:
     async def _finish(
         self, client: Plain, payloads: list[bytes], data: bytes, sent: int | None, users: int
     ) -> None:
-        """The client's own task: the rest of its write (`users` users; a frame begun is
-        always finished, or the connection aborted), then whatever is due meanwhile,
-        until it has nothing due (then the pump takes it back) or it ends."""
-        hub = self.hub
+        """The client's own task, while its socket has no room: the rest of its write
+        (`users` users; a frame begun is always finished, or the connection aborted),
+        then the pump takes it back."""
         try:
-            while True:
-                await write_rest(
-                    client.ws, memoryview(data), sent or 0, self.write_timeout_s, payloads
-                )
-                self.sent["plain"] += users
-                if client.finished or client.ended is not None:
-                    return  # (its session is over, or ending: it takes nothing more)
-                due = hub.next_frames_nowait(client.sub, FRAMES_PER_WRITE)
-                if due is None:
-                    if hub.closed:
-                        raise trio.EndOfChannel
-                    return
-                payloads = self.in_frames(due, client.batch)
-                data, sent, users = frames(payloads), 0, len(due)
-        except (Slow, WriteTimeout, ConnectionClosed, trio.EndOfChannel) as exc:
+            await write_rest(client.ws, memoryview(data), sent or 0, self.write_timeout_s, payloads)
+            self.sent["plain"] += users
+        except (WriteTimeout, ConnectionClosed) as exc:
             client.end(exc)  # (first: the session learns why before the abort ends it)
             if isinstance(exc, WriteTimeout) and not exc.intact:
                 await abort(client.ws)
         finally:
             client.busy = False
+        self.hub.nudge()  # (more may be due to it: the pump was not writing to it)
