@@ -78,23 +78,14 @@ class Pump:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             while True:
+                mark = hub.mark()
                 behind = self._pass()
                 if self.coalesce_s:
                     await trio.sleep(self.coalesce_s)
                 elif behind:  # (a client with more due than one write: after the others)
                     await trio.lowlevel.checkpoint()
-                # (published meanwhile, or the close right after the last publish: their
-                # wake-ups found nobody waiting)
-                if not behind and not self._anything_due():
-                    await hub.wait_published()
-
-    def _anything_due(self) -> bool:
-        hub = self.hub
-        return any(
-            c.sub.next_seq <= hub.last_seq or c.sub.slow or hub.closed
-            for c in self.clients.values()
-            if not c.busy and c.ended is None
-        )
+                if not behind:  # (at once if anything came since the pass began)
+                    await hub.wait_published(mark)
 
     def _pass(self) -> bool:
         """One write to each client with frames due; whether one has more due still.
@@ -130,6 +121,8 @@ class Pump:
                 continue
             if sent == len(data):
                 written += users
+                if closed and due[1] == hub.last_seq:  # (it has everything: the end)
+                    client.end(trio.EndOfChannel())
             else:
                 client.busy = True
                 self.set_aside += 1

@@ -8,15 +8,16 @@ the frames due to a client in one ``send_all``, under the connection's own write
 so that they never interleave with its pings, pongs or close frame. A client sees the
 same frames either way: `send_frames` only changes how many reach the kernel at once.
 
-This reaches into trio-websocket's connection (`_stream`, `_stream_lock`,
-`_close_reason`); the dependency is pinned below its next minor version, and
-`send_frames` falls back to one `send_message` per frame when those are missing.
+This reaches into trio-websocket's connection (`_stream`, `_close_reason`, and its write
+lock, which `wsconn.ServerConnection` makes a `WriteLock`); the dependency is pinned
+below its next minor version.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+from typing import cast
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection
@@ -65,10 +66,6 @@ async def send_frames(ws: WebSocketConnection, payloads: list[bytes], timeout_s:
     follows into garbage for the client): a cancellation waits for it to finish. A write
     that takes longer than `timeout_s` raises WriteTimeout: between two frames the
     connection is left for the caller to close; in the middle of one it is aborted."""
-    if not writable_raw(ws):
-        for payload in payloads:
-            await ws.send_message(payload.decode())
-        return
     # (a sender that always has frames due never waits: here it yields, and can be
     # cancelled, once per write)
     await trio.lowlevel.checkpoint()
@@ -83,14 +80,6 @@ async def send_frames(ws: WebSocketConnection, payloads: list[bytes], timeout_s:
             raise
 
 
-def writable_raw(ws: WebSocketConnection) -> bool:
-    """Whether frames can be written to `ws` here: a server connection of ours (its
-    `WriteLock` and trio-websocket's internals that this module knows)."""
-    return isinstance(getattr(ws, "_stream_lock", None), WriteLock) and all(
-        hasattr(ws, name) for name in ("_stream", "_close_reason")
-    )
-
-
 def write_nowait(ws: WebSocketConnection, data: bytes | memoryview) -> int | None:
     """What one non-blocking write(2) of `data` to the client's socket took (0: no room,
     or a broken socket, which `write_rest` reports); None when it cannot be tried now:
@@ -102,15 +91,15 @@ def write_nowait(ws: WebSocketConnection, data: bytes | memoryview) -> int | Non
     the frame before anything else is written."""
     if ws._close_reason is not None:
         raise ConnectionClosed(ws._close_reason)
-    stream, lock = ws._stream, ws._stream_lock
-    if lock.held or not isinstance(stream, trio.SocketStream):  # type: ignore[attr-defined]
+    stream, lock = ws._stream, cast(WriteLock, ws._stream_lock)
+    if lock.held or not isinstance(stream, trio.SocketStream):
         return None
     try:
         sent = os.write(stream.socket.fileno(), data)
     except OSError:  # (BlockingIOError: no room)
         return 0
     if 0 < sent < len(data):
-        lock.held = True  # type: ignore[attr-defined]
+        lock.acquire_nowait()
     return sent
 
 
@@ -163,9 +152,6 @@ class WriteLock:
     def __init__(self) -> None:
         self.held = False
         self._lot: trio.lowlevel.ParkingLot | None = None
-
-    def locked(self) -> bool:
-        return self.held
 
     def acquire_nowait(self) -> None:
         if self.held:

@@ -252,9 +252,13 @@ class Hub:
         consumers.follow()
         replay.wake()
 
-    async def wait_published(self) -> None:
-        """Return at the next publish, the close, or a `nudge` (the plain clients' writer)."""
-        await self._replay.wait_published()
+    def mark(self) -> tuple[int, int, bool]:
+        return self._replay.mark()
+
+    async def wait_published(self, mark: tuple[int, int, bool]) -> None:
+        """Return once the stream moved past `mark` (`mark`: where it stood): a publish,
+        the close, or a `nudge` (the plain clients' writer waits here)."""
+        await self._replay.wait_published(mark)
 
     def nudge(self) -> None:
         self._replay.nudge()

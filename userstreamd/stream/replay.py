@@ -103,6 +103,7 @@ class Replay:
         self.closed = False
         self._ids = ids
         self._frames = Signal()  # plain clients: new frames (or the end)
+        self._nudges = 0
 
     # -- the buffer --------------------------------------------------------------------------
 
@@ -145,12 +146,21 @@ class Replay:
                     self._cut_off(sub)
         self._frames.fire()
 
-    async def wait_published(self) -> None:
-        """Return at the next publish, the close, or a `nudge`."""
-        await self._frames.wait()
+    def mark(self) -> tuple[int, int, bool]:
+        """Where the stream stands, for `wait_published`: its last seq, the nudges, the
+        close."""
+        return self.last_seq, self._nudges, self.closed
+
+    async def wait_published(self, mark: tuple[int, int, bool]) -> None:
+        """Return once the stream moved past `mark` (at once if it already has): a
+        publish, the close, or a `nudge`. (A wake-up fired while the waiter was busy
+        elsewhere is not lost: the mark says it came.)"""
+        while self.mark() == mark:
+            await self._frames.wait()
 
     def nudge(self) -> None:
-        """Wake the readers waiting in `wait_published` (a new reader may have frames due)."""
+        """Wake the readers waiting in `wait_published` (a reader may have frames due)."""
+        self._nudges += 1
         self._frames.fire()
 
     def close(self) -> None:
