@@ -190,6 +190,39 @@ async def test_connection_limits_per_ip_and_in_total_and_the_handshake_timeout()
             nursery.cancel_scope.cancel()
 
 
+async def test_garbage_or_nothing_before_the_upgrade_request_ends_at_once_and_others_carry_on() -> (
+    None
+):
+    """The handler's own task reads the upgrade request: bytes that are no HTTP get a
+    400 and the close, a peer gone before (or in the middle of) its request is counted,
+    neither waits for the handshake timeout, and none is a handler error."""
+    hub = Hub("e")
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            open_policy = Policy(Tokens((), required=False), own_group="db", groups=frozenset())
+            broadcaster, port = await _serve(nursery, hub, open_policy, handshake_timeout_s=30)
+            garbage = await _tcp(port)
+            await garbage.send_all(b"\x16\x03\x01\x02\x00\x01\x00 not http at all\r\n\r\n")
+            answer = b""
+            while chunk := await garbage.receive_some(65536):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 400")
+            await garbage.aclose()
+            gone = await _tcp(port)
+            await gone.aclose()
+            halfway = await _tcp(port)
+            await halfway.send_all(b"GET / HTTP/1.1\r\nHost: x\r\nUpgr")
+            await halfway.aclose()
+            await eventually(lambda: broadcaster.statistics().edge.handshakes_failed == 3)
+            async with open_ws(f"ws://127.0.0.1:{port}/") as ws:
+                assert json.loads(await ws.get_message())["type"] == "welcome"
+                _publish(hub, range(1, 4))
+                assert [json.loads(await ws.get_message())["seq"] for _ in range(3)] == [1, 2, 3]
+            stats = broadcaster.statistics().edge
+            assert stats.handler_errors == 0 and stats.handshake_timeouts == 0
+            nursery.cancel_scope.cancel()
+
+
 async def test_abusive_clients_are_closed_with_their_code_and_others_carry_on() -> None:
     hub = Hub("e", window=10)
     hub.declare_group("audit")
