@@ -6,7 +6,8 @@ stream that any number of producers, broadcasters and consumers share, each on a
 machine). The daemon starts what a topology gives it, in one order: the database (when
 `Topology.uses_database`), the stream (`open_stream`), the broadcaster's feed
 (`open_feed`), the consumers (`consumers`), the producer (`outlet`, `producer_component`);
-it stops in reverse, after `drain`. Nothing outside the implementations asks which one
+it stops in reverse, after `drain`. The broadcaster's clients that resume from before
+its replay buffer read the stored stream through `history`. Nothing outside the implementations asks which one
 it got: the registry `TOPOLOGIES` names the module of each, imported only when chosen
 (so nats-py is loaded only for the NATS bus).
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from ..produce.producer import Outlet, Producer
     from ..runtime.supervisor import ComponentFn
     from ..store.streams import Stream
+    from ..stream.history import Pages
     from ..stream.hub import Hub
     from ..stream.protocol import Batch
 
@@ -121,6 +123,11 @@ class Topology(Protocol):
 
     async def open_feed(self, start: Start, stream: Stream) -> Hub:
         """The hub a broadcaster serves (its mirror started with `start` if it has one)."""
+        ...
+
+    def history(self, epoch: str, since: int) -> contextlib.AbstractAsyncContextManager[Pages]:
+        """The stored stream of `epoch` after seq `since`, in pages (`stream.history`),
+        for the broadcaster's clients that resume from before its replay buffer."""
         ...
 
     def consumers(self, url: str, dsn: str) -> list[tuple[str, ComponentFn]]:
