@@ -28,10 +28,12 @@ from ...produce.producer import Producer
 from ...runtime.supervisor import ComponentFn
 from ...store.postgres import PostgresStore
 from ...store.streams import Stream, record_stream
+from ...stream.history import Pages
 from ...stream.hub import Hub
 from .. import PARTS, Context, Rule, Start, StreamCounts
 from .bus import Bus, checked_options, open_bus
 from .consumer import JetStreamReceiver, stream_consumer
+from .history import open_history
 from .mirror import StreamMirror
 from .outlet import Outlet, Publisher, run_producer
 
@@ -111,6 +113,10 @@ class NatsTopology:
         hub: Hub = await start("mirror", mirror.run)
         self.hub = hub
         return hub
+
+    def history(self, epoch: str, since: int) -> contextlib.AbstractAsyncContextManager[Pages]:
+        """The JetStream stream from `since` + 1 (`history`)."""
+        return open_history(self._bus(), epoch, since)
 
     def consumers(self, url: str, dsn: str) -> list[tuple[str, ComponentFn]]:
         config, hooks = self.config, self.context.hooks
