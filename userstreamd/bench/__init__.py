@@ -8,9 +8,12 @@
   of a separate harness process (`harness`), idle (memory, CPU, latency at 1 user/s) then
   at the asked rate, with ``--stalled K`` beside K clients that never read (`stalled`:
   how and when the server closes them); with ``--compare``, the same against reference
-  servers (`reference`: Python ``websockets``, Node ``ws``).
+  servers (`reference`: Python ``websockets``, Node ``ws``);
+- ``bench replay`` (`replay`): a stream of N stored users, then one client resuming
+  from its beginning (``?epoch=E&since=0``, with ``?batch=1000`` and without): users/s
+  and seconds until it holds every seq, from PostgreSQL or from the JetStream stream.
 
-Both take ``--bus embedded|nats``: one daemon, or the pipeline's parts as separate
+All three take ``--bus embedded|nats``: one daemon, or the pipeline's parts as separate
 processes on a local 3-node NATS JetStream cluster (`cluster`). What differs per
 topology is one object from a registry keyed by the bus's name (`e2e_topologies`,
 `fanout_servers`: ``LAUNCHERS``); the measurement, its checks and its report are one.
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
     from .daemon_child import BenchError
     from .e2e import print_e2e, run_e2e
     from .fanout import print_fanout, run_fanout
+    from .replay import print_replay, run_replay
     from .stages import (
         LABELS,
         _log_scale,
@@ -50,6 +54,8 @@ _LAZY = {
     "run_e2e": "e2e",
     "print_fanout": "fanout",
     "run_fanout": "fanout",
+    "print_replay": "replay",
+    "run_replay": "replay",
     "LABELS": "stages",
     "_log_scale": "stages",
     "plot_available": "stages",
@@ -66,10 +72,12 @@ __all__ = [
     "plot_available",
     "print_e2e",
     "print_fanout",
+    "print_replay",
     "print_report",
     "run_benchmarks",
     "run_e2e",
     "run_fanout",
+    "run_replay",
     "write_json",
     "write_plot",
 ]

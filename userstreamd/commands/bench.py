@@ -14,7 +14,8 @@ from .parsing import add_command
 
 
 def run(args: argparse.Namespace) -> int:
-    """Measure each stage, or the real daemon end to end (e2e) or fanning out (fanout)."""
+    """Measure each stage, or the real daemon end to end (e2e), fanning out (fanout) or
+    serving a resume from the stream's beginning (replay)."""
     from .. import bench
 
     mode = getattr(args, "mode", None) or "stages"
@@ -62,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
                 progress=progress,
             )
             bench.print_fanout(report)
+        elif mode == "replay":
+            report = bench.run_replay(bus=args.bus, users=args.replay_users, progress=progress)
+            bench.print_replay(report)
         else:
             report = bench.run_benchmarks(args.users, args.repeat, args.dsn, progress=progress)
             bench.print_report(report)
@@ -87,7 +91,9 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         "  userstreamd bench fanout --clients 100 --rate 1000 --compare\n"
         "  userstreamd bench fanout --clients 1000 --rate 100 --harness-procs 2\n"
         "  userstreamd bench fanout --clients 100 --rate 1000 --stalled 10 --compare\n"
-        "  userstreamd bench fanout --bus nats --clients 100 --rate 1000\n",
+        "  userstreamd bench fanout --bus nats --clients 100 --rate 1000\n"
+        "  userstreamd bench replay --users 200000 --json replay.json\n"
+        "  userstreamd bench replay --bus nats\n",
     )
     bench.add_argument(
         "--users", type=int, default=20_000, help="users per benchmark (default: 20000)"
@@ -213,4 +219,31 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         "--no-install", action="store_true", help="with --compare: never run npm"
     )
     fanout_mode.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    replay_mode = modes.add_parser(
+        "replay",
+        help="the real daemon serving a client that resumes from the stream's beginning: "
+        "users/s and seconds until it holds every stored user, batched and not",
+        description="Start the real daemon (synthetic source) as a child process and let "
+        "it store N users (the embedded bus: committed into PostgreSQL; with --bus nats: "
+        "in the JetStream stream of a local 3-node cluster, a producer and broadcasters "
+        "as processes), then slow it to 1 user/s. One WebSocket client resumes with "
+        "?epoch=E&since=0&batch=1000, then again without batch: users per second and "
+        "seconds until it holds seqs 1..N, the gaps it was sent, and whether the seqs "
+        "were consecutive.",
+    )
+    replay_mode.add_argument(
+        "--bus",
+        choices=tuple(TOPOLOGIES),
+        default="embedded",
+        help="embedded: one daemon, the history in PostgreSQL; nats: the history in the "
+        "JetStream stream (default: embedded)",
+    )
+    replay_mode.add_argument(
+        "--users",
+        dest="replay_users",
+        type=int,
+        default=200_000,
+        help="users stored, then replayed (default: 200000)",
+    )
+    replay_mode.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     return bench

@@ -1,0 +1,237 @@
+"""``userstreamd bench replay [--bus embedded|nats]``: how fast a client that resumes from
+the stream's beginning gets every stored user, on either topology. The servers are the
+fan-out bench's (`fanout_servers`: one daemon; or a local NATS cluster, a producer and
+broadcasters as processes), each with what says how much of the stream is stored
+(`ReplayServer.stored`), chosen once from `LAUNCHERS` by the bus's name.
+
+1. fill: the producer (synthetic source) asked for FILL_RATE_PER_S users/s until the
+   store holds ``--users`` N (embedded: N users committed into PostgreSQL, as
+   ``userstreamd_users_committed_total`` says; nats: the JetStream stream's last seq at
+   N), then slowed to LIVE_RATE_PER_S: the live stream goes on, slowly, during the runs;
+2. the epoch, from a plain client's welcome;
+3. for each run (``?batch=1000``, then one user per frame): one client connects with
+   ``?epoch=E&since=0`` through the one client of the stream (`stream.client`, which
+   resumes from the last seq it holds if the server closes it) and reads until it holds
+   seqs 1..N. Reported: seconds from the connect to the last of them, users/s, frames,
+   the welcome's time, reconnects, the gaps the server sent (with their seqs and reason:
+   the users it said are gone) and whether the seqs held were exactly 1..N, in order.
+
+A run that does not hold N users within RUN_TIMEOUT_S (or DEADLINE_PER_USER_S each,
+whichever is longer) reports what it held. Figures are reported, never judged.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+from trio_websocket import WebSocketConnection
+
+from ..stream.client import StreamClient, describe_lost
+from ..stream.protocol import Gap, Welcome, decode_server, decode_timed
+from . import procs
+from .daemon_child import BenchError
+from .display import Steps, open_steps
+from .fanout_servers import DaemonServer, NatsServers
+
+FILL_RATE_PER_S = 50_000.0
+LIVE_RATE_PER_S = 1.0
+FILL_TIMEOUT_S = 900.0
+POLL_S = 0.25
+RUN_TIMEOUT_S = 120.0
+DEADLINE_PER_USER_S = 0.002  # (a run of 200,000 users: 400 s at most)
+BATCH = 1000  # the ?batch= of the first run (the protocol's most)
+COMMITTED = "userstreamd_users_committed_total"
+
+
+class EmbeddedReplay(DaemonServer):
+    """The daemon; its history is what its consumers committed to PostgreSQL."""
+
+    def stored(self) -> int:
+        return int(self.child.metrics().get(COMMITTED, 0.0))
+
+
+class NatsReplay(NatsServers):
+    """The cluster and the roles; the history is the JetStream stream."""
+
+    def stored(self) -> int:
+        return self.probe.last_seq()
+
+
+ReplayServer = EmbeddedReplay | NatsReplay
+LAUNCHERS: dict[str, type[ReplayServer]] = {"embedded": EmbeddedReplay, "nats": NatsReplay}
+
+
+class Replay:
+    """One client's run: what it held of seqs 1..`users`, and when."""
+
+    def __init__(self, users: int) -> None:
+        self.users = users
+        self.expected = 1  # the next seq in order
+        self.held = 0  # users of seqs 1..N received in order
+        self.frames = 0
+        self.gaps: list[dict[str, Any]] = []
+        self.out_of_order: list[tuple[int, int]] = []  # (expected, got), the first few
+        self.welcome_s: float | None = None
+        self.done_s: float | None = None
+        self.lost: list[str] = []  # why connections ended before the end
+
+    def take(self, seq: int) -> None:
+        if seq != self.expected and len(self.out_of_order) < 10:
+            self.out_of_order.append((self.expected, seq))
+        if seq == self.expected and seq <= self.users:
+            self.held += 1
+        self.expected = max(self.expected, seq + 1)
+
+    def skip(self, gap: Gap) -> None:
+        self.gaps.append(
+            {"from_seq": gap.from_seq, "to_seq": gap.to_seq, "reason": gap.reason}
+            if len(self.gaps) < 10
+            else {}
+        )
+        self.expected = max(self.expected, gap.to_seq + 1)
+
+    @property
+    def complete(self) -> bool:
+        return self.expected > self.users
+
+    def figures(self, batch: int | None) -> dict[str, Any]:
+        seconds = self.done_s
+        return {
+            "batch": batch,
+            "users": self.users,
+            "held": self.held,
+            "complete": self.complete,
+            "consecutive": self.held == self.users and not self.gaps and not self.out_of_order,
+            "seconds": round(seconds, 3) if seconds is not None else None,
+            "users_per_s": round(self.users / seconds, 1) if seconds else None,
+            "welcome_ms": round(self.welcome_s * 1000, 1) if self.welcome_s is not None else None,
+            "frames": self.frames,
+            "reconnects": len(self.lost),
+            "lost": self.lost[:5],
+            "gaps": [g for g in self.gaps if g],
+            "gap_count": len(self.gaps),
+            "out_of_order": self.out_of_order,
+        }
+
+
+async def _epoch(url: str) -> str:
+    """The stream's epoch, from a plain client's welcome."""
+    found: list[str] = []
+
+    async def session(ws: WebSocketConnection, welcome: Welcome) -> None:
+        found.append(welcome.epoch)
+
+    with trio.fail_after(30):
+        await StreamClient(url).run_once(session)
+    return found[0]
+
+
+async def _replay(url: str, epoch: str, users: int, batch: int | None) -> Replay:
+    """One run of step 3 (see the module's docstring)."""
+    replay = Replay(users)
+    query = f"?batch={batch}" if batch else ""
+    client = StreamClient(url.rstrip("/") + "/" + query)
+    client.resume_after(epoch, 0)
+    start = time.perf_counter()
+
+    async def session(ws: WebSocketConnection, welcome: Welcome) -> None:
+        if replay.welcome_s is None:
+            replay.welcome_s = time.perf_counter() - start
+        while not replay.complete:
+            frame = await ws.get_message()
+            replay.frames += 1
+            timed = decode_timed(frame)
+            if timed.type == "user":
+                replay.take(timed.seq)
+            elif timed.type == "users":
+                for item in timed.items:
+                    replay.take(item.seq)
+            elif timed.type == "gap":
+                gap = decode_server(frame)
+                assert isinstance(gap, Gap)
+                replay.skip(gap)
+            client.resume_after(epoch, replay.expected - 1)
+            client.progressed()
+        replay.done_s = time.perf_counter() - start
+
+    def on_lost(exc: BaseException) -> None:
+        replay.lost.append(describe_lost(exc))
+
+    with trio.move_on_after(max(RUN_TIMEOUT_S, users * DEADLINE_PER_USER_S)):
+        await client.run(session, on_lost)
+    return replay
+
+
+def fill(server: ReplayServer, steps: Steps, users: int) -> float:
+    """Step 1: seconds until the store held `users` (BenchError if not in time)."""
+    step = steps.step(f"fill: {users:,} users at up to {FILL_RATE_PER_S:,.0f}/s")
+    start = time.monotonic()
+    while (stored := server.stored()) < users:
+        if time.monotonic() - start > FILL_TIMEOUT_S:
+            after = f"after {FILL_TIMEOUT_S:.0f} s"
+            raise BenchError(f"the store held {stored:,} of {users:,} users {after}")
+        step.status(f"{stored:,} stored")
+        time.sleep(POLL_S)
+    seconds = time.monotonic() - start
+    server.set_rate(LIVE_RATE_PER_S)
+    step.done(f"{seconds:.1f} s ({users / seconds:,.0f} users/s)")
+    return seconds
+
+
+def run_replay(
+    *, bus: str = "embedded", users: int = 200_000, progress: bool = False
+) -> dict[str, Any]:
+    """The steps of the module's docstring on the `bus` topology; the JSON report."""
+    report: dict[str, Any] = {"users": users, "fill_rate_per_s_asked": FILL_RATE_PER_S}
+    with (
+        tempfile.TemporaryDirectory(prefix="usd-bench-") as folder,
+        open_steps(progress and sys.stderr.isatty()) as steps,
+    ):
+        server = LAUNCHERS[bus](Path(folder), 1)
+        try:
+            server.start(steps, FILL_RATE_PER_S)
+            report["server"] = server.name
+            report["fill_s"] = round(fill(server, steps, users), 2)
+            url = server.urls[0]
+            report["epoch"] = epoch = trio.run(_epoch, url)
+            runs = []
+            for batch in (BATCH, None):
+                how = f"?batch={batch}" if batch else "one user per frame"
+                step = steps.step(f"replay from seq 0, {how}")
+                replay = trio.run(_replay, url, epoch, users, batch)
+                runs.append(replay.figures(batch))
+                took = f" in {replay.done_s:.1f} s" if replay.done_s is not None else ""
+                step.done(f"{replay.held:,} held{took}")
+            report["runs"] = runs
+        finally:
+            server.stop()
+    return {**procs.report_head("replay"), "replay": report, "bus": bus}
+
+
+def print_replay(report: dict[str, Any]) -> None:
+    r = report["replay"]
+    option = LAUNCHERS[report["bus"]].option
+    print(
+        f"userstreamd {report['version']} bench replay{option}: {r['users']:,} users stored "
+        f"({r['server']}; filled in {r['fill_s']:g} s), one client resuming from seq 0; "
+        f"Python {report['python']}, {report['cpus']} CPUs"
+    )
+    for run in r["runs"]:
+        how = f"?batch={run['batch']}" if run["batch"] else "one user per frame"
+        if run["complete"]:
+            all_in = f"all {run['users']:,} in {run['seconds']:g} s"
+            held = f"{run['users_per_s']:,.0f} users/s, {all_in}"
+        else:
+            held = f"INCOMPLETE: {run['held']:,} of {run['users']:,} held"
+        check = "seqs 1..N each once, in order" if run["consecutive"] else "NOT consecutive"
+        print(
+            f"  {how:<20} {held}; {run['frames']:,} frames, welcome after "
+            f"{run['welcome_ms']} ms, {run['reconnects']} reconnects; {check}"
+        )
+        for gap in run["gaps"]:
+            print(f"    gap {gap['from_seq']}..{gap['to_seq']}: {gap['reason']}")
