@@ -132,6 +132,7 @@ class NatsServers:
         self.urls: list[str] = []
         self.stack = contextlib.ExitStack()
         self.by_broadcaster: list[int] = []
+        self.broadcaster: dict[str, Any] = {}  # more of the broadcasters' [broadcaster] table
 
     def start(self, steps: Steps, rate_per_s: float) -> None:
         stack, base = self.stack, self.folder
@@ -142,7 +143,7 @@ class NatsServers:
         step = steps.step(f"{self.label}: start a producer and {BROADCASTERS} broadcasters")
         tables = {"producer": {"rate_per_s": rate_per_s}}
         self.producer = role(base / "producer", "producer", cluster.urls, tables)
-        limits = {**_room(self.clients), "workers": 0}
+        limits = {**_room(self.clients), "workers": 0, **self.broadcaster}
         self.broadcasters = [
             role(base / f"broadcaster-{i}", "broadcaster", cluster.urls, {"broadcaster": limits})
             for i in range(1, BROADCASTERS + 1)

@@ -9,6 +9,9 @@ broadcasters as processes), each with what says how much of the stream is stored
    ``userstreamd_users_committed_total`` says; nats: the JetStream stream's last seq at
    N), then slowed to LIVE_RATE_PER_S: the live stream goes on, slowly, during the runs;
 2. the epoch, from a plain client's welcome;
+   With ``--buffer-messages K`` the broadcasters keep K users in their replay buffer
+   (``broadcaster.buffer_messages``; by default 100,000): the rest is read from the
+   store;
 3. for each run (``?batch=1000``, then one user per frame): one client connects with
    ``?epoch=E&since=0`` through the one client of the stream (`stream.client`, which
    resumes from the last seq it holds if the server closes it) and reads until it holds
@@ -51,12 +54,18 @@ COMMITTED = "userstreamd_users_committed_total"
 class EmbeddedReplay(DaemonServer):
     """The daemon; its history is what its consumers committed to PostgreSQL."""
 
+    def set_buffer(self, messages: int) -> None:
+        self.child.tables["broadcaster"]["buffer_messages"] = messages
+
     def stored(self) -> int:
         return int(self.child.metrics().get(COMMITTED, 0.0))
 
 
 class NatsReplay(NatsServers):
     """The cluster and the roles; the history is the JetStream stream."""
+
+    def set_buffer(self, messages: int) -> None:
+        self.broadcaster["buffer_messages"] = messages
 
     def stored(self) -> int:
         return self.probe.last_seq()
@@ -96,17 +105,19 @@ class Replay:
         self.expected = max(self.expected, gap.to_seq + 1)
 
     @property
-    def complete(self) -> bool:
+    def past_the_end(self) -> bool:
+        """Seq N is accounted for (held, or said to be gone)."""
         return self.expected > self.users
 
     def figures(self, batch: int | None) -> dict[str, Any]:
-        seconds = self.done_s
+        complete = self.held == self.users
+        seconds = self.done_s if complete else None
         return {
             "batch": batch,
             "users": self.users,
             "held": self.held,
-            "complete": self.complete,
-            "consecutive": self.held == self.users and not self.gaps and not self.out_of_order,
+            "complete": complete,  # (seqs 1..N held: then seconds and users/s)
+            "consecutive": complete and not self.gaps and not self.out_of_order,
             "seconds": round(seconds, 3) if seconds is not None else None,
             "users_per_s": round(self.users / seconds, 1) if seconds else None,
             "welcome_ms": round(self.welcome_s * 1000, 1) if self.welcome_s is not None else None,
@@ -142,7 +153,7 @@ async def _replay(url: str, epoch: str, users: int, batch: int | None) -> Replay
     async def session(ws: WebSocketConnection, welcome: Welcome) -> None:
         if replay.welcome_s is None:
             replay.welcome_s = time.perf_counter() - start
-        while not replay.complete:
+        while not replay.past_the_end:
             frame = await ws.get_message()
             replay.frames += 1
             timed = decode_timed(frame)
@@ -184,15 +195,26 @@ def fill(server: ReplayServer, steps: Steps, users: int) -> float:
 
 
 def run_replay(
-    *, bus: str = "embedded", users: int = 200_000, progress: bool = False
+    *,
+    bus: str = "embedded",
+    users: int = 200_000,
+    buffer_messages: int | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """The steps of the module's docstring on the `bus` topology; the JSON report."""
-    report: dict[str, Any] = {"users": users, "fill_rate_per_s_asked": FILL_RATE_PER_S}
+    """The steps of the module's docstring on the `bus` topology (the broadcasters'
+    replay buffer of `buffer_messages`, if given); the JSON report."""
+    report: dict[str, Any] = {
+        "users": users,
+        "fill_rate_per_s_asked": FILL_RATE_PER_S,
+        "buffer_messages": buffer_messages,
+    }
     with (
         tempfile.TemporaryDirectory(prefix="usd-bench-") as folder,
         open_steps(progress and sys.stderr.isatty()) as steps,
     ):
         server = LAUNCHERS[bus](Path(folder), 1)
+        if buffer_messages is not None:
+            server.set_buffer(buffer_messages)
         try:
             server.start(steps, FILL_RATE_PER_S)
             report["server"] = server.name
@@ -218,7 +240,9 @@ def print_replay(report: dict[str, Any]) -> None:
     option = LAUNCHERS[report["bus"]].option
     print(
         f"userstreamd {report['version']} bench replay{option}: {r['users']:,} users stored "
-        f"({r['server']}; filled in {r['fill_s']:g} s), one client resuming from seq 0; "
+        f"({r['server']}; filled in {r['fill_s']:g} s; replay buffer "
+        f"{r['buffer_messages'] or 'as configured by default'}), one client resuming from "
+        "seq 0; "
         f"Python {report['python']}, {report['cpus']} CPUs"
     )
     for run in r["runs"]:

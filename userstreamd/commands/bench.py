@@ -64,7 +64,12 @@ def run(args: argparse.Namespace) -> int:
             )
             bench.print_fanout(report)
         elif mode == "replay":
-            report = bench.run_replay(bus=args.bus, users=args.replay_users, progress=progress)
+            report = bench.run_replay(
+                bus=args.bus,
+                users=args.replay_users,
+                buffer_messages=args.buffer_messages,
+                progress=progress,
+            )
             bench.print_replay(report)
         else:
             report = bench.run_benchmarks(args.users, args.repeat, args.dsn, progress=progress)
@@ -244,6 +249,14 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         type=int,
         default=200_000,
         help="users stored, then replayed (default: 200000)",
+    )
+    replay_mode.add_argument(
+        "--buffer-messages",
+        type=int,
+        metavar="K",
+        help="the broadcasters' replay buffer (broadcaster.buffer_messages): the users "
+        "before the last K are read from the store (default: as configured by default, "
+        "100000)",
     )
     replay_mode.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     return bench

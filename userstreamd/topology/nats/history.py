@@ -93,7 +93,8 @@ class _Batch:
         headers = msg.headers or {}
         status = headers.get("Status")
         if status is not None:
-            self._status = f"{status} {headers.get('Description', '')}".strip()
+            description = headers.get("Description", "").split("\n")[0]
+            self._status = f"{status} {description}".strip()
             self._done.set()
         else:
             self._items.append((int(headers["Nats-Sequence"]), msg.data))
