@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from functools import partial
 from typing import ClassVar
 
@@ -28,6 +28,7 @@ from ...produce.producer import Producer
 from ...runtime.supervisor import ComponentFn
 from ...store.postgres import PostgresStore
 from ...store.streams import Stream, record_stream
+from ...stream.history import Pages, UnknownEpoch
 from ...stream.hub import Hub
 from .. import PARTS, Context, Rule, Start, StreamCounts
 from .bus import Bus, checked_options, open_bus
@@ -111,6 +112,12 @@ class NatsTopology:
         hub: Hub = await start("mirror", mirror.run)
         self.hub = hub
         return hub
+
+    @contextlib.asynccontextmanager
+    async def history(self, epoch: str, since: int) -> AsyncIterator[Pages]:
+        """(Not yet read from the stream: a resume beyond the mirror's buffer is a gap.)"""
+        raise UnknownEpoch(epoch)
+        yield
 
     def consumers(self, url: str, dsn: str) -> list[tuple[str, ComponentFn]]:
         config, hooks = self.config, self.context.hooks
