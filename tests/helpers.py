@@ -1,5 +1,6 @@
 """Helpers the tests share: waiting for a condition, database blockers (a lock, a
-database made read-only), a daemon run in-process, reading a pseudo-terminal."""
+database made read-only), a daemon run in-process, reading a pseudo-terminal, a client
+that resumes."""
 
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlencode
 
 import psycopg
 import trio
 
 from userstreamd.config import load_config
 from userstreamd.runtime.daemon import Daemon
+from userstreamd.stream.client import open_ws
+from userstreamd.stream.protocol import Gap, UserMessage, Users, Welcome, decode_server
 
 from .conftest import daemon_tables, toml_text
 
@@ -156,3 +160,28 @@ def free_ports(count: int) -> list[int]:
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     return free_ports(1)[0]
+
+
+async def resumed(
+    url: str, epoch: str, since: int, until_seq: int, *, batch: int = 1
+) -> list[UserMessage | Gap]:
+    """What a client that resumes after (`epoch`, `since`) receives, user by user (a
+    ``users`` frame's items each on their own), until a user of seq `until_seq` or more of
+    the stream's live epoch: its users and gaps, in order."""
+    got: list[UserMessage | Gap] = []
+    query = urlencode({"epoch": epoch, "since": since, "batch": batch})
+    async with open_ws(f"{url}?{query}") as ws:
+        welcome = decode_server(await ws.get_message())
+        assert isinstance(welcome, Welcome)
+        while True:
+            message = decode_server(await ws.get_message())
+            items = message.items if isinstance(message, Users) else [message]
+            for item in items:
+                assert isinstance(item, UserMessage | Gap), item
+                got.append(item)
+                if (
+                    isinstance(item, UserMessage)
+                    and item.epoch == welcome.epoch
+                    and item.seq >= until_seq
+                ):
+                    return got

@@ -121,6 +121,13 @@ class BroadcasterConfig(_Table, frozen=True):
     max_messages_per_s: Positive = 100.0
 
 
+class HistoryConfig(_Table, frozen=True):
+    page_users: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1000
+    rate_per_s: Annotated[float, msgspec.Meta(gt=0)] = 50_000.0  # users a second, per client
+    max_replays: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 64
+    connections: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2
+
+
 class ConsumersConfig(_Table, frozen=True):
     count: Annotated[int, msgspec.Meta(ge=0, le=64)] = 2
     processes: bool | Literal["auto"] = "auto"
@@ -197,6 +204,7 @@ class Config(_Table, frozen=True):
     producer: ProducerConfig = msgspec.field(default_factory=ProducerConfig)
     randomuser: RandomUserConfig = msgspec.field(default_factory=RandomUserConfig)
     broadcaster: BroadcasterConfig = msgspec.field(default_factory=BroadcasterConfig)
+    history: HistoryConfig = msgspec.field(default_factory=HistoryConfig)
     consumers: ConsumersConfig = msgspec.field(default_factory=ConsumersConfig)
     database: DatabaseConfig = msgspec.field(default_factory=DatabaseConfig)
     supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)

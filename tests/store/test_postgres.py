@@ -159,6 +159,9 @@ def test_migration_005_keeps_the_first_user_of_each_position(
     with monkeypatch.context() as m:  # the schema as it was: (epoch, seq) not yet unique
         m.setattr(postgres, "migrations", lambda: [x for x in every if x[0] < 5])
         store.migrate()
+    _execute(
+        dsn, "ALTER TABLE incoming_users ADD COLUMN position bigint"
+    )  # (006's, for the writer)
     first = datetime.now(UTC) - timedelta(hours=1)
     assert store.insert_users(_rows(range(1, 11), seed="api", at=first)) == 10
     assert store.insert_users(_rows(range(6, 16), seed="fallback")) == 10  # 6..10 twice

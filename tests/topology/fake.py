@@ -24,6 +24,7 @@ from userstreamd.config import Config
 from userstreamd.errors import InvalidRecord
 from userstreamd.produce.producer import Outlet, Producer
 from userstreamd.runtime.supervisor import ComponentFn
+from userstreamd.store.history import StoredHistory
 from userstreamd.store.postgres import (
     Envelope,
     PostgresStore,
@@ -32,6 +33,7 @@ from userstreamd.store.postgres import (
     row_values,
 )
 from userstreamd.store.streams import Stream, open_stream, save_checkpoint
+from userstreamd.stream.history import Pages
 from userstreamd.stream.hub import Hub
 from userstreamd.stream.protocol import Batch
 from userstreamd.stream.records import decode_user
@@ -94,16 +96,26 @@ class FakeTopology:
         return True
 
     async def connect(self, stack: contextlib.AsyncExitStack) -> None:
-        return None
+        self._stack = stack
 
     async def open_stream(self, dsn: str) -> Stream:
+        # (its rows are the embedded bus's: so is its history)
+        self._history = StoredHistory(
+            self.config, dsn, lambda: (self._hub().epoch, self.committed_through())
+        )
+        self._stack.push_async_callback(self._history.aclose)
         return await trio.to_thread.run_sync(open_stream, self.config, dsn)
 
+    def history(self, epoch: str, since: int) -> contextlib.AbstractAsyncContextManager[Pages]:
+        return self._history(epoch, since)
+
     async def open_feed(self, start: Start, stream: Stream) -> Hub:
-        c = self.config.consumers
+        c, b = self.config.consumers, self.config.broadcaster
         hub = Hub(
             stream.epoch,
             first_seq=stream.seq + 1,
+            buffer_messages=b.buffer_messages,
+            client_lag_max=b.client_lag_max,
             window=c.window,
             lead_max=c.max_lead,
             on_committed=self.context.hooks.on_end_to_end,

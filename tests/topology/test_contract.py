@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +28,14 @@ import pytest
 import trio
 
 from tests.conftest import query
-from tests.helpers import eventually, run_until, write_config
+from tests.helpers import eventually, resumed, run_until, write_config
 from tests.topology.fake import FakeTopology
 from userstreamd.config import Config, load_config
 from userstreamd.ops.health import readiness
 from userstreamd.runtime.daemon import Daemon
 from userstreamd.sources.synthetic import synthetic_user
-from userstreamd.stream.records import SECRET_LOGIN_FIELDS
+from userstreamd.stream.protocol import UserMessage
+from userstreamd.stream.records import SECRET_LOGIN_FIELDS, scrub
 from userstreamd.topology import PARTS, Context, Topology, choose
 
 N = 300  # users the producer publishes (positions 1..N), then it idles
@@ -172,3 +174,34 @@ async def test_a_second_run_resumes_and_stores_nothing_twice(case: Case, dsn: st
     counts = second.counts()
     assert (counts.last_seq, sum(counts.published.values()), counts.committed_total) == (N, 0, 0)
     assert_each_seq_stored_once(dsn)
+
+
+async def test_a_client_resuming_from_the_start_gets_every_stored_user_after_a_restart_too(
+    case: Case, dsn: str
+) -> None:
+    """The broadcaster's buffer holds 40 users: a client resuming from seq 0 is served the
+    rest from the topology's history, each user as stored, through the live end, with no
+    gap and no repeat, one user a frame or in ``users`` frames; in the run that stored
+    them, and in the next one (whose buffer starts empty)."""
+    config = case.config(**TABLES, broadcaster={"buffer_messages": 40, "client_lag_max": 20})
+
+    async def replayed_whole(daemon: Daemon) -> None:
+        await eventually(lambda: daemon.committed_through() == N, 60)
+        hub = daemon.hub
+        assert hub is not None
+        await eventually(lambda: hub.last_seq == N, 30)
+        stored = dict(query(dsn, "SELECT seq, raw FROM incoming_users"))
+        for batch in (1, 100):
+            got = await resumed(daemon.url, hub.epoch, 0, N, batch=batch)
+            assert [m.seq for m in got if isinstance(m, UserMessage)] == list(range(1, N + 1))
+            assert len(got) == N, [m for m in got if not isinstance(m, UserMessage)]
+            for m in got:
+                assert isinstance(m, UserMessage) and m.epoch == hub.epoch
+                assert scrub(m.user) == stored[m.seq], m.seq
+        assert daemon.broadcaster is not None
+        assert daemon.broadcaster.replayer.statistics().stored >= 2 * (N - 40)
+
+    for _ in range(2):
+        daemon = case.daemon(config)
+        with trio.fail_after(RUN_S):
+            assert await run_until(daemon, partial(replayed_whole, daemon)) == 0

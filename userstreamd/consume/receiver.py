@@ -58,7 +58,14 @@ class Rows:
             self.invalid += 1
             get_logger().warning("consumer.invalid_record", seq=message.seq, error=str(exc))
             return None
-        env = Envelope(message.seq, message.epoch, message.source, message.produced_at, received_at)
+        env = Envelope(
+            message.seq,
+            message.epoch,
+            message.source,
+            message.produced_at,
+            received_at,
+            message.position,
+        )
         return row_values(user, raw.decode(), env)
 
 

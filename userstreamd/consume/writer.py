@@ -171,7 +171,7 @@ class Writer:
                 refused.append(row.seq)
                 get_logger().error("consumer.row_refused", seq=row.seq, error=str(exc))
                 letter = DeadLetter(
-                    "consumer", None, row.seq, str(exc), msgspec.json.decode(row.raw)
+                    "consumer", None, row.seq, str(exc), msgspec.json.decode(row.raw), row.epoch
                 )
                 await self.db.retrying(
                     "dead_letters.insert_failed",

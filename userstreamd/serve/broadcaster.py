@@ -26,6 +26,7 @@ peer's reply.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from collections import Counter
 from collections.abc import Callable
@@ -38,11 +39,12 @@ import msgspec
 import trio
 from trio_websocket import CloseReason, ConnectionClosed, HandshakeError, WebSocketConnection
 
-from ..config import BroadcasterConfig, is_loopback, url_host
+from ..config import BroadcasterConfig, HistoryConfig, is_loopback, url_host
 from ..errors import InUseError, ProtocolError, address_in_use, describe, in_use_text
 from ..logs import Throttle, bind, get_logger
 from ..stream.client import open_ws
-from ..stream.hub import AckTimeout, GroupLagging, Hub, Member, Slow, StaleAck
+from ..stream.history import History, HistoryUnavailable, UnknownEpoch
+from ..stream.hub import AckTimeout, GroupLagging, Hub, Member, Slow, StaleAck, Subscription
 from ..stream.protocol import (
     CLOSE_ACK_TIMEOUT,
     CLOSE_GOING_AWAY,
@@ -64,6 +66,7 @@ from .auth import Tokens
 from .edge import Edge, EdgeStatistics, raise_fd_limit, reuse_port_sockets
 from .keepalive import DeadPeer, KeepAlive, Peer
 from .pump import FRAMES_PER_WRITE, Plain, Pump
+from .replayer import Replayer
 from .wsconn import ServerConnection
 from .wsframes import WriteTimeout, send_frames
 
@@ -111,11 +114,15 @@ class Broadcaster:
         ssl_context: ssl.SSLContext | None = None,
         on_batch: Callable[[Batch], None] | None = None,
         relay: str | None = None,
+        history: History | None = None,
+        history_settings: HistoryConfig | None = None,
     ) -> None:
-        """`on_batch` gets the batch reports of the daemon's own consumers (private
-        socket, the group that holds the producer). With `relay` (a fan-out worker: the
-        daemon's private socket), group members are admitted here and then relayed to the
-        daemon, which holds the groups; `hub` is a mirror that serves the plain clients."""
+        """`history` serves the clients that resume from before the buffer (`replayer`;
+        None: they are told of a gap). `on_batch` gets the batch reports of the daemon's
+        own consumers (private socket, the group that holds the producer). With `relay`
+        (a fan-out worker: the daemon's private socket), group members are admitted here
+        and then relayed to the daemon, which holds the groups; `hub` is a mirror that
+        serves the plain clients."""
         self.hub = hub
         self.relay = relay
         self.settings = settings
@@ -134,6 +141,9 @@ class Broadcaster:
             hub, settings.write_timeout_s, settings.coalesce_ms / 1000, _in_frames, self.sent
         )
         self.keepalive = KeepAlive(settings.ping_interval_s, settings.pong_timeout_s)
+        self.replayer = Replayer(
+            hub, history, history_settings or HistoryConfig(), settings.write_timeout_s, _in_frames
+        )
 
     def _fanout_report(self, connection: int, report: FanoutReport) -> None:
         """A worker's counts since its process started: a new process of the same
@@ -243,7 +253,14 @@ class Broadcaster:
         member = hub.join(group, peer, admission.window) if group else None
         # (A fan-out worker's feed, on the private socket, is bounded by the buffer only.)
         lag = hub.buffer_messages if private else None
-        sub = None if member else hub.subscribe(peer, admission.since, lag_max=lag)
+        replaying = member is None and self.replayer.needed(admission.since)
+        sub = None
+        if member is None:
+            sub = (
+                Subscription(-1, peer, 0, 0)  # (subscribed once the replay joins it live)
+                if replaying
+                else hub.subscribe(peer, admission.since, lag_max=lag)
+            )
         # (private: the daemon's consumers, and with fan-out workers their relayed members)
         if (
             suppressed := self._throttle.allow("connected-private" if private else "connected")
@@ -255,6 +272,7 @@ class Broadcaster:
                 clients=hub.clients,
                 resumed_after=admission.since and admission.since[1],
                 gap=sub is not None and sub.gap is not None,
+                replaying=replaying,
                 suppressed=suppressed,
             )
         code, reason = None, ""  # a close we start
@@ -274,13 +292,16 @@ class Broadcaster:
                         await self._send_member(ws, member, admission.batch)
                 else:
                     assert isinstance(watched, Plain)
-                    if watched.sub.gap is not None:
-                        gap = encode(watched.sub.gap).encode()
-                        await send_frames(ws, [gap], self.settings.write_timeout_s)
-                        self.sent["plain"] += 1
-                    self.pump.add(watched)
-                    bucket = self._bucket(private)
-                    await ws.read(partial(self._plain_frame, ws, watched, private, bucket))
+                    read = partial(self._plain_frame, ws, watched, private, self._bucket(private))
+                    if replaying:
+                        assert admission.since is not None
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(self._replay, watched, admission.since, lag, peer)
+                            await ws.read(read)
+                            nursery.cancel_scope.cancel()
+                    else:
+                        await self._join(watched)
+                        await ws.read(read)
                     if watched.ended is None:  # (else why it ended, below)
                         raise ConnectionClosed(ws.closed or CloseReason(1006, None))
             if watched.ended is not None:
@@ -295,6 +316,8 @@ class Broadcaster:
             code, reason = CLOSE_GROUP_LAGGING, "group cut off: too far behind"
         except* RateExceeded:
             code, reason = CLOSE_RATE, "message rate exceeded"
+        except* HistoryUnavailable:
+            code, reason = CLOSE_INTERNAL_ERROR, "history unavailable: resume later"
         except* DeadPeer:
             ended = ("dead_peer", f"no pong within {self.settings.pong_timeout_s:g} s")
         except* WriteTimeout as group:
@@ -318,6 +341,26 @@ class Broadcaster:
         elif code is not None:
             self._ended(who, f"closed_{code}", reason)
             await ws.close_within(code, reason, self.settings.close_timeout_s)
+
+    async def _join(self, watched: Plain) -> None:
+        """The pump writes to the client from its cursor on (after the gap it missed)."""
+        if watched.sub.gap is not None:
+            gap = encode(watched.sub.gap).encode()
+            await send_frames(watched.ws, [gap], self.settings.write_timeout_s)
+            self.sent["plain"] += 1
+        self.pump.add(watched)
+
+    async def _replay(
+        self, watched: Plain, since: tuple[str, int], lag: int | None, peer: str
+    ) -> None:
+        """A task of the client's session: what it missed from storage, then live."""
+        try:
+            with contextlib.suppress(UnknownEpoch):  # (then the subscription tells of it)
+                since = await self.replayer.replay(watched.ws, since, watched.batch)
+            watched.sub = self.hub.subscribe(peer, since, lag_max=lag)
+            await self._join(watched)
+        except (HistoryUnavailable, WriteTimeout, ConnectionClosed) as exc:
+            watched.end(exc)
 
     async def _relay_session(
         self, ws: ServerConnection, admission: Admission, who: dict[str, str]

@@ -68,6 +68,7 @@ class UserRow(msgspec.Struct, frozen=True, gc=False):
     produced_at: datetime
     received_at: datetime
     raw: str  # the record as JSON text
+    position: int | None = None  # in its source (unknown: NULL)
 
     def values(self) -> tuple[Any, ...]:
         """The values in COLUMNS order (what COPY writes)."""
@@ -85,6 +86,7 @@ class DeadLetter:
     seq: int | None
     error: str
     raw: Any
+    epoch: str | None = None  # with `seq`
 
 
 COLUMNS: tuple[str, ...] = UserRow.__struct_fields__
@@ -147,6 +149,7 @@ class Envelope(msgspec.Struct, frozen=True, gc=False):
     source: str
     produced_at: datetime
     received_at: datetime
+    position: int | None = None  # in its source
 
 
 def row_values(user: User, raw: dict[str, Any] | str, env: Envelope) -> UserRow:
@@ -190,6 +193,7 @@ def row_values(user: User, raw: dict[str, Any] | str, env: Envelope) -> UserRow:
         produced_at=_aware(env.produced_at),
         received_at=_aware(env.received_at),
         raw=raw if isinstance(raw, str) else _json.encode(raw).decode(),
+        position=env.position,
     )
 
 
@@ -400,6 +404,7 @@ class PostgresStore:
                 x.source,
                 x.position,
                 x.seq,
+                x.epoch,
                 x.error,
                 _without_nul(
                     _json.encode(scrub(x.raw) if isinstance(x.raw, dict) else x.raw).decode()
@@ -411,8 +416,8 @@ class PostgresStore:
         def work(conn: psycopg.Connection[Any]) -> int:
             with conn.cursor() as cur:
                 cur.executemany(
-                    "INSERT INTO dead_letters (source, position, seq, error, raw) "
-                    "VALUES (%s, %s, %s, %s, %s::jsonb)",
+                    "INSERT INTO dead_letters (source, position, seq, epoch, error, raw) "
+                    "VALUES (%s, %s, %s, %s, %s, %s::jsonb)",
                     rows,
                 )
             return len(rows)

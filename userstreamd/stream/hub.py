@@ -130,6 +130,11 @@ class Hub:
         return self._replay.last_seq
 
     @property
+    def oldest(self) -> int:
+        """The oldest seq the buffer holds (last_seq + 1 while it is empty)."""
+        return self._replay.oldest
+
+    @property
     def buffer_messages(self) -> int:
         return self._replay.buffer_messages
 

@@ -7,9 +7,9 @@ machine). The daemon starts what a topology gives it, in one order: the database
 `Topology.uses_database`), the stream (`open_stream`), the broadcaster's feed
 (`open_feed`), the consumers (`consumers`), the producer (`outlet`, `producer_component`);
 it stops in reverse, after `drain`. The broadcaster's clients that resume from before
-its replay buffer read the stored stream through `history`. Nothing outside the implementations asks which one
-it got: the registry `TOPOLOGIES` names the module of each, imported only when chosen
-(so nats-py is loaded only for the NATS bus).
+its replay buffer read the stored stream through `history`. Nothing outside the
+implementations asks which one it got: the registry `TOPOLOGIES` names the module of
+each, imported only when chosen (so nats-py is loaded only for the NATS bus).
 
 To add a topology: write one module beside `embedded` that defines ``TOPOLOGY`` (a class
 with this protocol's members and a constructor ``(context: Context)``), add its name to

@@ -5,7 +5,9 @@ tasks, or child processes with ``consumers.processes``) are members of the daemo
 group on the broadcaster's private socket, and hold the producer back (``max_lead``).
 The stream resumes from the group's checkpoint in PostgreSQL (`store.streams`), and at
 a graceful stop `drain` waits until the group has committed everything published, then
-stores its final checkpoint. One process runs every part (``run --role all``).
+stores its final checkpoint. Its history is what the consumers stored
+(`store.history`): a client may resume from any seq still in ``incoming_users``. One
+process runs every part (``run --role all``).
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from ..logs import get_logger
 from ..produce.producer import Outlet, Producer
 from ..runtime.supervisor import ComponentFn
 from ..runtime.workers import run_consumer_process
+from ..store.history import StoredHistory
 from ..store.postgres import StreamCheckpoint
 from ..store.reader import READER_ROLE
 from ..store.streams import Stream, open_stream, save_checkpoint
+from ..stream.history import Pages
 from ..stream.hub import Hub
 from . import PARTS, Context, Rule, Start, StreamCounts
 
@@ -66,6 +70,8 @@ class EmbeddedTopology:
         self.config = context.config
         # (before the stream opens: an empty hub, so observers always have one)
         self.hub = build_hub(self.config, Stream.new(), context)
+        self._stored: StoredHistory | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
 
     @classmethod
     def rules(cls, config: Config) -> Iterator[Rule]:
@@ -90,10 +96,23 @@ class EmbeddedTopology:
         return True
 
     async def connect(self, stack: contextlib.AsyncExitStack) -> None:
-        return None
+        self._stack = stack
 
     async def open_stream(self, dsn: str) -> Stream:
-        return await trio.to_thread.run_sync(open_stream, self.config, dsn)
+        stream = await trio.to_thread.run_sync(open_stream, self.config, dsn)
+        if self._stored is None:
+            self._stored = StoredHistory(self.config, dsn, self._live)
+            if self._stack is not None:
+                self._stack.push_async_callback(self._stored.aclose)
+        return stream
+
+    def _live(self) -> tuple[str, int]:
+        """The live epoch, and the seq through which the consumers committed it."""
+        return self.hub.epoch, self.committed_through()
+
+    def history(self, epoch: str, since: int) -> contextlib.AbstractAsyncContextManager[Pages]:
+        assert self._stored is not None, "open_stream() first"
+        return self._stored(epoch, since)
 
     async def open_feed(self, start: Start, stream: Stream) -> Hub:
         self.hub = build_hub(self.config, stream, self.context)

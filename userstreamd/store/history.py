@@ -1,0 +1,197 @@
+"""The embedded bus's history: the stored stream read back from PostgreSQL.
+
+`StoredHistory(epoch, since)` is the embedded topology's ``history`` (`stream.history`
+has the contract). A page is one round of queries on one of the history's own
+connections (``history.connections``, never the consumers'):
+
+- the users of `epoch` after the last seq read, by the unique index on (epoch, seq), each
+  encoded as the ``user`` frame it was (its record as stored, in ``raw``);
+- how far the table is *final*: every seq up to there is committed or set aside, so a
+  seq missing below it will never be stored. For the live epoch that is the consumer
+  group's watermark (or its stored checkpoint, whichever is further); for an older one,
+  the last seq stored of it;
+- the dead letters among the missing seqs (by (epoch, seq)): each is a one-seq ``gap``
+  with the reason the database refused it. Any other missing seq below the final point
+  is a ``gap`` too ("not stored": an invalid record, or a user whose uuid was already
+  stored); one above it ends the page: it is still on its way.
+
+A query that fails is tried again a few times (about 3 s in all), then the replay ends
+with `HistoryUnavailable`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime
+from typing import Any
+
+import msgspec
+import stamina
+import trio
+
+from ..config import Config
+from ..errors import StoreError
+from ..logs import get_logger
+from ..stream.history import HistoryUnavailable, Page, UnknownEpoch
+from ..stream.protocol import Gap, UserMessage
+from .calls import StoreCalls
+from .postgres import PostgresStore
+
+NOT_STORED = "not stored: an invalid record, or a user whose uuid was stored before"
+ATTEMPTS = 4  # a query, and its retries
+
+_USERS = """SELECT seq, coalesce(position, 0), produced_at, source, raw::text
+FROM incoming_users WHERE epoch = %s AND seq > %s ORDER BY seq LIMIT %s"""
+_DEAD = """SELECT seq, left(error, 200) FROM dead_letters
+WHERE epoch = %s AND seq > %s AND seq <= %s ORDER BY seq LIMIT %s"""
+_CHECKPOINT = "SELECT coalesce(max(seq), 0) FROM stream_checkpoints WHERE epoch = %s"
+_LAST = """SELECT greatest(
+  (SELECT max(seq) FROM incoming_users WHERE epoch = %s),
+  (SELECT max(seq) FROM dead_letters WHERE epoch = %s AND seq IS NOT NULL)),
+  EXISTS (SELECT 1 FROM streams WHERE epoch = %s)"""
+_NEXT_EPOCH = """SELECT epoch FROM streams
+WHERE created_at > (SELECT created_at FROM streams WHERE epoch = %s)
+ORDER BY created_at LIMIT 1"""
+
+_encoder = msgspec.json.Encoder()
+
+Row = tuple[int, int, datetime, str, str]
+
+
+def _gap(epoch: str, first: int, last: int, reason: str) -> bytes:
+    return _encoder.encode(Gap(epoch=epoch, from_seq=first, to_seq=last, reason=reason))
+
+
+def page_of(
+    epoch: str,
+    after: int,
+    rows: list[Row],
+    limit: int,
+    final: int,
+    dead: list[tuple[int, str]],
+) -> Page:
+    """The page after seq `after`: `rows` (the next at most `limit` stored users),
+    `final` (every seq up to it is committed or set aside), `dead` (the dead letters
+    above `after`, up to `final`)."""
+    frames: list[bytes] = []
+    letters = iter(dead)
+    letter = next(letters, None)
+
+    def missing(first: int, last: int) -> None:  # seqs first..last, none stored
+        nonlocal letter
+        while letter is not None and letter[0] <= last:
+            seq, error = letter
+            if seq > first:
+                frames.append(_gap(epoch, first, seq - 1, NOT_STORED))
+            frames.append(_gap(epoch, seq, seq, f"dead letter: {error}"))
+            first, letter = seq + 1, next(letters, None)
+        if first <= last:
+            frames.append(_gap(epoch, first, last, NOT_STORED))
+
+    through, users = after, 0
+    for seq, position, produced_at, source, raw in rows:
+        if seq > through + 1:
+            if seq - 1 > final:  # (still on its way: this page ends before it)
+                if through < final:
+                    missing(through + 1, final)
+                    through = final
+                return Page(epoch, frames, through, users)
+            missing(through + 1, seq - 1)
+        frames.append(
+            _encoder.encode(
+                UserMessage(
+                    epoch=epoch,
+                    seq=seq,
+                    position=position,
+                    produced_at=produced_at,
+                    source=source,
+                    user=msgspec.Raw(raw),  # type: ignore[arg-type]
+                )
+            )
+        )
+        through = seq
+        users += 1
+    if len(rows) < limit and through < final:  # (every stored user up to `final` is read)
+        missing(through + 1, final)
+        through = final
+    return Page(epoch, frames, through, users)
+
+
+class StoredHistory:
+    """``history(epoch, since)`` from PostgreSQL, through `connections` of its own.
+    `live()` is (the live epoch, the seq through which its consumer group committed)."""
+
+    def __init__(self, config: Config, dsn: str, live: Callable[[], tuple[str, int]]) -> None:
+        self.live = live
+        self._pool: list[StoreCalls] = [
+            StoreCalls(
+                PostgresStore.from_config(config, dsn, application_name="userstreamd-history")
+            )
+            for _ in range(config.history.connections)
+        ]
+        self._free = trio.Semaphore(len(self._pool))
+
+    @contextlib.asynccontextmanager
+    async def __call__(self, epoch: str, since: int) -> AsyncIterator[_Pages]:
+        pages = _Pages(self, epoch, since)
+        live_epoch, _ = self.live()
+        if epoch != live_epoch:
+            last, recorded = await self.query(_LAST, epoch, epoch, epoch)
+            if last is None and not recorded:
+                raise UnknownEpoch(f"epoch {epoch} is not stored")
+            pages.last = last or 0
+        yield pages
+
+    async def query(self, sql: str, *params: Any) -> Any:
+        """The first row of `sql`, on a free connection; HistoryUnavailable after the
+        retries."""
+        return (await self.rows(sql, *params))[0]
+
+    async def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        async with self._free:
+            calls = self._pool.pop()
+            try:
+                async for attempt in stamina.retry_context(
+                    on=StoreError, attempts=ATTEMPTS, wait_initial=0.2, wait_max=2.0
+                ):
+                    with attempt:
+                        return await calls.once(calls.store.query, sql, params)
+            except StoreError as exc:
+                get_logger().warning("history.unavailable", error=str(exc))
+                raise HistoryUnavailable(f"the database cannot be read: {exc}") from exc
+            finally:
+                self._pool.append(calls)
+        raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        for calls in self._pool:
+            await calls.aclose()
+
+
+class _Pages:
+    def __init__(self, history: StoredHistory, epoch: str, since: int) -> None:
+        self.history, self.epoch, self.after = history, epoch, since
+        self.last: int | None = None  # an older epoch's last seq stored (None: the live one)
+
+    async def next(self, limit: int) -> Page:
+        history, epoch, after = self.history, self.epoch, self.after
+        rows: list[Any] = await history.rows(_USERS, epoch, after, limit)
+        if self.last is None:
+            live_epoch, committed = history.live()
+            (stored,) = await history.query(_CHECKPOINT, epoch)
+            final = max(committed if live_epoch == epoch else 0, stored)
+        else:
+            final = self.last
+        dead: list[Any] = []
+        if final > after:
+            dead = await history.rows(_DEAD, epoch, after, final, limit)
+            if len(dead) == limit:  # (a page holds at most `limit` of them)
+                final = dead[-1][0]
+        page = page_of(epoch, after, rows, limit, final, dead)
+        self.after = page.through
+        if self.last is not None and page.through >= self.last and len(rows) < limit:
+            found = await history.rows(_NEXT_EPOCH, epoch)
+            following = found[0][0] if found else history.live()[0]
+            page = Page(epoch, page.frames, page.through, page.users, following)
+        return page
