@@ -131,7 +131,8 @@ async def test_a_stream_made_again_under_a_replay_is_an_unknown_epoch(
             async with open_history(bus, bus.epoch, 0) as history:
                 assert (await history.next(100)).through == 10
                 await bus.call(bus.js.delete_stream, bus.stream)
-                async with open_bus(config, "again"):  # (made anew: another epoch)
+                async with open_bus(config, "again") as again:  # (made anew: another epoch)
+                    assert again.epoch != bus.epoch
                     with pytest.raises(UnknownEpoch):
                         await history.next(100)
 
