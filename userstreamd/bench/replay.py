@@ -7,16 +7,17 @@ broadcasters as processes), each with what says how much of the stream is stored
 1. fill: the producer (synthetic source) asked for FILL_RATE_PER_S users/s until the
    store holds ``--users`` N (embedded: N users committed into PostgreSQL, as
    ``userstreamd_users_committed_total`` says; nats: the JetStream stream's last seq at
-   N), then slowed to LIVE_RATE_PER_S: the live stream goes on, slowly, during the runs;
-2. the epoch, from a plain client's welcome;
+   N), then slowed to LIVE_RATE_PER_S: the live stream goes on, slowly, during the runs.
    With ``--buffer-messages K`` the broadcasters keep K users in their replay buffer
    (``broadcaster.buffer_messages``; by default 100,000): the rest is read from the
    store;
+2. the epoch, from a plain client's welcome;
 3. for each run (``?batch=1000``, then one user per frame): one client connects with
    ``?epoch=E&since=0`` through the one client of the stream (`stream.client`, which
    resumes from the last seq it holds if the server closes it) and reads until it holds
    seqs 1..N. Reported: seconds from the connect to the last of them, users/s, frames,
-   the welcome's time, reconnects, the gaps the server sent (with their seqs and reason:
+   the welcome's time, the client's CPU (the bench process's: it runs nothing else
+   meanwhile), reconnects, the gaps the server sent (with their seqs and reason:
    the users it said are gone) and whether the seqs held were exactly 1..N, in order.
 
 A run that does not hold N users within RUN_TIMEOUT_S (or DEADLINE_PER_USER_S each,
@@ -87,6 +88,7 @@ class Replay:
         self.out_of_order: list[tuple[int, int]] = []  # (expected, got), the first few
         self.welcome_s: float | None = None
         self.done_s: float | None = None
+        self.cpu_s = 0.0  # the bench process's CPU meanwhile (the client is all it runs)
         self.lost: list[str] = []  # why connections ended before the end
 
     def take(self, seq: int) -> None:
@@ -121,6 +123,7 @@ class Replay:
             "seconds": round(seconds, 3) if seconds is not None else None,
             "users_per_s": round(self.users / seconds, 1) if seconds else None,
             "welcome_ms": round(self.welcome_s * 1000, 1) if self.welcome_s is not None else None,
+            "client_cpu_pct": round(100 * self.cpu_s / seconds, 1) if seconds else None,
             "frames": self.frames,
             "reconnects": len(self.lost),
             "lost": self.lost[:5],
@@ -148,7 +151,7 @@ async def _replay(url: str, epoch: str, users: int, batch: int | None) -> Replay
     query = f"?batch={batch}" if batch else ""
     client = StreamClient(url.rstrip("/") + "/" + query)
     client.resume_after(epoch, 0)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
 
     async def session(ws: WebSocketConnection, welcome: Welcome) -> None:
         if replay.welcome_s is None:
@@ -169,6 +172,7 @@ async def _replay(url: str, epoch: str, users: int, batch: int | None) -> Replay
             client.resume_after(epoch, replay.expected - 1)
             client.progressed()
         replay.done_s = time.perf_counter() - start
+        replay.cpu_s = time.process_time() - cpu
 
     def on_lost(exc: BaseException) -> None:
         replay.lost.append(describe_lost(exc))
@@ -253,8 +257,9 @@ def print_replay(report: dict[str, Any]) -> None:
         else:
             held = f"INCOMPLETE: {run['held']:,} of {run['users']:,} held"
         check = "seqs 1..N each once, in order" if run["consecutive"] else "NOT consecutive"
+        cpu = f", the client {run['client_cpu_pct']:.0f}% of a core" if run["complete"] else ""
         print(
-            f"  {how:<20} {held}; {run['frames']:,} frames, welcome after "
+            f"  {how:<20} {held}{cpu}; {run['frames']:,} frames, welcome after "
             f"{run['welcome_ms']} ms, {run['reconnects']} reconnects; {check}"
         )
         for gap in run["gaps"]:
