@@ -49,6 +49,7 @@ POLL_S = 0.25
 RUN_TIMEOUT_S = 120.0
 DEADLINE_PER_USER_S = 0.002  # (a run of 200,000 users: 400 s at most)
 BATCH = 1000  # the ?batch= of the first run (the protocol's most)
+RUNS = (BATCH, None)  # each run's ?batch= (None: one user per frame)
 COMMITTED = "userstreamd_users_committed_total"
 
 
@@ -226,7 +227,7 @@ def run_replay(
             url = server.urls[0]
             report["epoch"] = epoch = trio.run(_epoch, url)
             runs = []
-            for batch in (BATCH, None):
+            for batch in RUNS:
                 how = f"?batch={batch}" if batch else "one user per frame"
                 step = steps.step(f"replay from seq 0, {how}")
                 replay = trio.run(_replay, url, epoch, users, batch)
