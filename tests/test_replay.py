@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import httpx
 import psycopg
 import pytest
 import trio
@@ -214,6 +215,9 @@ async def test_a_replay_whose_database_is_lost_is_closed_1011_and_resumes_later(
         assert "history unavailable" in (closed.value.reason.reason or "")
         assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) < 3000
         assert daemon.broadcaster.replayer.statistics().unavailable == 1
+        async with httpx.AsyncClient() as http:
+            metrics = (await http.get(f"{daemon.http_url}metrics")).text
+        assert "userstreamd_history_unavailable_total 1.0" in metrics
         await trio.to_thread.run_sync(allow, True)
         rest = await resumed(daemon.url, hub.epoch, seqs[-1], 3000)
         assert _seqs(rest) == list(range(seqs[-1] + 1, 3001))
