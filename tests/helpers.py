@@ -163,11 +163,18 @@ def free_port() -> int:
 
 
 async def resumed(
-    url: str, epoch: str, since: int, until_seq: int, *, batch: int = 1
+    url: str,
+    epoch: str,
+    since: int,
+    until_seq: int,
+    *,
+    batch: int = 1,
+    then: Callable[[], Awaitable[None]] | None = None,
 ) -> list[UserMessage | Gap]:
     """What a client that resumes after (`epoch`, `since`) receives, user by user (a
     ``users`` frame's items each on their own), until a user of seq `until_seq` or more of
-    the stream's live epoch: its users and gaps, in order."""
+    the stream's live epoch: its users and gaps, in order. `then()` is awaited before it
+    disconnects."""
     got: list[UserMessage | Gap] = []
     query = urlencode({"epoch": epoch, "since": since, "batch": batch})
     async with open_ws(f"{url}?{query}") as ws:
@@ -184,4 +191,6 @@ async def resumed(
                     and item.epoch == welcome.epoch
                     and item.seq >= until_seq
                 ):
+                    if then is not None:
+                        await then()
                     return got

@@ -564,6 +564,49 @@ def test_json_tail_goes_on_without_gap_or_duplicate_across_daemon_restarts(
 
 
 @pytest.mark.e2e
+def test_tail_since_0_prints_the_whole_stored_stream_then_follows(
+    tmp_path: Path, dsn: str, daemon_factory: Any, tails: Callable[..., TailProcess]
+) -> None:
+    """50,000 users stored (the replay buffer holds 1,000 of them): ``tail --since 0``
+    prints every one, in order, from seq 1, then the live ones after them."""
+    port = free_port()
+    tables = _tables(tmp_path, dsn, port)
+    tables["producer"]["rate_per_s"] = 5000
+    tables["broadcaster"] |= {"buffer_messages": 1000, "client_lag_max": 1000}
+    daemon = daemon_factory(tables, name="daemon")
+    daemon.wait_for("daemon.ready")
+    committed = "SELECT coalesce(max(seq), 0) FROM stream_checkpoints"
+    wait_until(lambda: query(dsn, committed)[0][0] >= 50_000, 120, "50,000 users committed")
+    stored_then = query(dsn, committed)[0][0]
+    follower = tails("json", "--url", f"ws://127.0.0.1:{port}/", "--since", "0", "--json")
+
+    def printed(count: int) -> Callable[[], bool]:
+        def enough() -> bool:
+            assert daemon.proc.poll() is None and follower.proc.poll() is None, follower.err()
+            with follower.out_path.open("rb") as out:
+                return (
+                    sum(chunk.count(b"\n") for chunk in iter(lambda: out.read(1 << 20), b""))
+                    >= count
+                )
+
+        return enough
+
+    wait_until(
+        printed(stored_then + 2000), 120, f"tail printed the stored stream:\n{follower.err()}"
+    )
+    assert follower.stop(signal.SIGINT) == 0
+    seqs = [r["seq"] for r in follower.records()]
+    assert seqs == list(range(1, len(seqs) + 1)), "a gap or a duplicate"
+    assert len(seqs) >= stored_then + 2000  # (the stored ones, then live ones)
+    stored = dict(
+        query(dsn, "SELECT seq, raw->'login'->>'uuid' FROM incoming_users WHERE seq <= 50000")
+    )
+    records = follower.records()[:50_000]
+    assert [r["user"]["login"]["uuid"] for r in records] == [stored[s] for s in range(1, 50_001)]
+    assert "gap" not in follower.err()
+
+
+@pytest.mark.e2e
 def test_readable_tail_prints_one_line_per_user_matching_the_json_frames(
     tmp_path: Path, dsn: str, daemon_factory: Any, tails: Callable[..., TailProcess]
 ) -> None:

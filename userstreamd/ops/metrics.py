@@ -23,6 +23,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from ..produce.producer import ProducerStatistics
+from ..serve.replayer import ReplayStatistics
 from ..stream.protocol import Batch
 from .health import readiness
 from .server import OpsPortStatistics
@@ -176,6 +177,7 @@ class StatusCollector(Collector):
             value=(status.broadcaster.write_timeouts if status.broadcaster else 0)
             + fanout.write_timeouts,
         )
+        yield from _replays(status.broadcaster.replays if status.broadcaster else None)
         clients = GaugeMetricFamily(
             f"{PREFIX}websocket_clients", "Connected WebSocket clients, by kind", labels=["kind"]
         )
@@ -208,6 +210,40 @@ class StatusCollector(Collector):
         yield from _ops_port(status.ops_port)
         yield from _components(status)
         yield _gauge("ready", "1 while /readyz answers 200", float(readiness(status).ready))
+
+
+def _replays(stats: ReplayStatistics | None) -> Iterator[Metric]:
+    stats = stats or ReplayStatistics()
+    yield _gauge(
+        "history_replays_active",
+        "Clients being replayed from storage now (resumed from before the replay buffer)",
+        stats.replaying,
+    )
+    yield _gauge(
+        "history_replays_waiting",
+        "Clients waiting for a replay slot (history.max_replays)",
+        stats.waiting,
+    )
+    yield CounterMetricFamily(
+        f"{PREFIX}history_replays", "Replays from storage begun", value=stats.replays
+    )
+    yield _counter(
+        "history_users_replayed",
+        "Users sent to resuming clients by their replays, by where they were read: "
+        "stored (PostgreSQL or the JetStream stream) or buffered (the replay buffer)",
+        ["source"],
+        {("stored",): stats.stored, ("buffered",): stats.buffered},
+    )
+    yield CounterMetricFamily(
+        f"{PREFIX}history_gaps",
+        "Gap frames replays sent: seqs that exist nowhere (dead-lettered, purged, not stored)",
+        value=stats.gaps,
+    )
+    yield CounterMetricFamily(
+        f"{PREFIX}history_unavailable",
+        "Replays ended (closed 1011) because the store could not be read",
+        value=stats.unavailable,
+    )
 
 
 def _producer(stats: ProducerStatistics | None) -> Iterator[Metric]:

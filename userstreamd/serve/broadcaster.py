@@ -30,7 +30,7 @@ import contextlib
 import ssl
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from urllib.parse import urlencode
@@ -66,7 +66,7 @@ from .auth import Tokens
 from .edge import Edge, EdgeStatistics, raise_fd_limit, reuse_port_sockets
 from .keepalive import DeadPeer, KeepAlive, Peer
 from .pump import FRAMES_PER_WRITE, Plain, Pump
-from .replayer import Replayer
+from .replayer import Replayer, ReplayStatistics
 from .wsconn import ServerConnection
 from .wsframes import WriteTimeout, send_frames
 
@@ -85,6 +85,7 @@ class BroadcasterStatistics:
     closed: dict[str, int]  # why sessions ended -> count
     bad_frames: int
     write_timeouts: int  # clients dropped: a write took longer than write_timeout_s
+    replays: ReplayStatistics = field(default_factory=ReplayStatistics)  # resumed from storage
 
 
 class TokenBucket:
@@ -167,7 +168,11 @@ class Broadcaster:
 
     def statistics(self) -> BroadcasterStatistics:
         return BroadcasterStatistics(
-            self.edge.statistics(), dict(self.closed), self.hub.bad_frames, self.write_timeouts
+            self.edge.statistics(),
+            dict(self.closed),
+            self.hub.bad_frames,
+            self.write_timeouts,
+            self.replayer.statistics(),
         )
 
     async def run(

@@ -45,13 +45,13 @@ IDLE_S = 0.1  # the wait before asking the store again when it has nothing new y
 
 @dataclass(frozen=True)
 class ReplayStatistics:
-    replaying: int  # clients being replayed now
-    waiting: int  # clients waiting for a replay slot
-    replays: int  # replays begun, since the start
-    stored: int  # users sent from storage by replays
-    buffered: int  # users sent from the buffer by replays
-    gaps: int  # gap frames sent by replays
-    unavailable: int  # replays ended because the store could not be read
+    replaying: int = 0  # clients being replayed now
+    waiting: int = 0  # clients waiting for a replay slot
+    replays: int = 0  # replays begun, since the start
+    stored: int = 0  # users sent from storage by replays
+    buffered: int = 0  # users sent from the buffer by replays
+    gaps: int = 0  # gap frames sent by replays
+    unavailable: int = 0  # replays ended because the store could not be read
 
 
 class Replayer:

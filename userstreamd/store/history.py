@@ -176,13 +176,15 @@ class _Pages:
 
     async def next(self, limit: int) -> Page:
         history, epoch, after = self.history, self.epoch, self.after
-        rows: list[Any] = await history.rows(_USERS, epoch, after, limit)
+        # How far the table is final, first: a user committed before this is in the rows
+        # read after it (read later, it could count as gone a user committed meanwhile).
         if self.last is None:
             live_epoch, committed = history.live()
             (stored,) = await history.query(_CHECKPOINT, epoch)
             final = max(committed if live_epoch == epoch else 0, stored)
         else:
             final = self.last
+        rows: list[Any] = await history.rows(_USERS, epoch, after, limit)
         dead: list[Any] = []
         if final > after:
             dead = await history.rows(_DEAD, epoch, after, final, limit)
@@ -190,7 +192,7 @@ class _Pages:
                 final = dead[-1][0]
         page = page_of(epoch, after, rows, limit, final, dead)
         self.after = page.through
-        if self.last is not None and page.through >= self.last and len(rows) < limit:
+        if self.last is not None and page.through >= self.last:
             found = await history.rows(_NEXT_EPOCH, epoch)
             following = found[0][0] if found else history.live()[0]
             page = Page(epoch, page.frames, page.through, page.users, following)
