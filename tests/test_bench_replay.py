@@ -32,6 +32,9 @@ def _check(out: Path, bus: str, buffer_messages: int | None) -> None:
     # (1,000 users a frame at most: a few frames; one a user without batch)
     assert USERS // 1000 <= batched["frames"] < USERS // 10
     assert plain["frames"] >= USERS
+    if buffer_messages is not None:  # (the users before the buffer: read from storage)
+        assert batched["from_storage"] >= USERS - buffer_messages
+        assert plain["from_storage"] >= USERS - buffer_messages
 
 
 @pytest.mark.e2e
@@ -40,6 +43,14 @@ def test_bench_replay_holds_every_seq_in_order_batched_and_not(tmp_path: Path) -
     result = _run_bench("replay", "--users", str(USERS), "--json", str(out), timeout_s=240)
     _check(out, "embedded", None)
     assert "seqs 1..N each once, in order" in result.stdout
+
+
+@pytest.mark.e2e
+def test_bench_replay_reads_postgresql_beyond_the_buffer(tmp_path: Path) -> None:
+    out = tmp_path / "replay.json"
+    options = ("--buffer-messages", "500", "--json", str(out))
+    _run_bench("replay", "--users", str(USERS), *options, timeout_s=240)
+    _check(out, "embedded", 500)
 
 
 @pytest.mark.cluster

@@ -15,7 +15,9 @@ broadcasters as processes), each with what says how much of the stream is stored
 3. for each run (``?batch=1000``, then one user per frame): one client connects with
    ``?epoch=E&since=0`` through the one client of the stream (`stream.client`, which
    resumes from the last seq it holds if the server closes it) and reads until it holds
-   seqs 1..N. Reported: seconds from the connect to the last of them, users/s, frames,
+   seqs 1..N. Reported: seconds from the connect to the last of them, users/s, how
+   many of them the server's replayer read from storage and from its buffer (its
+   ``userstreamd_history_users_replayed_total`` by ``source``, before and after), frames,
    the welcome's time, the client's CPU (the bench process's: it runs nothing else
    meanwhile), reconnects, the gaps the server sent (with their seqs and reason:
    the users it said are gone) and whether the seqs held were exactly 1..N, in order.
@@ -29,16 +31,19 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import WebSocketConnection
 
 from ..stream.client import StreamClient, describe_lost
 from ..stream.protocol import Gap, Welcome, decode_server, decode_timed
 from . import procs
-from .daemon_child import BenchError
+from .daemon_child import BenchError, DaemonChild
 from .display import Steps, open_steps
 from .fanout_servers import DaemonServer, NatsServers
 
@@ -51,6 +56,7 @@ DEADLINE_PER_USER_S = 0.002  # (a run of 200,000 users: 400 s at most)
 BATCH = 1000  # the ?batch= of the first run (the protocol's most)
 RUNS = (BATCH, None)  # each run's ?batch= (None: one user per frame)
 COMMITTED = "userstreamd_users_committed_total"
+REPLAYED = "userstreamd_history_users_replayed_total"
 
 
 class EmbeddedReplay(DaemonServer):
@@ -62,6 +68,10 @@ class EmbeddedReplay(DaemonServer):
     def stored(self) -> int:
         return int(self.child.metrics().get(COMMITTED, 0.0))
 
+    def replayer(self) -> DaemonChild:
+        """The process the client replays from."""
+        return self.child
+
 
 class NatsReplay(NatsServers):
     """The cluster and the roles; the history is the JetStream stream."""
@@ -71,6 +81,22 @@ class NatsReplay(NatsServers):
 
     def stored(self) -> int:
         return self.probe.last_seq()
+
+    def replayer(self) -> DaemonChild:
+        """The process the client replays from."""
+        return self.broadcasters[0]  # (the first of `urls`)
+
+
+def replayed(child: DaemonChild) -> Counter[str]:
+    """The users the daemon's replays sent, by where they were read (REPLAYED's
+    ``source`` label: ``stored``, ``buffered``)."""
+    text = httpx.get(child.http_url + "metrics", timeout=10.0).text
+    found: Counter[str] = Counter()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == REPLAYED:
+                found[sample.labels.get("source", "")] += int(sample.value)
+    return found
 
 
 ReplayServer = EmbeddedReplay | NatsReplay
@@ -230,8 +256,12 @@ def run_replay(
             for batch in RUNS:
                 how = f"?batch={batch}" if batch else "one user per frame"
                 step = steps.step(f"replay from seq 0, {how}")
+                before = replayed(server.replayer())
                 replay = trio.run(_replay, url, epoch, users, batch)
-                runs.append(replay.figures(batch))
+                sent = replayed(server.replayer())
+                sent.subtract(before)
+                runs.append({**replay.figures(batch), "from_storage": sent["stored"]})
+                runs[-1]["from_buffer"] = sent["buffered"]
                 took = f" in {replay.done_s:.1f} s" if replay.done_s is not None else ""
                 step.done(f"{replay.held:,} held{took}")
             report["runs"] = runs
@@ -259,8 +289,9 @@ def print_replay(report: dict[str, Any]) -> None:
             held = f"INCOMPLETE: {run['held']:,} of {run['users']:,} held"
         check = "seqs 1..N each once, in order" if run["consecutive"] else "NOT consecutive"
         cpu = f", the client {run['client_cpu_pct']:.0f}% of a core" if run["complete"] else ""
+        read = f"{run['from_storage']:,} from storage, {run['from_buffer']:,} from the buffer"
         print(
-            f"  {how:<20} {held}{cpu}; {run['frames']:,} frames, welcome after "
+            f"  {how:<20} {held}{cpu}; {read}; {run['frames']:,} frames, welcome after "
             f"{run['welcome_ms']} ms, {run['reconnects']} reconnects; {check}"
         )
         for gap in run["gaps"]:
