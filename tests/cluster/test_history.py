@@ -189,3 +189,26 @@ async def test_a_node_lost_during_a_replay_leaves_no_silent_hole(
     assert pages[-1].through == len(got)
     if ended == "complete":
         assert len(got) == 3000
+
+
+async def test_a_cluster_that_cannot_answer_ends_the_replay_as_unavailable_within_seconds(
+    tmp_path: Path, nats_config: Any
+) -> None:
+    """Every node lost after the first page: the next page is asked again for a few
+    seconds, then the replay ends with HistoryUnavailable (the client is closed with a
+    code it resumes from), not a hang and not an empty page."""
+    with LocalCluster(tmp_path / "nats") as cluster:
+        config = nats_config(cluster={"servers": cluster.urls, "replicas": 3})
+        async with open_bus(config, "test") as bus:
+            await publish(await outlet(bus, 0), 1, 100)
+            async with open_history(bus, bus.epoch, 0) as history:
+                first = await history.next(60)
+                for node in range(3):
+                    await trio.to_thread.run_sync(cluster.kill, node)
+                with trio.fail_after(30), pytest.raises(HistoryUnavailable):
+                    await history.next(60)
+            # (back, so that the bus can close: nats-py's drain refuses while reconnecting)
+            async with trio.open_nursery() as nursery:  # (together: each waits for quorum)
+                for node in range(3):
+                    nursery.start_soon(trio.to_thread.run_sync, cluster.restart, node)
+    assert seqs_of([first]) == [("user", seq, seq) for seq in range(1, 61)]
