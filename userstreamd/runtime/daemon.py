@@ -204,6 +204,7 @@ class Daemon:
             admission_policy(c, self.tokens, page_origins),
             ssl_context=self.ssl_context,
             on_batch=self.metrics.batch,
+            groups=self.topology.member_groups(hub),
         )
         private = private_socket_path(c.state_path)
         public = b.workers == 0  # else the fan-out workers serve the port

@@ -42,6 +42,7 @@ from ..config import BroadcasterConfig, is_loopback, url_host
 from ..errors import InUseError, ProtocolError, address_in_use, describe, in_use_text
 from ..logs import Throttle, bind, get_logger
 from ..stream.client import open_ws
+from ..stream.groups import MemberGroups
 from ..stream.hub import AckTimeout, GroupLagging, Hub, Member, Slow, StaleAck
 from ..stream.protocol import (
     CLOSE_ACK_TIMEOUT,
@@ -111,12 +112,16 @@ class Broadcaster:
         ssl_context: ssl.SSLContext | None = None,
         on_batch: Callable[[Batch], None] | None = None,
         relay: str | None = None,
+        groups: MemberGroups | None = None,
     ) -> None:
         """`on_batch` gets the batch reports of the daemon's own consumers (private
         socket, the group that holds the producer). With `relay` (a fan-out worker: the
         daemon's private socket), group members are admitted here and then relayed to the
-        daemon, which holds the groups; `hub` is a mirror that serves the plain clients."""
+        daemon, which holds the groups; `hub` is a mirror that serves the plain clients.
+        `groups` are those the members join (the hub's by default; the daemon passes its
+        topology's, `Topology.member_groups`)."""
         self.hub = hub
+        self.groups: MemberGroups = groups or hub
         self.relay = relay
         self.settings = settings
         self.edge = Edge(settings, policy, self._session, ssl_context=ssl_context)
@@ -213,14 +218,14 @@ class Broadcaster:
         timeout, grace = self.settings.ack_timeout_s, self.settings.ad_hoc_group_grace_s
         while True:
             await trio.sleep(min(1.0, timeout / 4))
-            for member in self.hub.evict_silent_members(timeout):
+            for member in self.groups.evict_silent_members(timeout):
                 get_logger().warning(
                     "broadcaster.member_evicted",
                     peer=member.peer,
                     group=member.group.name,
                     ack_timeout_s=timeout,
                 )
-            for name in self.hub.forget_empty_groups(grace):
+            for name in self.groups.forget_empty_groups(grace):
                 self._throttle.log(
                     "group_forgotten",
                     "info",
@@ -240,7 +245,7 @@ class Broadcaster:
         if group and self.relay:
             await self._relay_session(ws, admission, who)
             return
-        member = hub.join(group, peer, admission.window) if group else None
+        member = self.groups.join(group, peer, admission.window) if group else None
         # (A fan-out worker's feed, on the private socket, is bounded by the buffer only.)
         lag = hub.buffer_messages if private else None
         sub = None if member else hub.subscribe(peer, admission.since, lag_max=lag)
@@ -307,7 +312,7 @@ class Broadcaster:
         finally:
             watched.finished = True
             if member is not None:
-                hub.leave(member)
+                self.groups.leave(member)
             if isinstance(watched, Plain):
                 self.pump.remove(watched)
                 hub.unsubscribe(watched.sub)
@@ -469,7 +474,7 @@ class Broadcaster:
             own = private and member.group.holds_producer  # (elsewhere reports are ignored)
             if own and ack.batch is not None and self.on_batch is not None:
                 self.on_batch(ack.batch)
-            hub.ack(member, ack.seqs, frozenset(ack.rejected) if own else ())
+            self.groups.ack(member, ack.seqs, frozenset(ack.rejected) if own else ())
         except StaleAck as exc:
             get_logger().debug("broadcaster.stale_ack", error=str(exc))
         except ProtocolError as exc:
@@ -489,7 +494,7 @@ class Broadcaster:
     async def _send_member(self, ws: WebSocketConnection, member: Member, batch: int) -> None:
         limit = FRAMES_PER_WRITE
         while True:
-            due = await self.hub.next_member_frames(member, limit)
+            due = await self.groups.next_member_frames(member, limit)
             await send_frames(
                 ws, due.control + _in_frames(due.users, batch), self.settings.write_timeout_s
             )

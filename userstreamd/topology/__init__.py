@@ -5,10 +5,11 @@ the broadcaster's private socket, the checkpoint in PostgreSQL) and `nats` (a Je
 stream that any number of producers, broadcasters and consumers share, each on any
 machine). The daemon starts what a topology gives it, in one order: the database (when
 `Topology.uses_database`), the stream (`open_stream`), the broadcaster's feed
-(`open_feed`), the consumers (`consumers`), the producer (`outlet`, `producer_component`);
-it stops in reverse, after `drain`. Nothing outside the implementations asks which one
-it got: the registry `TOPOLOGIES` names the module of each, imported only when chosen
-(so nats-py is loaded only for the NATS bus).
+(`open_feed`) with the groups its members join (`member_groups`), the consumers
+(`consumers`), the producer (`outlet`, `producer_component`); it stops in reverse, after
+`drain`. Nothing outside the implementations asks which one it got: the registry
+`TOPOLOGIES` names the module of each, imported only when chosen (so nats-py is loaded
+only for the NATS bus).
 
 To add a topology: write one module beside `embedded` that defines ``TOPOLOGY`` (a class
 with this protocol's members and a constructor ``(context: Context)``), add its name to
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from ..produce.producer import Outlet, Producer
     from ..runtime.supervisor import ComponentFn
     from ..store.streams import Stream
+    from ..stream.groups import MemberGroups
     from ..stream.hub import Hub
     from ..stream.protocol import Batch
 
@@ -121,6 +123,11 @@ class Topology(Protocol):
 
     async def open_feed(self, start: Start, stream: Stream) -> Hub:
         """The hub a broadcaster serves (its mirror started with `start` if it has one)."""
+        ...
+
+    def member_groups(self, hub: Hub) -> MemberGroups:
+        """The groups the broadcaster's members (``?group=NAME``) join: `hub`'s, or
+        the bus's own."""
         ...
 
     def consumers(self, url: str, dsn: str) -> list[tuple[str, ComponentFn]]:

@@ -28,6 +28,7 @@ from ...produce.producer import Producer
 from ...runtime.supervisor import ComponentFn
 from ...store.postgres import PostgresStore
 from ...store.streams import Stream, record_stream
+from ...stream.groups import MemberGroups
 from ...stream.hub import Hub
 from .. import PARTS, Context, Rule, Start, StreamCounts
 from .bus import Bus, checked_options, open_bus
@@ -111,6 +112,9 @@ class NatsTopology:
         hub: Hub = await start("mirror", mirror.run)
         self.hub = hub
         return hub
+
+    def member_groups(self, hub: Hub) -> MemberGroups:
+        return hub  # (no WebSocket groups here yet: `rules`)
 
     def consumers(self, url: str, dsn: str) -> list[tuple[str, ComponentFn]]:
         config, hooks = self.config, self.context.hooks
