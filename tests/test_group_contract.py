@@ -13,6 +13,8 @@ not by the server's timeout.
 from __future__ import annotations
 
 import json
+import signal
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -202,3 +204,53 @@ async def test_a_group_the_policy_does_not_allow_is_refused(bus: Bus) -> None:
 async def _ack_forever(m: Member) -> None:
     while True:
         await m.take(1, ack=True)
+
+
+def _stored(path: Path) -> list[int]:
+    """The seqs a member's store holds, in the order it stored them."""
+    text = path.read_text() if path.exists() else ""
+    return [int(line.split()[0]) for line in text.splitlines()]
+
+
+async def test_a_member_killed_mid_window_and_the_survivor_stores_every_user_once(
+    bus: Bus, tmp_path: Path
+) -> None:
+    """Two members in processes of their own; one, holding a full window it stored but
+    did not acknowledge, is killed with SIGKILL: the survivor stores every user the
+    killed one did not acknowledge, each once."""
+    acked, window = 20, 10
+    daemon = Daemon(config_of(bus, ack_timeout_s=60.0))
+    victim_store, survivor_store = tmp_path / "victim.txt", tmp_path / "survivor.txt"
+    victim_seqs: list[int] = []
+
+    async def spawn(store: Path, *args: str) -> trio.Process:
+        url = f"{daemon.url}?group={GROUP}&window={window}"
+        command = [sys.executable, "-m", "tests.group_member", url, str(store), *args]
+        return await trio.lowlevel.open_process(command, cwd=Path(__file__).parent.parent)
+
+    async def kill_one_mid_window() -> None:
+        victim = await spawn(victim_store, "--ack-first", str(acked))
+        survivor = None
+        try:
+            # Its first users acknowledged, then a full window stored and held.
+            await eventually(lambda: len(_stored(victim_store)) == acked + window, 30)
+            survivor = await spawn(survivor_store)
+            await eventually(lambda: len(_stored(survivor_store)) > 0, 30)  # (both at work)
+            victim.kill()  # SIGKILL
+            assert await victim.wait() == -signal.SIGKILL
+            victim_seqs.extend(_stored(victim_store))
+            await eventually(lambda: len(_stored(survivor_store)) >= N - acked, 60)
+        finally:
+            for process in (victim, survivor):
+                if process is not None and process.returncode is None:
+                    process.kill()
+                    await process.wait()
+
+    with trio.fail_after(RUN_S):
+        assert await run_until(daemon, kill_one_mid_window) == 0
+    first, held = victim_seqs[:acked], victim_seqs[acked:]
+    survivor_seqs = _stored(survivor_store)
+    assert len(held) == window
+    assert len(survivor_seqs) == len(set(survivor_seqs)) == N - acked  # each once
+    assert sorted(first + survivor_seqs) == list(range(1, N + 1))  # every user
+    assert set(held) <= set(survivor_seqs)  # what it held went to the survivor
