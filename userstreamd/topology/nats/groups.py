@@ -111,12 +111,29 @@ class _State:
 
 
 async def _ensure(bus: Bus, consumer: str, config: ConsumerConfig) -> None:
-    """(On the client's loop.) The durable consumer, made if missing."""
+    """(On the client's loop.) The durable consumer, made if missing, its AckWait,
+    MaxAckPending and inactive threshold brought to `config`'s (a group once ad hoc,
+    now named, is no longer deleted when inactive)."""
     try:
-        await bus.js.consumer_info(bus.stream, consumer)
+        info = await bus.js.consumer_info(bus.stream, consumer)
     except nats.js.errors.NotFoundError:
         with contextlib.suppress(nats.js.errors.BadRequestError):  # made meanwhile
             await bus.js.add_consumer(bus.stream, config)
+        return
+    have = info.config
+    if (
+        have.max_ack_pending != config.max_ack_pending
+        or round(have.ack_wait or 0) != round(config.ack_wait or 0)
+        or round(have.inactive_threshold or 0) != round(config.inactive_threshold or 0)
+    ):
+        await bus.js.add_consumer(  # (an update, for a durable that exists)
+            bus.stream,
+            have.evolve(
+                max_ack_pending=config.max_ack_pending,
+                ack_wait=config.ack_wait,
+                inactive_threshold=config.inactive_threshold or 0,
+            ),
+        )
 
 
 def consumer_config(bus: Bus, config: Config, group: str) -> ConsumerConfig:
