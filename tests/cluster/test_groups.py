@@ -6,10 +6,22 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import trio
 from nats.js.api import DeliverPolicy
 
+from tests.cluster.test_bus import outlet, publish
+from tests.helpers import eventually
+from userstreamd.stream.groups import Member
+from userstreamd.stream.hub import Hub
+from userstreamd.stream.protocol import decode_head
 from userstreamd.topology.nats.bus import open_bus
-from userstreamd.topology.nats.groups import _ensure, consumer_config, consumer_name
+from userstreamd.topology.nats.groups import (
+    NatsGroups,
+    _ensure,
+    consumer_config,
+    consumer_name,
+    declare_groups,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -39,3 +51,37 @@ async def test_an_ad_hoc_groups_consumer_expires_and_stays_once_the_group_is_nam
         info = await bus.call(bus.js.consumer_info, bus.stream, name)
         assert not info.config.inactive_threshold
         assert info.config.max_ack_pending == 500
+
+
+async def test_a_member_that_left_with_a_pull_outstanding_takes_none_of_the_next_users(
+    nats_config: Any,
+) -> None:
+    """Its pull request still open at the server when it leaves, a member is sent none of
+    what is published next (the server drops a request nobody listens for): the member
+    after it gets every user at once, not after AckWait."""
+    config = nats_config(broadcaster={"groups": ["g"]}, cluster={"ack_wait_s": 300.0})
+    async with open_bus(config, "test") as bus:
+        await declare_groups(bus, config)
+        groups = NatsGroups(bus, config, Hub(bus.epoch))
+        first = groups.join("g", "first", 10)
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(groups.next_member_frames, first)
+                await eventually(lambda: _outstanding(groups, first) == 10, 10)
+                nursery.cancel_scope.cancel()
+            groups.leave(first)
+            await publish(await outlet(bus, 0), 1, 20)
+            second = groups.join("g", "second", 100)
+            seqs: list[int] = []
+            while len(seqs) < 20:
+                due = await groups.next_member_frames(second)
+                taken = [decode_head(user).seq for user in due.users]
+                groups.ack(second, taken)
+                seqs += taken
+        groups.leave(second)
+    assert sorted(seqs) == list(range(1, 21))
+
+
+def _outstanding(groups: NatsGroups, member: Member) -> int:
+    taker = groups._states[member.id].taker
+    return taker.pull.outstanding if taker is not None else 0
