@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import structlog
 import trio
 from nats.js.api import DeliverPolicy
 
@@ -83,5 +84,46 @@ async def test_a_member_that_left_with_a_pull_outstanding_takes_none_of_the_next
 
 
 def _outstanding(groups: NatsGroups, member: Member) -> int:
-    taker = groups._states[member.id].taker
-    return taker.pull.outstanding if taker is not None else 0
+    pull = groups._states[member.id].taker.pull
+    return pull.outstanding if pull is not None else 0
+
+
+async def test_a_member_keeps_what_it_holds_across_a_leader_change_of_its_consumer(
+    nats_config: Any,
+) -> None:
+    """The consumer's leader steps down while a member holds users and its pull request
+    waits for more: the request fails, a new one is made, what the member holds stays its
+    own (acknowledged once the new leader is in place, never redelivered), and it gets
+    what is published next."""
+    config = nats_config(broadcaster={"groups": ["g"]}, cluster={"ack_wait_s": 300.0})
+    async with open_bus(config, "test") as bus:
+        await declare_groups(bus, config)
+        publishing = await outlet(bus, 0)
+        await publish(publishing, 1, 5)
+        groups = NatsGroups(bus, config, Hub(bus.epoch))
+        member = groups.join("g", "member", 10)
+        consumer = consumer_name("g")
+        with trio.fail_after(30), structlog.testing.capture_logs() as logs:
+            held = await _take(groups, member, 5)
+            await eventually(lambda: _outstanding(groups, member) == 5, 10)
+            stepdown = f"$JS.API.CONSUMER.LEADER.STEPDOWN.{bus.stream}.{consumer}"
+            await bus.call(bus.nc.request, stepdown, b"", 5.0)
+            await publish(publishing, 6, 5)
+            rest = await _take(groups, member, 5)  # (through the new request)
+            groups.ack(member, held + rest)
+            info = await bus.call(bus.js.consumer_info, bus.stream, consumer)
+            while info.ack_floor.stream_seq < 10:  # (the server's state: polled)
+                await trio.sleep(0.05)
+                info = await bus.call(bus.js.consumer_info, bus.stream, consumer)
+        groups.leave(member)
+    assert any(e["event"] == "broadcaster.group_pull_failed" for e in logs)
+    assert sorted(held + rest) == list(range(1, 11))
+    assert (info.num_redelivered, info.num_ack_pending) == (0, 0)
+
+
+async def _take(groups: NatsGroups, member: Member, count: int) -> list[int]:
+    seqs: list[int] = []
+    while len(seqs) < count:
+        due = await groups.next_member_frames(member)
+        seqs += [decode_head(user).seq for user in due.users]
+    return seqs

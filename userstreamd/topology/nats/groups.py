@@ -75,11 +75,26 @@ class _Taker:
 
     def __init__(self, bus: Bus, consumer: str) -> None:
         self.bus = bus
-        self.pull = Pull(bus, consumer, 1)
+        self.consumer = consumer
+        self.pull: Pull | None = None
         self.replies: dict[int, str] = {}  # seq -> reply subject, until acked or NAKed
+
+    async def start(self) -> None:
+        """A new pull (in place of one that failed: what came to it untaken is NAKed;
+        what the member holds, it still holds)."""
+        await self._stop_pull()
+        self.pull = Pull(self.bus, self.consumer, 1)
+        await self.pull.start()
+
+    async def _stop_pull(self) -> None:
+        if self.pull is not None:
+            pull, self.pull = self.pull, None
+            for msg in await pull.stop():
+                await msg.nak()
 
     async def take(self, room: int) -> list[tuple[int, bytes]]:
         """What came, asking for at most `room` users in all (`Pull.take`)."""
+        assert self.pull is not None, "start() first"
         self.pull.batch = room
         taken = []
         for msg in await self.pull.take():
@@ -95,16 +110,17 @@ class _Taker:
                 await publish(reply, answer)
 
     async def stop(self) -> None:
-        """Unsubscribe; NAK what is held and what came untaken."""
+        """Unsubscribe; NAK what came untaken and what is held."""
         with contextlib.suppress(nats.errors.Error):
-            for msg in await self.pull.stop():
-                await msg.nak()
+            await self._stop_pull()
+        with contextlib.suppress(nats.errors.Error):
             await self.settle(list(self.replies), _NAK)
 
 
 @dataclass(eq=False)
 class _State:
-    taker: _Taker | None = None
+    taker: _Taker
+    bound: bool = False  # (its pull started, and has not failed since)
     floor_read_at: float = float("-inf")
     floor_sent: int = 0
     acked_max: int = 0  # the highest seq the member acknowledged
@@ -186,7 +202,7 @@ class NatsGroups:
             group = self.by_name[group_name] = Group(group_name, 0)
         member = Member(next(self._ids), peer, group, window or self.config.consumers.window)
         group.members[member.id] = member
-        self._states[member.id] = _State()
+        self._states[member.id] = _State(_Taker(self.bus, consumer_name(group_name)))
         return member
 
     def leave(self, member: Member) -> None:
@@ -199,8 +215,7 @@ class NatsGroups:
             self.by_name.pop(group.name, None)
         member.in_flight.clear()
         member.due.fire()
-        if state.taker is not None:
-            self._submit(state.taker.stop)
+        self._submit(state.taker.stop)
 
     def _submit(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Start `fn` on the client's loop, not waiting for it (acks and NAKs: one that is
@@ -208,20 +223,18 @@ class NatsGroups:
         with contextlib.suppress(RuntimeError):  # (the loop closed: the bus is gone)
             self.bus.thread.submit(fn, *args)
 
-    async def _bind(self, member: Member, state: _State) -> _Taker:
+    async def _bind(self, member: Member, state: _State) -> None:
+        """The group's consumer (made if missing), and a pull from it."""
         bus, name = self.bus, member.group.name
-        consumer = consumer_name(name)
         await bus.retrying(
             "broadcaster.nats_unavailable",
             _ensure,
             bus,
-            consumer,
+            state.taker.consumer,
             consumer_config(bus, self.config, name),
         )
-        taker = _Taker(bus, consumer)
-        await bus.call(taker.pull.start)
-        state.taker = taker
-        return taker
+        await bus.call(state.taker.start)
+        state.bound = True
 
     async def next_member_frames(self, member: Member, limit: int = 1) -> Due:
         """The users the server gave the member (as many as came: `limit` is the hub's)
@@ -241,19 +254,19 @@ class NatsGroups:
                 with trio.move_on_after(FETCH_WAIT_S):
                     await member.due.wait()  # (an ack, or the member ended)
                 continue
-            taker = state.taker or await self._bind(member, state)
+            if not state.bound:
+                await self._bind(member, state)
             try:
-                taken = await self.bus.call(taker.take, room)
+                taken = await self.bus.call(state.taker.take, room)
                 delays.reset()
             except (nats.errors.Error, TimeoutError) as exc:  # (a leader change, say)
                 get_logger().warning(
                     "broadcaster.group_pull_failed", group=member.group.name, error=describe(exc)
                 )
-                state.taker = None
-                self._submit(taker.stop)
+                state.bound = False
                 await delays.sleep()
                 continue
-            users = self._users(member, taker, taken)
+            users = self._users(member, state.taker, taken)
             if users or control:
                 return Due(control, users)
 
@@ -306,7 +319,7 @@ class NatsGroups:
         names any it did not hold."""
         held = [s for s in seqs if s in member.in_flight]
         state = self._states.get(member.id)
-        if held and state is not None and state.taker is not None:
+        if held and state is not None:
             member.in_flight.difference_update(held)
             member.silent_since = trio.current_time()
             member.checkpoint_due = True
