@@ -3,6 +3,7 @@ behaviour, the same on both buses, is in tests/test_group_contract.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,7 +12,10 @@ import trio
 from nats.js.api import DeliverPolicy
 
 from tests.cluster.test_bus import outlet, publish
+from tests.conftest import DaemonProcess
 from tests.helpers import eventually
+from tests.test_group_contract import Member as WebSocketMember
+from userstreamd.stream.client import open_ws
 from userstreamd.stream.groups import Member
 from userstreamd.stream.hub import Hub
 from userstreamd.stream.protocol import decode_head
@@ -127,3 +131,60 @@ async def _take(groups: NatsGroups, member: Member, count: int) -> list[int]:
         due = await groups.next_member_frames(member)
         seqs += [decode_head(user).seq for user in due.users]
     return seqs
+
+
+async def test_a_group_across_two_broadcasters_one_killed_and_its_members_users_redelivered(
+    tmp_path: Path, dsn: str, nats_urls: list[str], daemon_factory: Any
+) -> None:
+    """A group with a member on each of two broadcaster processes; the one whose member
+    holds a full window unacknowledged is killed with SIGKILL (nothing NAKs what it
+    held): the servers redeliver it after AckWait, and the other member gets every user
+    the first did not acknowledge, each once."""
+    n, acked, window = 300, 20, 10
+
+    def tables(name: str) -> dict[str, Any]:
+        return {
+            "daemon": {"state_dir": str(tmp_path / name), "log_format": "json"},
+            "producer": {"source": "synthetic", "rate_per_s": 200.0, "stop_at_position": n},
+            "broadcaster": {"port": 0, "groups": ["g"], "max_messages_per_s": 10_000.0},
+            "http": {"port": 0},
+            "consumers": {"count": 0},
+            "database": {"dsn": dsn},
+            "cluster": {
+                "bus": "nats",
+                "servers": nats_urls,
+                "stream": "GROUPS2",
+                "lease_ttl_s": 2.0,
+                "ack_wait_s": 3.0,
+            },
+        }
+
+    def start(name: str, role: str) -> DaemonProcess:
+        return daemon_factory(tables(name), name, args=["run", "--role", role])
+
+    broadcasters = [start(f"broadcaster-{i}", "broadcaster") for i in (1, 2)]
+    for daemon in broadcasters:  # (the group is made as each starts: before any user)
+        await trio.to_thread.run_sync(daemon.wait_for, "daemon.ready", 60)
+    start("producer", "producer")
+    ports = [int(b.wait_for("broadcaster.listening")["port"]) for b in broadcasters]
+    urls = [f"ws://127.0.0.1:{port}/?group=g&window={window}" for port in ports]
+    with trio.fail_after(90):
+        async with open_ws(urls[0]) as first_ws, open_ws(urls[1]) as second_ws:
+            first, second = WebSocketMember(first_ws), WebSocketMember(second_ws)
+            for ws in (first_ws, second_ws):
+                await ws.get_message()  # (the welcome)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_ack_forever, second)
+                await first.take(acked, ack=True)
+                held = await first.take(window, ack=False)
+                broadcasters[0].kill()  # SIGKILL, while its member holds a full window
+                await eventually(lambda: len(second.seqs) >= n - acked, 60)
+                nursery.cancel_scope.cancel()
+    assert len(second.seqs) == len(set(second.seqs)) == n - acked  # each once
+    assert sorted(first.seqs[:acked] + second.seqs) == list(range(1, n + 1))
+    assert set(held) <= set(second.seqs)
+
+
+async def _ack_forever(m: WebSocketMember) -> None:
+    while True:
+        await m.take(1, ack=True)
