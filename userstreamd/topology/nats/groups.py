@@ -25,11 +25,15 @@ so are the permissions (`admission`), windows and close codes:
 - **Checkpoint.** At most once a second, after a member's acks, it is sent the group's
   ack floor (read from the server: everything up to it acknowledged by some member).
 
-**A new group** starts with the users published after its first member joined
-(``DeliverPolicy.NEW``), like an ad-hoc group on the embedded bus; it then keeps its
-place on the server, across broadcasters and their restarts. An ad-hoc group (not in
-``broadcaster.groups``) is deleted by the server once inactive (no member pulling or
-acknowledging) for ``ad_hoc_group_grace_s`` (at least a second); a named one stays.
+- **A pull that fails** (the consumer's leader changed, the consumer was deleted) is
+  made again (and the consumer with it); what the member holds stays its own.
+
+**A new group** is owed the users published after it was made (``DeliverPolicy.NEW``),
+as on the embedded bus: a named one (``broadcaster.groups``) as a broadcaster starts
+(`declare_groups`), an ad-hoc one when its first member joins. It then keeps its place
+on the servers, across broadcasters and their restarts. An ad-hoc group's consumer is
+deleted by the servers once inactive (no member pulling or acknowledging) for
+``ad_hoc_group_grace_s`` (at least a second); a named one stays.
 """
 
 from __future__ import annotations
