@@ -63,8 +63,9 @@ def bus(request: pytest.FixtureRequest, tmp_path: Path, dsn: str) -> Bus:
     return Bus("embedded", embedded)
 
 
-def config_of(bus: Bus, ack_timeout_s: float = 60.0) -> Config:
-    broadcaster = {**TABLES["broadcaster"], "ack_timeout_s": ack_timeout_s}
+def config_of(bus: Bus, ack_timeout_s: float = 60.0, workers: int = 0) -> Config:
+    """The daemon's config (with `workers`, its members are relayed by fan-out workers)."""
+    broadcaster = {**TABLES["broadcaster"], "ack_timeout_s": ack_timeout_s, "workers": workers}
     producer = {**TABLES["producer"], "stop_at_position": N}
     return bus.config(**{**TABLES, "producer": producer, "broadcaster": broadcaster})
 
@@ -212,14 +213,16 @@ def _stored(path: Path) -> list[int]:
     return [int(line.split()[0]) for line in text.splitlines()]
 
 
+@pytest.mark.parametrize("workers", [0, 1], ids=["direct", "relayed"])
 async def test_a_member_killed_mid_window_and_the_survivor_stores_every_user_once(
-    bus: Bus, tmp_path: Path
+    bus: Bus, tmp_path: Path, workers: int
 ) -> None:
     """Two members in processes of their own; one, holding a full window it stored but
     did not acknowledge, is killed with SIGKILL: the survivor stores every user the
-    killed one did not acknowledge, each once."""
+    killed one did not acknowledge, each once (also through a fan-out worker, which
+    relays its members to the daemon)."""
     acked, window = 20, 10
-    daemon = Daemon(config_of(bus, ack_timeout_s=60.0))
+    daemon = Daemon(config_of(bus, workers=workers))
     victim_store, survivor_store = tmp_path / "victim.txt", tmp_path / "survivor.txt"
     victim_seqs: list[int] = []
 
