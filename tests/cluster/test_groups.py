@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import nats.js.errors
 import pytest
 import structlog
 import trio
@@ -188,3 +189,30 @@ async def test_a_group_across_two_broadcasters_one_killed_and_its_members_users_
 async def _ack_forever(m: WebSocketMember) -> None:
     while True:
         await m.take(1, ack=True)
+
+
+async def test_an_ad_hoc_groups_consumer_is_deleted_by_the_servers_once_left_for_the_grace(
+    nats_config: Any,
+) -> None:
+    config = nats_config(broadcaster={"allow_ad_hoc_groups": True, "ad_hoc_group_grace_s": 1.0})
+    async with open_bus(config, "test") as bus:
+        groups = NatsGroups(bus, config, Hub(bus.epoch))
+        member = groups.join("passing", "member", 10)
+        name = consumer_name("passing")
+
+        async def exists() -> bool:
+            try:
+                await bus.call(bus.js.consumer_info, bus.stream, name)
+            except nats.js.errors.NotFoundError:
+                return False
+            return True
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(groups.next_member_frames, member)
+                await eventually(lambda: _outstanding(groups, member) == 10, 10)
+                nursery.cancel_scope.cancel()
+            assert await exists()  # (made by its first member)
+            groups.leave(member)
+            while await exists():  # noqa: ASYNC110 (the servers' state: polled)
+                await trio.sleep(0.1)
