@@ -14,8 +14,9 @@ only for the NATS bus).
 To add a topology: write one module beside `embedded` that defines ``TOPOLOGY`` (a class
 with this protocol's members and a constructor ``(context: Context)``), add its name to
 `TOPOLOGIES` and to ``ClusterConfig.bus`` (the config's schema), and add it to the
-contract tests (tests/topology/test_contract.py), which every topology passes: the
-in-memory one there (tests/topology/fake.py) shows the least a topology must do.
+contract tests (tests/topology/test_contract.py, and for its WebSocket groups
+tests/test_group_contract.py), which every topology passes: the in-memory one there
+(tests/topology/fake.py) shows the least a topology must do.
 """
 
 from __future__ import annotations
