@@ -16,6 +16,7 @@ from tests.helpers import wait_until
 from userstreamd.commands.cli import main
 from userstreamd.config import Config, load_config
 from userstreamd.errors import ConfigError
+from userstreamd.topology import config_rules
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,6 +30,16 @@ def _error_of(tmp_path: Path, text: str, capsys: pytest.CaptureFixture[str]) -> 
     assert err.count("\n") == 1, f"expected one line, got {err!r}"
     assert str(path) in err
     return err
+
+
+def test_websocket_groups_are_no_error_on_the_nats_bus(tmp_path: Path) -> None:
+    path = tmp_path / "groups.toml"
+    path.write_text(
+        '[cluster]\nbus = "nats"\n'
+        '[broadcaster]\ngroups = ["audit", "eu.audit"]\nallow_ad_hoc_groups = true\n'
+    )
+    config = load_config(path, rules=config_rules)
+    assert config.broadcaster.groups == ["audit", "eu.audit"]
 
 
 def test_typo_key_names_file_table_and_key(
@@ -82,10 +93,6 @@ def test_wrong_type_says_what_was_expected(
         (
             '[cluster]\nbus = "nats"\n[consumers]\ngroup = "db.main"\n',
             "consumers.group: expected no '.' with cluster.bus = \"nats\"",
-        ),
-        (
-            '[cluster]\nbus = "nats"\n[broadcaster]\ngroups = ["audit"]\n',
-            "broadcaster.groups: expected no groups for WebSocket clients",
         ),
         (
             '[database]\nlisten_port = 5433\nlisten_host = "0.0.0.0"\n',

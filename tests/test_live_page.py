@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 from selenium import webdriver
@@ -198,15 +199,18 @@ def test_users_appear_with_the_pipeline_state(
 
 
 @pytest.mark.e2e
-def test_the_page_opens_with_the_newest_users_of_the_replay_buffer(
-    tmp_path: Path, dsn: str, daemon_factory: Any, browser: WebDriver
+@pytest.mark.parametrize("buffered", [100_000, 20], ids=["from-the-buffer", "from-storage"])
+def test_the_page_opens_with_the_newest_users_of_the_stream(
+    tmp_path: Path, dsn: str, daemon_factory: Any, browser: WebDriver, buffered: int
 ) -> None:
     """Issue 22 item 16: at a slow rate a visitor saw an empty page for seconds. The
     producer stops after 80 users, so no user arrives while the page is open: what it
-    shows came from the replay buffer, asked for with ?epoch=&since= 50 behind the last
-    seq of /status.json. Not counted as a rate, and no gap said."""
+    shows was asked for with ?epoch=&since= 50 behind the last seq of /status.json, and
+    came from the replay buffer, or, when the buffer holds only 20, from storage. Not
+    counted as a rate, and no gap said."""
     tables = streaming_tables(tmp_path, dsn, 200)
     tables["producer"]["stop_at_position"] = 80
+    tables["broadcaster"] |= {"buffer_messages": buffered, "client_lag_max": 10}
     daemon = daemon_factory(tables)
     ready = daemon.wait_for("daemon.ready")
     daemon.wait_for("producer.stopped_at_position")
@@ -222,6 +226,9 @@ def test_the_page_opens_with_the_newest_users_of_the_replay_buffer(
     assert float(seen["rate"]) == 0, "users replayed on opening are not a rate"
     assert seen["notices"] == []
     assert page_errors(browser) == []
+    metrics = httpx.get(f"{ready['http_url']}metrics").text
+    from_storage = 'userstreamd_history_users_replayed_total{source="stored"} 0.0' not in metrics
+    assert from_storage == (buffered < 50), metrics
 
 
 @pytest.mark.e2e

@@ -227,3 +227,28 @@ async def test_a_replay_whose_database_is_lost_is_closed_1011_and_resumes_later(
             assert await run_until(daemon, check) == 0
     finally:
         allow(True)
+
+
+async def test_a_fanout_workers_client_is_replayed_from_the_daemons_history(
+    tmp_path: Path, dsn: str
+) -> None:
+    """With fan-out workers, the public port is theirs: a client resuming from seq 0 is
+    replayed from the daemon's history through the worker."""
+    daemon = _daemon(
+        tmp_path,
+        dsn,
+        producer={"stop_at_position": 3000},
+        broadcaster={"workers": 2},
+    )
+
+    async def check() -> None:
+        await eventually(lambda: daemon.committed_through() == 3000)
+        hub = daemon.hub
+        await eventually(lambda: daemon.broadcaster.fanout_totals()["clients"] == 0)
+        got = await resumed(daemon.url, hub.epoch, 0, 3000, batch=100)
+        assert [m for m in got if not isinstance(m, UserMessage)] == []
+        assert _seqs(got) == list(range(1, 3001))
+        assert daemon.broadcaster.replayer.statistics().stored >= 2800  # (the daemon's)
+
+    with trio.fail_after(120):
+        assert await run_until(daemon, check) == 0

@@ -66,16 +66,17 @@ def test_a_missing_seq_that_may_still_be_stored_ends_the_page_before_it() -> Non
     # 3 and 4 are not committed yet (above the final point 2): no gap for them
     page = page_of("e", 0, [_row(1), _row(2), _row(5)], 10, 2, [])
     assert (_read(page), page.through) == ([("user", 1, 1), ("user", 2, 2)], 2)
-    # part of a hole is final: a gap up to the final point, then the page ends
+    # part of a hole is final: gaps up to the final point, then the page ends
     page = page_of("e", 0, [_row(1), _row(8)], 10, 5, [(4, "x")])
     assert _read(page) == [("user", 1, 1), ("gap", 2, 3), ("gap", 4, 4), ("gap", 5, 5)]
     assert page.through == 5
     # nothing stored after 7 and nothing final: an empty page, where it was
-    page = page_of("e", 7, [], 10, 3, [])
+    page = page_of("e", 7, [], 17, 3, [])
     assert (page.frames, page.through) == ([], 7)
-    # a full page covers up to its last row, whatever is final beyond
-    page = page_of("e", 0, [_row(s) for s in (1, 2, 3)], 3, 100, [])
-    assert page.through == 3 and page.users == 3
+    # a page covers its seqs only, whatever is final beyond them
+    page = page_of("e", 0, [_row(s) for s in (1, 2)], 3, 100, [])
+    assert _read(page) == [("user", 1, 1), ("user", 2, 2), ("gap", 3, 3)]
+    assert (page.through, page.users) == (3, 2)
 
 
 def _config(dsn: str) -> Config:
@@ -118,21 +119,29 @@ async def _all(history: StoredHistory, epoch: str, since: int, limit: int) -> li
 
 async def test_an_older_epoch_is_read_to_its_end_then_says_which_epoch_follows(dsn: str) -> None:
     await trio.to_thread.run_sync(
-        _store, dsn, {"old": [1, 2, 4, 5, 6], "live": [1, 2, 3]}, {"old": [3]}
+        _store, dsn, {"old": [1, 2, 4, 5, 6], "live": [1, 2, 3, 5000, 5001]}, {"old": [3]}
     )
     history = StoredHistory(_config(dsn), dsn, lambda: ("live", 3))
     try:
-        pages = await _all(history, "old", 1, 2)
+        pages = await _all(history, "old", 1, 2)  # (pages of two seqs)
         assert [_read(p) for p in pages] == [
-            [("user", 2, 2), ("gap", 3, 3), ("user", 4, 4)],
-            [("user", 5, 5), ("user", 6, 6)],
+            [("user", 2, 2), ("gap", 3, 3)],
+            [("user", 4, 4), ("user", 5, 5)],
+            [("user", 6, 6)],
         ]
-        assert [p.next_epoch for p in pages] == [None, "live"]
-        stored = decode_server(pages[1].frames[1])
+        assert [p.next_epoch for p in pages] == [None, None, "live"]
+        stored = decode_server(pages[2].frames[0])
         assert isinstance(stored, UserMessage) and stored.user == synthetic_user("old", 6)
-        # the live epoch: as far as it is stored, then nothing yet
+        # the live epoch: as far as it is final (3), then nothing yet
         pages = await _all(history, "live", 0, 1000)
         assert [_read(p) for p in pages] == [[("user", 1, 1), ("user", 2, 2), ("user", 3, 3)]]
+        # final further on: the run of seqs never stored is one gap, to the next stored
+        history.live = lambda: ("live", 5001)
+        pages = await _all(history, "live", 3, 10)
+        assert [_read(p) for p in pages] == [
+            [("gap", 4, 4999)],
+            [("user", 5000, 5000), ("user", 5001, 5001)],
+        ]
         with pytest.raises(UnknownEpoch):
             await _all(history, "never", 0, 10)
     finally:

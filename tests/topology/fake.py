@@ -33,6 +33,7 @@ from userstreamd.store.postgres import (
     row_values,
 )
 from userstreamd.store.streams import Stream, open_stream, save_checkpoint
+from userstreamd.stream.groups import MemberGroups
 from userstreamd.stream.history import Pages
 from userstreamd.stream.hub import Hub
 from userstreamd.stream.protocol import Batch
@@ -124,6 +125,9 @@ class FakeTopology:
             c.group, watermark=stream.seq, position=stream.position, holds_producer=True
         )
         self.hub = hub
+        return hub
+
+    def member_groups(self, hub: Hub) -> MemberGroups:
         return hub
 
     def consumers(self, url: str, dsn: str) -> list[tuple[str, ComponentFn]]:

@@ -11,7 +11,8 @@ it did, say when it is ready, and pick up where it stopped. The cases:
   ``cluster``: ``pytest -m cluster`` runs it, ``-m "not cluster"`` leaves it out).
 
 To add a topology (Kafka, Redpanda, ...): write its module, add a case to `CASES` (and
-to `case`), and make these pass. Nothing here asks which topology it got beyond the
+to `case`), and make these pass (and tests/test_group_contract.py's, for the groups its
+WebSocket members join: `Topology.member_groups`). Nothing here asks which topology it got beyond the
 case's name.
 """
 

@@ -206,6 +206,7 @@ class Daemon:
             on_batch=self.metrics.batch,
             history=self.topology.history,
             history_settings=c.history,
+            groups=self.topology.member_groups(hub),
         )
         private = private_socket_path(c.state_path)
         public = b.workers == 0  # else the fan-out workers serve the port

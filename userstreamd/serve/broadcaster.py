@@ -43,6 +43,7 @@ from ..config import BroadcasterConfig, HistoryConfig, is_loopback, url_host
 from ..errors import InUseError, ProtocolError, address_in_use, describe, in_use_text
 from ..logs import Throttle, bind, get_logger
 from ..stream.client import open_ws
+from ..stream.groups import MemberGroups
 from ..stream.history import History, HistoryUnavailable, UnknownEpoch
 from ..stream.hub import AckTimeout, GroupLagging, Hub, Member, Slow, StaleAck, Subscription
 from ..stream.protocol import (
@@ -117,14 +118,17 @@ class Broadcaster:
         relay: str | None = None,
         history: History | None = None,
         history_settings: HistoryConfig | None = None,
+        groups: MemberGroups | None = None,
     ) -> None:
         """`history` serves the clients that resume from before the buffer (`replayer`;
         None: they are told of a gap). `on_batch` gets the batch reports of the daemon's
         own consumers (private socket, the group that holds the producer). With `relay`
         (a fan-out worker: the daemon's private socket), group members are admitted here
         and then relayed to the daemon, which holds the groups; `hub` is a mirror that
-        serves the plain clients."""
+        serves the plain clients. `groups` are those the members join (the hub's by
+        default; the daemon passes its topology's, `Topology.member_groups`)."""
         self.hub = hub
+        self.groups: MemberGroups = groups or hub
         self.relay = relay
         self.settings = settings
         self.edge = Edge(settings, policy, self._session, ssl_context=ssl_context)
@@ -228,14 +232,14 @@ class Broadcaster:
         timeout, grace = self.settings.ack_timeout_s, self.settings.ad_hoc_group_grace_s
         while True:
             await trio.sleep(min(1.0, timeout / 4))
-            for member in self.hub.evict_silent_members(timeout):
+            for member in self.groups.evict_silent_members(timeout):
                 get_logger().warning(
                     "broadcaster.member_evicted",
                     peer=member.peer,
                     group=member.group.name,
                     ack_timeout_s=timeout,
                 )
-            for name in self.hub.forget_empty_groups(grace):
+            for name in self.groups.forget_empty_groups(grace):
                 self._throttle.log(
                     "group_forgotten",
                     "info",
@@ -255,7 +259,7 @@ class Broadcaster:
         if group and self.relay:
             await self._relay_session(ws, admission, who)
             return
-        member = hub.join(group, peer, admission.window) if group else None
+        member = self.groups.join(group, peer, admission.window) if group else None
         # (A fan-out worker's feed, on the private socket, is bounded by the buffer only.)
         lag = hub.buffer_messages if private else None
         replaying = member is None and self.replayer.needed(admission.since)
@@ -335,7 +339,7 @@ class Broadcaster:
         finally:
             watched.finished = True
             if member is not None:
-                hub.leave(member)
+                self.groups.leave(member)
             if isinstance(watched, Plain):
                 self.pump.remove(watched)
                 hub.unsubscribe(watched.sub)
@@ -517,7 +521,7 @@ class Broadcaster:
             own = private and member.group.holds_producer  # (elsewhere reports are ignored)
             if own and ack.batch is not None and self.on_batch is not None:
                 self.on_batch(ack.batch)
-            hub.ack(member, ack.seqs, frozenset(ack.rejected) if own else ())
+            self.groups.ack(member, ack.seqs, frozenset(ack.rejected) if own else ())
         except StaleAck as exc:
             get_logger().debug("broadcaster.stale_ack", error=str(exc))
         except ProtocolError as exc:
@@ -537,7 +541,7 @@ class Broadcaster:
     async def _send_member(self, ws: WebSocketConnection, member: Member, batch: int) -> None:
         limit = FRAMES_PER_WRITE
         while True:
-            due = await self.hub.next_member_frames(member, limit)
+            due = await self.groups.next_member_frames(member, limit)
             await send_frames(
                 ws, due.control + _in_frames(due.users, batch), self.settings.write_timeout_s
             )

@@ -11,7 +11,8 @@ local `Hub` (the same replay buffer and bounds), so plain clients see exactly wh
 daemon would have sent them: the same welcome fields, epoch, seqs, resume and gaps. A
 worker that (re)starts first takes up to half ``client_lag_max`` users of history from
 the daemon, and serves nobody before it has them, so a client that resumes on it finds
-what it missed. Group members are admitted
+what it missed; one that resumes from further back is replayed from the daemon's
+history, through a connection of its own (`relayed`). Group members are admitted
 by the worker (token, Origin, permission, rate) and relayed to the daemon, which holds
 the groups (`Broadcaster` with ``relay``). When the daemon's stream ends (it stops), the
 worker's clients get everything, then 1001.
@@ -50,6 +51,7 @@ from ..stream.protocol import (
 from .auth import Tokens
 from .broadcaster import Broadcaster
 from .policy import admission_policy
+from .relayed import relayed_history
 
 FEED_BATCH = MAX_BATCH  # users per frame from the daemon, at most
 RECONNECT = Backoff(0.05, 2.0)
@@ -190,6 +192,8 @@ async def run_fanout_worker(
             admission_policy(config, tokens, origins),
             ssl_context=ssl_context,
             relay=upstream,
+            history=relayed_history(upstream),
+            history_settings=config.history,
         )
         mirror.report = partial(_report, worker, hub, broadcaster)
         await nursery.start(partial(broadcaster.run, b.host, port, reuse_port=True))

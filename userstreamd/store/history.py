@@ -41,8 +41,11 @@ from .postgres import PostgresStore
 NOT_STORED = "not stored: an invalid record, or a user whose uuid was stored before"
 ATTEMPTS = 4  # a query, and its retries
 
+# Bounded by seq on both sides: a plan that reads the index from `after` whatever the
+# planner's row estimates (stale ones made "seq > after ... LIMIT" sort the whole tail).
 _USERS = """SELECT seq, coalesce(position, 0), produced_at, source, raw::text
-FROM incoming_users WHERE epoch = %s AND seq > %s ORDER BY seq LIMIT %s"""
+FROM incoming_users WHERE epoch = %s AND seq > %s AND seq <= %s ORDER BY seq"""
+_NEXT_STORED = "SELECT min(seq) FROM incoming_users WHERE epoch = %s AND seq > %s"
 _DEAD = """SELECT seq, left(error, 200) FROM dead_letters
 WHERE epoch = %s AND seq > %s AND seq <= %s ORDER BY seq LIMIT %s"""
 _CHECKPOINT = "SELECT coalesce(max(seq), 0) FROM stream_checkpoints WHERE epoch = %s"
@@ -67,13 +70,13 @@ def page_of(
     epoch: str,
     after: int,
     rows: list[Row],
-    limit: int,
+    upto: int,
     final: int,
     dead: list[tuple[int, str]],
 ) -> Page:
-    """The page after seq `after`: `rows` (the next at most `limit` stored users),
-    `final` (every seq up to it is committed or set aside), `dead` (the dead letters
-    above `after`, up to `final`)."""
+    """The page of seqs (`after`, `upto`]: `rows` (every stored user among them, in seq
+    order), `final` (every seq up to it is committed or set aside), `dead` (the dead
+    letters among them, up to `final`)."""
     frames: list[bytes] = []
     letters = iter(dead)
     letter = next(letters, None)
@@ -93,10 +96,7 @@ def page_of(
     for seq, position, produced_at, source, raw in rows:
         if seq > through + 1:
             if seq - 1 > final:  # (still on its way: this page ends before it)
-                if through < final:
-                    missing(through + 1, final)
-                    through = final
-                return Page(epoch, frames, through, users)
+                break
             missing(through + 1, seq - 1)
         frames.append(
             _encoder.encode(
@@ -112,9 +112,9 @@ def page_of(
         )
         through = seq
         users += 1
-    if len(rows) < limit and through < final:  # (every stored user up to `final` is read)
-        missing(through + 1, final)
-        through = final
+    if through < (end := min(upto, final)):  # (none of them stored, and none will be)
+        missing(through + 1, end)
+        through = end
     return Page(epoch, frames, through, users)
 
 
@@ -184,13 +184,17 @@ class _Pages:
             final = max(committed if live_epoch == epoch else 0, stored)
         else:
             final = self.last
-        rows: list[Any] = await history.rows(_USERS, epoch, after, limit)
+        upto = after + limit
+        rows: list[Any] = await history.rows(_USERS, epoch, after, upto)
+        if not rows and final > upto:  # (a run of seqs not stored: to the next stored one)
+            (stored_next,) = await history.query(_NEXT_STORED, epoch, after)
+            upto = final if stored_next is None else max(upto, stored_next - 1)
         dead: list[Any] = []
-        if final > after:
-            dead = await history.rows(_DEAD, epoch, after, final, limit)
+        if min(upto, final) > after:
+            dead = await history.rows(_DEAD, epoch, after, min(upto, final), limit)
             if len(dead) == limit:  # (a page holds at most `limit` of them)
-                final = dead[-1][0]
-        page = page_of(epoch, after, rows, limit, final, dead)
+                upto = dead[-1][0]
+        page = page_of(epoch, after, rows, upto, final, dead)
         self.after = page.through
         if self.last is not None and page.through >= self.last:
             found = await history.rows(_NEXT_EPOCH, epoch)

@@ -40,6 +40,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import msgspec
 import trio
@@ -427,3 +428,32 @@ class Groups:
             )
             for g in self.by_name.values()
         )
+
+
+class MemberGroups(Protocol):
+    """The groups a broadcaster's members join, as its member path sees them: the hub's
+    (`Groups`, through `Hub`) on the embedded bus, the stream's durable consumers on the
+    NATS bus; the topology chooses (`Topology.member_groups`)."""
+
+    def join(self, group_name: str, peer: str, window: int | None = None) -> Member: ...
+
+    def leave(self, member: Member) -> None:
+        """The member is gone: what it held unacknowledged goes back to its group."""
+        ...
+
+    async def next_member_frames(self, member: Member, limit: int = 1) -> Due:
+        """What the member is due (waiting for it); MemberEnded once it ended,
+        trio.EndOfChannel once the stream ends."""
+        ...
+
+    def ack(self, member: Member, seqs: list[int], rejected: Collection[int] = ()) -> None:
+        """The member committed these seqs; StaleAck names any it did not hold."""
+        ...
+
+    def evict_silent_members(self, timeout_s: float) -> list[Member]:
+        """End the members that hold users and acknowledged none for `timeout_s`."""
+        ...
+
+    def forget_empty_groups(self, grace_s: float) -> list[str]:
+        """Forget the ad-hoc groups empty for `grace_s`; their names."""
+        ...

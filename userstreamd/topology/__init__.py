@@ -5,17 +5,19 @@ the broadcaster's private socket, the checkpoint in PostgreSQL) and `nats` (a Je
 stream that any number of producers, broadcasters and consumers share, each on any
 machine). The daemon starts what a topology gives it, in one order: the database (when
 `Topology.uses_database`), the stream (`open_stream`), the broadcaster's feed
-(`open_feed`), the consumers (`consumers`), the producer (`outlet`, `producer_component`);
-it stops in reverse, after `drain`. The broadcaster's clients that resume from before
-its replay buffer read the stored stream through `history`. Nothing outside the
-implementations asks which one it got: the registry `TOPOLOGIES` names the module of
-each, imported only when chosen (so nats-py is loaded only for the NATS bus).
+(`open_feed`) with the groups its members join (`member_groups`), the consumers
+(`consumers`), the producer (`outlet`, `producer_component`); it stops in reverse, after
+`drain`. The broadcaster's clients that resume from before its replay buffer read the
+stored stream through `history`. Nothing outside the implementations asks which one it
+got: the registry `TOPOLOGIES` names the module of each, imported only when chosen (so
+nats-py is loaded only for the NATS bus).
 
 To add a topology: write one module beside `embedded` that defines ``TOPOLOGY`` (a class
 with this protocol's members and a constructor ``(context: Context)``), add its name to
 `TOPOLOGIES` and to ``ClusterConfig.bus`` (the config's schema), and add it to the
-contract tests (tests/topology/test_contract.py), which every topology passes: the
-in-memory one there (tests/topology/fake.py) shows the least a topology must do.
+contract tests (tests/topology/test_contract.py, and for its WebSocket groups
+tests/test_group_contract.py), which every topology passes: the in-memory one there
+(tests/topology/fake.py) shows the least a topology must do.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from ..produce.producer import Outlet, Producer
     from ..runtime.supervisor import ComponentFn
     from ..store.streams import Stream
+    from ..stream.groups import MemberGroups
     from ..stream.history import Pages
     from ..stream.hub import Hub
     from ..stream.protocol import Batch
@@ -128,6 +131,11 @@ class Topology(Protocol):
     def history(self, epoch: str, since: int) -> contextlib.AbstractAsyncContextManager[Pages]:
         """The stored stream of `epoch` after seq `since`, in pages (`stream.history`),
         for the broadcaster's clients that resume from before its replay buffer."""
+        ...
+
+    def member_groups(self, hub: Hub) -> MemberGroups:
+        """The groups the broadcaster's members (``?group=NAME``) join: `hub`'s, or
+        the bus's own."""
         ...
 
     def consumers(self, url: str, dsn: str) -> list[tuple[str, ComponentFn]]:

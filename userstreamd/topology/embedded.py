@@ -30,6 +30,7 @@ from ..store.history import StoredHistory
 from ..store.postgres import StreamCheckpoint
 from ..store.reader import READER_ROLE
 from ..store.streams import Stream, open_stream, save_checkpoint
+from ..stream.groups import MemberGroups
 from ..stream.history import Pages
 from ..stream.hub import Hub
 from . import PARTS, Context, Rule, Start, StreamCounts
@@ -117,6 +118,9 @@ class EmbeddedTopology:
     async def open_feed(self, start: Start, stream: Stream) -> Hub:
         self.hub = build_hub(self.config, stream, self.context)
         return self.hub
+
+    def member_groups(self, hub: Hub) -> MemberGroups:
+        return hub
 
     def consumers(self, url: str, dsn: str) -> list[tuple[str, ComponentFn]]:
         c, config = self.config.consumers, self.config

@@ -65,9 +65,12 @@ class Pull:
         self._subscription = await self.bus.nc.subscribe(self.inbox, cb=self._deliver)
         self._heard_at = asyncio.get_running_loop().time()
 
-    async def stop(self) -> None:
+    async def stop(self) -> list[Any]:
+        """Unsubscribe; the messages come and not yet taken (to give them back)."""
         if self._subscription is not None:
             await self._subscription.unsubscribe()
+        items, self._items = self._items, []
+        return [msg for msg in items if msg.data]
 
     async def _deliver(self, msg: Any) -> None:
         self._items.append(msg)

@@ -28,11 +28,13 @@ from ...produce.producer import Producer
 from ...runtime.supervisor import ComponentFn
 from ...store.postgres import PostgresStore
 from ...store.streams import Stream, record_stream
+from ...stream.groups import MemberGroups
 from ...stream.history import Pages
 from ...stream.hub import Hub
 from .. import PARTS, Context, Rule, Start, StreamCounts
 from .bus import Bus, checked_options, open_bus
 from .consumer import JetStreamReceiver, stream_consumer
+from .groups import NatsGroups, declare_groups
 from .history import open_history
 from .mirror import StreamMirror
 from .outlet import Outlet, Publisher, run_producer
@@ -55,20 +57,13 @@ class NatsTopology:
 
     @classmethod
     def rules(cls, config: Config) -> Iterator[Rule]:
-        """What the NATS bus cannot do (yet) that the embedded one can."""
+        """What the NATS bus cannot do that the embedded one can. (A WebSocket group's
+        name is mapped to its consumer's: `groups.consumer_name`.)"""
         if "." in config.consumers.group:
             yield (
                 "consumers.group",
                 f"expected no '.' with cluster.bus = \"nats\" (it names a JetStream consumer), "
                 f"got {config.consumers.group!r}",
-            )
-        b = config.broadcaster
-        if b.groups or b.allow_ad_hoc_groups:
-            key = "broadcaster.groups" if b.groups else "broadcaster.allow_ad_hoc_groups"
-            yield (
-                key,
-                'expected no groups for WebSocket clients with cluster.bus = "nats": a group '
-                "there is a durable consumer of the JetStream stream (see docs/nats.md)",
             )
 
     @classmethod
@@ -112,11 +107,16 @@ class NatsTopology:
         mirror = StreamMirror(self._bus(), self.config.broadcaster)
         hub: Hub = await start("mirror", mirror.run)
         self.hub = hub
+        await declare_groups(self._bus(), self.config)
         return hub
 
     def history(self, epoch: str, since: int) -> contextlib.AbstractAsyncContextManager[Pages]:
         """The JetStream stream from `since` + 1 (`history`)."""
         return open_history(self._bus(), epoch, since)
+
+    def member_groups(self, hub: Hub) -> MemberGroups:
+        """Each group a durable consumer of the stream (`groups`)."""
+        return NatsGroups(self._bus(), self.config, hub)
 
     def consumers(self, url: str, dsn: str) -> list[tuple[str, ComponentFn]]:
         config, hooks = self.config, self.context.hooks
