@@ -28,7 +28,7 @@ it were removed (a gap) or not written yet (an empty page). A message that is no
 of this stream (not decodable, or of another seq or epoch) is a gap over its one seq
 (`protocol.hole_frame`), as the mirror keeps it.
 
-**Failures.** A page not answered within ATTEMPT_S (the node serving it lost, the
+**Failures.** A page whose answer stops for ATTEMPT_S (the node serving it lost, the
 connection being re-established) is asked again, with the one backoff, for up to
 UNAVAILABLE_AFTER_S; then `HistoryUnavailable`. A stream deleted, or deleted and made
 again (a new epoch), is `UnknownEpoch`.
@@ -101,17 +101,29 @@ class _Batch:
 
     async def get(self, first_seq: int, count: int) -> list[tuple[int, bytes]]:
         """The messages stored from `first_seq` on, at most `count` ([]: none yet);
-        TimeoutError if the answer is not complete within ATTEMPT_S, `_Refused`."""
+        TimeoutError if nothing more of the answer came for ATTEMPT_S, `_Refused`."""
         self._requests += 1
         self._reply = f"{self.inbox}.{self._requests}"
         self._items, self._status = [], ""
         self._done.clear()
         request = json.dumps({"seq": first_seq, "batch": count}).encode()
         await self.bus.nc.publish(self.subject, request, reply=self._reply)
-        await asyncio.wait_for(self._done.wait(), ATTEMPT_S)
+        heard = 0
+        while True:
+            try:
+                await asyncio.wait_for(self._done.wait(), ATTEMPT_S)
+                break
+            except TimeoutError:
+                if len(self._items) == heard:
+                    raise
+                heard = len(self._items)  # (a long page, still coming: wait on)
         if self._status.startswith(("204", "404")):
             return self._items
         raise _Refused(self._status)
+
+    async def info(self) -> Any:
+        """The stream's info, from its leader; TimeoutError after ATTEMPT_S."""
+        return await asyncio.wait_for(self.bus.js.stream_info(self.bus.stream), ATTEMPT_S)
 
 
 class StreamPages:
@@ -172,7 +184,7 @@ class StreamPages:
         """The stream's first seq, from its leader (`UnknownEpoch` if the stream is
         gone, or is another one by the same name)."""
         try:
-            info = await self._retried(self.bus.js.stream_info, self.bus.stream)
+            info = await self._retried(self.batch.info)
         except nats.js.errors.NotFoundError as exc:
             raise UnknownEpoch(f"stream {self.bus.stream!r} not found: deleted?") from exc
         if epoch_of(info) != self.epoch:
@@ -186,14 +198,12 @@ class StreamPages:
         deadline = trio.current_time() + UNAVAILABLE_AFTER_S
         while True:
             try:
-                with trio.fail_after(ATTEMPT_S + 0.5):  # (the loop's own timeout, and more)
-                    return await self.bus.call(fn, *args)
+                return await self.bus.call(fn, *args)  # (each bounded by its own timeout)
             except nats.js.errors.NotFoundError:
                 raise
             except (
                 _Refused,
                 TimeoutError,
-                trio.TooSlowError,
                 nats.errors.Error,
                 nats.js.errors.ServiceUnavailableError,
             ) as exc:
