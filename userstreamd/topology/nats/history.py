@@ -53,7 +53,7 @@ from ...stream.history import HistoryUnavailable, Page, UnknownEpoch
 from ...stream.protocol import Gap, decode_head, encode, hole_frame
 from .bus import Bus, epoch_of
 
-ATTEMPT_S = 2.0  # one page's request, answered in full
+ATTEMPT_S = 2.0  # the longest silence waited on in an answer
 UNAVAILABLE_AFTER_S = 6.0  # retries past this: HistoryUnavailable (a leader election: 4-9 s)
 REMOVED = "no longer in the stream: purged or expired"
 NOT_A_USER = "not a user"
