@@ -12,7 +12,10 @@ import pytest
 import trio
 
 from tests.cluster.test_bus import outlet, publish
+from tests.helpers import resumed, run_until
+from userstreamd.runtime.daemon import Daemon
 from userstreamd.stream.history import HistoryUnavailable, Page, UnknownEpoch
+from userstreamd.stream.protocol import Gap, UserMessage
 from userstreamd.testing.nats import LocalCluster
 from userstreamd.topology.nats.bus import Bus, open_bus
 from userstreamd.topology.nats.history import REMOVED, open_history
@@ -36,6 +39,11 @@ def seqs_of(pages: list[Page]) -> list[tuple[str, int, int]]:
 async def stored(bus: Bus, seq: int) -> bytes:
     message = await bus.call(bus.js.get_msg, bus.stream, seq)
     return bytes(message.data or b"")
+
+
+async def stored_user(bus: Bus, seq: int) -> Any:
+    """The record of the user stored at `seq`, decoded."""
+    return msgspec.json.decode(await stored(bus, seq))["user"]
 
 
 async def test_every_seq_comes_once_in_order_exactly_as_stored_a_page_at_a_time(
@@ -212,3 +220,30 @@ async def test_a_cluster_that_cannot_answer_ends_the_replay_as_unavailable_withi
                 for node in range(3):
                     nursery.start_soon(trio.to_thread.run_sync, cluster.restart, node)
     assert seqs_of([first]) == [("user", seq, seq) for seq in range(1, 61)]
+
+
+async def test_a_client_resuming_on_a_broadcaster_gets_the_purged_range_as_one_gap(
+    nats_config: Any,
+) -> None:
+    """Over the wire: a broadcaster (its buffer: 20 users) serves a client resuming from
+    seq 100 of a stream purged up to seq 200 its gap over 101..200, with its exact bounds
+    and why, then every user after it from the stream, each as stored."""
+    config = nats_config(
+        database={"dsn": "postgresql://nobody@127.0.0.1:1/none"},
+        broadcaster={"buffer_messages": 20, "client_lag_max": 10},
+    )
+    async with open_bus(config, "test") as bus:
+        await publish(await outlet(bus, 0), 1, 300)
+        await bus.call(bus.js.purge_stream, bus.stream, 201)
+        stored = {seq: await stored_user(bus, seq) for seq in range(201, 301)}
+    daemon = Daemon(config, role="broadcaster")
+    got: list[UserMessage | Gap] = []
+
+    async def resume() -> None:
+        got.extend(await resumed(daemon.url, bus.epoch, 100, 300, batch=100))
+
+    assert await run_until(daemon, resume) == 0
+    assert got[0] == Gap(epoch=bus.epoch, from_seq=101, to_seq=200, reason=REMOVED)
+    users = got[1:]
+    assert [m.seq for m in users if isinstance(m, UserMessage)] == list(range(201, 301))
+    assert all(isinstance(m, UserMessage) and m.user == stored[m.seq] for m in users)
