@@ -22,8 +22,17 @@ from userstreamd.stream.records import parse_user
 AT = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
 
 
-def _row(seq: int) -> tuple[int, int, datetime, str, str]:
-    return (seq, seq * 10, AT, "synthetic", msgspec.json.encode(synthetic_user("h", seq)).decode())
+def _row(seq: int) -> tuple[int, str]:
+    """(seq, its user frame), as the history's query gives them."""
+    user = UserMessage(
+        epoch="e",
+        seq=seq,
+        position=seq * 10,
+        produced_at=AT,
+        source="synthetic",
+        user=synthetic_user("h", seq),
+    )
+    return seq, msgspec.json.encode(user).decode()
 
 
 def _read(page: Page) -> list[tuple[str, int, int]]:
@@ -130,8 +139,10 @@ async def test_an_older_epoch_is_read_to_its_end_then_says_which_epoch_follows(d
             [("user", 6, 6)],
         ]
         assert [p.next_epoch for p in pages] == [None, None, "live"]
-        stored = decode_server(pages[2].frames[0])
+        stored = decode_server(pages[2].frames[0])  # (the frame the server wrote)
         assert isinstance(stored, UserMessage) and stored.user == synthetic_user("old", 6)
+        assert (stored.epoch, stored.seq, stored.position) == ("old", 6, 6)
+        assert (stored.produced_at, stored.source) == (AT, "synthetic")
         # the live epoch: as far as it is final (3), then nothing yet
         pages = await _all(history, "live", 0, 1000)
         assert [_read(p) for p in pages] == [[("user", 1, 1), ("user", 2, 2), ("user", 3, 3)]]

@@ -15,16 +15,18 @@ connections (``history.connections``, never the consumers'):
   is a ``gap`` too ("not stored": an invalid record, or a user whose uuid was already
   stored); one above it ends the page: it is still on its way.
 
-A query that fails is tried again a few times (about 3 s in all), then the replay ends
-with `HistoryUnavailable`.
+The server writes each ``user`` frame (json_build_object over the row): the daemon's
+loop only passes the text on, and a page is one call on a thread (its queries and the
+page made of them). A call that fails is tried again a few times (about 3 s in all),
+then the replay ends with `HistoryUnavailable`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import msgspec
 import stamina
@@ -34,16 +36,22 @@ from ..config import Config
 from ..errors import StoreError
 from ..logs import get_logger
 from ..stream.history import HistoryUnavailable, Page, UnknownEpoch
-from ..stream.protocol import Gap, UserMessage
+from ..stream.protocol import Gap
 from .calls import StoreCalls
 from .postgres import PostgresStore
+
+T = TypeVar("T")
 
 NOT_STORED = "not stored: an invalid record, or a user whose uuid was stored before"
 ATTEMPTS = 4  # a query, and its retries
 
 # Bounded by seq on both sides: a plan that reads the index from `after` whatever the
 # planner's row estimates (stale ones made "seq > after ... LIMIT" sort the whole tail).
-_USERS = """SELECT seq, coalesce(position, 0), produced_at, source, raw::text
+# The server writes each ``user`` frame (`protocol.UserMessage`'s fields, in its order):
+# the daemon only passes the text on.
+_USERS = """SELECT seq, json_build_object('type', 'user', 'epoch', epoch, 'seq', seq,
+  'position', coalesce(position, 0), 'produced_at', produced_at, 'source', source,
+  'user', raw)::text
 FROM incoming_users WHERE epoch = %s AND seq > %s AND seq <= %s ORDER BY seq"""
 _NEXT_STORED = "SELECT min(seq) FROM incoming_users WHERE epoch = %s AND seq > %s"
 _DEAD = """SELECT seq, left(error, 200) FROM dead_letters
@@ -59,7 +67,7 @@ ORDER BY created_at LIMIT 1"""
 
 _encoder = msgspec.json.Encoder()
 
-Row = tuple[int, int, datetime, str, str]
+Row = tuple[int, str]  # seq, its user frame
 
 
 def _gap(epoch: str, first: int, last: int, reason: str) -> bytes:
@@ -93,23 +101,12 @@ def page_of(
             frames.append(_gap(epoch, first, last, NOT_STORED))
 
     through, users = after, 0
-    for seq, position, produced_at, source, raw in rows:
+    for seq, frame in rows:
         if seq > through + 1:
             if seq - 1 > final:  # (still on its way: this page ends before it)
                 break
             missing(through + 1, seq - 1)
-        frames.append(
-            _encoder.encode(
-                UserMessage(
-                    epoch=epoch,
-                    seq=seq,
-                    position=position,
-                    produced_at=produced_at,
-                    source=source,
-                    user=msgspec.Raw(raw),  # type: ignore[arg-type]
-                )
-            )
-        )
+        frames.append(frame.encode())
         through = seq
         users += 1
     if through < (end := min(upto, final)):  # (none of them stored, and none will be)
@@ -144,11 +141,13 @@ class StoredHistory:
         yield pages
 
     async def query(self, sql: str, *params: Any) -> Any:
-        """The first row of `sql`, on a free connection; HistoryUnavailable after the
-        retries."""
-        return (await self.rows(sql, *params))[0]
+        """The first row of `sql`."""
+        rows: list[Any] = await self.run(lambda store: store.query(sql, params))
+        return rows[0]
 
-    async def rows(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    async def run(self, work: Callable[[PostgresStore], T]) -> T:
+        """`work(store)` in a thread, on a free connection of the history's, tried again
+        a few times; HistoryUnavailable once they are spent."""
         async with self._free:
             calls = self._pool.pop()
             try:
@@ -156,7 +155,7 @@ class StoredHistory:
                     on=StoreError, attempts=ATTEMPTS, wait_initial=0.2, wait_max=2.0
                 ):
                     with attempt:
-                        return await calls.once(calls.store.query, sql, params)
+                        return await calls.once(work, calls.store)
             except StoreError as exc:
                 get_logger().warning("history.unavailable", error=str(exc))
                 raise HistoryUnavailable(f"the database cannot be read: {exc}") from exc
@@ -175,29 +174,38 @@ class _Pages:
         self.last: int | None = None  # an older epoch's last seq stored (None: the live one)
 
     async def next(self, limit: int) -> Page:
-        history, epoch, after = self.history, self.epoch, self.after
-        # How far the table is final, first: a user committed before this is in the rows
-        # read after it (read later, it could count as gone a user committed meanwhile).
+        """One page: its queries and the page made of them in one call on a thread."""
+        live_epoch, committed = self.history.live()
+        committed = committed if live_epoch == self.epoch else 0
+        page = await self.history.run(partial(self._read, limit, committed))
+        self.after = page.through
+        if page.next_epoch == "":  # (this older epoch ended, and none follows it stored)
+            page = Page(page.epoch, page.frames, page.through, page.users, live_epoch)
+        return page
+
+    def _read(self, limit: int, committed: int, store: PostgresStore) -> Page:
+        """(In a thread.) How far the table is final, first: a user committed before this
+        is in the rows read after it (read later, a user committed meanwhile could count
+        as gone)."""
+        epoch, after = self.epoch, self.after
         if self.last is None:
-            live_epoch, committed = history.live()
-            (stored,) = await history.query(_CHECKPOINT, epoch)
-            final = max(committed if live_epoch == epoch else 0, stored)
+            (stored,) = store.query(_CHECKPOINT, (epoch,))[0]
+            final = max(committed, stored)
         else:
             final = self.last
         upto = after + limit
-        rows: list[Any] = await history.rows(_USERS, epoch, after, upto)
+        rows: list[Any] = store.query(_USERS, (epoch, after, upto))
         if not rows and final > upto:  # (a run of seqs not stored: to the next stored one)
-            (stored_next,) = await history.query(_NEXT_STORED, epoch, after)
+            (stored_next,) = store.query(_NEXT_STORED, (epoch, after))[0]
             upto = final if stored_next is None else max(upto, stored_next - 1)
         dead: list[Any] = []
         if min(upto, final) > after:
-            dead = await history.rows(_DEAD, epoch, after, min(upto, final), limit)
+            dead = store.query(_DEAD, (epoch, after, min(upto, final), limit))
             if len(dead) == limit:  # (a page holds at most `limit` of them)
                 upto = dead[-1][0]
         page = page_of(epoch, after, rows, upto, final, dead)
-        self.after = page.through
         if self.last is not None and page.through >= self.last:
-            found = await history.rows(_NEXT_EPOCH, epoch)
-            following = found[0][0] if found else history.live()[0]
+            found = store.query(_NEXT_EPOCH, (epoch,))
+            following = found[0][0] if found else ""  # ("": the live one)
             page = Page(epoch, page.frames, page.through, page.users, following)
         return page
