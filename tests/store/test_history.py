@@ -86,6 +86,9 @@ def test_a_missing_seq_that_may_still_be_stored_ends_the_page_before_it() -> Non
     page = page_of("e", 0, [_row(s) for s in (1, 2)], 3, 100, [])
     assert _read(page) == [("user", 1, 1), ("user", 2, 2), ("gap", 3, 3)]
     assert (page.through, page.users) == (3, 2)
+    # a letter of a seq stored since (2) is no gap; a seq refused twice is one
+    page = page_of("e", 0, [_row(1), _row(2), _row(4)], 4, 4, [(2, "old"), (3, "x"), (3, "x")])
+    assert _read(page) == [("user", 1, 1), ("user", 2, 2), ("gap", 3, 3), ("user", 4, 4)]
 
 
 def _config(dsn: str) -> Config:

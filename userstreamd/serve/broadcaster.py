@@ -11,7 +11,9 @@ Close codes (`protocol` defines them; docs/protocol.md has the table):
 - 1001 the server is stopping (after everything queued for the client was sent)
 - 1007 a text frame that is not UTF-8; 1002 a frame that breaks the protocol
 - 1008 more than ``max_messages_per_s`` messages from the client
-- 1011 (fan-out workers) a group member's connection to the daemon failed
+- 1011 (fan-out workers) a group member's connection to the daemon failed; a client
+  replaying from storage whose store could not be read
+- 1013 a client resuming from storage while too many wait for a replay slot
 - 1009 a message larger than ``max_message_bytes``
 - 3008 a plain client more than ``client_lag_max`` users behind ("slow"), or one that took
   nothing for ``write_timeout_s`` while a write to it was due between two frames
@@ -54,6 +56,7 @@ from ..stream.protocol import (
     CLOSE_NOT_SENDABLE,
     CLOSE_RATE,
     CLOSE_SLOW,
+    CLOSE_TRY_AGAIN_LATER,
     GAP_PREFIX,
     Batch,
     FanoutReport,
@@ -67,7 +70,7 @@ from .auth import Tokens
 from .edge import Edge, EdgeStatistics, raise_fd_limit, reuse_port_sockets
 from .keepalive import DeadPeer, KeepAlive, Peer
 from .pump import FRAMES_PER_WRITE, Plain, Pump
-from .replayer import Replayer, ReplayStatistics
+from .replayer import Replayer, ReplaysBusy, ReplayStatistics
 from .wsconn import ServerConnection
 from .wsframes import WriteTimeout, send_frames
 
@@ -305,7 +308,9 @@ class Broadcaster:
                     if replaying:
                         assert admission.since is not None
                         async with trio.open_nursery() as nursery:
-                            nursery.start_soon(self._replay, watched, admission.since, lag, peer)
+                            nursery.start_soon(
+                                self._replay, watched, admission.since, lag, peer, private
+                            )
                             await ws.read(read)
                             nursery.cancel_scope.cancel()
                     else:
@@ -327,6 +332,8 @@ class Broadcaster:
             code, reason = CLOSE_RATE, "message rate exceeded"
         except* HistoryUnavailable:
             code, reason = CLOSE_INTERNAL_ERROR, "history unavailable: resume later"
+        except* ReplaysBusy:
+            code, reason = CLOSE_TRY_AGAIN_LATER, "too many replays: resume later"
         except* DeadPeer:
             ended = ("dead_peer", f"no pong within {self.settings.pong_timeout_s:g} s")
         except* WriteTimeout as group:
@@ -360,16 +367,22 @@ class Broadcaster:
         self.pump.add(watched)
 
     async def _replay(
-        self, watched: Plain, since: tuple[str, int], lag: int | None, peer: str
+        self, watched: Plain, since: tuple[str, int], lag: int | None, peer: str, private: bool
     ) -> None:
-        """A task of the client's session: what it missed from storage, then live."""
+        """A task of the client's session: what it missed from storage, then live. (The
+        daemon's own processes on the private socket are not bounded by the slots.)"""
         try:
             with contextlib.suppress(UnknownEpoch):  # (then the subscription tells of it)
-                since = await self.replayer.replay(watched.ws, since, watched.batch)
+                since = await self.replayer.replay(
+                    watched.ws, since, watched.batch, bounded=not private
+                )
             watched.sub = self.hub.subscribe(peer, since, lag_max=lag)
             await self._join(watched)
-        except (HistoryUnavailable, WriteTimeout, ConnectionClosed) as exc:
+        except (HistoryUnavailable, ReplaysBusy, Slow, WriteTimeout, ConnectionClosed) as exc:
             watched.end(exc)
+        except Exception as exc:  # (a store's fault we did not foresee: the client may resume)
+            get_logger().error("broadcaster.replay_failed", peer=peer, error=describe(exc))
+            watched.end(HistoryUnavailable(describe(exc)))
 
     async def _relay_session(
         self, ws: ServerConnection, admission: Admission, who: dict[str, str]

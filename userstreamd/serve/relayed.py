@@ -14,10 +14,11 @@ import contextlib
 from collections.abc import AsyncIterator
 from urllib.parse import urlencode
 
-from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
+import trio
+from trio_websocket import WebSocketConnection
 
 from ..errors import ProtocolError
-from ..stream.client import open_ws
+from ..stream.client import LOST, WELCOME_TIMEOUT_S, open_ws
 from ..stream.history import History, HistoryUnavailable, Page, UnknownEpoch
 from ..stream.protocol import (
     MAX_BATCH,
@@ -38,8 +39,13 @@ def relayed_history(upstream: str) -> History:
         query = urlencode({"epoch": epoch, "since": since, "batch": MAX_BATCH})
         async with contextlib.AsyncExitStack() as stack:
             try:
-                ws = await stack.enter_async_context(open_ws(f"{upstream}?{query}"))
-                if not isinstance(decode_server(await ws.get_message()), Welcome):
+                # (a frame or two read ahead: the daemon is paced by this client's reads)
+                ws = await stack.enter_async_context(
+                    open_ws(f"{upstream}?{query}", message_queue_size=1)
+                )
+                with trio.fail_after(WELCOME_TIMEOUT_S):
+                    welcome = decode_server(await ws.get_message())
+                if not isinstance(welcome, Welcome):
                     raise ProtocolError("no welcome")
             except _LOST as exc:
                 raise HistoryUnavailable(f"the daemon cannot be read: {exc}") from exc
@@ -48,7 +54,7 @@ def relayed_history(upstream: str) -> History:
     return history
 
 
-_LOST = (OSError, HandshakeError, ConnectionClosed, ProtocolError)
+_LOST = LOST
 
 
 class _Relayed:

@@ -54,8 +54,9 @@ _USERS = """SELECT seq, json_build_object('type', 'user', 'epoch', epoch, 'seq',
   'user', raw)::text
 FROM incoming_users WHERE epoch = %s AND seq > %s AND seq <= %s ORDER BY seq"""
 _NEXT_STORED = "SELECT min(seq) FROM incoming_users WHERE epoch = %s AND seq > %s"
-_DEAD = """SELECT seq, left(error, 200) FROM dead_letters
-WHERE epoch = %s AND seq > %s AND seq <= %s ORDER BY seq LIMIT %s"""
+# (a seq refused again after a redelivery has a letter each time: one gap)
+_DEAD = """SELECT DISTINCT ON (seq) seq, left(error, 200) FROM dead_letters
+WHERE epoch = %s AND seq > %s AND seq <= %s ORDER BY seq, id LIMIT %s"""
 _CHECKPOINT = "SELECT coalesce(max(seq), 0) FROM stream_checkpoints WHERE epoch = %s"
 _LAST = """SELECT greatest(
   (SELECT max(seq) FROM incoming_users WHERE epoch = %s),
@@ -93,10 +94,13 @@ def page_of(
         nonlocal letter
         while letter is not None and letter[0] <= last:
             seq, error = letter
+            letter = next(letters, None)
+            if seq < first:  # (a letter of a seq stored since, or a second letter)
+                continue
             if seq > first:
                 frames.append(_gap(epoch, first, seq - 1, NOT_STORED))
             frames.append(_gap(epoch, seq, seq, f"dead letter: {error}"))
-            first, letter = seq + 1, next(letters, None)
+            first = seq + 1
         if first <= last:
             frames.append(_gap(epoch, first, last, NOT_STORED))
 

@@ -76,6 +76,7 @@ CLOSE_NOT_UTF8 = 1007
 CLOSE_RATE = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
+CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_TLS_FAILED = 1015
 CLOSE_SLOW = 3008
 CLOSE_ACK_TIMEOUT = 4000
@@ -91,6 +92,7 @@ CLOSE_MEANINGS: dict[int, str] = {
     CLOSE_RATE: "too many messages from us",
     CLOSE_TOO_BIG: "a message from us was too big",
     CLOSE_INTERNAL_ERROR: "server error",
+    CLOSE_TRY_AGAIN_LATER: "the server is busy: try again later",
     CLOSE_SLOW: "too far behind (slow)",
     CLOSE_ACK_TIMEOUT: "acked nothing within the server's ack_timeout_s",
     CLOSE_GROUP_LAGGING: "the group fell too far behind and was cut off",

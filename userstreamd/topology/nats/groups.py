@@ -64,6 +64,7 @@ from .pull import FETCH_WAIT_S, Pull
 PREFIX = "ws~"
 CHECKPOINT_EVERY_S = 1.0
 AD_HOC_GRACE_MIN_S = 1.0  # (an inactive threshold of 0 would be none)
+ACK_WAIT_MARGIN_S = 10.0  # a group's AckWait: ack_timeout_s and this, at least
 _ACK, _NAK = b"", b"-NAK"
 _encoder = msgspec.json.Encoder()
 
@@ -163,12 +164,18 @@ def consumer_config(bus: Bus, config: Config, group: str) -> ConsumerConfig:
     return ConsumerConfig(
         durable_name=consumer_name(group),
         ack_policy=AckPolicy.EXPLICIT,
-        ack_wait=config.cluster.ack_wait_s,
+        # (never sooner than a member is judged silent: a member still holding a user
+        # would get it again, or another would, while it may yet commit it)
+        ack_wait=max(config.cluster.ack_wait_s, b.ack_timeout_s + ACK_WAIT_MARGIN_S),
         max_ack_pending=b.group_lag_max,
         max_deliver=-1,
         filter_subject=bus.subject,
         deliver_policy=DeliverPolicy.NEW,
-        inactive_threshold=max(b.ad_hoc_group_grace_s, AD_HOC_GRACE_MIN_S) if ad_hoc else None,
+        # (a group whose members all hold full windows pulls nothing for up to
+        # ack_timeout_s: still in use)
+        inactive_threshold=(
+            max(b.ad_hoc_group_grace_s, AD_HOC_GRACE_MIN_S) + b.ack_timeout_s if ad_hoc else None
+        ),
     )
 
 
@@ -270,6 +277,9 @@ class NatsGroups:
                 state.bound = False
                 await delays.sleep()
                 continue
+            if member.ended is not None:  # (evicted while it waited: not its users now)
+                self._submit(state.taker.settle, [seq for seq, _ in taken], _NAK)
+                raise member.ended
             users = self._users(member, state.taker, taken)
             if users or control:
                 return Due(control, users)
@@ -287,6 +297,8 @@ class NatsGroups:
             except ProtocolError as exc:
                 foreign.append(seq)
                 get_logger().warning("broadcaster.foreign_message", seq=seq, error=str(exc))
+                continue
+            if seq in member.in_flight:  # (redelivered to the member that holds it)
                 continue
             users.append(data)
             if not member.in_flight:
