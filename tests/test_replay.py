@@ -6,6 +6,7 @@ replay."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -22,7 +23,14 @@ from tests.helpers import eventually, in_process_daemon, resumed, run_until
 from userstreamd.runtime.daemon import Daemon
 from userstreamd.store.postgres import PostgresStore
 from userstreamd.stream.client import open_ws
-from userstreamd.stream.protocol import CLOSE_INTERNAL_ERROR, Gap, UserMessage, Users, decode_server
+from userstreamd.stream.protocol import (
+    CLOSE_INTERNAL_ERROR,
+    CLOSE_TRY_AGAIN_LATER,
+    Gap,
+    UserMessage,
+    Users,
+    decode_server,
+)
 
 pytestmark = pytest.mark.e2e  # (a whole daemon each, 7-15 s: beside the fast tier)
 
@@ -251,6 +259,58 @@ async def test_a_fanout_workers_client_is_replayed_from_the_daemons_history(
         assert [m for m in got if not isinstance(m, UserMessage)] == []
         assert _seqs(got) == list(range(1, 3001))
         assert daemon.broadcaster.replayer.statistics().stored >= 2800  # (the daemon's)
+
+    with trio.fail_after(120):
+        assert await run_until(daemon, check) == 0
+
+
+async def test_with_no_consumers_what_the_buffer_lost_is_one_gap_not_a_wait(
+    tmp_path: Path, dsn: str
+) -> None:
+    """Broadcast only: nothing is stored, nothing holds the buffer back. A resume from
+    seq 0 is told at once that seqs 1 .. oldest - 1 exist nowhere, then gets the rest."""
+    daemon = _daemon(tmp_path, dsn, producer={"stop_at_position": 1000}, consumers={"count": 0})
+
+    async def check() -> None:
+        hub = daemon.hub
+        await eventually(lambda: hub.last_seq == 1000)
+        with trio.fail_after(10):
+            got = await resumed(daemon.url, hub.epoch, 0, 1000)
+        first = got[0]
+        assert isinstance(first, Gap) and (first.from_seq, first.to_seq) == (1, hub.oldest - 1)
+        assert first.reason == "not stored, and no longer in the replay buffer"
+        assert _seqs(got) == list(range(hub.oldest, 1001))
+
+    with trio.fail_after(120):
+        assert await run_until(daemon, check) == 0
+
+
+async def test_beyond_four_waiting_per_replay_slot_a_client_is_told_to_come_back(
+    tmp_path: Path, dsn: str
+) -> None:
+    """One slot, held by a client that reads nothing; four wait; the sixth is closed 1013."""
+    daemon = _daemon(
+        tmp_path,
+        dsn,
+        producer={"stop_at_position": 20_000},
+        history={"max_replays": 1},
+        broadcaster={"write_timeout_s": 60.0},
+    )
+
+    async def check() -> None:
+        await eventually(lambda: daemon.committed_through() == 20_000)
+        hub, replayer = daemon.hub, daemon.broadcaster.replayer
+        query_ = urlencode({"epoch": hub.epoch, "since": 0})
+        async with contextlib.AsyncExitStack() as stack:
+            for _ in range(5):  # (the first holds the slot, reading nothing)
+                await stack.enter_async_context(open_ws(f"{daemon.url}?{query_}"))
+            await eventually(lambda: replayer.statistics().waiting == 4, 30)
+            async with open_ws(f"{daemon.url}?{query_}") as sixth:
+                await sixth.get_message()  # welcome
+                with pytest.raises(ConnectionClosed) as closed:
+                    await sixth.get_message()
+            assert closed.value.reason.code == CLOSE_TRY_AGAIN_LATER
+            assert replayer.statistics().replaying == 1
 
     with trio.fail_after(120):
         assert await run_until(daemon, check) == 0
