@@ -22,7 +22,7 @@ from userstreamd.stream.records import parse_user
 AT = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
 
 
-def _row(seq: int) -> tuple[int, str]:
+def _row(seq: int) -> tuple[int, bytes]:
     """(seq, its user frame), as the history's query gives them."""
     user = UserMessage(
         epoch="e",
@@ -32,7 +32,7 @@ def _row(seq: int) -> tuple[int, str]:
         source="synthetic",
         user=synthetic_user("h", seq),
     )
-    return seq, msgspec.json.encode(user).decode()
+    return seq, msgspec.json.encode(user)
 
 
 def _read(page: Page) -> list[tuple[str, int, int]]:

@@ -49,9 +49,9 @@ ATTEMPTS = 4  # a query, and its retries
 # planner's row estimates (stale ones made "seq > after ... LIMIT" sort the whole tail).
 # The server writes each ``user`` frame (`protocol.UserMessage`'s fields, in its order):
 # the daemon only passes the text on.
-_USERS = """SELECT seq, json_build_object('type', 'user', 'epoch', epoch, 'seq', seq,
-  'position', coalesce(position, 0), 'produced_at', produced_at, 'source', source,
-  'user', raw)::text
+_USERS = """SELECT seq, convert_to(json_build_object('type', 'user', 'epoch', epoch,
+  'seq', seq, 'position', coalesce(position, 0), 'produced_at', produced_at,
+  'source', source, 'user', raw)::text, 'UTF8')
 FROM incoming_users WHERE epoch = %s AND seq > %s AND seq <= %s ORDER BY seq"""
 _NEXT_STORED = "SELECT min(seq) FROM incoming_users WHERE epoch = %s AND seq > %s"
 # (a seq refused again after a redelivery has a letter each time: one gap)
@@ -68,7 +68,7 @@ ORDER BY created_at LIMIT 1"""
 
 _encoder = msgspec.json.Encoder()
 
-Row = tuple[int, str]  # seq, its user frame
+Row = tuple[int, bytes]  # seq, its user frame (UTF-8: never decoded here)
 
 
 def _gap(epoch: str, first: int, last: int, reason: str) -> bytes:
@@ -110,7 +110,7 @@ def page_of(
             if seq - 1 > final:  # (still on its way: this page ends before it)
                 break
             missing(through + 1, seq - 1)
-        frames.append(frame.encode())
+        frames.append(frame)
         through = seq
         users += 1
     if through < (end := min(upto, final)):  # (none of them stored, and none will be)
@@ -198,7 +198,7 @@ class _Pages:
         else:
             final = self.last
         upto = after + limit
-        rows: list[Any] = store.query(_USERS, (epoch, after, upto))
+        rows: list[Any] = store.query(_USERS, (epoch, after, upto), binary=True)
         if not rows and final > upto:  # (a run of seqs not stored: to the next stored one)
             (stored_next,) = store.query(_NEXT_STORED, (epoch, after))[0]
             upto = final if stored_next is None else max(upto, stored_next - 1)

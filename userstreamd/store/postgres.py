@@ -424,8 +424,11 @@ class PostgresStore:
 
         return self._run("insert dead letters", work)
 
-    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        return self._run("query", lambda conn: conn.execute(sql, params).fetchall())
+    def query(
+        self, sql: str, params: Sequence[Any] = (), *, binary: bool = False
+    ) -> list[tuple[Any, ...]]:
+        """The rows of `sql`; `binary`: in binary format (bytea as bytes, undecoded)."""
+        return self._run("query", lambda conn: conn.execute(sql, params, binary=binary).fetchall())
 
     def close(self) -> None:
         if self._conn is not None:
