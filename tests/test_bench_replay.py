@@ -12,6 +12,7 @@ import pytest
 
 from tests.test_bench import _run_bench
 from userstreamd.bench.replay import Replay
+from userstreamd.bench.replay_load import run_replay_load
 from userstreamd.stream.protocol import Gap
 
 USERS = 3000
@@ -76,3 +77,19 @@ def test_a_run_counts_users_in_order_and_what_the_server_said_is_gone() -> None:
     assert figures["gaps"] == [{"from_seq": 4, "to_seq": 6, "reason": "no longer in the stream"}]
     assert figures["out_of_order"] == [(8, 9)]
     assert figures["users_per_s"] is None  # (no rate for a run that is not complete)
+
+
+@pytest.mark.e2e
+def test_bench_replays_measures_both_windows_and_replays_from_storage() -> None:
+    """`bench replays`, small: 5 clients resuming 2,000 back (the buffer holds 20,000:
+    the fill of 12,000 puts the start in it, so a small run reads its buffer, and the
+    figures' shape is what is checked), a live client in each window."""
+    report = run_replay_load(replays=5, back=2000, window_s=2.0, live=1, settle_s=1.0)
+    assert (report["back"], report["live_rate_per_s"]) == (2000, 1000.0)
+    without, with_ = report["without"], report["with"]
+    assert (without["replays"], with_["replays"]) == (0, 5)
+    for window in (without, with_):
+        assert window["commit_rate_per_s"] > 0 and window["live_samples"] > 0
+        assert 0 < window["live_p50_ms"] <= window["live_p99_ms"]
+        assert window["daemon_rss_max_mib"] > 0
+    assert without["replayed_from_storage"] == 0

@@ -9,6 +9,8 @@
   at the asked rate, with ``--stalled K`` beside K clients that never read (`stalled`:
   how and when the server closes them); with ``--compare``, the same against reference
   servers (`reference`: Python ``websockets``, Node ``ws``);
+- ``bench replays`` (`replay_load`): many clients resuming from far back at once, the
+  live stream's latency and the commit rate without and with them;
 - ``bench replay`` (`replay`): a stream of N stored users, then one client resuming
   from its beginning (``?epoch=E&since=0``, with ``?batch=1000`` and without): users/s
   and seconds until it holds every seq, from PostgreSQL or from the JetStream stream.
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
     from .e2e import print_e2e, run_e2e
     from .fanout import print_fanout, run_fanout
     from .replay import print_replay, run_replay
+    from .replay_load import print_replay_load, run_replay_load
     from .stages import (
         LABELS,
         _log_scale,
@@ -56,6 +59,8 @@ _LAZY = {
     "run_fanout": "fanout",
     "print_replay": "replay",
     "run_replay": "replay",
+    "print_replay_load": "replay_load",
+    "run_replay_load": "replay_load",
     "LABELS": "stages",
     "_log_scale": "stages",
     "plot_available": "stages",
@@ -73,11 +78,13 @@ __all__ = [
     "print_e2e",
     "print_fanout",
     "print_replay",
+    "print_replay_load",
     "print_report",
     "run_benchmarks",
     "run_e2e",
     "run_fanout",
     "run_replay",
+    "run_replay_load",
     "write_json",
     "write_plot",
 ]

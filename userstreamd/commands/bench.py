@@ -63,6 +63,14 @@ def run(args: argparse.Namespace) -> int:
                 progress=progress,
             )
             bench.print_fanout(report)
+        elif mode == "replays":
+            history = {"max_replays": args.max_replays} if args.max_replays else {}
+            if args.rate_per_client:
+                history["rate_per_s"] = args.rate_per_client
+            report = bench.run_replay_load(
+                replays=args.clients, back=args.back, window_s=args.window, history=history
+            )
+            bench.print_replay_load(report)
         elif mode == "replay":
             report = bench.run_replay(
                 bus=args.bus,
@@ -98,7 +106,8 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         "  userstreamd bench fanout --clients 100 --rate 1000 --stalled 10 --compare\n"
         "  userstreamd bench fanout --bus nats --clients 100 --rate 1000\n"
         "  userstreamd bench replay --users 200000 --json replay.json\n"
-        "  userstreamd bench replay --bus nats\n",
+        "  userstreamd bench replay --bus nats\n"
+        "  userstreamd bench replays --clients 500 --back 100000 --json replays.json\n",
     )
     bench.add_argument(
         "--users", type=int, default=20_000, help="users per benchmark (default: 20000)"
@@ -259,4 +268,27 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         "100000)",
     )
     replay_mode.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    replays_mode = modes.add_parser(
+        "replays",
+        help="many clients resuming from far back at once: the commit rate, the live "
+        "clients' latency and the daemon's RSS without and with them",
+        description="Start the real daemon (embedded bus, synthetic source), fill its "
+        "stream with BACK + 10,000 users, slow it to 1,000 users/s, then measure two "
+        "windows: without replays, and with CLIENTS clients resuming BACK users behind "
+        "the live end at once (in a process of their own, reading and dropping bytes).",
+    )
+    replays_mode.add_argument("--clients", type=int, default=500, help="default: 500")
+    replays_mode.add_argument(
+        "--back", type=int, default=100_000, help="users behind the live end (default: 100000)"
+    )
+    replays_mode.add_argument(
+        "--window", type=float, default=30.0, help="seconds per window (default: 30)"
+    )
+    replays_mode.add_argument(
+        "--max-replays", type=int, help="history.max_replays (default: the config's default)"
+    )
+    replays_mode.add_argument(
+        "--rate-per-client", type=float, help="history.rate_per_s (default: the config's)"
+    )
+    replays_mode.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     return bench

@@ -44,7 +44,7 @@ from ..stream.protocol import Gap, encode
 from .wsframes import send_frames
 
 IDLE_S = 0.1  # the wait before asking the store again when it has nothing new yet
-WAITING_PER_SLOT = 4  # clients that may wait for a replay slot, per slot (then 1013)
+WAITING_PER_SLOT = 64  # clients that may wait for a replay slot, per slot (then 1013)
 CATCH_UP_S = 60.0  # a replay no closer to the live end after this long is ended as slow
 
 
