@@ -123,7 +123,8 @@ class BroadcasterConfig(_Table, frozen=True):
 
 class HistoryConfig(_Table, frozen=True):
     page_users: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1000
-    rate_per_s: Annotated[float, msgspec.Meta(gt=0)] = 5_000.0  # users a second, per client
+    rate_per_s: Annotated[float, msgspec.Meta(gt=0)] = 50_000.0  # users a second, per client
+    total_rate_per_s: Annotated[float, msgspec.Meta(gt=0)] = 15_000.0  # all replays together
     max_replays: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 8
     connections: Annotated[int, msgspec.Meta(ge=1, le=64)] = 2
 

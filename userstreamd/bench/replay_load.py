@@ -19,7 +19,6 @@ The history keys (``[history]``) are the defaults unless given. Bounded: everyth
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
 import signal
 import socket
@@ -183,7 +182,7 @@ async def _window(
         metrics = await trio.to_thread.run_sync(daemon.metrics)
         nursery.cancel_scope.cancel()
     if drainers is not None:
-        drainers.send_signal(signal.SIGINT)
+        drainers.terminate()  # (SIGTERM: gone, without a word)
         drainers.wait(30)
     latencies.sort()
     if not latencies:
@@ -264,6 +263,5 @@ def print_replay_load(report: dict[str, Any]) -> None:
         )
 
 
-if __name__ == "__main__":  # (the replaying clients' own process)
-    with contextlib.suppress(KeyboardInterrupt):
-        trio.run(_drainers, int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+if __name__ == "__main__":  # (the replaying clients' own process, until SIGTERM)
+    trio.run(_drainers, int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))

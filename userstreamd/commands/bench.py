@@ -65,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
             bench.print_fanout(report)
         elif mode == "replays":
             history = {"max_replays": args.max_replays} if args.max_replays else {}
-            if args.rate_per_client:
-                history["rate_per_s"] = args.rate_per_client
+            if args.total_rate:
+                history["total_rate_per_s"] = args.total_rate
             report = bench.run_replay_load(
                 replays=args.clients, back=args.back, window_s=args.window, history=history
             )
@@ -288,7 +288,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
         "--max-replays", type=int, help="history.max_replays (default: the config's default)"
     )
     replays_mode.add_argument(
-        "--rate-per-client", type=float, help="history.rate_per_s (default: the config's)"
+        "--total-rate", type=float, help="history.total_rate_per_s (default: the config's)"
     )
     replays_mode.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     return bench

@@ -21,7 +21,8 @@ replay goes on there.
 is paced by its own reads, not cut off for being behind (only once ``CATCH_UP_S`` went
 by without its getting closer to the live end: it reads slower than the stream grows;
 and one that reads nothing for ``write_timeout_s`` is dropped, as anywhere). At most
-``history.rate_per_s`` users a second per client, at most ``history.max_replays``
+``history.rate_per_s`` users a second per client and ``history.total_rate_per_s``
+for all of them together, at most ``history.max_replays``
 clients replaying at once (the next ones wait, connected, their turn; beyond
 ``WAITING_PER_SLOT`` per slot they are closed 1013), and the store is read on
 connections that are not the consumers'. The daemon's own processes on the private
@@ -77,6 +78,7 @@ class Replayer:
         self.write_timeout_s = write_timeout_s
         self.in_frames = in_frames
         self._slots = trio.Semaphore(settings.max_replays)
+        self._due = 0.0  # when all replays together have spent their rate (total_rate_per_s)
         self.replaying = self.waiting = self.replays = self.gaps = self.unavailable = 0
         self.sent: Counter[str] = Counter()  # users: "stored", "buffered"
 
@@ -205,9 +207,12 @@ class Replayer:
             if behind is not None and behind >= pace.behind:
                 raise Slow(f"replayed for {CATCH_UP_S:g} s without catching up")
             pace.since, pace.behind = now, behind if behind is not None else pace.behind
-        pace.due = max(pace.due, now) + len(page.frames) / self.settings.rate_per_s
-        if pace.due > now:
-            await trio.sleep_until(pace.due)
+        # (its own rate, and its share of all replays': each page books its time on both)
+        count = len(page.frames)
+        pace.due = max(pace.due, now) + count / self.settings.rate_per_s
+        self._due = max(self._due, now) + count / self.settings.total_rate_per_s
+        if (due := max(pace.due, self._due)) > now:
+            await trio.sleep_until(due)
 
 
 @dataclass(slots=True)
