@@ -9,8 +9,9 @@ its stream with `back` + 10,000 users at 20,000 users/s, then is slowed to 1,000
    users) and the daemon's RSS are read.
 2. **With `replays` clients resuming `back` users behind the live end at once**, in a
    process of their own (raw sockets that read and discard, so that their cost is not
-   the live clients'): the same figures, and the users the daemon replayed from storage
-   and from its buffer (its metrics).
+   the live clients'): the same figures, from ``CONNECT_S`` after they connected (500
+   handshakes at once are a burst of their own, whatever the clients ask for), and the
+   users the daemon replayed from storage and from its buffer (its metrics).
 
 The history keys (``[history]``) are the defaults unless given. Bounded: everything on
 127.0.0.1, `replays` connections, two windows.
@@ -41,6 +42,7 @@ from .daemon_child import BenchError
 FILL_RATE = 20_000.0
 LIVE_RATE = 1_000.0
 SETTLE_S = 20.0  # after the slow-down (the fill's commits and vacuum done)
+CONNECT_S = 3.0  # after the replaying clients connect, before a window begins
 
 
 def _config(state: Path, ws: int, http: int, rate: float, history: dict[str, Any]) -> str:
@@ -172,6 +174,8 @@ async def _window(
                     str(replays),
                 ],
             )
+            await trio.sleep(CONNECT_S)  # (their handshakes: a burst of its own)
+            latencies.clear()
         before = (await trio.to_thread.run_sync(daemon.status))["stream"]["committed"]
         started = time.monotonic()
         while time.monotonic() - started < window_s:
