@@ -161,19 +161,22 @@ class Replayer:
                     seq = pace.seq
                     live = epoch == hub.epoch
                     # (a page ends where the buffer begins: what it holds is not a gap)
-                    limit = min(page_users, hub.oldest - 1 - seq) if live else page_users
+                    oldest = hub.oldest
+                    limit = min(page_users, oldest - 1 - seq) if live else page_users
                     page = await pages.next(limit)
                     if page.through == seq and not page.frames and page.next_epoch is None:
-                        if live and seq + 1 < hub.oldest:  # (never stored: no group holds
-                            # the buffer back for the store, or the store lost them)
+                        # Gone from the buffer before the page was read, yet not stored:
+                        # never will be (nothing holds the buffer back for the store, or
+                        # the store lost them). (One evicted while the page was read may
+                        # have been committed after its rows were: read again.)
+                        if live and seq + 1 < oldest:
                             gone = Gap(
                                 epoch=epoch,
                                 from_seq=seq + 1,
-                                to_seq=hub.oldest - 1,
+                                to_seq=oldest - 1,
                                 reason="not stored, and no longer in the replay buffer",
                             )
-                            last = hub.oldest - 1
-                            await self._send(pace, Page(epoch, [encode(gone).encode()], last))
+                            await self._send(pace, Page(epoch, [encode(gone).encode()], oldest - 1))
                             break
                         await trio.sleep(IDLE_S)  # (not stored yet: soon)
                         continue
