@@ -43,7 +43,11 @@ async def test_an_ad_hoc_groups_consumer_expires_and_stays_once_the_group_is_nam
     nats_config: Any,
 ) -> None:
     ad_hoc = nats_config(
-        broadcaster={"allow_ad_hoc_groups": True, "ad_hoc_group_grace_s": 7.0},
+        broadcaster={
+            "allow_ad_hoc_groups": True,
+            "ad_hoc_group_grace_s": 7.0,
+            "ack_timeout_s": 2.0,
+        },
         cluster={"ack_wait_s": 11.0},
     )
     named = nats_config(broadcaster={"groups": ["x.y"], "group_lag_max": 500})
@@ -51,7 +55,8 @@ async def test_an_ad_hoc_groups_consumer_expires_and_stays_once_the_group_is_nam
     async with open_bus(ad_hoc, "test") as bus:
         await bus.call(_ensure, bus, name, consumer_config(bus, ad_hoc, "x.y"))
         info = await bus.call(bus.js.consumer_info, bus.stream, name)
-        assert (info.config.inactive_threshold, info.config.ack_wait) == (7.0, 11.0)
+        # (inactive: the grace and ack_timeout_s; AckWait: never below ack_timeout_s + 5)
+        assert (info.config.inactive_threshold, info.config.ack_wait) == (9.0, 11.0)
         assert info.config.deliver_policy == DeliverPolicy.NEW
         await bus.call(_ensure, bus, name, consumer_config(bus, named, "x.y"))
         info = await bus.call(bus.js.consumer_info, bus.stream, name)
@@ -147,7 +152,12 @@ async def test_a_group_across_two_broadcasters_one_killed_and_its_members_users_
         return {
             "daemon": {"state_dir": str(tmp_path / name), "log_format": "json"},
             "producer": {"source": "synthetic", "rate_per_s": 200.0, "stop_at_position": n},
-            "broadcaster": {"port": 0, "groups": ["g"], "max_messages_per_s": 10_000.0},
+            "broadcaster": {
+                "port": 0,
+                "groups": ["g"],
+                "max_messages_per_s": 10_000.0,
+                "ack_timeout_s": 1.0,  # (so AckWait, 6 s: ack_timeout_s + 5)
+            },
             "http": {"port": 0},
             "consumers": {"count": 0},
             "database": {"dsn": dsn},
@@ -194,7 +204,13 @@ async def _ack_forever(m: WebSocketMember) -> None:
 async def test_an_ad_hoc_groups_consumer_is_deleted_by_the_servers_once_left_for_the_grace(
     nats_config: Any,
 ) -> None:
-    config = nats_config(broadcaster={"allow_ad_hoc_groups": True, "ad_hoc_group_grace_s": 1.0})
+    config = nats_config(
+        broadcaster={
+            "allow_ad_hoc_groups": True,
+            "ad_hoc_group_grace_s": 1.0,
+            "ack_timeout_s": 1.0,  # (the inactive threshold: 2 s)
+        }
+    )
     async with open_bus(config, "test") as bus:
         groups = NatsGroups(bus, config, Hub(bus.epoch))
         member = groups.join("passing", "member", 10)

@@ -64,7 +64,7 @@ from .pull import FETCH_WAIT_S, Pull
 PREFIX = "ws~"
 CHECKPOINT_EVERY_S = 1.0
 AD_HOC_GRACE_MIN_S = 1.0  # (an inactive threshold of 0 would be none)
-ACK_WAIT_MARGIN_S = 10.0  # a group's AckWait: ack_timeout_s and this, at least
+ACK_WAIT_MARGIN_S = 5.0  # a group's AckWait: ack_timeout_s and this, at least
 _ACK, _NAK = b"", b"-NAK"
 _encoder = msgspec.json.Encoder()
 
