@@ -21,6 +21,7 @@ from trio_websocket import ConnectionClosed
 from tests.conftest import query
 from tests.helpers import eventually, in_process_daemon, resumed, run_until
 from userstreamd.runtime.daemon import Daemon
+from userstreamd.serve.replayer import WAITING_PER_SLOT
 from userstreamd.store.postgres import PostgresStore
 from userstreamd.stream.client import open_ws
 from userstreamd.stream.protocol import (
@@ -285,10 +286,10 @@ async def test_with_no_consumers_what_the_buffer_lost_is_one_gap_not_a_wait(
         assert await run_until(daemon, check) == 0
 
 
-async def test_beyond_four_waiting_per_replay_slot_a_client_is_told_to_come_back(
+async def test_beyond_64_waiting_per_replay_slot_a_client_is_told_to_come_back(
     tmp_path: Path, dsn: str
 ) -> None:
-    """One slot, held by a client that reads nothing; four wait; the sixth is closed 1013."""
+    """One slot, held by a client that reads nothing; 64 wait; the next is closed 1013."""
     daemon = _daemon(
         tmp_path,
         dsn,
@@ -302,13 +303,13 @@ async def test_beyond_four_waiting_per_replay_slot_a_client_is_told_to_come_back
         hub, replayer = daemon.hub, daemon.broadcaster.replayer
         query_ = urlencode({"epoch": hub.epoch, "since": 0})
         async with contextlib.AsyncExitStack() as stack:
-            for _ in range(5):  # (the first holds the slot, reading nothing)
+            for _ in range(1 + WAITING_PER_SLOT):  # (the first holds the slot, reading nothing)
                 await stack.enter_async_context(open_ws(f"{daemon.url}?{query_}"))
-            await eventually(lambda: replayer.statistics().waiting == 4, 30)
-            async with open_ws(f"{daemon.url}?{query_}") as sixth:
-                await sixth.get_message()  # welcome
+            await eventually(lambda: replayer.statistics().waiting == WAITING_PER_SLOT, 30)
+            async with open_ws(f"{daemon.url}?{query_}") as last:
+                await last.get_message()  # welcome
                 with pytest.raises(ConnectionClosed) as closed:
-                    await sixth.get_message()
+                    await last.get_message()
             assert closed.value.reason.code == CLOSE_TRY_AGAIN_LATER
             assert replayer.statistics().replaying == 1
 
