@@ -162,6 +162,7 @@ async def test_an_older_epoch_is_read_to_its_end_then_says_which_epoch_follows(d
         await history.aclose()
 
 
+@pytest.mark.e2e  # (its retries take seconds: beside the fast tier)
 async def test_an_unreadable_database_ends_the_replay_with_history_unavailable(dsn: str) -> None:
     await trio.to_thread.run_sync(_store, dsn, {"live": [1, 2]}, {})
     history = StoredHistory(_config(dsn), dsn, lambda: ("live", 2))

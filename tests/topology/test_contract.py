@@ -177,6 +177,7 @@ async def test_a_second_run_resumes_and_stores_nothing_twice(case: Case, dsn: st
     assert_each_seq_stored_once(dsn)
 
 
+@pytest.mark.e2e  # (two daemon runs, two replays each: beside the fast tier)
 async def test_a_client_resuming_from_the_start_gets_every_stored_user_after_a_restart_too(
     case: Case, dsn: str
 ) -> None:
